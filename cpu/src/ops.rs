@@ -1,0 +1,148 @@
+//! Float element-wise and row kernels used between matmuls: norms, RoPE, activations,
+//! softmax. Plain loops the compiler vectorizes; they are a small share of the time.
+
+use half::f16;
+
+/// RMSNorm of one row in place: x = x / sqrt(mean(x²) + eps) * w.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    debug_assert_eq!(x.len(), w.len());
+    let sum_sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let scale = 1.0 / ((sum_sq / x.len() as f64) as f32 + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = *v * scale * g;
+    }
+}
+
+/// tanh-approximated GELU, as ggml computes it when `GGML_GELU_FP16` is set: the input
+/// is rounded to f16 and the result looked up in an f16 table (here: recomputed and
+/// rounded to f16), saturating outside ±10.
+pub fn gelu_tanh(x: f32) -> f32 {
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let xh = f16::from_f32(x).to_f32();
+    f16::from_f32(gelu_tanh_exact(xh)).to_f32()
+}
+
+/// tanh-approximated GELU in f32: 0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²))).
+pub fn gelu_tanh_exact(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+/// GeGLU: gate[i] = gelu(gate[i]) * up[i].
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = gelu_tanh(*g) * u;
+    }
+}
+
+/// Rotary embedding, NEOX style (pairs (i, i + d/2)), of one head in place.
+/// `theta_scale` = base^(-2/d); the angle of pair i at position p is p·theta_scale^i.
+pub fn rope_neox(head: &mut [f32], pos: u32, base: f32, freq_scale: f32) {
+    let d = head.len();
+    let half = d / 2;
+    let theta_scale = base.powf(-2.0 / d as f32);
+    let mut theta = pos as f32 * freq_scale;
+    for i in 0..half {
+        let (sin, cos) = theta.sin_cos();
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * cos - b * sin;
+        head[i + half] = a * sin + b * cos;
+        theta *= theta_scale;
+    }
+}
+
+/// Softmax in place over a row; -inf entries become 0.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        x.iter_mut().for_each(|v| *v = 0.0);
+        return;
+    }
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// y += x.
+pub fn add_assign(y: &mut [f32], x: &[f32]) {
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+/// Dot product of two float rows (f32 accumulation in 8 lanes, which vectorizes).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// y += s * x.
+pub fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a += s * b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_weights_gives_unit_rms() {
+        let mut x = vec![1.0, -2.0, 3.0, -4.0];
+        rms_norm(&mut x, &[1.0; 4], 0.0);
+        let rms = (x.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() {
+        let orig: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
+        let mut h = orig.clone();
+        rope_neox(&mut h, 0, 10000.0, 1.0);
+        assert_eq!(h, orig);
+        rope_neox(&mut h, 17, 10000.0, 1.0);
+        let n0: f32 = orig.iter().map(|v| v * v).sum();
+        let n1: f32 = h.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4);
+        assert_ne!(h, orig);
+    }
+
+    #[test]
+    fn gelu_matches_exact_within_f16_rounding() {
+        for i in -100..100 {
+            let x = i as f32 * 0.13;
+            let (a, b) = (gelu_tanh(x), gelu_tanh_exact(x));
+            assert!((a - b).abs() <= 2e-3 * (1.0 + b.abs()), "{x}: {a} vs {b}");
+        }
+        assert_eq!(gelu_tanh(-11.0), 0.0);
+        assert_eq!(gelu_tanh(12.0), 12.0);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_masks() {
+        let mut x = vec![1.0, 2.0, f32::NEG_INFINITY, 0.5];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(x[2], 0.0);
+    }
+}

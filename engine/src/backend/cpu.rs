@@ -1,0 +1,271 @@
+//! The CPU backend: activations in host `Vec<f32>`, weights zero-copy in the GGUF map,
+//! kernels from `turbine_cpu` (SIMD chosen at run time, rayon across rows and heads).
+
+use super::{AttnShape, Backend, BatchLayout, KvCache, KvSpec};
+use crate::gguf::{Gguf, TensorInfo};
+use crate::EngineError;
+use half::f16;
+use rayon::prelude::*;
+use std::sync::Arc;
+use turbine_cpu::matmul::{self, WeightView};
+use turbine_cpu::{ops, GgmlType};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+/// A row-major f32 matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuAct {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuAct {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// A weight matrix living in the memory-mapped GGUF file.
+pub struct CpuWeight {
+    file: Arc<Gguf>,
+    tensor: TensorInfo,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+}
+
+impl CpuWeight {
+    pub fn view(&self) -> WeightView<'_> {
+        WeightView { ty: self.ty, rows: self.rows, cols: self.cols, data: self.file.tensor_data(&self.tensor) }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// Per layer and sequence slot, keys and values as f16 rows of `kv_dim` (llama.cpp's
+/// default cache type), grown as tokens arrive.
+pub struct CpuKv {
+    spec: KvSpec,
+    /// `keys[layer][seq]`: positions × kv_dim.
+    keys: Vec<Vec<Vec<f16>>>,
+    values: Vec<Vec<Vec<f16>>>,
+    lens: Vec<usize>,
+}
+
+impl KvCache for CpuKv {
+    fn seq_len(&self, seq: usize) -> usize {
+        self.lens.get(seq).copied().unwrap_or(0)
+    }
+
+    fn truncate(&mut self, seq: usize, len: usize) {
+        if seq >= self.lens.len() || len >= self.lens[seq] {
+            return;
+        }
+        self.lens[seq] = len;
+        let keep = len * self.spec.kv_dim;
+        for layer in 0..self.spec.n_layers {
+            self.keys[layer][seq].truncate(keep);
+            self.values[layer][seq].truncate(keep);
+        }
+    }
+
+    fn n_seqs(&self) -> usize {
+        self.spec.n_seqs
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.spec.max_tokens
+    }
+}
+
+impl CpuKv {
+    /// Writes one token's K and V rows at `pos` (which is ≤ the current length; the
+    /// model validated the batch).
+    fn store(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let d = self.spec.kv_dim;
+        for (cache, src) in [(&mut self.keys[layer][seq], k), (&mut self.values[layer][seq], v)] {
+            let start = pos * d;
+            if cache.len() < start + d {
+                cache.resize(start + d, f16::ZERO);
+            }
+            for (dst, &x) in cache[start..start + d].iter_mut().zip(src) {
+                *dst = f16::from_f32(x);
+            }
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Act = CpuAct;
+    type Weight = CpuWeight;
+    type Vector = Vec<f32>;
+    type Kv = CpuKv;
+
+    fn name(&self) -> &'static str {
+        "CPU"
+    }
+
+    fn weight(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<CpuWeight, EngineError> {
+        let (cols, rows) = match tensor.dims[..] {
+            [c, r] => (c as usize, r as usize),
+            _ => return Err(EngineError::shape(&tensor.name, "2 dimensions", &tensor.dims)),
+        };
+        Ok(CpuWeight { file: file.clone(), tensor: tensor.clone(), ty: tensor.ty, rows, cols })
+    }
+
+    fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Vec<f32>, EngineError> {
+        if tensor.dims.len() != 1 || tensor.ty != GgmlType::F32 {
+            return Err(EngineError::shape(&tensor.name, "a 1-D F32 tensor", &tensor.dims));
+        }
+        let bytes = file.tensor_data(tensor);
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    fn new_kv(&self, spec: &KvSpec) -> CpuKv {
+        let per_layer = || vec![Vec::new(); spec.n_seqs];
+        CpuKv {
+            spec: spec.clone(),
+            keys: (0..spec.n_layers).map(|_| per_layer()).collect(),
+            values: (0..spec.n_layers).map(|_| per_layer()).collect(),
+            lens: vec![0; spec.n_seqs],
+        }
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> CpuAct {
+        CpuAct { rows, cols, data: vec![0.0; rows * cols] }
+    }
+
+    fn embed(&self, table: &CpuWeight, tokens: &[u32], scale: f32) -> Result<CpuAct, EngineError> {
+        let view = table.view();
+        let mut out = self.zeros(tokens.len(), table.cols);
+        for (row, &t) in out.data.chunks_exact_mut(table.cols).zip(tokens) {
+            if t as usize >= table.rows {
+                return Err(EngineError::TokenOutOfRange { token: t, n_vocab: table.rows });
+            }
+            matmul::get_row(&view, t as usize, row);
+            row.iter_mut().for_each(|x| *x *= scale);
+        }
+        Ok(out)
+    }
+
+    fn matmul(&self, w: &CpuWeight, x: &CpuAct) -> CpuAct {
+        let mut out = self.zeros(x.rows, w.rows);
+        matmul::matmul(&w.view(), &x.data, x.rows, &mut out.data);
+        out
+    }
+
+    fn rms_norm(&self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> CpuAct {
+        let mut out = x.clone();
+        out.data.par_chunks_mut(w.len()).for_each(|s| ops::rms_norm(s, w, eps));
+        out
+    }
+
+    fn rope_neox(&self, x: &mut CpuAct, positions: &[u32], head_dim: usize, base: f32, freq_scale: f32) {
+        let cols = x.cols;
+        x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &p)| {
+            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_neox(h, p, base, freq_scale));
+        });
+    }
+
+    fn scale(&self, x: &mut CpuAct, s: f32) {
+        x.data.iter_mut().for_each(|v| *v *= s);
+    }
+
+    fn add(&self, y: &mut CpuAct, x: &CpuAct) {
+        ops::add_assign(&mut y.data, &x.data);
+    }
+
+    fn geglu(&self, gate: &mut CpuAct, up: &CpuAct) {
+        gate.data.par_chunks_mut(4096).zip(up.data.par_chunks(4096)).for_each(|(g, u)| ops::geglu(g, u));
+    }
+
+    fn attention(
+        &self,
+        kv: &mut CpuKv,
+        layer: usize,
+        batch: &BatchLayout,
+        q: &CpuAct,
+        k: &CpuAct,
+        v: &CpuAct,
+        shape: AttnShape,
+    ) -> CpuAct {
+        for i in 0..batch.len() {
+            let (seq, pos) = (batch.seqs[i], batch.positions[i] as usize);
+            kv.store(layer, seq, pos, k.row(i), v.row(i));
+            kv.lens[seq] = kv.lens[seq].max(pos + 1);
+        }
+        let hd = shape.head_dim;
+        let mut out = self.zeros(q.rows, shape.n_heads * hd);
+        let kv = &*kv;
+        out.data.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+            let (t, h) = (i / shape.n_heads, i % shape.n_heads);
+            let qh = &q.row(t)[h * hd..(h + 1) * hd];
+            attend_one(kv, layer, batch.seqs[t], batch.positions[t], h, qh, &shape, o);
+        });
+        out
+    }
+
+    fn select_rows(&self, x: &CpuAct, rows: &[usize]) -> CpuAct {
+        let mut out = self.zeros(rows.len(), x.cols);
+        for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {
+            dst.copy_from_slice(x.row(r));
+        }
+        out
+    }
+
+    fn to_host(&self, x: &CpuAct) -> Vec<f32> {
+        x.data.clone()
+    }
+}
+
+/// Softmax attention of one query head over its sequence's cached keys at positions
+/// [lo, pos], where lo honours the sliding window. Grouped-query: query head h reads
+/// KV head h / (n_heads / n_kv_heads).
+#[allow(clippy::too_many_arguments)]
+fn attend_one(
+    kv: &CpuKv,
+    layer: usize,
+    seq: usize,
+    pos: u32,
+    h: usize,
+    q: &[f32],
+    shape: &AttnShape,
+    out: &mut [f32],
+) {
+    let hd = shape.head_dim;
+    let kvh = h / (shape.n_heads / shape.n_kv_heads);
+    let d = kv.spec.kv_dim;
+    let lo = match shape.window {
+        Some(w) => (pos + 1).saturating_sub(w) as usize,
+        None => 0,
+    };
+    let hi = pos as usize;
+    let keys = &kv.keys[layer][seq];
+    let values = &kv.values[layer][seq];
+    // llama.cpp converts Q to the cache type (f16) before q·k; do the same.
+    let qh: Vec<f32> = q.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+    let mut kf = vec![0.0f32; hd];
+    let mut scores: Vec<f32> = (lo..=hi)
+        .map(|p| {
+            let kr = &keys[p * d + kvh * hd..p * d + (kvh + 1) * hd];
+            kf.iter_mut().zip(kr).for_each(|(a, b)| *a = b.to_f32());
+            ops::dot_f32(&qh, &kf) * shape.scale
+        })
+        .collect();
+    ops::softmax(&mut scores);
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (p, &s) in (lo..=hi).zip(&scores) {
+        let vr = &values[p * d + kvh * hd..p * d + (kvh + 1) * hd];
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o += s * x.to_f32();
+        }
+    }
+}

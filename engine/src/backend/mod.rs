@@ -1,0 +1,120 @@
+//! The backend seam: the narrow set of operations a model's forward pass is written in.
+//!
+//! A forward pass is written once against [`Backend`] and runs on any implementation:
+//! the CPU today, CUDA and tensor-parallel shards later. Every operation works on a
+//! *batch*: activations are matrices with one row per token, and the tokens of a batch
+//! may belong to different sequences at different positions (ragged lengths), as
+//! described by [`BatchLayout`].
+
+pub mod cpu;
+
+use crate::gguf::{Gguf, TensorInfo};
+use crate::EngineError;
+use std::sync::Arc;
+
+/// Which sequence and position each row of a batch belongs to.
+#[derive(Clone, Debug, Default)]
+pub struct BatchLayout {
+    /// Position of each token in its sequence (0-based).
+    pub positions: Vec<u32>,
+    /// Sequence slot of each token (an index into the KV cache's sequences).
+    pub seqs: Vec<usize>,
+}
+
+impl BatchLayout {
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+}
+
+/// Shape of the attention of one layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Keys at distance ≥ window from the query are masked (None: full causal).
+    pub window: Option<u32>,
+    /// Multiplier on q·k (1.0 when q is pre-scaled).
+    pub scale: f32,
+}
+
+/// Shape of the key/value cache: per layer, `n_kv_heads * head_dim` values for K and for V.
+#[derive(Clone, Debug)]
+pub struct KvSpec {
+    pub n_layers: usize,
+    pub kv_dim: usize,
+    /// Most tokens one sequence may hold.
+    pub max_tokens: usize,
+    /// Number of sequence slots.
+    pub n_seqs: usize,
+}
+
+/// The operations a forward pass needs. Activation matrices are row-major, one row per
+/// token of the batch.
+pub trait Backend: Send + Sync {
+    /// An f32 activation matrix resident where the backend computes.
+    type Act: Send;
+    /// A weight matrix in its storage type: quantized weights stay quantized.
+    type Weight: Send + Sync;
+    /// A small f32 vector (norm weights).
+    type Vector: Send + Sync;
+    /// Keys and values of every layer and sequence slot.
+    type Kv: KvCache + Send;
+
+    fn name(&self) -> &'static str;
+
+    /// Makes a 2-D GGUF tensor usable as a weight matrix ([rows × cols], rows = dims[1]).
+    fn weight(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Weight, EngineError>;
+    /// Reads a 1-D F32 tensor.
+    fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Vector, EngineError>;
+    fn new_kv(&self, spec: &KvSpec) -> Self::Kv;
+
+    /// A zeroed [rows × cols] activation matrix.
+    fn zeros(&self, rows: usize, cols: usize) -> Self::Act;
+    /// Row i = table row tokens[i], times `scale`.
+    fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32) -> Result<Self::Act, EngineError>;
+    /// out = x · Wᵀ: [n × cols] → [n × rows].
+    fn matmul(&self, w: &Self::Weight, x: &Self::Act) -> Self::Act;
+    /// RMSNorm of every `w.len()`-long segment of every row (a whole row, or each head).
+    fn rms_norm(&self, x: &Self::Act, w: &Self::Vector, eps: f32) -> Self::Act;
+    /// NEOX rotary embedding on every `head_dim` segment of row i, at positions[i].
+    fn rope_neox(&self, x: &mut Self::Act, positions: &[u32], head_dim: usize, base: f32, freq_scale: f32);
+    fn scale(&self, x: &mut Self::Act, s: f32);
+    /// y += x.
+    fn add(&self, y: &mut Self::Act, x: &Self::Act);
+    /// gate = gelu_tanh(gate) * up.
+    fn geglu(&self, gate: &mut Self::Act, up: &Self::Act);
+    /// Stores this batch's K and V rows of `layer` in the cache, then attends every query
+    /// row to the cached keys of its own sequence up to its own position.
+    fn attention(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        batch: &BatchLayout,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        shape: AttnShape,
+    ) -> Self::Act;
+    /// The given rows, in order.
+    fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
+    /// Sums partial results across tensor-parallel shards (identity on one device).
+    fn all_reduce_sum(&self, _x: &mut Self::Act) {}
+    /// Copies an activation matrix to host memory.
+    fn to_host(&self, x: &Self::Act) -> Vec<f32>;
+}
+
+/// Sequence bookkeeping of a KV cache, shared by all backends.
+pub trait KvCache {
+    /// Tokens currently stored for sequence `seq`.
+    fn seq_len(&self, seq: usize) -> usize;
+    /// Forgets every token of `seq` at position ≥ `len`.
+    fn truncate(&mut self, seq: usize, len: usize);
+    fn n_seqs(&self) -> usize;
+    fn max_tokens(&self) -> usize;
+}

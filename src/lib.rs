@@ -1,0 +1,7 @@
+//! Turbine: a kernel-first LLM inference engine.
+//!
+//! This root crate is what users link (as an rlib, or as `libturbine.a`). It re-exports
+//! the engine (GGUF, tokenizer, models, sampler) and the CPU kernels.
+
+pub use turbine_cpu as cpu;
+pub use turbine_engine as engine;
