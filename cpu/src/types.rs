@@ -21,6 +21,7 @@ pub enum GgmlType {
     MXFP4,
 }
 
+#[allow(non_camel_case_types)]
 /// The format activations are quantized to before a dot product with a weight row
 /// (llama.cpp's `vec_dot_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -130,9 +131,7 @@ impl GgmlType {
             | GgmlType::Q8_0
             | GgmlType::IQ4_NL
             | GgmlType::MXFP4 => QK,
-            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-                QK_K
-            }
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => QK_K,
         }
     }
 
@@ -169,13 +168,9 @@ impl GgmlType {
     pub fn act_type(self) -> ActType {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActType::F32,
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::IQ4_NL | GgmlType::MXFP4 => {
-                ActType::Q8_0
-            }
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::IQ4_NL | GgmlType::MXFP4 => ActType::Q8_0,
             GgmlType::Q4_1 | GgmlType::Q5_1 => ActType::Q8_1,
-            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-                ActType::Q8_K
-            }
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActType::Q8_K,
         }
     }
 }

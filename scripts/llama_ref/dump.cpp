@@ -4,10 +4,14 @@
 //   llama-ref-dump tokenize MODEL RECORDS        one line of token ids per record
 //   llama-ref-dump logits   MODEL IDS OUT.bin    teacher-forced logits, f32 [n × vocab]
 //   llama-ref-dump greedy   MODEL RECORDS N      greedy continuation ids per record
+//   llama-ref-dump tensors  MODEL IDS OUT.bin    every graph tensor of one forward pass
+//                                                (for debugging: name, dims, f32 data)
 //
 // RECORDS holds texts as "<byte length>\n<bytes>\n" (so texts may contain newlines).
 // IDS holds whitespace-separated token ids. Tokenization adds BOS as the model says and
 // parses special-token text.
+#include "ggml.h"
+#include "ggml-backend.h"
 #include "llama.h"
 
 #include <cstdio>
@@ -44,11 +48,35 @@ static std::vector<llama_token> tokenize(const llama_vocab * vocab, const std::s
     return ids;
 }
 
-static llama_context * new_context(llama_model * model, int n_ctx) {
+// Graph callback that writes each computed f32 tensor as: name (64 bytes), ne[4] (i64),
+// data (f32, ne0*ne1*ne2*ne3 values).
+static bool dump_tensor(struct ggml_tensor * t, bool ask, void * user) {
+    if (ask) return true;
+    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) return true;
+    FILE * out = (FILE *) user;
+    char name[64] = {0};
+    snprintf(name, sizeof(name), "%s", t->name);
+    fwrite(name, 1, 64, out);
+    int64_t ne[4] = {t->ne[0], t->ne[1], t->ne[2], t->ne[3]};
+    fwrite(ne, sizeof(int64_t), 4, out);
+    std::vector<float> data(ggml_nelements(t));
+    ggml_backend_tensor_get(t, data.data(), 0, ggml_nbytes(t));
+    fwrite(data.data(), sizeof(float), data.size(), out);
+    return true;
+}
+
+static llama_context * new_context(llama_model * model, int n_ctx, FILE * trace = nullptr) {
     llama_context_params cp = llama_context_default_params();
+    if (trace) {
+        cp.cb_eval = dump_tensor;
+        cp.cb_eval_user_data = trace;
+    }
     cp.n_ctx = n_ctx;
     cp.n_batch = n_ctx;
-    cp.n_ubatch = n_ctx;
+    // LLAMA_REF_UBATCH splits batches into smaller physical batches (for measuring how
+    // much llama.cpp's own logits move between its batched and one-token kernels).
+    const char * ub = getenv("LLAMA_REF_UBATCH");
+    cp.n_ubatch = ub ? (uint32_t) atoi(ub) : (uint32_t) n_ctx;
     cp.n_threads = 2;
     cp.n_threads_batch = 2;
     return llama_init_from_model(model, cp);
@@ -105,6 +133,15 @@ int main(int argc, char ** argv) {
         for (size_t i = 0; i < ids.size(); i++) fwrite(llama_get_logits_ith(ctx, (int) i), sizeof(float), n_vocab, out);
         fclose(out);
         llama_free(ctx);
+    } else if (cmd == "tensors" && argc >= 5) {
+        std::ifstream in(argv[3]);
+        std::vector<llama_token> ids;
+        for (int id; in >> id;) ids.push_back(id);
+        FILE * out = fopen(argv[4], "wb");
+        llama_context * ctx = new_context(model, (int) ids.size(), out);
+        if (!decode(ctx, ids, 0, true)) { fprintf(stderr, "decode failed\n"); return 1; }
+        llama_free(ctx);
+        fclose(out);
     } else if (cmd == "greedy" && argc >= 5) {
         int n_gen = atoi(argv[4]);
         for (const auto & text : read_records(argv[3])) {

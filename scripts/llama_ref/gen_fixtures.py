@@ -9,12 +9,15 @@ the repo), then writes, under fixtures/:
   logits/gemma3-270m.json     teacher-forced logits over a real text: per position the
                               top-10 ids and logits plus the logits of 32 fixed probe ids
   greedy/gemma3-270m.json     64-token greedy continuations of 10 prompts
+Both logits and greedy runs are also made with llama.cpp processing one token per physical
+batch (n_ubatch = 1, its decode kernels) instead of the whole text at once: how far llama.cpp
+moves from itself between its own kernel paths is the noise floor our comparisons are read
+against.
 The tests read these files; they never need llama.cpp.
 """
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import tempfile
@@ -68,8 +71,11 @@ GREEDY_PROMPTS = [
 LOGITS_TEXT = open(os.path.join(ROOT, "fixtures", "corpus", "logits-text.txt"), encoding="utf-8").read()
 
 
-def run(*args):
-    return subprocess.run(args, check=True, capture_output=True).stdout.decode()
+def run(*args, ubatch=None):
+    env = dict(os.environ)
+    if ubatch:
+        env["LLAMA_REF_UBATCH"] = str(ubatch)
+    return subprocess.run(args, check=True, capture_output=True, env=env).stdout.decode()
 
 
 def write_records(texts):
@@ -107,25 +113,32 @@ def main():
     idf = tempfile.NamedTemporaryFile("w", delete=False)
     idf.write(" ".join(map(str, text_ids)))
     idf.close()
-    out = idf.name + ".bin"
-    run(tool, "logits", MODEL, idf.name, out)
-    raw = open(out, "rb").read()
-    n_vocab = len(raw) // 4 // len(text_ids)
+    import numpy as np
+    logits = {}
+    for ub in (None, 1):
+        out = idf.name + ".bin"
+        run(tool, "logits", MODEL, idf.name, out, ubatch=ub)
+        logits[ub] = np.fromfile(out, dtype=np.float32).reshape(len(text_ids), -1)
+        os.unlink(out)
+    n_vocab = logits[None].shape[1]
     rng = random.Random(1234)
     probes = sorted(rng.sample(range(n_vocab), 32))
     positions = []
+    r5 = lambda xs: [round(float(x), 5) for x in xs]
     for p in range(len(text_ids)):
-        row = struct.unpack_from("<%df" % n_vocab, raw, p * n_vocab * 4)
-        top = sorted(range(n_vocab), key=lambda i: -row[i])[:10]
-        positions.append({"top_ids": top, "top_logits": [round(row[i], 5) for i in top],
-                          "probe_logits": [round(row[i], 5) for i in probes]})
-    os.unlink(out)
+        row, row1 = logits[None][p], logits[1][p]
+        top = [int(i) for i in sorted(np.argpartition(-row, 10)[:10], key=lambda i: (-row[i], i))]
+        positions.append({"top_ids": top, "top_logits": r5(row[top]), "probe_logits": r5(row[probes]),
+                          "ubatch1": {"top_id": int(np.argmax(row1)), "top_logits": r5(row1[top]),
+                                      "probe_logits": r5(row1[probes])}})
     dump(os.path.join(ROOT, "fixtures/logits/gemma3-270m.json"),
          {"meta": meta, "n_vocab": n_vocab, "tokens": text_ids, "probe_ids": probes, "positions": positions})
 
-    gen = ids_lines(run(tool, "greedy", MODEL, write_records(GREEDY_PROMPTS), "64"))
-    dump(os.path.join(ROOT, "fixtures/greedy/gemma3-270m.json"),
-         {"meta": meta, "n_predict": 64, "cases": [{"prompt": p, "ids": g} for p, g in zip(GREEDY_PROMPTS, gen)]})
+    prompts = write_records(GREEDY_PROMPTS)
+    gen = ids_lines(run(tool, "greedy", MODEL, prompts, "64"))
+    gen1 = ids_lines(run(tool, "greedy", MODEL, prompts, "64", ubatch=1))
+    cases = [{"prompt": p, "ids": g, "ids_ubatch1": g1} for p, g, g1 in zip(GREEDY_PROMPTS, gen, gen1)]
+    dump(os.path.join(ROOT, "fixtures/greedy/gemma3-270m.json"), {"meta": meta, "n_predict": 64, "cases": cases})
     print("fixtures written")
 
 

@@ -205,10 +205,11 @@ impl Backend for CpuBackend {
         let hd = shape.head_dim;
         let mut out = self.zeros(q.rows, shape.n_heads * hd);
         let kv = &*kv;
+        let f16_accumulate = batch.len() < F32_ATTENTION_MIN_QUERIES;
         out.data.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / shape.n_heads, i % shape.n_heads);
             let qh = &q.row(t)[h * hd..(h + 1) * hd];
-            attend_one(kv, layer, batch.seqs[t], batch.positions[t], h, qh, &shape, o);
+            attend_one(kv, layer, batch.seqs[t], batch.positions[t], h, qh, &shape, f16_accumulate, o);
         });
         out
     }
@@ -226,9 +227,16 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Softmax attention of one query head over its sequence's cached keys at positions
-/// [lo, pos], where lo honours the sliding window. Grouped-query: query head h reads
-/// KV head h / (n_heads / n_kv_heads).
+/// Batches with fewer query rows than this run attention the way llama.cpp's CPU
+/// flash-attention does for small batches and decode: Q rounded to f16 and the weighted
+/// sum of V accumulated in f16 with an online softmax. Larger batches accumulate in f32,
+/// as llama.cpp's tiled kernel does. Matching its rounding keeps our logits within the
+/// noise of llama.cpp's own, which the reference fixtures check.
+const F32_ATTENTION_MIN_QUERIES: usize = 64;
+
+/// Attention of one query head over its sequence's cached keys at positions [lo, pos],
+/// where lo honours the sliding window. Grouped-query: query head h reads KV head
+/// h / (n_heads / n_kv_heads).
 #[allow(clippy::too_many_arguments)]
 fn attend_one(
     kv: &CpuKv,
@@ -238,6 +246,7 @@ fn attend_one(
     h: usize,
     q: &[f32],
     shape: &AttnShape,
+    f16_accumulate: bool,
     out: &mut [f32],
 ) {
     let hd = shape.head_dim;
@@ -247,25 +256,55 @@ fn attend_one(
         Some(w) => (pos + 1).saturating_sub(w) as usize,
         None => 0,
     };
-    let hi = pos as usize;
     let keys = &kv.keys[layer][seq];
     let values = &kv.values[layer][seq];
-    // llama.cpp converts Q to the cache type (f16) before q·k; do the same.
-    let qh: Vec<f32> = q.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
-    let mut kf = vec![0.0f32; hd];
-    let mut scores: Vec<f32> = (lo..=hi)
-        .map(|p| {
-            let kr = &keys[p * d + kvh * hd..p * d + (kvh + 1) * hd];
-            kf.iter_mut().zip(kr).for_each(|(a, b)| *a = b.to_f32());
-            ops::dot_f32(&qh, &kf) * shape.scale
+    fn head_row(cache: &[f16], p: usize, d: usize, kvh: usize, hd: usize) -> &[f16] {
+        &cache[p * d + kvh * hd..p * d + (kvh + 1) * hd]
+    }
+    let row = |cache, p| head_row(cache, p, d, kvh, hd);
+    if f16_accumulate {
+        attend_online_f16(q, (lo..=pos as usize).map(|p| (row(keys, p), row(values, p))), shape.scale, out);
+    } else {
+        attend_f32(q, (lo..=pos as usize).map(|p| (row(keys, p), row(values, p))), shape.scale, out);
+    }
+}
+
+/// Softmax(q·K)·V with scores, weights and sums in f32.
+fn attend_f32<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f16], &'a [f16])> + Clone, scale: f32, out: &mut [f32]) {
+    let mut kf = vec![0.0f32; q.len()];
+    let mut scores: Vec<f32> = kv
+        .clone()
+        .map(|(k, _)| {
+            kf.iter_mut().zip(k).for_each(|(a, b)| *a = b.to_f32());
+            ops::dot_f32(q, &kf) * scale
         })
         .collect();
     ops::softmax(&mut scores);
     out.iter_mut().for_each(|o| *o = 0.0);
-    for (p, &s) in (lo..=hi).zip(&scores) {
-        let vr = &values[p * d + kvh * hd..p * d + (kvh + 1) * hd];
-        for (o, x) in out.iter_mut().zip(vr) {
-            *o += s * x.to_f32();
-        }
+    for ((_, v), &s) in kv.zip(&scores) {
+        out.iter_mut().zip(v).for_each(|(o, x)| *o += s * x.to_f32());
     }
+}
+
+/// Online-softmax attention with Q in f16 and the V accumulator in f16 (rescaled when
+/// a new maximum score appears), as ggml's `flash_attn_ext_f16_one_chunk`.
+fn attend_online_f16<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f16], &'a [f16])>, scale: f32, out: &mut [f32]) {
+    let q16: Vec<f32> = q.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+    let mut acc = vec![f16::ZERO; q.len()];
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    for (k, v) in kv {
+        let s = k.iter().zip(&q16).map(|(a, &b)| a.to_f32() as f64 * b as f64).sum::<f64>() as f32 * scale;
+        let (mut ms, mut vs) = (1.0f32, 1.0f32);
+        if s > max {
+            ms = (max - s).exp();
+            max = s;
+            acc.iter_mut().for_each(|a| *a = f16::from_f32(a.to_f32() * ms));
+        } else {
+            vs = (s - max).exp();
+        }
+        acc.iter_mut().zip(v).for_each(|(a, x)| *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32())));
+        sum = sum * ms + vs;
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    out.iter_mut().zip(&acc).for_each(|(o, a)| *o = a.to_f32() * inv);
 }

@@ -1,0 +1,134 @@
+//! Weight-matrix times activations, parallel over blocks of weight rows.
+//!
+//! The activations are quantized once into the weight type's activation format, then
+//! each rayon task takes a block of weight rows and dots them with every token, so each
+//! weight byte is read from memory once per call (decode is memory-bound on weights).
+
+use rayon::prelude::*;
+
+use crate::act::QuantizedActs;
+use crate::dequant::dequantize_row;
+use crate::dot::vec_dot;
+use crate::{GgmlType, Isa};
+
+/// A row-major weight matrix of `rows` rows of `cols` elements stored as `ty`, each row
+/// `ty.row_bytes(cols)` bytes (a GGUF tensor with ne0 = cols, ne1 = rows).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightView<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> WeightView<'a> {
+    /// A view of `data`, or None when `cols` is not a whole number of blocks or `data` is
+    /// not exactly `rows` rows.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Option<Self> {
+        let size = ty.row_bytes(cols)?.checked_mul(rows)?;
+        (size == data.len()).then_some(WeightView { ty, rows, cols, data })
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_size() * self.ty.type_size()
+    }
+
+    /// The bytes of row `i`. Panics when `i >= self.rows`.
+    pub fn row(&self, i: usize) -> &'a [u8] {
+        assert!(i < self.rows, "WeightView::row: row {i} of {}", self.rows);
+        let rb = self.row_bytes();
+        &self.data[i * rb..(i + 1) * rb]
+    }
+}
+
+/// Row `r` of `w` dequantized into `dst` (`w.cols` floats), e.g. an embedding lookup.
+/// Panics when `r >= w.rows` or `dst.len() != w.cols`.
+pub fn get_row(w: &WeightView<'_>, r: usize, dst: &mut [f32]) {
+    assert_eq!(dst.len(), w.cols, "get_row: destination is not {} floats", w.cols);
+    dequantize_row(w.ty, w.row(r), dst);
+}
+
+/// `out[t * w.rows + r] = dot(row r of w, row t of x)` for the `n` rows of `x` (each
+/// `w.cols` floats), with the best SIMD kernels this CPU has.
+///
+/// Panics when `x` is not `n * w.cols` floats or `out` not `n * w.rows`.
+pub fn matmul(w: &WeightView<'_>, x: &[f32], n: usize, out: &mut [f32]) {
+    matmul_with(Isa::best(), w, x, n, out);
+}
+
+/// [`matmul`] with kernels for `isa` (which must be one of `Isa::available()`).
+pub fn matmul_with(isa: Isa, w: &WeightView<'_>, x: &[f32], n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), n * w.cols, "matmul: input is not {n} rows of {} floats", w.cols);
+    assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
+    if out.is_empty() {
+        return;
+    }
+    if w.cols == 0 {
+        out.fill(0.0); // empty dot products
+        return;
+    }
+    let acts = QuantizedActs::new(w.ty.act_type(), x, w.cols);
+    matmul_quantized(isa, w, &acts, out);
+}
+
+/// [`matmul`] with activations already quantized to `w.ty.act_type()`, so one batch can
+/// be quantized once and used for several weights with the same activation type.
+///
+/// Panics when `acts` has another format or width, or `out` is not `acts.rows * w.rows`.
+pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out: &mut [f32]) {
+    assert_eq!(acts.ty, w.ty.act_type(), "matmul: {} weights need {:?} activations", w.ty, w.ty.act_type());
+    assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
+    let n = acts.rows;
+    assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
+    if out.is_empty() {
+        return;
+    }
+    let chunk = rows_per_task(w.rows);
+    if n == 1 {
+        // One token: out is already indexed by weight row, so tasks write it directly.
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, dst)| {
+            rows_times_tokens(isa, w, acts, c * chunk, dst);
+        });
+        return;
+    }
+    // Several tokens: tasks fill a weight-row-major scratch (row r, token t at r * n + t)
+    // in contiguous pieces, which is then transposed into the token-major output. The
+    // transpose is O(n * rows), negligible next to the O(n * rows * cols) dots.
+    let mut scratch = vec![0f32; out.len()];
+    scratch.par_chunks_mut(chunk * n).enumerate().for_each(|(c, dst)| {
+        rows_times_tokens(isa, w, acts, c * chunk, dst);
+    });
+    for (r, per_token) in scratch.chunks_exact(n).enumerate() {
+        for (t, &v) in per_token.iter().enumerate() {
+            out[t * w.rows + r] = v;
+        }
+    }
+}
+
+/// Weight rows per rayon task: enough tasks (4 per thread) to balance the load, but at
+/// most 64 rows so a task's weights stay in cache while it loops over the tokens.
+fn rows_per_task(rows: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads();
+    rows.div_ceil(tasks).clamp(1, 64)
+}
+
+/// Tokens per inner tile: a tile's activation rows stay in cache while the task's weight
+/// rows pass over them.
+const TOKEN_TILE: usize = 8;
+
+/// Dots weight rows `first..first + dst.len() / n` with every token, writing
+/// `dst[i * n + t]` for weight row `first + i` and token t (n = `acts.rows`).
+fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: usize, dst: &mut [f32]) {
+    let n = acts.rows;
+    let rows = dst.len() / n;
+    for t0 in (0..n).step_by(TOKEN_TILE) {
+        let tokens = t0..(t0 + TOKEN_TILE).min(n);
+        for i in 0..rows {
+            let wr = w.row(first + i);
+            for t in tokens.clone() {
+                dst[i * n + t] = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
+            }
+        }
+    }
+}

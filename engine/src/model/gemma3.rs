@@ -1,0 +1,366 @@
+//! Gemma 3 (text), as llama.cpp runs it (`src/models/gemma3.cpp`).
+//!
+//! Per layer: RMSNorm → Q, K, V → per-head RMSNorm of Q and K → NEOX RoPE → Q scaled by
+//! 1/√head_dim → attention (sliding-window on local layers, full on global ones) → output
+//! projection → post-attention RMSNorm → residual → RMSNorm → GeGLU FFN (tanh GELU) →
+//! post-FFN RMSNorm → residual. Embeddings are scaled by √n_embd; the output projection
+//! is tied to the embeddings unless the file has `output.weight`. The GGUF norm weights
+//! already hold 1 + w, so every norm is a plain x·w.
+
+use super::{count_params, required, Architecture, Batch, Logits, ModelInfo};
+use crate::backend::{AttnShape, Backend, KvSpec};
+use crate::gguf::Gguf;
+use crate::EngineError;
+use std::sync::Arc;
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Clone, Debug)]
+pub struct Gemma3Config {
+    pub n_vocab: usize,
+    pub n_embd: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    /// RoPE of global layers: the file's base, scaled linearly when the file says so.
+    pub rope_base: f32,
+    pub rope_freq_scale: f32,
+    /// RoPE base of sliding-window layers (unscaled).
+    pub rope_base_swa: f32,
+    /// Sliding window (tokens, the current one included); None: every layer is global.
+    pub sliding_window: Option<u32>,
+    /// Per layer: true for sliding-window (local) layers.
+    pub is_swa: Vec<bool>,
+    pub attn_scale: f32,
+    pub final_logit_softcap: Option<f32>,
+}
+
+impl Gemma3Config {
+    pub fn from_gguf(g: &Gguf) -> Result<Gemma3Config, EngineError> {
+        let key = |k: &str| format!("gemma3.{k}");
+        let req_u32 = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&key(k)), &key(k))? as usize) };
+        let n_embd = req_u32("embedding_length")?;
+        let n_layers = req_u32("block_count")?;
+        let n_heads = req_u32("attention.head_count")?;
+        let n_kv_heads = g.get_u32(&key("attention.head_count_kv"))?.map_or(n_heads, |v| v as usize);
+        let head_dim = match g.get_u32(&key("attention.key_length"))? {
+            Some(v) => v as usize,
+            None => n_embd.checked_div(n_heads).unwrap_or(0),
+        };
+        let n_ff = req_u32("feed_forward_length")?;
+        let rms_eps = required(g.get_f32(&key("attention.layer_norm_rms_epsilon")), "rms epsilon")?;
+        let context_length = req_u32("context_length")?;
+        let rope_base = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let rope_base_swa = g.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
+        let rope_freq_scale = rope_freq_scale(g, &key("rope.scaling.type"), &key("rope.scaling.factor"))?;
+        let sliding_window = g.get_u32(&key("attention.sliding_window"))?.filter(|&w| w > 0);
+        let is_swa = match sliding_window {
+            Some(_) => swa_pattern(g, &key("attention.sliding_window_pattern"), n_layers)?,
+            None => vec![false; n_layers],
+        };
+        let n_vocab = g
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))? as usize;
+        // Gemma 3 27B scales queries by 1/√(n_embd/n_heads) (query_pre_attn_scalar);
+        // the other sizes by 1/√head_dim. llama.cpp tells them apart by layer count.
+        let attn_scale = if n_layers == 62 {
+            1.0 / ((n_embd / n_heads.max(1)) as f32).sqrt()
+        } else {
+            1.0 / (head_dim as f32).sqrt()
+        };
+        let final_logit_softcap = g.get_f32(&key("final_logit_softcapping"))?.filter(|&c| c > 0.0);
+        let cfg = Gemma3Config {
+            n_vocab,
+            n_embd,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            n_ff,
+            rms_eps,
+            context_length,
+            rope_base,
+            rope_freq_scale,
+            rope_base_swa,
+            sliding_window,
+            is_swa,
+            attn_scale,
+            final_logit_softcap,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Rejects sizes the forward pass cannot run with.
+    fn check(&self) -> Result<(), EngineError> {
+        let bad = |key: &str, value: usize, why: &'static str| {
+            Err(EngineError::BadValue { key: format!("gemma3.{key}"), value: value.to_string(), why })
+        };
+        if self.n_embd == 0 || self.n_layers == 0 || self.n_ff == 0 || self.context_length == 0 {
+            return bad("embedding_length/block_count/feed_forward_length/context_length", 0, "must be > 0");
+        }
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad("attention.head_count_kv", self.n_kv_heads, "must divide attention.head_count");
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad("attention.key_length", self.head_dim, "must be even and > 0");
+        }
+        Ok(())
+    }
+
+    fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// Linear RoPE scaling of global layers (`rope.scaling.type = linear`, factor f → 1/f).
+fn rope_freq_scale(g: &Gguf, type_key: &str, factor_key: &str) -> Result<f32, EngineError> {
+    let kind = g.get_str(type_key)?.unwrap_or("linear");
+    let factor = g.get_f32(factor_key)?.unwrap_or(1.0);
+    match kind {
+        "none" => Ok(1.0),
+        "linear" if factor > 0.0 && factor.is_finite() => Ok(1.0 / factor),
+        "linear" => {
+            Err(EngineError::BadValue { key: factor_key.into(), value: factor.to_string(), why: "must be > 0" })
+        }
+        other => Err(EngineError::BadValue {
+            key: type_key.into(),
+            value: other.to_string(),
+            why: "gemma3 supports only linear RoPE scaling",
+        }),
+    }
+}
+
+/// Which layers use the sliding window: a per-layer bool array in the file, or a period
+/// n (default 6) where layer i is local iff i % n < n - 1 (n = 0: all local).
+fn swa_pattern(g: &Gguf, key: &str, n_layers: usize) -> Result<Vec<bool>, EngineError> {
+    if let Some(arr) = g.get_array(key).ok().flatten() {
+        let bools = arr.as_bools().ok_or_else(|| EngineError::BadValue {
+            key: key.into(),
+            value: arr.type_name(),
+            why: "must be a u32 or an array of bool",
+        })?;
+        if bools.len() < n_layers {
+            return Err(EngineError::BadValue {
+                key: key.into(),
+                value: bools.len().to_string(),
+                why: "shorter than block_count",
+            });
+        }
+        return Ok(bools[..n_layers].to_vec());
+    }
+    let n = g.get_u32(key)?.unwrap_or(6) as usize;
+    Ok((0..n_layers).map(|il| n == 0 || il % n < n - 1).collect())
+}
+
+struct Layer<B: Backend> {
+    attn_norm: B::Vector,
+    wq: B::Weight,
+    wk: B::Weight,
+    wv: B::Weight,
+    q_norm: B::Vector,
+    k_norm: B::Vector,
+    wo: B::Weight,
+    post_attn_norm: B::Vector,
+    ffn_norm: B::Vector,
+    w_gate: B::Weight,
+    w_up: B::Weight,
+    w_down: B::Weight,
+    post_ffn_norm: B::Vector,
+}
+
+pub struct Gemma3<B: Backend> {
+    pub cfg: Gemma3Config,
+    info: ModelInfo,
+    tok_embd: B::Weight,
+    /// `output.weight`, or None when tied to `tok_embd`.
+    output: Option<B::Weight>,
+    output_norm: B::Vector,
+    layers: Vec<Layer<B>>,
+}
+
+/// Loads tensors by name, checking each one's shape against the config.
+struct Loader<'a, B: Backend> {
+    backend: &'a B,
+    file: &'a Arc<Gguf>,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    /// A weight matrix stored as [cols, rows] in GGUF order (ne0 = cols).
+    fn weight(&self, name: &str, cols: usize, rows: usize) -> Result<B::Weight, EngineError> {
+        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(EngineError::shape(name, &format!("[{cols}, {rows}]"), &t.dims));
+        }
+        self.backend.weight(self.file, t)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<B::Vector, EngineError> {
+        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        if t.dims != [len as u64] {
+            return Err(EngineError::shape(name, &format!("[{len}]"), &t.dims));
+        }
+        self.backend.vector(self.file, t)
+    }
+
+    fn layer(&self, cfg: &Gemma3Config, il: usize) -> Result<Layer<B>, EngineError> {
+        let n = |s: &str| format!("blk.{il}.{s}.weight");
+        let (d, hd) = (cfg.n_embd, cfg.head_dim);
+        Ok(Layer {
+            attn_norm: self.vector(&n("attn_norm"), d)?,
+            wq: self.weight(&n("attn_q"), d, cfg.q_dim())?,
+            wk: self.weight(&n("attn_k"), d, cfg.kv_dim())?,
+            wv: self.weight(&n("attn_v"), d, cfg.kv_dim())?,
+            q_norm: self.vector(&n("attn_q_norm"), hd)?,
+            k_norm: self.vector(&n("attn_k_norm"), hd)?,
+            wo: self.weight(&n("attn_output"), cfg.q_dim(), d)?,
+            post_attn_norm: self.vector(&n("post_attention_norm"), d)?,
+            ffn_norm: self.vector(&n("ffn_norm"), d)?,
+            w_gate: self.weight(&n("ffn_gate"), d, cfg.n_ff)?,
+            w_up: self.weight(&n("ffn_up"), d, cfg.n_ff)?,
+            w_down: self.weight(&n("ffn_down"), cfg.n_ff, d)?,
+            post_ffn_norm: self.vector(&n("post_ffw_norm"), d)?,
+        })
+    }
+}
+
+impl<B: Backend> Gemma3<B> {
+    pub fn load(backend: &B, file: &Arc<Gguf>) -> Result<Gemma3<B>, EngineError> {
+        let cfg = Gemma3Config::from_gguf(file)?;
+        let ld = Loader { backend, file };
+        let tok_embd = ld.weight("token_embd.weight", cfg.n_embd, cfg.n_vocab)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => Some(ld.weight("output.weight", cfg.n_embd, cfg.n_vocab)?),
+            None => None,
+        };
+        let output_norm = ld.vector("output_norm.weight", cfg.n_embd)?;
+        let layers = (0..cfg.n_layers).map(|il| ld.layer(&cfg, il)).collect::<Result<Vec<_>, _>>()?;
+        let info = ModelInfo {
+            architecture: "gemma3".into(),
+            n_vocab: cfg.n_vocab,
+            n_embd: cfg.n_embd,
+            n_layers: cfg.n_layers,
+            context_length: cfg.context_length,
+            n_params: count_params(file),
+        };
+        Ok(Gemma3 { cfg, info, tok_embd, output, output_norm, layers })
+    }
+
+    /// Attention of layer `il`: x [n × d] → [n × d] (before the post-attention norm).
+    fn attention(&self, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> B::Act {
+        let (cfg, l) = (&self.cfg, &self.layers[il]);
+        let h = b.rms_norm(x, &l.attn_norm, cfg.rms_eps);
+        tap("attn_norm", il, &h);
+        let q = b.matmul(&l.wq, &h); // [n × n_heads·hd]
+        let k = b.matmul(&l.wk, &h); // [n × n_kv_heads·hd]
+        let v = b.matmul(&l.wv, &h); // [n × n_kv_heads·hd]
+        let mut q = b.rms_norm(&q, &l.q_norm, cfg.rms_eps); // per head
+        let mut k = b.rms_norm(&k, &l.k_norm, cfg.rms_eps);
+        tap("Qcur_normed", il, &q);
+        tap("Kcur_normed", il, &k);
+        tap("Vcur", il, &v);
+        let (base, scale) = match cfg.is_swa[il] {
+            true => (cfg.rope_base_swa, 1.0),
+            false => (cfg.rope_base, cfg.rope_freq_scale),
+        };
+        let pos = &batch.layout.positions;
+        b.rope_neox(&mut q, pos, cfg.head_dim, base, scale);
+        b.rope_neox(&mut k, pos, cfg.head_dim, base, scale);
+        tap("Qcur#3", il, &q);
+        tap("Kcur#3", il, &k);
+        b.scale(&mut q, cfg.attn_scale);
+        let shape = AttnShape {
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            window: if cfg.is_swa[il] { cfg.sliding_window } else { None },
+            scale: 1.0,
+        };
+        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, shape); // [n × n_heads·hd]
+        tap("kqv_out", il, &a);
+        let mut o = b.matmul(&l.wo, &a); // [n × d]
+        b.all_reduce_sum(&mut o);
+        o
+    }
+
+    /// GeGLU feed-forward of layer `il`: x [n × d] → [n × d] (before the post-FFN norm).
+    fn feed_forward(&self, b: &B, il: usize, x: &B::Act, tap: &mut Tap<B>) -> B::Act {
+        let l = &self.layers[il];
+        let h = b.rms_norm(x, &l.ffn_norm, self.cfg.rms_eps);
+        tap("ffn_norm", il, &h);
+        let mut gate = b.matmul(&l.w_gate, &h); // [n × n_ff]
+        let up = b.matmul(&l.w_up, &h); // [n × n_ff]
+        tap("ffn_gate", il, &gate);
+        tap("ffn_up", il, &up);
+        b.geglu(&mut gate, &up);
+        tap("ffn_geglu", il, &gate);
+        let mut out = b.matmul(&l.w_down, &gate); // [n × d]
+        b.all_reduce_sum(&mut out);
+        out
+    }
+}
+
+impl<B: Backend> Architecture<B> for Gemma3<B> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn kv_spec(&self, max_tokens: usize, n_seqs: usize) -> KvSpec {
+        KvSpec { n_layers: self.cfg.n_layers, kv_dim: self.cfg.kv_dim(), max_tokens, n_seqs }
+    }
+
+    fn forward(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
+        self.forward_traced(b, batch, kv, &mut |_, _, _| {})
+    }
+}
+
+/// Observer of named intermediate activations (llama.cpp's graph tensor names), for
+/// comparing against reference dumps.
+pub type Tap<'a, B> = dyn FnMut(&str, usize, &<B as Backend>::Act) + 'a;
+
+impl<B: Backend> Gemma3<B> {
+    /// [`Architecture::forward`], calling `tap` with each named intermediate.
+    pub fn forward_traced(
+        &self,
+        b: &B,
+        batch: &Batch,
+        kv: &mut B::Kv,
+        tap: &mut Tap<B>,
+    ) -> Result<Logits, EngineError> {
+        batch.validate(kv)?;
+        let cfg = &self.cfg;
+        let out_rows = batch.output_rows();
+        let mut x = b.embed(&self.tok_embd, &batch.tokens, (cfg.n_embd as f32).sqrt())?; // [n × d]
+        for il in 0..cfg.n_layers {
+            let mut attn = self.attention(b, il, &x, batch, kv, tap);
+            if il + 1 == cfg.n_layers {
+                // Only the rows that want logits go through the last FFN and the head.
+                attn = b.select_rows(&attn, &out_rows);
+                x = b.select_rows(&x, &out_rows);
+            }
+            let mut sa = b.rms_norm(&attn, &self.layers[il].post_attn_norm, cfg.rms_eps);
+            b.add(&mut sa, &x);
+            tap("sa_out", il, &sa);
+            let ffn = self.feed_forward(b, il, &sa, tap);
+            tap("ffn_out", il, &ffn);
+            x = b.rms_norm(&ffn, &self.layers[il].post_ffn_norm, cfg.rms_eps);
+            b.add(&mut x, &sa);
+            tap("l_out", il, &x);
+        }
+        let x = b.rms_norm(&x, &self.output_norm, cfg.rms_eps);
+        let head = self.output.as_ref().unwrap_or(&self.tok_embd);
+        let mut data = b.to_host(&b.matmul(head, &x)); // [n_out × n_vocab]
+        if let Some(cap) = cfg.final_logit_softcap {
+            data.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+        }
+        Ok(Logits { rows: out_rows, n_vocab: cfg.n_vocab, data })
+    }
+}

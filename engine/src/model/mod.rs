@@ -1,0 +1,123 @@
+//! Model architectures, one file each, all written against the [`Backend`] seam.
+
+pub mod gemma3;
+
+use crate::backend::{Backend, BatchLayout, KvCache, KvSpec};
+use crate::gguf::Gguf;
+use crate::EngineError;
+use std::sync::Arc;
+
+/// Tokens to run through the model in one forward pass: any number of sequences, each
+/// contributing a run of consecutive positions (a prompt chunk or one decode token).
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub layout: BatchLayout,
+    /// Whether to return the logits of each token.
+    pub want_logits: Vec<bool>,
+}
+
+impl Batch {
+    /// `tokens` of sequence `seq` at positions start.., with logits for the last token
+    /// only, or for every token when `all_logits`.
+    pub fn for_sequence(seq: usize, start: usize, tokens: &[u32], all_logits: bool) -> Batch {
+        let mut b = Batch::default();
+        for (i, &t) in tokens.iter().enumerate() {
+            b.push(seq, (start + i) as u32, t, all_logits || i + 1 == tokens.len());
+        }
+        b
+    }
+
+    pub fn push(&mut self, seq: usize, pos: u32, token: u32, logits: bool) {
+        self.tokens.push(token);
+        self.layout.seqs.push(seq);
+        self.layout.positions.push(pos);
+        self.want_logits.push(logits);
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Checks that every sequence's tokens continue its cache exactly (no gaps, no
+    /// overwrite of tokens other than by truncating first) and fit the context.
+    pub fn validate(&self, kv: &impl KvCache) -> Result<(), EngineError> {
+        let mut next: Vec<Option<usize>> = vec![None; kv.n_seqs()];
+        for (&seq, &pos) in self.layout.seqs.iter().zip(&self.layout.positions) {
+            let slot = next
+                .get_mut(seq)
+                .ok_or_else(|| EngineError::BadBatch(format!("sequence slot {seq} ≥ {}", kv.n_seqs())))?;
+            let expected = slot.unwrap_or_else(|| kv.seq_len(seq));
+            if pos as usize != expected {
+                return Err(EngineError::BadBatch(format!("sequence {seq}: position {pos}, expected {expected}")));
+            }
+            if expected >= kv.max_tokens() {
+                return Err(EngineError::ContextFull { needed: expected + 1, limit: kv.max_tokens() });
+            }
+            *slot = Some(expected + 1);
+        }
+        Ok(())
+    }
+
+    /// Indices of the tokens that want logits.
+    pub fn output_rows(&self) -> Vec<usize> {
+        (0..self.len()).filter(|&i| self.want_logits[i]).collect()
+    }
+}
+
+/// Logits of the tokens of a batch that asked for them, in batch order.
+#[derive(Clone, Debug)]
+pub struct Logits {
+    /// Batch index of each row.
+    pub rows: Vec<usize>,
+    pub n_vocab: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.n_vocab..(i + 1) * self.n_vocab]
+    }
+}
+
+/// Sizes every architecture reports.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub n_vocab: usize,
+    pub n_embd: usize,
+    pub n_layers: usize,
+    pub context_length: usize,
+    pub n_params: u64,
+}
+
+/// A loaded model of some architecture.
+pub trait Architecture<B: Backend>: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+    /// The KV cache shape this model needs for `n_seqs` sequences of up to `max_tokens`.
+    fn kv_spec(&self, max_tokens: usize, n_seqs: usize) -> KvSpec;
+    /// One forward pass over `batch`, appending its keys and values to `kv`.
+    fn forward(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError>;
+}
+
+/// Loads the architecture named by the file's `general.architecture`.
+pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<dyn Architecture<B>>, EngineError> {
+    match file.architecture()? {
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::load(backend, file)?)),
+        other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
+    }
+}
+
+/// Reads a required metadata value.
+pub(crate) fn required<T>(value: Result<Option<T>, crate::gguf::GgufError>, key: &str) -> Result<T, EngineError> {
+    value?.ok_or_else(|| EngineError::MissingKey(key.to_string()))
+}
+
+/// Total parameter count of the file's tensors.
+pub(crate) fn count_params(file: &Gguf) -> u64 {
+    file.tensors().iter().map(|t| t.n_elements() as u64).sum()
+}

@@ -1,0 +1,129 @@
+//! The `turbine` command.
+
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::process::ExitCode;
+use turbine::engine::generate::{GenerateOptions, LoadedModel, Session};
+use turbine::engine::sampler::SamplerParams;
+use turbine::engine::{store, EngineError};
+
+#[derive(Parser)]
+#[command(name = "turbine", version, about = "Kernel-first LLM inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a raw prompt (no chat template) and print the continuation.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize {
+        /// Model name (e.g. gemma3:270m) or path to a .gguf file.
+        #[arg(short, long)]
+        model: String,
+        text: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model name (e.g. gemma3:270m) or path to a .gguf file.
+    #[arg(short, long)]
+    model: String,
+    /// Tokens to generate (-1: until end of generation or the context is full).
+    #[arg(short = 'n', long, default_value_t = 128, allow_negative_numbers = true)]
+    num_predict: i64,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: i32,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.1)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: i32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Context length (default: 4096, at most the model's).
+    #[arg(long, default_value_t = 4096)]
+    num_ctx: usize,
+    prompt: String,
+}
+
+fn load(model: &str) -> Result<LoadedModel<turbine::engine::backend::cpu::CpuBackend>, EngineError> {
+    LoadedModel::load(&store::resolve(model)?)
+}
+
+fn generate(args: GenerateArgs) -> Result<(), EngineError> {
+    let model = load(&args.model)?;
+    let tok = &model.tokenizer;
+    let prompt = tok.encode(&args.prompt, true, true);
+    let num_ctx = args.num_ctx.clamp(1, model.arch.info().context_length);
+    let opts = GenerateOptions {
+        num_predict: usize::try_from(args.num_predict).ok(),
+        num_ctx,
+        sampler: SamplerParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repeat_penalty: args.repeat_penalty,
+            repeat_last_n: args.repeat_last_n,
+            seed: args.seed,
+            ..SamplerParams::default()
+        },
+        stop: args.stop,
+    };
+    let mut session = Session::new(&model, num_ctx);
+    let mut stdout = std::io::stdout().lock();
+    let stats = session
+        .generate(&prompt, &opts, |text| stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()).is_ok())?;
+    let _ = writeln!(stdout);
+    let secs = |d: std::time::Duration| d.as_secs_f64().max(1e-9);
+    eprintln!("load: {:.3} s", model.load_time.as_secs_f64());
+    eprintln!(
+        "prompt: {} tokens in {:.3} s ({:.1} tokens/s)",
+        stats.prompt_tokens,
+        stats.prompt_time.as_secs_f64(),
+        stats.prompt_tokens as f64 / secs(stats.prompt_time)
+    );
+    eprintln!(
+        "generate: {} tokens in {:.3} s ({:.1} tokens/s), done: {:?}",
+        stats.generated.len(),
+        stats.gen_time.as_secs_f64(),
+        stats.generated.len() as f64 / secs(stats.gen_time),
+        stats.done_reason
+    );
+    Ok(())
+}
+
+fn tokenize(model: &str, text: &str) -> Result<(), EngineError> {
+    let model = load(model)?;
+    let ids = model.tokenizer.encode(text, true, true);
+    println!("{}", serde_json::to_string(&ids).unwrap_or_default());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Tokenize { model, text } => tokenize(&model, &text),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
