@@ -3,11 +3,13 @@
 
 use half::f16;
 
-/// RMSNorm of one row in place: x = x / sqrt(mean(x²) + eps) * w.
+/// RMSNorm of one row in place: x = x / sqrt(mean(x²) + eps) * w. Squares are taken in
+/// f32 and summed in f64, then the mean is rounded to f32, as ggml does.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     debug_assert_eq!(x.len(), w.len());
-    let sum_sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-    let scale = 1.0 / ((sum_sq / x.len() as f64) as f32 + eps).sqrt();
+    let sum_sq: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum_sq / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
     for (v, &g) in x.iter_mut().zip(w) {
         *v = *v * scale * g;
     }

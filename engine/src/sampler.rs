@@ -1,6 +1,7 @@
 //! Token sampling with Ollama's options, applied in llama.cpp's order:
 //! penalties → top-k → typical-p → top-p → min-p → temperature → draw.
-//! A temperature of 0 (or below) is greedy: the highest logit, lowest id on ties.
+//! A temperature of 0 (or below) is greedy: the highest raw logit, lowest id on ties, with
+//! no penalties (as llama.cpp's greedy sampler and Ollama's temperature 0).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -117,11 +118,11 @@ impl Sampler {
 
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature <= 0.0 {
+            return argmax(logits);
+        }
         let mut logits = logits.to_vec();
         self.apply_penalties(&mut logits);
-        if self.params.temperature <= 0.0 {
-            return argmax(&logits);
-        }
         let mut c: Vec<Candidate> =
             logits.iter().enumerate().map(|(i, &l)| Candidate { id: i as u32, logit: l, p: 0.0 }).collect();
         top_k(&mut c, self.params.top_k);
@@ -284,9 +285,21 @@ mod tests {
         }
     }
 
+    /// top_k = 1 at temperature 1: deterministic, and penalties apply.
+    fn penalized(p: SamplerParams) -> Sampler {
+        Sampler::new(SamplerParams { temperature: 1.0, top_k: 1, seed: Some(0), ..p })
+    }
+
+    #[test]
+    fn greedy_ignores_penalties() {
+        let mut s = Sampler::new(SamplerParams { repeat_penalty: 2.0, ..SamplerParams::greedy() });
+        s.accept(1);
+        assert_eq!(s.sample(&logits()), 1);
+    }
+
     #[test]
     fn repeat_penalty_moves_the_choice() {
-        let mut s = Sampler::new(SamplerParams { repeat_penalty: 2.0, ..SamplerParams::greedy() });
+        let mut s = penalized(SamplerParams { repeat_penalty: 2.0, ..SamplerParams::default() });
         s.accept(1);
         s.accept(4);
         // 3.0 / 2 = 1.5 for ids 1 and 4; id 2 (2.5) now wins.
@@ -295,8 +308,8 @@ mod tests {
 
     #[test]
     fn presence_and_frequency_penalties_subtract() {
-        let mut s =
-            Sampler::new(SamplerParams { frequency_penalty: 0.4, presence_penalty: 0.2, ..SamplerParams::greedy() });
+        let p = SamplerParams { frequency_penalty: 0.4, presence_penalty: 0.2, repeat_penalty: 1.0, ..Default::default() };
+        let mut s = penalized(p);
         s.accept(1);
         s.accept(1);
         s.accept(4);
@@ -335,7 +348,7 @@ mod tests {
 
     #[test]
     fn repeat_last_n_bounds_history() {
-        let mut s = Sampler::new(SamplerParams { repeat_last_n: 2, repeat_penalty: 100.0, ..SamplerParams::greedy() });
+        let mut s = penalized(SamplerParams { repeat_last_n: 2, repeat_penalty: 100.0, ..SamplerParams::default() });
         s.accept(1);
         s.accept(5);
         s.accept(5);

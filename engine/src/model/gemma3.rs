@@ -44,6 +44,15 @@ impl Gemma3Config {
         let req_u32 = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&key(k)), &key(k))? as usize) };
         let n_embd = req_u32("embedding_length")?;
         let n_layers = req_u32("block_count")?;
+        // Each layer has 13 tensors; a count the file cannot back is rejected before any
+        // per-layer allocation.
+        if n_layers > g.tensors().len() {
+            return Err(EngineError::BadValue {
+                key: key("block_count"),
+                value: n_layers.to_string(),
+                why: "more layers than the file has tensors",
+            });
+        }
         let n_heads = req_u32("attention.head_count")?;
         let n_kv_heads = g.get_u32(&key("attention.head_count_kv"))?.map_or(n_heads, |v| v as usize);
         let head_dim = match g.get_u32(&key("attention.key_length"))? {
