@@ -204,7 +204,10 @@ fn q8_0_quantize_matches_gguf_except_at_ties() {
             assert_eq!(ours, (v * id).round_ties_even() as i8, "block {b} element {i}: not x86 rounding");
             let scaled = v * id;
             let at_tie = (scaled.abs().fract() - 0.5).abs() < 1e-4;
-            assert!(ours == theirs || (at_tie && (ours - theirs).abs() == 1), "block {b} element {i}: {ours} vs gguf {theirs}");
+            assert!(
+                ours == theirs || (at_tie && (ours - theirs).abs() == 1),
+                "block {b} element {i}: {ours} vs gguf {theirs}"
+            );
         }
     }
 }

@@ -308,7 +308,8 @@ mod tests {
 
     #[test]
     fn presence_and_frequency_penalties_subtract() {
-        let p = SamplerParams { frequency_penalty: 0.4, presence_penalty: 0.2, repeat_penalty: 1.0, ..Default::default() };
+        let p =
+            SamplerParams { frequency_penalty: 0.4, presence_penalty: 0.2, repeat_penalty: 1.0, ..Default::default() };
         let mut s = penalized(p);
         s.accept(1);
         s.accept(1);

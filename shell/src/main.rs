@@ -1,5 +1,7 @@
 //! The `turbine` command.
 
+mod bench;
+
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::process::ExitCode;
@@ -18,6 +20,26 @@ struct Cli {
 enum Command {
     /// Continue a raw prompt (no chat template) and print the continuation.
     Generate(GenerateArgs),
+    /// Measure prompt processing (pp) and generation (tg) speed, as llama-bench does.
+    Bench {
+        /// Model name (e.g. gemma3:270m) or path to a .gguf file.
+        #[arg(short, long)]
+        model: String,
+        /// Prompt tokens per pp test (0: skip).
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+        n_prompt: usize,
+        /// Tokens per tg test (0: skip).
+        #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+        n_gen: usize,
+        /// Threads (default: all cores).
+        #[arg(short = 't', long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        /// Timed repetitions of each test.
+        #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+        reps: u16,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = bench::Format::Md)]
+        format: bench::Format,
+    },
     /// Print the token ids of a text as a JSON array.
     Tokenize {
         /// Model name (e.g. gemma3:270m) or path to a .gguf file.
@@ -116,6 +138,12 @@ fn tokenize(model: &str, text: &str) -> Result<(), EngineError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench { model, n_prompt, n_gen, threads, reps, format } => {
+            let threads =
+                threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
+            let args = bench::BenchArgs { n_prompt, n_gen, threads, reps: reps.into(), format };
+            load(&model).and_then(|m| bench::bench(&model, &m, &args))
+        }
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text } => tokenize(&model, &text),
     };

@@ -1,0 +1,228 @@
+//! `turbine bench`: prompt processing and generation speed, measured the way llama.cpp's
+//! llama-bench measures it, so the two tables can be compared line by line.
+//!
+//! pp = one batch of P random tokens (BOS first when the model adds one) through the model
+//! with an empty cache; tg = N tokens decoded one at a time from an empty cache, each next
+//! token random. Sampling is excluded. One warm-up run of each test precedes the timed
+//! repetitions; each repetition starts from an empty cache.
+
+use serde_json::json;
+use std::time::Instant;
+use turbine::engine::backend::cpu::CpuBackend;
+use turbine::engine::generate::{LoadedModel, Session};
+use turbine::engine::sampler::Rng;
+use turbine::engine::EngineError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Md,
+    Json,
+}
+
+pub struct BenchArgs {
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub threads: usize,
+    pub reps: usize,
+    pub format: Format,
+}
+
+/// One test's timings.
+struct TestResult {
+    n_prompt: usize,
+    n_gen: usize,
+    samples_ns: Vec<u64>,
+}
+
+impl TestResult {
+    fn name(&self) -> String {
+        if self.n_gen == 0 {
+            format!("pp{}", self.n_prompt)
+        } else {
+            format!("tg{}", self.n_gen)
+        }
+    }
+
+    fn tokens(&self) -> usize {
+        self.n_prompt + self.n_gen
+    }
+
+    fn samples_ts(&self) -> Vec<f64> {
+        self.samples_ns.iter().map(|&ns| self.tokens() as f64 * 1e9 / ns.max(1) as f64).collect()
+    }
+}
+
+fn mean_stddev(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+/// Random token ids in [0, n_vocab), BOS first when the model adds one.
+fn random_tokens(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Vec<u32> {
+    let n_vocab = model.tokenizer.n_vocab() as u64;
+    let mut tokens: Vec<u32> = (0..n).map(|_| (rng.next_u64() % n_vocab) as u32).collect();
+    if let (Some(first), Some(bos), true) = (tokens.first_mut(), model.tokenizer.bos(), model.tokenizer.add_bos()) {
+        *first = bos;
+    }
+    tokens
+}
+
+/// Time of one prompt-processing run of `n` tokens, in ns.
+fn run_prompt(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Result<u64, EngineError> {
+    let tokens = random_tokens(model, rng, n);
+    let mut session = Session::new(model, n + 1);
+    let start = Instant::now();
+    session.feed(&tokens, false)?;
+    Ok(start.elapsed().as_nanos() as u64)
+}
+
+/// Time of one generation run of `n` single-token steps, in ns.
+fn run_gen(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Result<u64, EngineError> {
+    let tokens = random_tokens(model, rng, n);
+    let mut session = Session::new(model, n + 1);
+    let start = Instant::now();
+    for &t in &tokens {
+        session.feed(&[t], false)?;
+    }
+    Ok(start.elapsed().as_nanos() as u64)
+}
+
+fn run_test(
+    model: &LoadedModel<CpuBackend>,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+) -> Result<TestResult, EngineError> {
+    let mut rng = Rng::new(0x5eed);
+    let run = |rng: &mut Rng| if n_gen == 0 { run_prompt(model, rng, n_prompt) } else { run_gen(model, rng, n_gen) };
+    run(&mut rng)?; // warm-up
+    let samples_ns = (0..reps).map(|_| run(&mut rng)).collect::<Result<Vec<_>, _>>()?;
+    Ok(TestResult { n_prompt, n_gen, samples_ns })
+}
+
+/// Runs the tests and prints the table or JSON on stdout.
+pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs) -> Result<(), EngineError> {
+    let limit = model.arch.info().context_length;
+    let longest = args.n_prompt.max(args.n_gen);
+    if longest >= limit {
+        return Err(EngineError::ContextFull { needed: longest + 1, limit });
+    }
+    let pool =
+        rayon::ThreadPoolBuilder::new().num_threads(args.threads).build().map_err(|_| EngineError::BadValue {
+            key: "-t".into(),
+            value: args.threads.to_string(),
+            why: "cannot start a thread pool of that size",
+        })?;
+    let mut results = Vec::new();
+    pool.install(|| -> Result<(), EngineError> {
+        if args.n_prompt > 0 {
+            results.push(run_test(model, args.n_prompt, 0, args.reps)?);
+        }
+        if args.n_gen > 0 {
+            results.push(run_test(model, 0, args.n_gen, args.reps)?);
+        }
+        Ok(())
+    })?;
+    let info = ModelSummary::of(model_arg, model);
+    match args.format {
+        Format::Md => print_markdown(&info, args.threads, &results),
+        Format::Json => print_json(&info, args.threads, &results),
+    }
+    Ok(())
+}
+
+/// What llama-bench prints about the model.
+struct ModelSummary {
+    path: String,
+    model_type: String,
+    size_bytes: u64,
+    n_params: u64,
+}
+
+impl ModelSummary {
+    fn of(path: &str, model: &LoadedModel<CpuBackend>) -> ModelSummary {
+        let file = &model.file;
+        let size_bytes = file.tensors().iter().map(|t| t.n_bytes as u64).sum();
+        let label = file.get_str("general.size_label").ok().flatten().unwrap_or("?").to_string();
+        let ftype = file.get_u32("general.file_type").ok().flatten().map_or("?", ftype_name);
+        let info = model.arch.info();
+        ModelSummary {
+            path: path.to_string(),
+            model_type: format!("{} {label} {ftype}", info.architecture),
+            size_bytes,
+            n_params: info.n_params,
+        }
+    }
+}
+
+/// llama.cpp's names for the common `general.file_type` values.
+fn ftype_name(ftype: u32) -> &'static str {
+    match ftype {
+        0 => "all F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K - Medium",
+        11 => "Q3_K - Small",
+        12 => "Q3_K - Medium",
+        13 => "Q3_K - Large",
+        14 => "Q4_K - Small",
+        15 => "Q4_K - Medium",
+        16 => "Q5_K - Small",
+        17 => "Q5_K - Medium",
+        18 => "Q6_K",
+        25 => "IQ4_NL - 4.5 bpw",
+        32 => "BF16",
+        38 => "MXFP4 MoE",
+        _ => "?",
+    }
+}
+
+fn print_markdown(m: &ModelSummary, threads: usize, results: &[TestResult]) {
+    println!("| model | size | params | backend | threads | test | t/s |");
+    println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    for r in results {
+        let (mean, sd) = mean_stddev(&r.samples_ts());
+        println!(
+            "| {} | {:.2} MiB | {:.2} M | CPU | {threads} | {} | {mean:.2} ± {sd:.2} |",
+            m.model_type,
+            m.size_bytes as f64 / (1024.0 * 1024.0),
+            m.n_params as f64 / 1e6,
+            r.name()
+        );
+    }
+}
+
+fn print_json(m: &ModelSummary, threads: usize, results: &[TestResult]) {
+    let rows: Vec<_> = results
+        .iter()
+        .map(|r| {
+            let ts = r.samples_ts();
+            let ns: Vec<f64> = r.samples_ns.iter().map(|&x| x as f64).collect();
+            let (avg_ts, stddev_ts) = mean_stddev(&ts);
+            let (avg_ns, stddev_ns) = mean_stddev(&ns);
+            json!({
+                "model_filename": m.path,
+                "model_type": m.model_type,
+                "model_size": m.size_bytes,
+                "model_n_params": m.n_params,
+                "backends": "CPU",
+                "n_threads": threads,
+                "n_prompt": r.n_prompt,
+                "n_gen": r.n_gen,
+                "avg_ns": avg_ns as u64,
+                "stddev_ns": stddev_ns as u64,
+                "avg_ts": avg_ts,
+                "stddev_ts": stddev_ts,
+                "samples_ns": r.samples_ns,
+                "samples_ts": ts,
+            })
+        })
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+}
