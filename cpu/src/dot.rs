@@ -22,6 +22,18 @@ pub fn vec_dot(isa: Isa, ty: GgmlType, n: usize, w: &[u8], a: ActRow<'_>) -> f32
     vec_dot_scalar(ty, n, w, a)
 }
 
+/// Dots `out.len()` consecutive weight rows (each `ty.row_bytes(n)` bytes of `w`) with
+/// one activation row: [`vec_dot`] for every row, with the dispatch done once.
+pub fn vec_dot_rows(isa: Isa, ty: GgmlType, n: usize, w: &[u8], a: ActRow<'_>, out: &mut [f32]) {
+    if isa != Isa::Scalar && crate::simd::dot_rows(isa, ty, n, w, a, out) {
+        return;
+    }
+    let row_bytes = ty.row_bytes(n).unwrap_or(0).max(1);
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+        *o = vec_dot_scalar(ty, n, row, a);
+    }
+}
+
 /// The dot product of a weight row of `n` elements stored as `ty` with an activation row:
 /// `ActRow::F32` of `n` floats for F32/F16/BF16 weights, otherwise `ActRow::Quant` holding
 /// `n` elements in `ty.act_type()`.

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::act::QuantizedActs;
 use crate::dequant::dequantize_row;
-use crate::dot::vec_dot;
+use crate::dot::{vec_dot, vec_dot_rows};
 use crate::{GgmlType, Isa};
 
 /// A row-major weight matrix of `rows` rows of `cols` elements stored as `ty`, each row
@@ -122,6 +122,11 @@ const TOKEN_TILE: usize = 8;
 fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: usize, dst: &mut [f32]) {
     let n = acts.rows;
     let rows = dst.len() / n;
+    if n == 1 {
+        let rb = w.row_bytes();
+        vec_dot_rows(isa, w.ty, w.cols, &w.data[first * rb..(first + rows) * rb], acts.row(0), dst);
+        return;
+    }
     for t0 in (0..n).step_by(TOKEN_TILE) {
         let tokens = t0..(t0 + TOKEN_TILE).min(n);
         for i in 0..rows {

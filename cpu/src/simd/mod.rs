@@ -31,36 +31,53 @@ use crate::{ActRow, ActType, GgmlType, Isa};
 /// None only for `Isa::Scalar` and for an `isa` this CPU cannot run (including the
 /// hypothetical AVX2 CPU without F16C).
 pub fn vec_dot(isa: Isa, ty: GgmlType, n: usize, w: &[u8], a: ActRow<'_>) -> Option<f32> {
-    // Checked against the (cached) detection so that a wrong `isa` cannot run
-    // instructions the CPU lacks; this costs an atomic load or two per row. The kernels
-    // also use F16C to convert f16 scales and weights: `Isa` does not promise it, but
-    // every CPU with AVX2 has it.
+    let mut out = [0.0f32];
+    dot_rows(isa, ty, n, w, a, &mut out).then_some(out[0])
+}
+
+/// Dots `out.len()` consecutive weight rows (`w` holds exactly that many rows of `n`
+/// elements of `ty`) with one activation row, writing `out[i]` for row i. Checks are made
+/// once for the whole range, so this is the call for many rows (decode). Returns false,
+/// writing nothing, where [`vec_dot`] would return None.
+pub fn dot_rows(isa: Isa, ty: GgmlType, n: usize, w: &[u8], a: ActRow<'_>, out: &mut [f32]) -> bool {
+    if !isa_usable(isa) {
+        return false;
+    }
+    let row_bytes = checked_row_bytes(ty, n, a);
+    assert_eq!(Some(w.len()), row_bytes.checked_mul(out.len()), "simd::dot_rows: weights are not {} rows", out.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes.max(1))) {
+            // SAFETY: `isa_usable` says the CPU has the features each kernel enables
+            // (Isa::Avx2 = avx2 + fma, Isa::Avx512 = that + avx512f/bw/vl/vnni, both +
+            // f16c), and every row and `a` hold exactly `n` elements (checked above).
+            *o = unsafe {
+                match isa {
+                    Isa::Avx512 => avx512::vec_dot(ty, row, a),
+                    _ => avx2::vec_dot(ty, row, a),
+                }
+            };
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, a, out);
+        false
+    }
+}
+
+/// Whether kernels for `isa` may run here. Checked against the (cached) detection so
+/// that a wrong `isa` cannot run instructions the CPU lacks. The kernels also use F16C to
+/// convert f16 scales and weights: `Isa` does not promise it, but every CPU with AVX2
+/// has it.
+fn isa_usable(isa: Isa) -> bool {
     let supported = match isa {
         Isa::Scalar => false,
         Isa::Avx2 => Isa::best() != Isa::Scalar,
         Isa::Avx512 => Isa::best() == Isa::Avx512,
     };
-    if !supported || !has_f16c() {
-        return None;
-    }
-    let (w, a) = checked_rows(ty, n, w, a);
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: `supported` and `has_f16c` say the CPU has the features each kernel
-        // enables (Isa::Avx2 = avx2 + fma, Isa::Avx512 = that + avx512f/bw/vl/vnni,
-        // both + f16c), and `checked_rows` checked both rows hold exactly `n` elements.
-        unsafe {
-            match isa {
-                Isa::Avx512 => Some(avx512::vec_dot(ty, w, a)),
-                _ => Some(avx2::vec_dot(ty, w, a)),
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (w, a);
-        None
-    }
+    supported && has_f16c()
 }
 
 fn has_f16c() -> bool {
@@ -74,18 +91,17 @@ fn has_f16c() -> bool {
     }
 }
 
-/// Checks that `w` and `a` are exactly `n` elements of `ty` and of its activation format
-/// (the same contract as `dot::vec_dot_scalar`), so kernels can walk whole blocks.
-fn checked_rows<'a>(ty: GgmlType, n: usize, w: &'a [u8], a: ActRow<'a>) -> (&'a [u8], ActRow<'a>) {
-    assert_eq!(Some(w.len()), ty.row_bytes(n), "simd::vec_dot: {ty} row of {n} elements has the wrong size");
+/// Bytes of one weight row of `n` elements of `ty`, after checking that `a` is exactly
+/// `n` elements of `ty`'s activation format (the same contract as
+/// `dot::vec_dot_scalar`), so kernels can walk whole blocks.
+fn checked_row_bytes(ty: GgmlType, n: usize, a: ActRow<'_>) -> usize {
+    let Some(row_bytes) = ty.row_bytes(n) else { panic!("simd: {n} is not a whole number of {ty} blocks") };
     match (ty.act_type(), a) {
-        (ActType::F32, ActRow::F32(x)) => assert_eq!(x.len(), n, "simd::vec_dot: activation row is not {n} floats"),
-        (at, ActRow::Quant(q)) if at != ActType::F32 => assert_eq!(
-            q.len(),
-            at.row_bytes(n),
-            "simd::vec_dot: {at:?} activation row of {n} elements has the wrong size"
-        ),
-        (at, _) => panic!("simd::vec_dot: {ty} weights take {at:?} activations"),
+        (ActType::F32, ActRow::F32(x)) => assert_eq!(x.len(), n, "simd: activation row is not {n} floats"),
+        (at, ActRow::Quant(q)) if at != ActType::F32 => {
+            assert_eq!(q.len(), at.row_bytes(n), "simd: {at:?} activation row of {n} elements has the wrong size")
+        }
+        (at, _) => panic!("simd: {ty} weights take {at:?} activations"),
     }
-    (w, a)
+    row_bytes
 }

@@ -164,15 +164,19 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> CpuAct {
         let mut out = x.clone();
-        out.data.par_chunks_mut(w.len()).for_each(|s| ops::rms_norm(s, w, eps));
+        for_each_chunk(&mut out.data, w.len(), |s| ops::rms_norm(s, w, eps));
         out
     }
 
     fn rope_neox(&self, x: &mut CpuAct, positions: &[u32], head_dim: usize, base: f32, freq_scale: f32) {
-        let cols = x.cols;
-        x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &p)| {
+        let rope_row = |(row, &p): (&mut [f32], &u32)| {
             row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_neox(h, p, base, freq_scale));
-        });
+        };
+        if x.data.len() < PARALLEL_MIN_ELEMENTS {
+            x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
+        } else {
+            x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
+        }
     }
 
     fn scale(&self, x: &mut CpuAct, s: f32) {
@@ -184,7 +188,11 @@ impl Backend for CpuBackend {
     }
 
     fn geglu(&self, gate: &mut CpuAct, up: &CpuAct) {
-        gate.data.par_chunks_mut(4096).zip(up.data.par_chunks(4096)).for_each(|(g, u)| ops::geglu(g, u));
+        if gate.data.len() < PARALLEL_MIN_ELEMENTS {
+            ops::geglu(&mut gate.data, &up.data);
+        } else {
+            gate.data.par_chunks_mut(4096).zip(up.data.par_chunks(4096)).for_each(|(g, u)| ops::geglu(g, u));
+        }
     }
 
     fn attention(
@@ -224,6 +232,20 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuAct) -> Vec<f32> {
         x.data.clone()
+    }
+}
+
+/// Element-wise work below this size runs on the calling thread: handing it to the pool
+/// costs more than it saves (a decode step's norms and activations are a few thousand
+/// floats).
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// `f` on every `chunk`-long piece of `data`, in parallel when there is enough of it.
+fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    if data.len() < PARALLEL_MIN_ELEMENTS {
+        data.chunks_mut(chunk).for_each(f);
+    } else {
+        data.par_chunks_mut(chunk).for_each(f);
     }
 }
 
