@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use crate::act::QuantizedActs;
 use crate::dequant::dequantize_row;
 use crate::dot::{vec_dot, vec_dot_rows};
+use crate::simd::{dot_row_tokens, ROW_TOKENS};
 use crate::{GgmlType, Isa};
 
 /// A row-major weight matrix of `rows` rows of `cols` elements stored as `ty`, each row
@@ -131,8 +132,19 @@ fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: 
         let tokens = t0..(t0 + TOKEN_TILE).min(n);
         for i in 0..rows {
             let wr = w.row(first + i);
-            for t in tokens.clone() {
-                dst[i * n + t] = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
+            let out = &mut dst[i * n..(i + 1) * n];
+            let mut t = tokens.start;
+            // Groups of tokens share each decoded weight block where a kernel allows.
+            while t + ROW_TOKENS <= tokens.end {
+                let a = std::array::from_fn(|k| acts.row(t + k));
+                let group: &mut [f32; ROW_TOKENS] = (&mut out[t..t + ROW_TOKENS]).try_into().expect("group length");
+                if !dot_row_tokens(isa, w.ty, w.cols, wr, a, group) {
+                    break;
+                }
+                t += ROW_TOKENS;
+            }
+            for t in t..tokens.end {
+                out[t] = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
             }
         }
     }

@@ -140,41 +140,94 @@ fn dot_blocks_32<const W: usize, const A: usize>(
     scale: Scale,
     decode: impl Fn(&[u8; W]) -> __m256i,
 ) -> f32 {
+    dot_blocks_32_tokens::<W, A, 1>(w, [a], scale, decode)[0]
+}
+
+/// [`dot_blocks_32`] of one weight row with `T` activation rows: each weight block is
+/// decoded once and dotted with every row (prompt processing reuses weights across
+/// tokens). Per row the operations and their order are exactly `dot_blocks_32`'s, so
+/// the results are bit-identical to T single-row calls.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn dot_blocks_32_tokens<const W: usize, const A: usize, const T: usize>(
+    w: &[u8],
+    a: [&[u8]; T],
+    scale: Scale,
+    decode: impl Fn(&[u8; W]) -> __m256i,
+) -> [f32; T] {
     let affine = A == Q8_1;
     let (w4, w_rest) = w.as_chunks::<W>().0.as_chunks::<4>();
-    let (a4, a_rest) = a.as_chunks::<A>().0.as_chunks::<4>();
-    let mut acc = [_mm512_setzero_ps(); 2];
-    let mut mins = _mm_setzero_ps();
-    for (xs, ys) in w4.iter().zip(a4) {
-        let d = _mm512_castps128_ps512(scales_x4(scale, xs, ys));
-        for p in 0..2 {
-            let qx = join(decode(&xs[2 * p]), decode(&xs[2 * p + 1]));
-            let qy = join(load256(at(&ys[2 * p], A - 32)), load256(at(&ys[2 * p + 1], A - 32)));
-            let zero = _mm512_setzero_si512();
-            let sums = if affine { _mm512_dpbusd_epi32(zero, qx, qy) } else { dot_i8_i8(qx, qy) };
-            // SAFETY: reads exactly the 64 bytes of the table row.
-            let lanes = unsafe { _mm512_loadu_si512(PAIR_SCALE_LANES[p].as_ptr().cast()) };
-            acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, d), _mm512_cvtepi32_ps(sums), acc[p]);
-        }
-        if affine {
-            mins = mins_x4(mins, xs, ys);
-        }
-    }
-    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-    for (x, y) in w_rest.iter().zip(a_rest) {
-        let (qx, qy) = (decode(x), load256(at(y, A - 32)));
-        let zero = _mm256_setzero_si256();
-        let sums = if affine {
-            _mm256_dpbusd_epi32(zero, qx, qy)
-        } else {
-            _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx))
-        };
-        sum += scale.of(x) * f16_at(y, 0) * hsum_ps(_mm256_cvtepi32_ps(sums));
-        if affine {
-            mins = min_x1(mins, x, y);
+    let a4: [&[[[u8; A]; 4]]; T] = a.map(|a| a.as_chunks::<A>().0.as_chunks::<4>().0);
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let mut mins = [_mm_setzero_ps(); T];
+    for (g, xs) in w4.iter().enumerate() {
+        let qx = [0, 1].map(|p| join(decode(&xs[2 * p]), decode(&xs[2 * p + 1])));
+        for t in 0..T {
+            let ys = &a4[t][g];
+            let d = _mm512_castps128_ps512(scales_x4(scale, xs, ys));
+            for p in 0..2 {
+                let qy = join(load256(at(&ys[2 * p], A - 32)), load256(at(&ys[2 * p + 1], A - 32)));
+                let zero = _mm512_setzero_si512();
+                let sums = if affine { _mm512_dpbusd_epi32(zero, qx[p], qy) } else { dot_i8_i8(qx[p], qy) };
+                // SAFETY: reads exactly the 64 bytes of the table row.
+                let lanes = unsafe { _mm512_loadu_si512(PAIR_SCALE_LANES[p].as_ptr().cast()) };
+                acc[t][p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, d), _mm512_cvtepi32_ps(sums), acc[t][p]);
+            }
+            if affine {
+                mins[t] = mins_x4(mins[t], xs, ys);
+            }
         }
     }
-    sum + hsum_ps(_mm256_zextps128_ps256(mins))
+    let mut sum = [0.0f32; T];
+    for t in 0..T {
+        sum[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    }
+    let first_rest = w4.len() * 4;
+    for (b, x) in w_rest.iter().enumerate() {
+        let qx = decode(x);
+        for t in 0..T {
+            let y = &a[t].as_chunks::<A>().0[first_rest + b];
+            let qy = load256(at(y, A - 32));
+            let zero = _mm256_setzero_si256();
+            let sums = if affine {
+                _mm256_dpbusd_epi32(zero, qx, qy)
+            } else {
+                _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx))
+            };
+            sum[t] += scale.of(x) * f16_at(y, 0) * hsum_ps(_mm256_cvtepi32_ps(sums));
+            if affine {
+                mins[t] = min_x1(mins[t], x, y);
+            }
+        }
+    }
+    for t in 0..T {
+        sum[t] += hsum_ps(_mm256_zextps128_ps256(mins[t]));
+    }
+    sum
+}
+
+const TOKENS: usize = super::ROW_TOKENS;
+
+/// One weight row of `ty` dotted with `TOKENS` activation rows, for the 32-element block
+/// types; None for the others (callers then dot token by token).
+///
+/// # Safety
+/// As [`vec_dot`], for every row of `a`.
+pub(super) unsafe fn vec_dot_tokens(ty: GgmlType, w: &[u8], a: [&[u8]; TOKENS]) -> Option<[f32; TOKENS]> {
+    Some(match ty {
+        GgmlType::Q4_0 => dot_blocks_32_tokens::<18, Q8_0, TOKENS>(w, a, Scale::F16, |b| quants_q4_0(b)),
+        GgmlType::Q4_1 => dot_blocks_32_tokens::<20, Q8_1, TOKENS>(w, a, Scale::F16, |b| quants_q4_1(b)),
+        GgmlType::Q5_0 => {
+            dot_blocks_32_tokens::<22, Q8_0, TOKENS>(w, a, Scale::F16, |b| quants_q5::<true>(u32_at(b, 2), at(b, 6)))
+        }
+        GgmlType::Q5_1 => {
+            dot_blocks_32_tokens::<24, Q8_1, TOKENS>(w, a, Scale::F16, |b| quants_q5::<false>(u32_at(b, 4), at(b, 8)))
+        }
+        GgmlType::Q8_0 => dot_blocks_32_tokens::<34, Q8_0, TOKENS>(w, a, Scale::F16, |b| quants_q8_0(b)),
+        GgmlType::IQ4_NL => dot_blocks_32_tokens::<18, Q8_0, TOKENS>(w, a, Scale::F16, |b| quants_iq4_nl(b)),
+        GgmlType::MXFP4 => dot_blocks_32_tokens::<17, Q8_0, TOKENS>(w, a, Scale::E8M0, |b| quants_mxfp4(b)),
+        _ => return None,
+    })
 }
 
 /// Q5_0 / Q5_1: the nibbles of `qs` with the 5th bits of `qh` as a byte mask. Q5_0

@@ -67,6 +67,51 @@ pub fn dot_rows(isa: Isa, ty: GgmlType, n: usize, w: &[u8], a: ActRow<'_>, out: 
     }
 }
 
+/// Activation rows per [`dot_row_tokens`] call.
+pub const ROW_TOKENS: usize = 4;
+
+/// One weight row dotted with [`ROW_TOKENS`] activation rows, each weight block decoded
+/// once for all of them (prompt processing). The results are bit-identical to
+/// [`vec_dot`] on each row. Returns false, writing nothing, where there is no such kernel
+/// (today: AVX-512 has them for the 32-element block types).
+pub fn dot_row_tokens(
+    isa: Isa,
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    a: [ActRow<'_>; ROW_TOKENS],
+    out: &mut [f32; ROW_TOKENS],
+) -> bool {
+    if isa != Isa::Avx512 || !isa_usable(isa) {
+        return false;
+    }
+    for row in a {
+        assert_eq!(
+            Some(w.len()),
+            Some(checked_row_bytes(ty, n, row)),
+            "simd::dot_row_tokens: weight row is not {n} {ty}"
+        );
+    }
+    let [ActRow::Quant(a0), ActRow::Quant(a1), ActRow::Quant(a2), ActRow::Quant(a3)] = a else { return false };
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `isa_usable(Avx512)` says the CPU has every feature the kernels enable,
+        // and the weight row and all activation rows hold exactly `n` elements.
+        match unsafe { avx512::vec_dot_tokens(ty, w, [a0, a1, a2, a3]) } {
+            Some(v) => {
+                *out = v;
+                true
+            }
+            None => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a0, a1, a2, a3, out);
+        false
+    }
+}
+
 /// Whether kernels for `isa` may run here. Checked against the (cached) detection so
 /// that a wrong `isa` cannot run instructions the CPU lacks. The kernels also use F16C to
 /// convert f16 scales and weights: `Isa` does not promise it, but every CPU with AVX2
