@@ -72,16 +72,86 @@ pub struct GenerateStats {
     pub done_reason: DoneReason,
 }
 
+/// A sequence the generation loop can extend: whoever runs the model (a [`Session`], the
+/// C API's context, later the scheduler) implements this and shares [`generate`].
+pub trait Sequence {
+    /// Tokens in the sequence so far.
+    fn len(&self) -> usize;
+    /// Appends tokens, runs the model over them and returns the last one's logits.
+    fn append(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError>;
+}
+
+/// Runs `prompt` through `seq`, then samples until a stop condition, calling `on_text`
+/// with each piece of text as it becomes final; `on_text` returns false to cancel.
+pub fn generate(
+    seq: &mut impl Sequence,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerateStats, EngineError> {
+    if prompt.is_empty() {
+        return Err(EngineError::BadBatch("empty prompt".into()));
+    }
+    if seq.len() + prompt.len() >= opts.num_ctx {
+        return Err(EngineError::ContextFull { needed: seq.len() + prompt.len() + 1, limit: opts.num_ctx });
+    }
+    let mut sampler = Sampler::new(opts.sampler.clone());
+    prompt.iter().for_each(|&t| sampler.accept(t));
+    let start = Instant::now();
+    let mut next = sampler.sample(seq.append(prompt)?);
+    let prompt_time = start.elapsed();
+
+    let start = Instant::now();
+    let mut out = StopFilter::new(&opts.stop);
+    let mut decoder = StreamDecoder::new();
+    let mut generated = Vec::new();
+    let limit = opts.num_predict.unwrap_or(usize::MAX);
+    let done_reason = loop {
+        if generated.len() >= limit {
+            break DoneReason::Length;
+        }
+        if tok.is_eog(next) {
+            break DoneReason::Stop;
+        }
+        sampler.accept(next);
+        generated.push(next);
+        let text = decoder.push(&tok.token_to_piece(next));
+        let (ready, stopped) = out.push(&text);
+        if !ready.is_empty() && !on_text(&ready) {
+            break DoneReason::Cancelled;
+        }
+        if stopped {
+            break DoneReason::Stop;
+        }
+        if generated.len() >= limit || seq.len() >= opts.num_ctx {
+            break DoneReason::Length;
+        }
+        next = sampler.sample(seq.append(&[next])?);
+    };
+    if done_reason != DoneReason::Cancelled {
+        // Text held back for a stop sequence that never completed, and any trailing
+        // partial character, are final now.
+        let rest = out.flush(&decoder.finish());
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+    }
+    Ok(GenerateStats { prompt_tokens: prompt.len(), prompt_time, generated, gen_time: start.elapsed(), done_reason })
+}
+
 /// A single sequence's KV cache on a loaded model.
 pub struct Session<'m, B: Backend> {
     model: &'m LoadedModel<B>,
     kv: B::Kv,
+    /// Logits of the last token appended through [`Sequence::append`].
+    last_logits: Vec<f32>,
 }
 
 impl<'m, B: Backend> Session<'m, B> {
     pub fn new(model: &'m LoadedModel<B>, num_ctx: usize) -> Self {
         let spec = model.arch.kv_spec(num_ctx, 1);
-        Session { model, kv: model.backend.new_kv(&spec) }
+        Session { model, kv: model.backend.new_kv(&spec), last_logits: Vec::new() }
     }
 
     /// Tokens currently in the cache.
@@ -103,69 +173,26 @@ impl<'m, B: Backend> Session<'m, B> {
         self.model.arch.forward(&self.model.backend, &batch, &mut self.kv)
     }
 
-    /// Runs the prompt, then samples until a stop condition, calling `on_text` with each
-    /// piece of text as it becomes final; `on_text` returns false to cancel.
+    /// [`generate`] on this session with the model's tokenizer.
     pub fn generate(
         &mut self,
         prompt: &[u32],
         opts: &GenerateOptions,
-        mut on_text: impl FnMut(&str) -> bool,
+        on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerateStats, EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::BadBatch("empty prompt".into()));
-        }
-        if prompt.len() >= opts.num_ctx {
-            return Err(EngineError::ContextFull { needed: prompt.len() + 1, limit: opts.num_ctx });
-        }
         let tok = &self.model.tokenizer;
-        let mut sampler = Sampler::new(opts.sampler.clone());
-        prompt.iter().for_each(|&t| sampler.accept(t));
-        let start = Instant::now();
-        let mut logits = self.feed(prompt, false)?;
-        let prompt_time = start.elapsed();
+        generate(self, tok, prompt, opts, on_text)
+    }
+}
 
-        let start = Instant::now();
-        let mut out = StopFilter::new(&opts.stop);
-        let mut decoder = StreamDecoder::new();
-        let mut generated = Vec::new();
-        let limit = opts.num_predict.unwrap_or(usize::MAX);
-        let done_reason = loop {
-            if generated.len() >= limit || self.len() >= opts.num_ctx {
-                break DoneReason::Length;
-            }
-            let next = sampler.sample(logits.row(0));
-            if tok.is_eog(next) {
-                break DoneReason::Stop;
-            }
-            sampler.accept(next);
-            generated.push(next);
-            let text = decoder.push(&tok.token_to_piece(next));
-            let (ready, stopped) = out.push(&text);
-            if !ready.is_empty() && !on_text(&ready) {
-                break DoneReason::Cancelled;
-            }
-            if stopped {
-                break DoneReason::Stop;
-            }
-            if generated.len() < limit && self.len() < opts.num_ctx {
-                logits = self.feed(&[next], false)?;
-            }
-        };
-        if done_reason != DoneReason::Cancelled {
-            // Text held back for a stop sequence that never completed, and any trailing
-            // partial character, are final now.
-            let rest = out.flush(&decoder.finish());
-            if !rest.is_empty() {
-                on_text(&rest);
-            }
-        }
-        Ok(GenerateStats {
-            prompt_tokens: prompt.len(),
-            prompt_time,
-            generated,
-            gen_time: start.elapsed(),
-            done_reason,
-        })
+impl<B: Backend> Sequence for Session<'_, B> {
+    fn len(&self) -> usize {
+        Session::len(self)
+    }
+
+    fn append(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        self.last_logits = self.feed(tokens, false)?.data;
+        Ok(&self.last_logits)
     }
 }
 
