@@ -1,6 +1,7 @@
 //! The `turbine` command.
 
 mod bench;
+mod server;
 
 use clap::{Parser, Subcommand};
 use std::io::Write;
@@ -40,6 +41,9 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = bench::Format::Md)]
         format: bench::Format,
     },
+    /// Serve Ollama's HTTP API (and OpenAI's chat completions) on OLLAMA_HOST
+    /// (default 127.0.0.1:11434) for the models in the store.
+    Serve,
     /// Print the token ids of a text as a JSON array.
     Tokenize {
         /// Model name (e.g. gemma3:270m) or path to a .gguf file.
@@ -146,6 +150,13 @@ fn main() -> ExitCode {
         }
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text } => tokenize(&model, &text),
+        Command::Serve => {
+            if let Err(e) = server::serve() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,719 @@
+//! The routes: request parsing and validation, and the shapes of Ollama's (and OpenAI's)
+//! responses. Nothing here runs the model: jobs go to the model's worker.
+
+use super::catalog::{self, Entry};
+use super::host::{self, KeepAlive};
+use super::options::{self, Options};
+use super::template::{ChatTemplate, Message};
+use super::worker::{Done, Event, JobInput, JobOptions};
+use super::{Reply, State};
+use serde_json::{json, Map, Value};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use turbine::engine::gguf::Gguf;
+
+/// Early-return plumbing: the error side is the response to send.
+type R = Result<Reply, Reply>;
+type Body = Map<String, Value>;
+
+pub fn dispatch(state: &Arc<State>, method: &str, path: &str, body: &[u8]) -> Reply {
+    let allowed: &[&str] = match path {
+        "/" | "/api/version" | "/api/tags" => &["GET", "HEAD"],
+        "/api/ps" | "/v1/models" => &["GET"],
+        "/api/generate" | "/api/chat" | "/api/show" | "/v1/chat/completions" | "/v1/completions" => &["POST"],
+        p if p.starts_with("/v1/models/") => &["GET"],
+        _ => return Reply::text(404, "404 page not found"),
+    };
+    if !allowed.contains(&method) {
+        return Reply::text(405, "405 method not allowed");
+    }
+    let result = match path {
+        "/" => Ok(Reply::text(200, "Ollama is running")),
+        "/api/version" => Ok(Reply::json(200, &json!({ "version": env!("CARGO_PKG_VERSION") }))),
+        "/api/tags" => Ok(tags()),
+        "/api/ps" => Ok(ps(state)),
+        "/api/show" => show(body),
+        "/api/generate" => generate(state, body),
+        "/api/chat" => chat(state, body),
+        "/v1/chat/completions" => openai::completions(state, body, true),
+        "/v1/completions" => openai::completions(state, body, false),
+        "/v1/models" => Ok(openai::models()),
+        p => openai::model(p.trim_start_matches("/v1/models/")),
+    };
+    result.unwrap_or_else(|e| e)
+}
+
+fn now() -> String {
+    host::rfc3339(SystemTime::now())
+}
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
+fn not_found(model: &str) -> Reply {
+    Reply::error(404, format!("model \"{model}\" not found, try pulling it first"))
+}
+
+/// The JSON object of a request body.
+fn parse_body(body: &[u8]) -> Result<Body, Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Reply::error(400, "missing request body"));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Reply::error(400, "json: cannot unmarshal non-object into request body")),
+        Err(e) => Err(Reply::error(400, e.to_string())),
+    }
+}
+
+fn type_error(key: &str, want: &str) -> Reply {
+    Reply::error(400, format!("json: cannot unmarshal value into field {key} of type {want}"))
+}
+
+fn str_field(m: &Body, key: &str) -> Result<Option<String>, Reply> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(type_error(key, "string")),
+    }
+}
+
+fn bool_field(m: &Body, key: &str) -> Result<Option<bool>, Reply> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(type_error(key, "bool")),
+    }
+}
+
+/// The model a request names: `model` (or the legacy `name`), required and installed.
+fn model_field(m: &Body) -> Result<(String, Entry), Reply> {
+    let name = match str_field(m, "model")? {
+        Some(s) if !s.is_empty() => s,
+        _ => str_field(m, "name")?.unwrap_or_default(),
+    };
+    if name.is_empty() {
+        return Err(Reply::error(400, "model is required"));
+    }
+    let entry = catalog::lookup(&name).ok_or_else(|| not_found(&name))?;
+    Ok((name, entry))
+}
+
+fn keep_alive_field(m: &Body) -> Result<KeepAlive, Reply> {
+    match m.get("keep_alive") {
+        None | Some(Value::Null) => Ok(host::default_keep_alive()),
+        Some(v) => host::parse_keep_alive(v).map_err(|e| Reply::error(400, e)),
+    }
+}
+
+fn job_options(m: &Body, base: Options, keep_alive: KeepAlive) -> Result<JobOptions, Reply> {
+    let o = options::apply(base, m.get("options")).map_err(|e| Reply::error(400, e))?;
+    let truncate = bool_field(m, "truncate")?.unwrap_or(true);
+    Ok(JobOptions {
+        num_predict: o.num_predict,
+        num_ctx: o.num_ctx,
+        sampler: o.sampler,
+        stop: o.stop,
+        truncate,
+        keep_alive,
+    })
+}
+
+fn no_images(m: &Body, name: &str) -> Result<(), Reply> {
+    match m.get("images") {
+        Some(Value::Array(a)) if !a.is_empty() => Err(Reply::error(400, format!("\"{name}\" does not support images"))),
+        _ => Ok(()),
+    }
+}
+
+/// Capabilities the served models lack (text completion only for now): `think` and
+/// `tools` are refused as Ollama refuses them for a model without those capabilities.
+fn completion_only(m: &Body, name: &str) -> Result<(), Reply> {
+    let thinks = match m.get("think") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) | Some(Value::String(_)) => true,
+        Some(_) => return Err(type_error("think", "bool or string")),
+    };
+    if thinks {
+        return Err(Reply::error(400, format!("\"{name}\" does not support thinking")));
+    }
+    if matches!(m.get("tools"), Some(Value::Array(a)) if !a.is_empty()) {
+        return Err(Reply::error(400, format!("\"{name}\" does not support tools")));
+    }
+    Ok(())
+}
+
+fn tags() -> Reply {
+    let models: Vec<Value> = catalog::list()
+        .iter()
+        .map(|e| {
+            json!({
+                "name": e.name, "model": e.name, "modified_at": host::rfc3339(e.modified),
+                "size": e.size, "digest": e.digest, "details": catalog::details(e),
+            })
+        })
+        .collect();
+    Reply::json(200, &json!({ "models": models }))
+}
+
+fn ps(state: &Arc<State>) -> Reply {
+    let models: Vec<Value> = state
+        .models
+        .loaded()
+        .iter()
+        .map(|w| {
+            let e = &w.entry;
+            let expires = w.expires_at().unwrap_or(UNIX_EPOCH + Duration::from_secs(253_402_300_799));
+            json!({
+                "name": e.name, "model": e.name, "size": e.size, "digest": e.digest,
+                "details": catalog::details(e), "expires_at": host::rfc3339(expires),
+                "size_vram": 0, "context_length": w.context_length(),
+            })
+        })
+        .collect();
+    Reply::json(200, &json!({ "models": models }))
+}
+
+fn show(body: &[u8]) -> R {
+    let m = parse_body(body)?;
+    let (_, entry) = model_field(&m)?;
+    let verbose = bool_field(&m, "verbose")?.unwrap_or(false);
+    let file = Gguf::open(&entry.blob).map_err(|e| Reply::error(500, format!("error reading model: {e}")))?;
+    let template = ChatTemplate::for_model(&file);
+    let modelfile = format!(
+        "# Modelfile generated by \"turbine show\"\n# To build a new Modelfile based on this, replace FROM with:\n\
+         # FROM {}\n\nFROM {}\nTEMPLATE \"\"\"{}\"\"\"\n",
+        entry.name,
+        entry.blob.display(),
+        template.source()
+    );
+    Ok(Reply::json(
+        200,
+        &json!({
+            "modelfile": modelfile,
+            "template": template.source(),
+            "details": catalog::details_of(&file),
+            "model_info": catalog::model_info(&file, verbose),
+            "capabilities": ["completion"],
+            "modified_at": host::rfc3339(entry.modified),
+        }),
+    ))
+}
+
+/// An empty prompt (or no messages): load the model, or unload it with keep_alive 0.
+fn load_only(state: &Arc<State>, name: &str, entry: &Entry, keep_alive: KeepAlive, chat: bool) -> R {
+    let mut v = json!({ "model": name, "created_at": now(), "done": true });
+    if keep_alive == KeepAlive::For(Duration::ZERO) {
+        state.models.unload(&entry.name);
+        v["done_reason"] = json!("unload");
+    } else {
+        let worker = state.models.get(entry);
+        let opts = JobOptions {
+            num_predict: Some(0),
+            num_ctx: options::default_num_ctx(),
+            sampler: Options::default().sampler,
+            stop: vec![],
+            truncate: true,
+            keep_alive,
+        };
+        let rx = worker.submit(JobInput::Load, opts);
+        loop {
+            match rx.recv() {
+                Ok(Event::Done(_)) => break,
+                Ok(Event::Text(_)) => continue,
+                Ok(Event::Error { status, message }) => return Err(Reply::error(status, message)),
+                Err(_) => return Err(Reply::error(500, "model runner stopped unexpectedly")),
+            }
+        }
+        v["done_reason"] = json!("load");
+    }
+    if chat {
+        v["message"] = json!({ "role": "assistant", "content": "" });
+    } else {
+        v["response"] = json!("");
+    }
+    Ok(Reply::json(200, &v))
+}
+
+fn generate(state: &Arc<State>, body: &[u8]) -> R {
+    let start = Instant::now();
+    let m = parse_body(body)?;
+    let prompt = str_field(&m, "prompt")?.unwrap_or_default();
+    let system = str_field(&m, "system")?.unwrap_or_default();
+    let template = str_field(&m, "template")?.unwrap_or_default();
+    let raw = bool_field(&m, "raw")?.unwrap_or(false);
+    let stream = bool_field(&m, "stream")?.unwrap_or(true);
+    let context: Vec<u32> = match m.get("context") {
+        None | Some(Value::Null) => vec![],
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| type_error("context", "[]int"))?,
+    };
+    let (name, entry) = model_field(&m)?;
+    if raw && (!template.is_empty() || !system.is_empty() || !context.is_empty()) {
+        return Err(Reply::error(400, "raw mode does not support template, system, or context"));
+    }
+    no_images(&m, &name)?;
+    completion_only(&m, &name)?;
+    let keep_alive = keep_alive_field(&m)?;
+    let opts = job_options(&m, Options::default(), keep_alive)?;
+    if prompt.is_empty() && system.is_empty() && context.is_empty() {
+        return load_only(state, &name, &entry, keep_alive, false);
+    }
+    let messages = (!raw).then(|| {
+        let mut msgs = Vec::new();
+        if !system.is_empty() {
+            msgs.push(Message::new("system", &system));
+        }
+        msgs.push(Message::new("user", &prompt));
+        msgs
+    });
+    let worker = state.models.get(&entry);
+    let rx = worker.submit(JobInput::Generate { prompt, context, messages }, opts);
+    let framer = Box::new(OllamaFramer { model: name, chat: false, start });
+    respond(state, rx, stream, keep_alive, framer)
+}
+
+fn chat(state: &Arc<State>, body: &[u8]) -> R {
+    let start = Instant::now();
+    let m = parse_body(body)?;
+    let stream = bool_field(&m, "stream")?.unwrap_or(true);
+    let messages = parse_messages(m.get("messages"), false)?;
+    let (name, entry) = model_field(&m)?;
+    if let Some(Value::Array(msgs)) = m.get("messages") {
+        for msg in msgs {
+            if let Value::Object(o) = msg {
+                no_images(o, &name)?;
+            }
+        }
+    }
+    completion_only(&m, &name)?;
+    let keep_alive = keep_alive_field(&m)?;
+    let opts = job_options(&m, Options::default(), keep_alive)?;
+    if messages.is_empty() {
+        return load_only(state, &name, &entry, keep_alive, true);
+    }
+    let worker = state.models.get(&entry);
+    let rx =
+        worker.submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts);
+    let framer = Box::new(OllamaFramer { model: name, chat: true, start });
+    respond(state, rx, stream, keep_alive, framer)
+}
+
+/// `messages`: `[{role, content}]`; with `parts`, content may also be OpenAI's array of
+/// `{type:"text", text}` parts.
+fn parse_messages(v: Option<&Value>, parts: bool) -> Result<Vec<Message>, Reply> {
+    let arr = match v {
+        None | Some(Value::Null) => return Ok(vec![]),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(type_error("messages", "[]api.Message")),
+    };
+    let mut out = Vec::with_capacity(arr.len());
+    for item in arr {
+        let Value::Object(o) = item else { return Err(type_error("messages", "api.Message")) };
+        let role = str_field(o, "role")?.unwrap_or_default();
+        let content = match o.get("content") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(ps)) if parts => ps
+                .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Some(_) => return Err(type_error("messages.content", "string")),
+        };
+        out.push(Message { role, content });
+    }
+    Ok(out)
+}
+
+/// Turns a job's events into the frames of one API's stream.
+trait Framer: Send {
+    fn text(&mut self, text: &str) -> Vec<u8>;
+    fn done(&mut self, done: &Done) -> Vec<u8>;
+    fn error(&mut self, message: &str) -> Vec<u8>;
+    /// The one-object answer of `stream: false`.
+    fn whole(&mut self, text: &str, done: &Done) -> Value;
+    fn error_reply(&self, status: u16, message: &str) -> Reply {
+        Reply::error(status, message)
+    }
+    fn content_type(&self) -> &'static str;
+}
+
+/// Waits for the first event (so that a load or prompt error still gets its status), then
+/// streams or gathers the rest.
+fn respond(
+    state: &Arc<State>,
+    rx: Receiver<Event>,
+    stream: bool,
+    keep_alive: KeepAlive,
+    mut framer: Box<dyn Framer>,
+) -> R {
+    let stopped = "model runner stopped unexpectedly";
+    let first = match rx.recv() {
+        Ok(Event::Error { status, message }) => return Err(framer.error_reply(status, &message)),
+        Ok(e) => e,
+        Err(_) => return Err(framer.error_reply(500, stopped)),
+    };
+    let unload = keep_alive == KeepAlive::For(Duration::ZERO);
+    let after = Finish { state: state.clone(), unload };
+    if !stream {
+        let mut text = String::new();
+        let mut ev = first;
+        loop {
+            match ev {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done(d) => {
+                    after.run();
+                    return Ok(Reply::json(200, &framer.whole(&text, &d)));
+                }
+                Event::Error { status, message } => return Err(framer.error_reply(status, &message)),
+            }
+            ev = rx.recv().map_err(|_| framer.error_reply(500, stopped))?;
+        }
+    }
+    let content_type = framer.content_type();
+    let frames = EventFrames { first: Some(first), rx, framer, finished: false, after: Some(after) };
+    Ok(Reply::Stream { content_type, frames: Box::new(frames) })
+}
+
+/// Run when a job is done: keep_alive 0 unloads the model.
+struct Finish {
+    state: Arc<State>,
+    unload: bool,
+}
+
+impl Finish {
+    fn run(self) {
+        if self.unload {
+            self.state.models.reap();
+        }
+    }
+}
+
+struct EventFrames {
+    first: Option<Event>,
+    rx: Receiver<Event>,
+    framer: Box<dyn Framer>,
+    finished: bool,
+    after: Option<Finish>,
+}
+
+impl Iterator for EventFrames {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        if self.finished {
+            return None;
+        }
+        let ev = match self.first.take() {
+            Some(e) => e,
+            None => match self.rx.recv() {
+                Ok(e) => e,
+                Err(_) => Event::Error { status: 500, message: "model runner stopped unexpectedly".into() },
+            },
+        };
+        Some(match ev {
+            Event::Text(t) => self.framer.text(&t),
+            Event::Done(d) => {
+                self.finished = true;
+                if let Some(f) = self.after.take() {
+                    f.run();
+                }
+                self.framer.done(&d)
+            }
+            Event::Error { message, .. } => {
+                self.finished = true;
+                self.framer.error(&message)
+            }
+        })
+    }
+}
+
+/// Ollama's NDJSON chunks for /api/generate and /api/chat.
+struct OllamaFramer {
+    model: String,
+    chat: bool,
+    start: Instant,
+}
+
+impl OllamaFramer {
+    fn chunk(&self, text: &str) -> Value {
+        let mut v = json!({ "model": self.model, "created_at": now() });
+        if self.chat {
+            v["message"] = json!({ "role": "assistant", "content": text });
+        } else {
+            v["response"] = json!(text);
+        }
+        v["done"] = json!(false);
+        v
+    }
+
+    fn last(&self, text: &str, d: &Done) -> Value {
+        let mut v = self.chunk(text);
+        v["done"] = json!(true);
+        v["done_reason"] = json!(d.done_reason);
+        if !self.chat {
+            v["context"] = json!(d.context);
+        }
+        v["total_duration"] = json!(ns(self.start.elapsed()));
+        v["load_duration"] = json!(ns(d.load_duration));
+        v["prompt_eval_count"] = json!(d.prompt_eval_count);
+        v["prompt_eval_duration"] = json!(ns(d.prompt_eval_duration));
+        v["eval_count"] = json!(d.eval_count);
+        v["eval_duration"] = json!(ns(d.eval_duration));
+        v
+    }
+}
+
+fn ndjson(v: &Value) -> Vec<u8> {
+    let mut b = v.to_string().into_bytes();
+    b.push(b'\n');
+    b
+}
+
+impl Framer for OllamaFramer {
+    fn text(&mut self, text: &str) -> Vec<u8> {
+        ndjson(&self.chunk(text))
+    }
+    fn done(&mut self, d: &Done) -> Vec<u8> {
+        ndjson(&self.last("", d))
+    }
+    fn error(&mut self, message: &str) -> Vec<u8> {
+        ndjson(&json!({ "error": message }))
+    }
+    fn whole(&mut self, text: &str, d: &Done) -> Value {
+        self.last(text, d)
+    }
+    fn content_type(&self) -> &'static str {
+        "application/x-ndjson"
+    }
+}
+
+/// OpenAI compatibility: /v1/chat/completions and /v1/models.
+mod openai {
+    use super::*;
+
+    /// OpenAI's error body; the type follows the status as in Ollama's middleware.
+    pub fn error(status: u16, message: &str) -> Reply {
+        let kind = match status {
+            400 => "invalid_request_error",
+            404 => "not_found_error",
+            _ => "api_error",
+        };
+        Reply::json(status, &json!({ "error": { "message": message, "type": kind, "param": null, "code": null } }))
+    }
+
+    /// Re-shapes an Ollama `{"error":...}` reply as OpenAI's.
+    fn reshape(r: Reply) -> Reply {
+        match r {
+            Reply::Full { status, body, content_type } if status >= 400 => {
+                match serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["error"].as_str().map(str::to_string))
+                {
+                    Some(msg) => error(status, &msg),
+                    None => Reply::Full { status, body, content_type },
+                }
+            }
+            r => r,
+        }
+    }
+
+    fn owned_by(name: &str) -> String {
+        let path = name.split(':').next().unwrap_or(name);
+        path.rsplit('/').nth(1).unwrap_or("library").to_string()
+    }
+
+    fn unix(t: SystemTime) -> u64 {
+        t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    }
+
+    fn model_object(e: &Entry) -> Value {
+        json!({ "id": e.name, "object": "model", "created": unix(e.modified), "owned_by": owned_by(&e.name) })
+    }
+
+    pub fn models() -> Reply {
+        let data: Vec<Value> = catalog::list().iter().map(model_object).collect();
+        Reply::json(200, &json!({ "object": "list", "data": data }))
+    }
+
+    pub fn model(name: &str) -> R {
+        match catalog::lookup(name) {
+            Some(e) => Ok(Reply::json(200, &model_object(&e))),
+            None => Err(error(404, &format!("model \"{name}\" not found"))),
+        }
+    }
+
+    /// /v1/chat/completions (`chat`) and /v1/completions (a prompt, templated as Ollama's
+    /// compatibility layer does).
+    pub fn completions(state: &Arc<State>, body: &[u8], chat: bool) -> R {
+        inner(state, body, chat).map_err(reshape).map(reshape)
+    }
+
+    fn num(m: &Body, key: &str) -> Result<Option<f64>, Reply> {
+        match m.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| type_error(key, "number")),
+        }
+    }
+
+    fn inner(state: &Arc<State>, body: &[u8], chat: bool) -> R {
+        let m = parse_body(body)?;
+        let stream = bool_field(&m, "stream")?.unwrap_or(false);
+        let include_usage =
+            m.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+        let messages = if chat {
+            parse_messages(m.get("messages"), true)?
+        } else {
+            match m.get("prompt") {
+                Some(Value::String(p)) => vec![Message::new("user", p)],
+                None | Some(Value::Null) => vec![],
+                Some(_) => return Err(Reply::error(400, "invalid type for 'prompt' field: only string is supported")),
+            }
+        };
+        let (name, entry) = model_field(&m)?;
+        // Ollama's compatibility layer: unset temperature and top_p are 1.0.
+        let mut o = Options::default();
+        o.sampler.temperature = num(&m, "temperature")?.unwrap_or(1.0) as f32;
+        o.sampler.top_p = num(&m, "top_p")?.unwrap_or(1.0) as f32;
+        if let Some(f) = num(&m, "frequency_penalty")? {
+            o.sampler.frequency_penalty = f as f32;
+        }
+        if let Some(p) = num(&m, "presence_penalty")? {
+            o.sampler.presence_penalty = p as f32;
+        }
+        if let Some(s) = num(&m, "seed")? {
+            o.sampler.seed = (s >= 0.0).then_some(s as u64);
+        }
+        let max = match num(&m, "max_completion_tokens")? {
+            Some(n) => Some(n),
+            None => num(&m, "max_tokens")?,
+        };
+        if let Some(n) = max {
+            o.num_predict = (n >= 0.0).then_some(n as usize);
+        }
+        o.stop = match m.get("stop") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| type_error("stop", "[]string"))?,
+            Some(_) => return Err(type_error("stop", "string or []string")),
+        };
+        if messages.is_empty() {
+            return Err(Reply::error(400, if chat { "[] is too short - 'messages'" } else { "prompt is required" }));
+        }
+        let keep_alive = host::default_keep_alive();
+        let opts = JobOptions {
+            num_predict: o.num_predict,
+            num_ctx: o.num_ctx,
+            sampler: o.sampler,
+            stop: o.stop,
+            truncate: true,
+            keep_alive,
+        };
+        let worker = state.models.get(&entry);
+        let rx = worker
+            .submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts);
+        let created = unix(SystemTime::now());
+        let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() % 1000);
+        let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
+        let framer = Box::new(SseFramer { id, model: name, created, include_usage, chat });
+        respond(state, rx, stream, keep_alive, framer)
+    }
+
+    struct SseFramer {
+        id: String,
+        model: String,
+        created: u64,
+        include_usage: bool,
+        /// Chat completion chunks (`delta`) or text completion ones (`text`).
+        chat: bool,
+    }
+
+    fn sse(v: &Value) -> Vec<u8> {
+        format!("data: {v}\n\n").into_bytes()
+    }
+
+    fn finish_reason(d: &Done) -> &'static str {
+        if d.done_reason == "length" {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+
+    fn usage(d: &Done) -> Value {
+        json!({
+            "prompt_tokens": d.prompt_eval_count,
+            "completion_tokens": d.eval_count,
+            "total_tokens": d.prompt_eval_count + d.eval_count,
+        })
+    }
+
+    impl SseFramer {
+        fn object(&self, stream: bool) -> &'static str {
+            match (self.chat, stream) {
+                (true, true) => "chat.completion.chunk",
+                (true, false) => "chat.completion",
+                (false, _) => "text_completion",
+            }
+        }
+
+        fn chunk(&self, text: &str, finish: Value) -> Value {
+            let choice = if self.chat {
+                json!({ "index": 0, "delta": { "role": "assistant", "content": text }, "finish_reason": finish })
+            } else {
+                json!({ "index": 0, "text": text, "finish_reason": finish })
+            };
+            json!({
+                "id": self.id, "object": self.object(true), "created": self.created,
+                "model": self.model, "system_fingerprint": "fp_ollama", "choices": [choice],
+            })
+        }
+    }
+
+    impl Framer for SseFramer {
+        fn text(&mut self, text: &str) -> Vec<u8> {
+            sse(&self.chunk(text, Value::Null))
+        }
+        fn done(&mut self, d: &Done) -> Vec<u8> {
+            let mut out = sse(&self.chunk("", json!(finish_reason(d))));
+            if self.include_usage {
+                out.extend(sse(&json!({
+                    "id": self.id, "object": self.object(true), "created": self.created,
+                    "model": self.model, "system_fingerprint": "fp_ollama", "choices": [], "usage": usage(d),
+                })));
+            }
+            out.extend_from_slice(b"data: [DONE]\n\n");
+            out
+        }
+        fn error(&mut self, message: &str) -> Vec<u8> {
+            let mut out =
+                sse(&json!({ "error": { "message": message, "type": "api_error", "param": null, "code": null } }));
+            out.extend_from_slice(b"data: [DONE]\n\n");
+            out
+        }
+        fn whole(&mut self, text: &str, d: &Done) -> Value {
+            json!({
+                "id": self.id, "object": self.object(false), "created": self.created,
+                "model": self.model, "system_fingerprint": "fp_ollama",
+                "choices": [if self.chat {
+                    json!({ "index": 0, "message": { "role": "assistant", "content": text },
+                            "finish_reason": finish_reason(d) })
+                } else {
+                    json!({ "index": 0, "text": text, "finish_reason": finish_reason(d) })
+                }],
+                "usage": usage(d),
+            })
+        }
+        fn error_reply(&self, status: u16, message: &str) -> Reply {
+            error(status, message)
+        }
+        fn content_type(&self) -> &'static str {
+            "text/event-stream"
+        }
+    }
+}

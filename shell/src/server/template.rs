@@ -1,0 +1,191 @@
+//! Chat templates: messages → the prompt text a model was trained on.
+//!
+//! Gemma models use the built-in Gemma turn format, exactly as Ollama's gemma3 template
+//! renders it (the default model's GGUF carries no `tokenizer.chat_template`). Other models
+//! with a `tokenizer.chat_template` get it rendered with minijinja (Hugging Face's variables:
+//! messages, add_generation_prompt, bos_token, eos_token; Python string methods); models
+//! with neither get their messages joined by newlines.
+
+use turbine::engine::gguf::Gguf;
+
+/// One chat message (role: system, user, assistant or tool).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message { role: role.to_string(), content: content.to_string() }
+    }
+}
+
+/// Ollama's library template for gemma3, reported by `/api/show` for Gemma models.
+pub const GEMMA_GO_TEMPLATE: &str = r#"{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
+{{ .Content }}<end_of_turn>
+{{ if $last }}<start_of_turn>model
+{{ end }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}"#;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChatTemplate {
+    /// Gemma turns, exactly as Ollama's gemma3 template renders them.
+    Gemma,
+    /// The GGUF's `tokenizer.chat_template`, with the texts of its BOS and EOS tokens.
+    Jinja { source: String, bos: String, eos: String },
+    /// No template: message contents joined by newlines.
+    Plain,
+}
+
+impl ChatTemplate {
+    /// The template for a model file: its architecture's built-in format, else plain.
+    pub fn for_model(file: &Gguf) -> ChatTemplate {
+        let arch = file.architecture().unwrap_or("");
+        if arch.starts_with("gemma") {
+            return ChatTemplate::Gemma;
+        }
+        let Some(source) = file.get_str("tokenizer.chat_template").ok().flatten() else {
+            return ChatTemplate::Plain;
+        };
+        let tokens = file.get_str_array("tokenizer.ggml.tokens").ok().flatten().unwrap_or(&[]);
+        let text = |key: &str| {
+            let id = file.get_u32(key).ok().flatten()?;
+            tokens.get(id as usize).cloned()
+        };
+        ChatTemplate::Jinja {
+            source: source.to_string(),
+            bos: text("tokenizer.ggml.bos_token_id").unwrap_or_default(),
+            eos: text("tokenizer.ggml.eos_token_id").unwrap_or_default(),
+        }
+    }
+
+    /// The template text `/api/show` reports.
+    pub fn source(&self) -> &str {
+        match self {
+            ChatTemplate::Gemma => GEMMA_GO_TEMPLATE,
+            ChatTemplate::Jinja { source, .. } => source,
+            ChatTemplate::Plain => "{{ .Prompt }}",
+        }
+    }
+
+    /// Renders the messages into a prompt that ends where the model should continue.
+    /// The built-in formats leave BOS out (the tokenizer adds it); a Jinja template may
+    /// write it itself (see `starts_with_bos`). Errors are the template's own (a
+    /// `raise_exception` call, or a syntax error in the file).
+    pub fn render(&self, messages: &[Message]) -> Result<String, String> {
+        match self {
+            ChatTemplate::Gemma => Ok(render_gemma(messages)),
+            ChatTemplate::Jinja { source, bos, eos } => render_jinja(source, bos, eos, messages),
+            ChatTemplate::Plain => Ok(messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")),
+        }
+    }
+
+    /// Whether a rendered prompt already begins with the BOS text (then the tokenizer must
+    /// not add another).
+    pub fn starts_with_bos(&self, rendered: &str) -> bool {
+        matches!(self, ChatTemplate::Jinja { bos, .. } if !bos.is_empty() && rendered.starts_with(bos.as_str()))
+    }
+}
+
+fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[Message]) -> Result<String, String> {
+    use minijinja::{context, Environment, Error, ErrorKind};
+    let mut env = Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+        Err(Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+    env.add_template("chat", source).map_err(|e| format!("invalid chat template: {e}"))?;
+    let msgs: Vec<_> = messages.iter().map(|m| context! { role => m.role, content => m.content }).collect();
+    let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+    tmpl.render(context! {
+        messages => msgs,
+        add_generation_prompt => true,
+        bos_token => bos,
+        eos_token => eos,
+    })
+    .map_err(|e| format!("chat template: {e}"))
+}
+
+/// Ollama's gemma3 template: system and user messages become user turns, assistant
+/// messages model turns; after a final user/system turn the model turn is opened, and a
+/// final assistant message is left open so the model continues it.
+fn render_gemma(messages: &[Message]) -> String {
+    let mut out = String::new();
+    for (i, m) in messages.iter().enumerate() {
+        let last = i + 1 == messages.len();
+        match m.role.as_str() {
+            "user" | "system" => {
+                out.push_str("<start_of_turn>user\n");
+                out.push_str(&m.content);
+                out.push_str("<end_of_turn>\n");
+                if last {
+                    out.push_str("<start_of_turn>model\n");
+                }
+            }
+            "assistant" => {
+                out.push_str("<start_of_turn>model\n");
+                out.push_str(&m.content);
+                if !last {
+                    out.push_str("<end_of_turn>\n");
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemma_turns_as_ollama_renders_them() {
+        let t = |m: &[Message]| ChatTemplate::Gemma.render(m).unwrap();
+        assert_eq!(t(&[Message::new("user", "Hi")]), "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n");
+        let conv = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Bye"),
+        ];
+        assert_eq!(
+            t(&conv),
+            "<start_of_turn>user\nBe brief.<end_of_turn>\n<start_of_turn>user\nHi<end_of_turn>\n\
+             <start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        // A trailing assistant message is continued, not closed.
+        assert_eq!(
+            t(&[Message::new("user", "Hi"), Message::new("assistant", "Hel")]),
+            "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHel"
+        );
+    }
+
+    #[test]
+    fn jinja_templates_from_gguf_files() {
+        // ChatML as Qwen's GGUFs carry it, with a Python string method and raise_exception.
+        let source = "{{ bos_token }}{% for m in messages %}{% if m.role not in ['system','user','assistant'] %}\
+            {{ raise_exception('bad role ' + m.role) }}{% endif %}<|im_start|>{{ m.role }}\n{{ m.content.strip() }}\
+            <|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let t = ChatTemplate::Jinja { source: source.into(), bos: "<s>".into(), eos: "</s>".into() };
+        let out = t.render(&[Message::new("system", "S"), Message::new("user", " Hi ")]).unwrap();
+        assert_eq!(out, "<s><|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert!(t.starts_with_bos(&out));
+        let err = t.render(&[Message::new("tool", "x")]).unwrap_err();
+        assert!(err.contains("bad role tool"), "{err}");
+        let broken = ChatTemplate::Jinja { source: "{% for %}".into(), bos: String::new(), eos: String::new() };
+        assert!(broken.render(&[]).is_err());
+        assert_eq!(
+            ChatTemplate::Plain.render(&[Message::new("user", "a"), Message::new("user", "b")]).unwrap(),
+            "a\nb"
+        );
+    }
+}

@@ -1,0 +1,491 @@
+//! `turbine serve` end to end: the real binary on a free loopback port, driven over raw
+//! HTTP/1.1 on the default model.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use turbine::engine::generate::{GenerateOptions, LoadedModel, Session};
+use turbine::engine::sampler::SamplerParams;
+
+const MODEL: &str = "gemma3:270m";
+const MODEL_SHA: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+/// A running server, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+            .arg("serve")
+            .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start turbine serve");
+        let server = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = server.try_request("GET", "/", &[], b"") {
+                if r.status == 200 {
+                    return server;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not answer on port {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(300)))?;
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n", self.port);
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes())?;
+        s.write_all(body)?;
+        s.flush()?;
+        read_response(BufReader::new(s), method == "HEAD")
+    }
+
+    fn request(&self, method: &str, path: &str, body: &[u8]) -> Resp {
+        self.try_request(method, path, &[], body).expect("request")
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Resp {
+        self.request("POST", path, body.to_string().as_bytes())
+    }
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).expect("utf-8 body")
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    /// NDJSON lines, each parsed.
+    fn lines(&self) -> Vec<Value> {
+        self.text().lines().map(|l| serde_json::from_str(l).expect("NDJSON line")).collect()
+    }
+}
+
+fn read_response(mut r: BufReader<TcpStream>, head_only: bool) -> std::io::Result<Resp> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let get =
+        |n: &str| headers.iter().find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if head_only {
+    } else if get("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let n = usize::from_str_radix(line.trim(), 16).expect("chunk size");
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = get("Content-Length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(n, 0);
+        r.read_exact(&mut body)?;
+    } else {
+        r.read_to_end(&mut body)?;
+    }
+    Ok(Resp { status, headers, body })
+}
+
+fn model_path() -> PathBuf {
+    let p = turbine::engine::store::models_dir().join("blobs").join(format!("sha256-{MODEL_SHA}"));
+    assert!(p.is_file(), "default model not found at {}: run scripts/fetch-default-model.sh", p.display());
+    p
+}
+
+/// What the engine itself generates greedily from `text` (BOS added, specials parsed).
+fn engine_greedy(text: &str, n: usize) -> (Vec<u32>, String) {
+    let model = LoadedModel::load(&model_path()).expect("load");
+    let ids = model.tokenizer.encode(text, true, true);
+    let opts = GenerateOptions { num_predict: Some(n), num_ctx: 4096, sampler: SamplerParams::greedy(), stop: vec![] };
+    let mut out = String::new();
+    Session::new(&model, 4096)
+        .generate(&ids, &opts, |t| {
+            out.push_str(t);
+            true
+        })
+        .expect("generate");
+    (ids, out)
+}
+
+fn assert_final_stats(last: &Value, eval_count: u64) {
+    assert_eq!(last["done"], json!(true), "{last}");
+    assert_eq!(last["done_reason"], json!("length"));
+    assert_eq!(last["eval_count"], json!(eval_count));
+    assert!(last["prompt_eval_count"].as_u64().unwrap() > 0);
+    for k in ["total_duration", "prompt_eval_duration", "eval_duration"] {
+        assert!(last[k].as_u64().unwrap() > 0, "{k}: {last}");
+    }
+    assert!(last["load_duration"].is_u64());
+    assert!(last["created_at"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn info_routes() {
+    let s = Server::start();
+    let r = s.request("GET", "/", b"");
+    assert_eq!((r.status, r.text().as_str()), (200, "Ollama is running"));
+    let r = s.request("HEAD", "/", b"");
+    assert_eq!((r.status, r.body.len()), (200, 0));
+    let r = s.request("GET", "/api/version", b"");
+    assert_eq!(r.status, 200);
+    assert!(r.json()["version"].is_string());
+
+    let tags = s.request("GET", "/api/tags", b"").json();
+    let m = tags["models"].as_array().unwrap().iter().find(|m| m["name"] == MODEL).expect("gemma3:270m listed");
+    assert_eq!(m["model"], MODEL);
+    assert_eq!(m["digest"].as_str().unwrap().len(), 64);
+    assert!(m["size"].as_u64().unwrap() > 200_000_000);
+    assert_eq!(m["details"]["format"], "gguf");
+    assert_eq!(m["details"]["family"], "gemma3");
+    assert_eq!(m["details"]["parameter_size"], "268.10M");
+    assert_eq!(m["details"]["quantization_level"], "Q4_K_M");
+
+    let show = s.post("/api/show", &json!({ "model": MODEL }));
+    assert_eq!(show.status, 200);
+    let show = show.json();
+    assert_eq!(show["model_info"]["general.architecture"], "gemma3");
+    assert_eq!(show["model_info"]["general.parameter_count"], 268_098_176);
+    assert!(show["model_info"]["tokenizer.ggml.tokens"].is_null(), "vocabulary hidden unless verbose");
+    assert!(show["template"].as_str().unwrap().contains("<start_of_turn>"));
+    assert_eq!(show["capabilities"], json!(["completion"]));
+    assert_eq!(show["details"]["family"], "gemma3");
+
+    let models = s.request("GET", "/v1/models", b"").json();
+    assert_eq!(models["object"], "list");
+    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == MODEL && m["owned_by"] == "library"));
+    assert_eq!(s.request("GET", "/v1/models/gemma3:270m", b"").json()["id"], MODEL);
+}
+
+#[test]
+fn generate_matches_the_engine_and_streams_ndjson() {
+    let s = Server::start();
+    let prompt = "The capital of France is";
+    let (ids, want) = engine_greedy(prompt, 8);
+    assert!(!want.trim().is_empty());
+    let req = json!({ "model": MODEL, "prompt": prompt, "raw": true, "stream": false,
+                      "options": { "temperature": 0, "num_predict": 8 } });
+    let r = s.post("/api/generate", &req);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("Content-Type").unwrap().starts_with("application/json"));
+    let v = r.json();
+    assert_eq!(v["response"].as_str().unwrap(), want);
+    assert_eq!(v["model"], MODEL);
+    assert_final_stats(&v, 8);
+    let context: Vec<u32> = serde_json::from_value(v["context"].clone()).unwrap();
+    assert_eq!(context.len(), ids.len() + 8);
+    assert_eq!(&context[..ids.len()], &ids[..]);
+
+    let mut req = req;
+    req["stream"] = json!(true);
+    let r = s.post("/api/generate", &req);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Type"), Some("application/x-ndjson"));
+    assert_eq!(r.header("Transfer-Encoding"), Some("chunked"));
+    let lines = r.lines();
+    assert!(lines.len() >= 2);
+    let (last, chunks) = lines.split_last().unwrap();
+    assert!(chunks.iter().all(|c| c["done"] == json!(false) && c["model"] == MODEL));
+    let text: String = chunks.iter().map(|c| c["response"].as_str().unwrap()).collect();
+    assert_eq!(text, want);
+    assert_eq!(last["response"], "");
+    assert_final_stats(last, 8);
+    assert!(last["context"].is_array());
+
+    // Templated (not raw), with a system prompt, stream left at its default (true).
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "Hello", "system": "Be brief.",
+                 "options": { "temperature": 0, "num_predict": 4 } }),
+    );
+    let lines = r.lines();
+    assert_eq!(lines.last().unwrap()["done"], json!(true));
+    // Two user turns (system, prompt) and the opened model turn: 3 × <start_of_turn>.
+    let last = lines.last().unwrap();
+    let context: Vec<u64> = serde_json::from_value(last["context"].clone()).unwrap();
+    let n_prompt = last["prompt_eval_count"].as_u64().unwrap() as usize;
+    assert_eq!(context[..n_prompt].iter().filter(|&&t| t == 105).count(), 3, "{context:?}");
+}
+
+#[test]
+fn chat_streamed_and_not_follows_the_gemma_template() {
+    let s = Server::start();
+    let messages = json!([
+        { "role": "system", "content": "You are terse." },
+        { "role": "user", "content": "Name a colour." },
+    ]);
+    let rendered = "<start_of_turn>user\nYou are terse.<end_of_turn>\n<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n";
+    let (_, want) = engine_greedy(rendered, 8);
+    let req = json!({ "model": MODEL, "messages": messages, "stream": false,
+                      "options": { "temperature": 0, "num_predict": 8 } });
+    let v = s.post("/api/chat", &req).json();
+    assert_eq!(v["message"]["role"], "assistant");
+    let content = v["message"]["content"].as_str().unwrap().to_string();
+    assert!(v.get("context").is_none());
+    if v["done_reason"] == "length" {
+        assert_final_stats(&v, 8);
+    }
+    // The engine stops at <end_of_turn>; the server must produce the same text.
+    assert_eq!(content, want);
+
+    let mut req = req;
+    req["stream"] = json!(true);
+    let lines = s.post("/api/chat", &req).lines();
+    let (last, chunks) = lines.split_last().unwrap();
+    let text: String = chunks.iter().map(|c| c["message"]["content"].as_str().unwrap()).collect();
+    assert_eq!(text, content);
+    assert!(chunks.iter().all(|c| c["message"]["role"] == "assistant" && c["done"] == json!(false)));
+    assert_eq!(last["done"], json!(true));
+    assert_eq!(last["message"]["content"], "");
+    assert!(last["eval_duration"].as_u64().is_some());
+}
+
+#[test]
+fn load_ps_and_unload() {
+    let s = Server::start();
+    assert_eq!(s.request("GET", "/api/ps", b"").json()["models"], json!([]));
+    let v = s.post("/api/generate", &json!({ "model": MODEL })).json();
+    assert_eq!((v["done"].clone(), v["done_reason"].clone()), (json!(true), json!("load")));
+    let v = s.post("/api/chat", &json!({ "model": MODEL, "messages": [] })).json();
+    assert_eq!(v["done_reason"], "load");
+    assert_eq!(v["message"]["content"], "");
+    let ps = s.request("GET", "/api/ps", b"").json();
+    let m = &ps["models"][0];
+    assert_eq!(m["name"], MODEL);
+    assert_eq!(m["details"]["family"], "gemma3");
+    assert!(m["expires_at"].is_string());
+    assert!(m["context_length"].as_u64().unwrap() > 0);
+    let v = s.post("/api/generate", &json!({ "model": MODEL, "keep_alive": 0 })).json();
+    assert_eq!(v["done_reason"], "unload");
+    assert_eq!(s.request("GET", "/api/ps", b"").json()["models"], json!([]));
+    // keep_alive 0 on a real request unloads after it.
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "Hi", "stream": false, "keep_alive": "0s", "options": { "num_predict": 1 } }),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(s.request("GET", "/api/ps", b"").json()["models"], json!([]));
+}
+
+#[test]
+fn openai_chat_completions() {
+    let s = Server::start();
+    let req = json!({ "model": MODEL, "messages": [{ "role": "user", "content": "Hi" }],
+                      "max_tokens": 3, "temperature": 0 });
+    let v = s.post("/v1/chat/completions", &req).json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let usage = &v["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap())
+    );
+
+    let mut req = req;
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({ "include_usage": true });
+    let r = s.post("/v1/chat/completions", &req);
+    assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
+    let text = r.text();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.iter().all(|e| e.starts_with("data: ")), "{text}");
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(&e["data: ".len()..]).unwrap()).collect();
+    let streamed: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<Vec<_>>().concat();
+    assert_eq!(streamed, content);
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], *usage);
+    let finish = &chunks[chunks.len() - 2]["choices"][0]["finish_reason"];
+    assert_eq!(finish, &v["choices"][0]["finish_reason"]);
+
+    // /v1/completions: the same prompt path, `text` choices.
+    let req = json!({ "model": MODEL, "prompt": "Hi", "max_tokens": 3, "temperature": 0 });
+    let v = s.post("/v1/completions", &req).json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"].as_str(), Some(content.as_str()));
+    let mut req = req;
+    req["stream"] = json!(true);
+    let text = s.post("/v1/completions", &req).text();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let streamed: String = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(streamed, content);
+
+    let r = s.post("/v1/chat/completions", &json!({ "model": "nope", "messages": [] }));
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["type"], "not_found_error");
+}
+
+#[test]
+fn errors_as_ollama_gives_them() {
+    let s = Server::start();
+    let err = |r: Resp| -> (u16, String) {
+        let v = r.json();
+        (r.status, v["error"].as_str().unwrap_or_else(|| panic!("no error field: {v}")).to_string())
+    };
+    let (st, _) = err(s.request("POST", "/api/generate", b"{not json"));
+    assert_eq!(st, 400);
+    assert_eq!(err(s.request("POST", "/api/chat", b"")), (400, "missing request body".into()));
+    assert_eq!(err(s.post("/api/generate", &json!({ "prompt": "x" }))), (400, "model is required".into()));
+    assert_eq!(err(s.post("/api/show", &json!({}))), (400, "model is required".into()));
+    assert_eq!(
+        err(s.post("/api/generate", &json!({ "model": "nope:1b", "prompt": "x" }))),
+        (404, "model \"nope:1b\" not found, try pulling it first".into())
+    );
+    assert_eq!(err(s.post("/api/chat", &json!({ "model": "../../etc/passwd", "messages": [] }))).0, 404);
+    assert_eq!(err(s.post("/api/show", &json!({ "model": "nope" }))).0, 404);
+    assert_eq!(
+        err(s.post("/api/generate", &json!({ "model": MODEL, "prompt": "x", "options": { "temperature": "hot" } }))),
+        (400, "option \"temperature\" must be of type float32".into())
+    );
+    assert_eq!(
+        err(s.post(
+            "/api/chat",
+            &json!({ "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                          "options": { "num_predict": "many" } })
+        )),
+        (400, "option \"num_predict\" must be of type integer".into())
+    );
+    assert_eq!(err(s.post("/api/generate", &json!({ "model": 5 }))).0, 400);
+    assert_eq!(err(s.post("/api/generate", &json!({ "model": MODEL, "prompt": "x", "stream": "yes" }))).0, 400);
+    assert_eq!(
+        err(s.post("/api/generate", &json!({ "model": MODEL, "prompt": "x", "raw": true, "system": "s" }))),
+        (400, "raw mode does not support template, system, or context".into())
+    );
+    assert_eq!(err(s.post("/api/generate", &json!({ "model": MODEL, "prompt": "x", "keep_alive": "soon" }))).0, 400);
+    assert_eq!(
+        err(s.post("/api/chat", &json!({ "model": MODEL, "messages": [], "think": true }))),
+        (400, "\"gemma3:270m\" does not support thinking".into())
+    );
+    assert_eq!(
+        err(s.post("/api/generate", &json!({ "model": MODEL, "prompt": "x", "images": ["aGk="] }))),
+        (400, "\"gemma3:270m\" does not support images".into())
+    );
+
+    // Oversize: refused from the declared length, before the body is sent.
+    let big = (17 << 20).to_string();
+    let r = s.try_request("POST", "/api/generate", &[("Content-Length", &big)], b"").expect("413 answer");
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"], "request body too large");
+
+    let r = s.request("GET", "/api/nope", b"");
+    assert_eq!(r.status, 404);
+    let r = s.request("GET", "/api/generate", b"");
+    assert_eq!(r.status, 405);
+    let r = s.request("DELETE", "/api/tags", b"");
+    assert_eq!(r.status, 405);
+
+    // Still serving after all of that.
+    assert_eq!(s.request("GET", "/", b"").status, 200);
+    let v = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "Hi", "stream": false,
+                                             "options": { "num_predict": 2, "stop": [] } }),
+    );
+    assert_eq!(v.status, 200);
+}
+
+#[test]
+fn a_client_that_goes_away_frees_the_model() {
+    let s = Server::start();
+    {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let body = json!({ "model": MODEL, "prompt": "Count to a thousand:", "raw": true,
+                           "options": { "num_predict": 100000 } })
+        .to_string();
+        write!(c, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut first = [0u8; 256];
+        let n = c.read(&mut first).unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    } // dropped: the connection closes mid-stream
+    let start = Instant::now();
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "Hi", "stream": false,
+                                             "options": { "num_predict": 2 } }),
+    );
+    assert_eq!(r.status, 200);
+    assert!(start.elapsed() < Duration::from_secs(30), "the abandoned generation kept the model busy");
+}
+
+#[test]
+fn concurrent_requests_are_all_answered() {
+    let s = std::sync::Arc::new(Server::start());
+    let threads: Vec<_> = (0..3)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let r = s.post(
+                    "/api/chat",
+                    &json!({ "model": MODEL, "stream": i % 2 == 0,
+                    "messages": [{ "role": "user", "content": format!("Say {i}") }],
+                    "options": { "num_predict": 3, "temperature": 0 } }),
+                );
+                assert_eq!(r.status, 200);
+                r.text()
+            })
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().unwrap().contains("\"done\":true"));
+    }
+}
