@@ -81,26 +81,70 @@ pub fn add_assign(y: &mut [f32], x: &[f32]) {
     }
 }
 
-/// Dot product of two float rows (f32 accumulation in 8 lanes, which vectorizes).
+/// Dot product of two float rows (attention scores): the AVX2/FMA version where the CPU
+/// has it, else the portable one.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::best() != crate::Isa::Scalar {
+        // SAFETY: Isa::best() is Avx2 or better only when the CPU has AVX2 and FMA.
+        return unsafe { dot_f32_fma(a, b) };
     }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
+    dot_f32_portable(a, b)
 }
 
-/// y += s * x.
+/// y += s * x (attention's weighted sum of values), dispatched like [`dot_f32`].
 pub fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::best() != crate::Isa::Scalar {
+        // SAFETY: as in dot_f32.
+        return unsafe { axpy_fma(y, s, x) };
+    }
+    axpy_portable(y, s, x)
+}
+
+/// Lanes of independent accumulators: four AVX registers, so consecutive FMAs do not
+/// wait on each other's latency.
+const LANES: usize = 32;
+
+/// The reference dot product: 32 accumulator lanes, then their sum, then the tail.
+pub fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+pub fn axpy_portable(y: &mut [f32], s: f32, x: &[f32]) {
     for (a, &b) in y.iter_mut().zip(x) {
         *a += s * b;
+    }
+}
+
+/// [`dot_f32_portable`]'s loop compiled for AVX2 with fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_f32_fma(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn axpy_fma(y: &mut [f32], s: f32, x: &[f32]) {
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a = s.mul_add(b, *a);
     }
 }
 
@@ -138,6 +182,23 @@ mod tests {
         }
         assert_eq!(gelu_tanh(-11.0), 0.0);
         assert_eq!(gelu_tanh(12.0), 12.0);
+    }
+
+    #[test]
+    fn fast_dot_and_axpy_match_portable() {
+        for n in [0usize, 1, 7, 31, 32, 33, 256, 300] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 5.0).collect();
+            let (fast, slow) = (dot_f32(&a, &b), dot_f32_portable(&a, &b));
+            let bound = 1e-5 * a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum::<f32>().max(1.0);
+            assert!((fast - slow).abs() <= bound, "n={n}: {fast} vs {slow}");
+            let (mut y1, mut y2) = (b.clone(), b.clone());
+            axpy(&mut y1, 0.37, &a);
+            axpy_portable(&mut y2, 0.37, &a);
+            for (p, q) in y1.iter().zip(&y2) {
+                assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "n={n}: {p} vs {q}");
+            }
+        }
     }
 
     #[test]

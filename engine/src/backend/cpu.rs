@@ -6,6 +6,7 @@ use crate::gguf::{Gguf, TensorInfo};
 use crate::EngineError;
 use half::f16;
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::sync::Arc;
 use turbine_cpu::matmul::{self, WeightView};
 use turbine_cpu::{ops, GgmlType};
@@ -87,6 +88,18 @@ impl KvCache for CpuKv {
 }
 
 impl CpuKv {
+    /// Keys and values of `seq` in `layer` as f32 (positions × kv_dim each).
+    fn widen(&self, layer: usize, seq: usize) -> (Vec<f32>, Vec<f32>) {
+        let widen = |rows: &[f16]| -> Vec<f32> {
+            let mut out = vec![0.0f32; rows.len()];
+            out.par_chunks_mut(4096).zip(rows.par_chunks(4096)).for_each(|(o, r)| {
+                o.iter_mut().zip(r).for_each(|(o, x)| *o = x.to_f32());
+            });
+            out
+        };
+        (widen(&self.keys[layer][seq]), widen(&self.values[layer][seq]))
+    }
+
     /// Writes one token's K and V rows at `pos` (which is ≤ the current length; the
     /// model validated the batch).
     fn store(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
@@ -214,10 +227,40 @@ impl Backend for CpuBackend {
         let mut out = self.zeros(q.rows, shape.n_heads * hd);
         let kv = &*kv;
         let f16_accumulate = batch.len() < F32_ATTENTION_MIN_QUERIES;
+        // The f32 path widens each sequence's cached keys and values once per batch, not
+        // once per query and head.
+        let widened: HashMap<usize, (Vec<f32>, Vec<f32>)> = match f16_accumulate {
+            true => HashMap::new(),
+            false => {
+                let mut seqs = batch.seqs.clone();
+                seqs.sort_unstable();
+                seqs.dedup();
+                seqs.into_iter().map(|seq| (seq, kv.widen(layer, seq))).collect()
+            }
+        };
         out.data.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / shape.n_heads, i % shape.n_heads);
+            let (seq, pos) = (batch.seqs[t], batch.positions[t] as usize);
             let qh = &q.row(t)[h * hd..(h + 1) * hd];
-            attend_one(kv, layer, batch.seqs[t], batch.positions[t], h, qh, &shape, f16_accumulate, o);
+            let lo = match shape.window {
+                Some(w) => (pos + 1).saturating_sub(w as usize),
+                None => 0,
+            };
+            // Grouped-query: query head h reads KV head h / (n_heads / n_kv_heads).
+            let kvh = h / (shape.n_heads / shape.n_kv_heads);
+            let d = kv.spec.kv_dim;
+            let head = move |p: usize| p * d + kvh * hd..p * d + (kvh + 1) * hd;
+            match widened.get(&seq) {
+                Some((keys, values)) => {
+                    let rows = (lo..=pos).map(|p| (&keys[head(p)], &values[head(p)]));
+                    attend_f32(qh, rows, shape.scale, o);
+                }
+                None => {
+                    let (keys, values) = (&kv.keys[layer][seq], &kv.values[layer][seq]);
+                    let rows = (lo..=pos).map(|p| (&keys[head(p)], &values[head(p)]));
+                    attend_online_f16(qh, rows, shape.scale, o);
+                }
+            }
         });
         out
     }
@@ -256,55 +299,14 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync 
 /// noise of llama.cpp's own, which the reference fixtures check.
 const F32_ATTENTION_MIN_QUERIES: usize = 64;
 
-/// Attention of one query head over its sequence's cached keys at positions [lo, pos],
-/// where lo honours the sliding window. Grouped-query: query head h reads KV head
-/// h / (n_heads / n_kv_heads).
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
-    kv: &CpuKv,
-    layer: usize,
-    seq: usize,
-    pos: u32,
-    h: usize,
-    q: &[f32],
-    shape: &AttnShape,
-    f16_accumulate: bool,
-    out: &mut [f32],
-) {
-    let hd = shape.head_dim;
-    let kvh = h / (shape.n_heads / shape.n_kv_heads);
-    let d = kv.spec.kv_dim;
-    let lo = match shape.window {
-        Some(w) => (pos + 1).saturating_sub(w) as usize,
-        None => 0,
-    };
-    let keys = &kv.keys[layer][seq];
-    let values = &kv.values[layer][seq];
-    fn head_row(cache: &[f16], p: usize, d: usize, kvh: usize, hd: usize) -> &[f16] {
-        &cache[p * d + kvh * hd..p * d + (kvh + 1) * hd]
-    }
-    let row = |cache, p| head_row(cache, p, d, kvh, hd);
-    if f16_accumulate {
-        attend_online_f16(q, (lo..=pos as usize).map(|p| (row(keys, p), row(values, p))), shape.scale, out);
-    } else {
-        attend_f32(q, (lo..=pos as usize).map(|p| (row(keys, p), row(values, p))), shape.scale, out);
-    }
-}
-
-/// Softmax(q·K)·V with scores, weights and sums in f32.
-fn attend_f32<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f16], &'a [f16])> + Clone, scale: f32, out: &mut [f32]) {
-    let mut kf = vec![0.0f32; q.len()];
-    let mut scores: Vec<f32> = kv
-        .clone()
-        .map(|(k, _)| {
-            kf.iter_mut().zip(k).for_each(|(a, b)| *a = b.to_f32());
-            ops::dot_f32(q, &kf) * scale
-        })
-        .collect();
+/// Softmax(q·K)·V over one head's keys and values (positions in the window, in order),
+/// with scores, weights and sums in f32.
+fn attend_f32<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f32], &'a [f32])> + Clone, scale: f32, out: &mut [f32]) {
+    let mut scores: Vec<f32> = kv.clone().map(|(k, _)| ops::dot_f32(q, k) * scale).collect();
     ops::softmax(&mut scores);
     out.iter_mut().for_each(|o| *o = 0.0);
     for ((_, v), &s) in kv.zip(&scores) {
-        out.iter_mut().zip(v).for_each(|(o, x)| *o += s * x.to_f32());
+        ops::axpy(out, s, v);
     }
 }
 
