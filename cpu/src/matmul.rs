@@ -100,11 +100,11 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
     scratch.par_chunks_mut(chunk * n).enumerate().for_each(|(c, dst)| {
         rows_times_tokens(isa, w, acts, c * chunk, dst);
     });
-    for (r, per_token) in scratch.chunks_exact(n).enumerate() {
-        for (t, &v) in per_token.iter().enumerate() {
-            out[t * w.rows + r] = v;
+    out.par_chunks_mut(w.rows).enumerate().for_each(|(t, token_out)| {
+        for (r, o) in token_out.iter_mut().enumerate() {
+            *o = scratch[r * n + t];
         }
-    }
+    });
 }
 
 /// Weight rows per rayon task: enough tasks (4 per thread) to balance the load, but at

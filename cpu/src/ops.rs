@@ -16,8 +16,8 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
 }
 
 /// tanh-approximated GELU, as ggml computes it when `GGML_GELU_FP16` is set: the input
-/// is rounded to f16 and the result looked up in an f16 table (here: recomputed and
-/// rounded to f16), saturating outside ±10.
+/// is rounded to f16 and the result looked up in a table of f16 results, saturating
+/// outside ±10.
 pub fn gelu_tanh(x: f32) -> f32 {
     if x <= -10.0 {
         return 0.0;
@@ -25,8 +25,13 @@ pub fn gelu_tanh(x: f32) -> f32 {
     if x >= 10.0 {
         return x;
     }
-    let xh = f16::from_f32(x).to_f32();
-    f16::from_f32(gelu_tanh_exact(xh)).to_f32()
+    gelu_table()[f16::from_f32(x).to_bits() as usize].to_f32()
+}
+
+/// f16(gelu(h)) for every f16 bit pattern h, built on first use (128 KiB).
+fn gelu_table() -> &'static [f16] {
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|h| f16::from_f32(gelu_tanh_exact(f16::from_bits(h).to_f32()))).collect())
 }
 
 /// tanh-approximated GELU in f32: 0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²))).
@@ -198,6 +203,15 @@ mod tests {
             for (p, q) in y1.iter().zip(&y2) {
                 assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "n={n}: {p} vs {q}");
             }
+        }
+    }
+
+    #[test]
+    fn gelu_table_is_gelu_of_the_f16_input_rounded_to_f16() {
+        for i in -19_999..20_000 {
+            let x = i as f32 * 0.000_5;
+            let want = f16::from_f32(gelu_tanh_exact(f16::from_f32(x).to_f32())).to_f32();
+            assert_eq!(gelu_tanh(x).to_bits(), want.to_bits(), "{x}");
         }
     }
 
