@@ -6,6 +6,7 @@
 pub mod act;
 pub mod dequant;
 pub mod dot;
+pub mod half_ops;
 pub mod matmul;
 pub mod ops;
 pub mod simd;

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use turbine_cpu::matmul::{self, WeightView};
-use turbine_cpu::{ops, GgmlType};
+use turbine_cpu::{half_ops, ops, GgmlType};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
@@ -317,16 +317,16 @@ fn attend_online_f16<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f16], &'a [f1
     let mut acc = vec![f16::ZERO; q.len()];
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
     for (k, v) in kv {
-        let s = k.iter().zip(&q16).map(|(a, &b)| a.to_f32() as f64 * b as f64).sum::<f64>() as f32 * scale;
+        let s = half_ops::dot_f16_f32(k, &q16) * scale;
         let (mut ms, mut vs) = (1.0f32, 1.0f32);
         if s > max {
             ms = (max - s).exp();
             max = s;
-            acc.iter_mut().for_each(|a| *a = f16::from_f32(a.to_f32() * ms));
+            half_ops::scale_f16(&mut acc, ms);
         } else {
             vs = (s - max).exp();
         }
-        acc.iter_mut().zip(v).for_each(|(a, x)| *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32())));
+        half_ops::mad_f16(&mut acc, v, vs);
         sum = sum * ms + vs;
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };

@@ -1,0 +1,165 @@
+//! Row kernels on f16 data (the KV cache): the pieces of ggml-style online-softmax
+//! attention that accumulates V in f16. Each has a portable reference and an
+//! AVX2/FMA/F16C version with the same per-element rounding (one FMA rounding, then
+//! round-to-nearest-even to f16), so the two agree bit for bit.
+
+use half::f16;
+
+fn use_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::Isa::best() != crate::Isa::Scalar && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// acc[i] = f16(v[i] · s + acc[i]) (ggml's `ggml_vec_mad_f16`).
+pub fn mad_f16(acc: &mut [f16], v: &[f16], s: f32) {
+    assert_eq!(acc.len(), v.len(), "mad_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if use_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C; lengths are equal.
+        return unsafe { x86::mad_f16(acc, v, s) };
+    }
+    mad_f16_portable(acc, v, s)
+}
+
+/// acc[i] = f16(acc[i] · s) (ggml's `ggml_vec_scale_f16`).
+pub fn scale_f16(acc: &mut [f16], s: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if use_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        return unsafe { x86::scale_f16(acc, s) };
+    }
+    scale_f16_portable(acc, s)
+}
+
+/// Σ k[i]·q[i] with f16 keys and f32 queries, accumulated in f32.
+pub fn dot_f16_f32(k: &[f16], q: &[f32]) -> f32 {
+    assert_eq!(k.len(), q.len(), "dot_f16_f32: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if use_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C; lengths are equal.
+        return unsafe { x86::dot_f16_f32(k, q) };
+    }
+    dot_f16_f32_portable(k, q)
+}
+
+pub fn mad_f16_portable(acc: &mut [f16], v: &[f16], s: f32) {
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a = f16::from_f32(x.to_f32().mul_add(s, a.to_f32()));
+    }
+}
+
+pub fn scale_f16_portable(acc: &mut [f16], s: f32) {
+    acc.iter_mut().for_each(|a| *a = f16::from_f32(a.to_f32() * s));
+}
+
+/// Eight f32 lanes accumulated like the x86 version (lane i takes elements i mod 8),
+/// then summed.
+pub fn dot_f16_f32_portable(k: &[f16], q: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    for (i, (a, &b)) in k.iter().zip(q).enumerate() {
+        lanes[i % 8] = a.to_f32().mul_add(b, lanes[i % 8]);
+    }
+    lanes.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load_ph(x: &[f16]) -> __m256 {
+        debug_assert!(x.len() >= 8);
+        // SAFETY: reads 8 f16 (16 bytes) from a slice of at least 8.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().cast())) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn store_ph(x: &mut [f16], v: __m256) {
+        debug_assert!(x.len() >= 8);
+        // SAFETY: writes 8 f16 (16 bytes) into a slice of at least 8.
+        unsafe { _mm_storeu_si128(x.as_mut_ptr().cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn mad_f16(acc: &mut [f16], v: &[f16], s: f32) {
+        let sv = _mm256_set1_ps(s);
+        let (mut a8, mut v8) = (acc.chunks_exact_mut(8), v.chunks_exact(8));
+        for (a, x) in (&mut a8).zip(&mut v8) {
+            let r = _mm256_fmadd_ps(load_ph(x), sv, load_ph(a));
+            store_ph(a, r);
+        }
+        super::mad_f16_portable(a8.into_remainder(), v8.remainder(), s);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn scale_f16(acc: &mut [f16], s: f32) {
+        let sv = _mm256_set1_ps(s);
+        let mut a8 = acc.chunks_exact_mut(8);
+        for a in &mut a8 {
+            let r = _mm256_mul_ps(load_ph(a), sv);
+            store_ph(a, r);
+        }
+        super::scale_f16_portable(a8.into_remainder(), s);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_f16_f32(k: &[f16], q: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let (k8, q8) = (k.chunks_exact(8), q.chunks_exact(8));
+        let tail = super::dot_f16_f32_portable(k8.remainder(), q8.remainder());
+        for (a, b) in k8.zip(q8) {
+            // SAFETY: reads the 8 floats of `b`.
+            let bv = unsafe { _mm256_loadu_ps(b.as_ptr()) };
+            acc = _mm256_fmadd_ps(load_ph(a), bv, acc);
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: writes 8 floats into an array of 8.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: usize, seed: u32) -> Vec<f16> {
+        (0..n).map(|i| f16::from_f32(((i as u32 * 2654435761 ^ seed) % 2001) as f32 / 100.0 - 10.0)).collect()
+    }
+
+    #[test]
+    fn fast_paths_equal_portable_bit_for_bit() {
+        for n in [0usize, 1, 7, 8, 9, 64, 256, 259] {
+            let v = row(n, 7);
+            let (mut a, mut b) = (row(n, 3), row(n, 3));
+            mad_f16(&mut a, &v, 0.731);
+            mad_f16_portable(&mut b, &v, 0.731);
+            assert_eq!(a, b, "mad n={n}");
+            scale_f16(&mut a, 0.377);
+            scale_f16_portable(&mut b, 0.377);
+            assert_eq!(a, b, "scale n={n}");
+        }
+    }
+
+    #[test]
+    fn dot_matches_portable_and_f64() {
+        for n in [1usize, 8, 13, 256] {
+            let k = row(n, 11);
+            let q: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let exact: f64 = k.iter().zip(&q).map(|(a, &b)| a.to_f32() as f64 * b as f64).sum();
+            let (fast, slow) = (dot_f16_f32(&k, &q), dot_f16_f32_portable(&k, &q));
+            let bound = 1e-5 * k.iter().zip(&q).map(|(a, b)| (a.to_f32() * b).abs()).sum::<f32>().max(1.0);
+            assert!(
+                (fast - slow).abs() <= bound && (fast as f64 - exact).abs() <= bound as f64,
+                "n={n}: {fast} {slow} {exact}"
+            );
+        }
+    }
+}
