@@ -4,6 +4,7 @@
 //!   TURBINE_TRACE=trace.bin TURBINE_TRACE_IDS="2 818 5279" \
 //!     cargo test --release --test trace_vs_llama_cpp -- --ignored --nocapture
 
+#[allow(dead_code)] // this debugging aid uses only part of the shared helpers
 mod common;
 
 use std::collections::HashMap;
