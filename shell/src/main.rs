@@ -1,6 +1,7 @@
 //! The `turbine` command.
 
 mod bench;
+mod client;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,30 @@ enum Command {
     /// Serve Ollama's HTTP API (and OpenAI's chat completions) on OLLAMA_HOST
     /// (default 127.0.0.1:11434) for the models in the store.
     Serve,
+    /// List the models the server has (client of `turbine serve`, at OLLAMA_HOST).
+    #[command(visible_alias = "ls")]
+    List,
+    /// List the models the server has loaded.
+    Ps,
+    /// Show a model's architecture, size, context length, quantization and capabilities.
+    Show { model: String },
+    /// Unload a model from the server.
+    Stop { model: String },
+    /// Chat with a model: answer PROMPT (and/or piped stdin) once, or chat interactively.
+    Run {
+        model: String,
+        /// The prompt (words are joined with spaces); none on a terminal starts a chat.
+        prompt: Vec<String>,
+        /// How long the model stays loaded after the request (e.g. 5m, 1h, 0, -1).
+        #[arg(long = "keepalive")]
+        keep_alive: Option<String>,
+        /// Print timings (token counts and rates) after each answer, on stderr.
+        #[arg(long)]
+        verbose: bool,
+        /// Chat interactively even when stdin is not a terminal.
+        #[arg(long, hide = true)]
+        interactive: bool,
+    },
     /// Print the token ids of a text as a JSON array.
     Tokenize {
         /// Model name (e.g. gemma3:270m) or path to a .gguf file.
@@ -139,6 +164,18 @@ fn tokenize(model: &str, text: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Runs a client command against the server at OLLAMA_HOST; errors print as Ollama's CLI
+/// prints them (`Error: <message from the server>`) and exit 1.
+fn client_main(f: impl FnOnce(&client::Target) -> Result<(), String>) -> ExitCode {
+    match client::Target::from_env().and_then(|t| f(&t)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -150,6 +187,14 @@ fn main() -> ExitCode {
         }
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text } => tokenize(&model, &text),
+        Command::List => return client_main(client::list),
+        Command::Ps => return client_main(client::ps),
+        Command::Show { model } => return client_main(|t| client::show(t, &model)),
+        Command::Stop { model } => return client_main(|t| client::stop(t, &model)),
+        Command::Run { model, prompt, keep_alive, verbose, interactive } => {
+            let args = client::RunArgs { model, prompt, keep_alive, verbose, interactive };
+            return client_main(|t| client::run(t, args));
+        }
         Command::Serve => {
             if let Err(e) = server::serve() {
                 eprintln!("error: {e}");

@@ -224,11 +224,17 @@ pub(super) fn f16x4<const N: usize>(blocks: &[[u8; N]; 4], off: usize) -> __m128
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn scales_x4<const W: usize, const A: usize>(scale: Scale, xs: &[[u8; W]; 4], ys: &[[u8; A]; 4]) -> __m128 {
-    let dw = match scale {
+    _mm_mul_ps(weight_scales_x4(scale, xs), f16x4(ys, 0))
+}
+
+/// Lane k: the scale of weight block k.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn weight_scales_x4<const W: usize>(scale: Scale, xs: &[[u8; W]; 4]) -> __m128 {
+    match scale {
         Scale::F16 => f16x4(xs, 0),
         Scale::E8M0 => _mm_setr_ps(scale.of(&xs[0]), scale.of(&xs[1]), scale.of(&xs[2]), scale.of(&xs[3])),
-    };
-    _mm_mul_ps(dw, f16x4(ys, 0))
+    }
 }
 
 /// Σ m·s of four Q4_1/Q5_1 blocks (lanewise): the weight min `m` and the activation's

@@ -8,8 +8,8 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bsums_dot, hsum_ps, k4_scales_mins, load128, load256, min_x1, mins_x4, q8k_d, q8k_qs, quants_iq4_nl, quants_mxfp4,
-    quants_q4_0, quants_q4_1, quants_q8_0, scales_x4, KSums, Scale, Q8_0, Q8_1, Q8_K,
+    bsums_dot, f16x4, hsum_ps, k4_scales_mins, load128, load256, min_x1, mins_x4, q8k_d, q8k_qs, quants_iq4_nl,
+    quants_mxfp4, quants_q4_0, quants_q4_1, quants_q8_0, weight_scales_x4, KSums, Scale, Q8_0, Q8_1, Q8_K,
 };
 use super::common::{at, f16_at, u32_at, unpack_q3_scales};
 use crate::{ActRow, GgmlType};
@@ -114,17 +114,6 @@ fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
 
 // ---- 32-element blocks (Q8_0 / Q8_1 activations), two per vector ----
 
-/// Signed × signed bytes summed in fours: VNNI `dpbusd` wants unsigned × signed, so the
-/// weights' signs move onto the activations (AVX-512 has no `vpsignb`: negate where the
-/// weight's sign bit is set).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn dot_i8_i8(x: __m512i, y: __m512i) -> __m512i {
-    let zero = _mm512_setzero_si512();
-    let y_signed = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(x), zero, y);
-    _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(x), y_signed)
-}
-
 /// For pair p of a group of four blocks: lanes 0..8 take block 2p's scale, 8..16 block 2p+1's.
 static PAIR_SCALE_LANES: [[i32; 16]; 2] =
     [[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3]];
@@ -161,14 +150,23 @@ fn dot_blocks_32_tokens<const W: usize, const A: usize, const T: usize>(
     let mut acc = [[_mm512_setzero_ps(); 2]; T];
     let mut mins = [_mm_setzero_ps(); T];
     for (g, xs) in w4.iter().enumerate() {
+        // Everything that depends on the weights alone is done once for all T rows.
         let qx = [0, 1].map(|p| join(decode(&xs[2 * p]), decode(&xs[2 * p + 1])));
+        let (abs_x, neg_x) = (qx.map(|q| _mm512_abs_epi8(q)), qx.map(|q| _mm512_movepi8_mask(q)));
+        let dw = weight_scales_x4(scale, xs);
         for t in 0..T {
             let ys = &a4[t][g];
-            let d = _mm512_castps128_ps512(scales_x4(scale, xs, ys));
+            let d = _mm512_castps128_ps512(_mm_mul_ps(dw, f16x4(ys, 0)));
             for p in 0..2 {
                 let qy = join(load256(at(&ys[2 * p], A - 32)), load256(at(&ys[2 * p + 1], A - 32)));
                 let zero = _mm512_setzero_si512();
-                let sums = if affine { _mm512_dpbusd_epi32(zero, qx[p], qy) } else { dot_i8_i8(qx[p], qy) };
+                // Signed × signed: VNNI `dpbusd` wants unsigned × signed, so the weights'
+                // signs move onto the activations (AVX-512 has no `vpsignb`).
+                let sums = if affine {
+                    _mm512_dpbusd_epi32(zero, qx[p], qy)
+                } else {
+                    _mm512_dpbusd_epi32(zero, abs_x[p], _mm512_mask_sub_epi8(qy, neg_x[p], zero, qy))
+                };
                 // SAFETY: reads exactly the 64 bytes of the table row.
                 let lanes = unsafe { _mm512_loadu_si512(PAIR_SCALE_LANES[p].as_ptr().cast()) };
                 acc[t][p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, d), _mm512_cvtepi32_ps(sums), acc[t][p]);

@@ -86,14 +86,20 @@ pub fn dot_row_tokens(
         return false;
     }
     assert_eq!(w.len(), checked_row_bytes(ty, n, a[0]), "simd::dot_row_tokens: weight row is not {n} {ty}");
-    let [ActRow::Quant(a0), ActRow::Quant(a1), ActRow::Quant(a2), ActRow::Quant(a3)] = a else { return false };
+    let ActRow::Quant(first) = a[0] else { return false };
     // The other rows need only the first one's length (same format, checked above).
-    assert!([a1, a2, a3].iter().all(|r| r.len() == a0.len()), "simd::dot_row_tokens: activation rows differ in length");
+    let mut rows = [first; ROW_TOKENS];
+    for (row, act) in rows.iter_mut().zip(a) {
+        match act {
+            ActRow::Quant(q) if q.len() == first.len() => *row = q,
+            _ => panic!("simd::dot_row_tokens: activation rows differ in format or length"),
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `isa_usable(Avx512)` says the CPU has every feature the kernels enable,
         // and the weight row and all activation rows hold exactly `n` elements.
-        match unsafe { avx512::vec_dot_tokens(ty, w, [a0, a1, a2, a3]) } {
+        match unsafe { avx512::vec_dot_tokens(ty, w, rows) } {
             Some(v) => {
                 *out = v;
                 true
@@ -103,7 +109,7 @@ pub fn dot_row_tokens(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a0, a1, a2, a3, out);
+        let _ = (rows, out);
         false
     }
 }

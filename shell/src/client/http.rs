@@ -1,0 +1,199 @@
+//! A minimal HTTP/1.1 client over `std::net::TcpStream` for the CLI clients: one request per
+//! connection (`Connection: close`), JSON bodies, `Content-Length` or chunked responses read
+//! incrementally so that NDJSON streams print as they arrive. Plain HTTP only.
+
+use serde_json::Value;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+
+use crate::server::host::parse_ollama_host;
+
+/// Where the server is and how to authenticate, from OLLAMA_HOST and OLLAMA_API_KEY.
+pub struct Target {
+    /// `host:port` (`[v6]:port`) to connect to and send as `Host`.
+    pub addr: String,
+    pub api_key: Option<String>,
+}
+
+impl Target {
+    /// OLLAMA_HOST parsed as the server parses it; an unspecified host (`:8080`, `0.0.0.0`)
+    /// means this machine, as Ollama's client connects there.
+    pub fn from_env() -> Result<Target, String> {
+        let raw = std::env::var("OLLAMA_HOST").unwrap_or_default();
+        if raw.trim().trim_matches(|c| c == '"' || c == '\'').starts_with("https://") {
+            return Err(format!("OLLAMA_HOST={raw}: https is not supported by turbine's client"));
+        }
+        let hp = parse_ollama_host(&raw);
+        let host = match hp.host.as_str() {
+            "" | "0.0.0.0" => "127.0.0.1".to_string(),
+            "::" => "::1".to_string(),
+            h => h.to_string(),
+        };
+        let addr = if host.contains(':') { format!("[{host}]:{}", hp.port) } else { format!("{host}:{}", hp.port) };
+        let api_key = std::env::var("OLLAMA_API_KEY").ok().filter(|k| !k.is_empty());
+        Ok(Target { addr, api_key })
+    }
+
+    /// Sends a request and returns the status and a reader over the (de-chunked) body.
+    pub fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Response, String> {
+        let stream = TcpStream::connect(&self.addr)
+            .map_err(|e| format!("could not connect to a running server at {} ({e}): start it with `turbine serve`", self.addr))?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: turbine/{}\r\nAccept: application/x-ndjson, application/json\r\n",
+            self.addr,
+            env!("CARGO_PKG_VERSION")
+        );
+        if method != "GET" && method != "HEAD" {
+            head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        }
+        if let Some(key) = &self.api_key {
+            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        }
+        head.push_str("\r\n");
+        let io_err = |e: io::Error| format!("{method} {path}: {e}");
+        let mut w = &stream;
+        w.write_all(head.as_bytes()).map_err(io_err)?;
+        w.write_all(body.as_bytes()).map_err(io_err)?;
+        w.flush().map_err(io_err)?;
+        read_head(BufReader::new(stream)).map_err(io_err)
+    }
+
+    /// A request whose answer is one JSON object; an error status becomes its `error` text.
+    pub fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
+        let mut r = self.send(method, path, body)?;
+        let mut text = String::new();
+        r.body.read_to_string(&mut text).map_err(|e| format!("{method} {path}: {e}"))?;
+        if r.status >= 400 {
+            return Err(error_text(r.status, &text));
+        }
+        serde_json::from_str(&text).map_err(|e| format!("{method} {path}: bad JSON from server ({e})"))
+    }
+
+    /// A streamed request: calls `each` for every NDJSON line until the stream ends; an error
+    /// status, or an `{"error":…}` line, becomes an error.
+    pub fn stream(&self, path: &str, body: &Value, mut each: impl FnMut(&Value) -> Result<(), String>) -> Result<(), String> {
+        let mut r = self.send("POST", path, Some(body))?;
+        if r.status >= 400 {
+            let mut text = String::new();
+            let _ = r.body.read_to_string(&mut text);
+            return Err(error_text(r.status, &text));
+        }
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.body.read_line(&mut line).map_err(|e| format!("POST {path}: {e}"))? == 0 {
+                return Ok(());
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value =
+                serde_json::from_str(line.trim()).map_err(|e| format!("POST {path}: bad NDJSON line ({e})"))?;
+            if let Some(err) = v.get("error").and_then(Value::as_str) {
+                return Err(err.to_string());
+            }
+            each(&v)?;
+        }
+    }
+}
+
+/// The server's `{"error":"…"}` message, else the status and body.
+fn error_text(status: u16, body: &str) -> String {
+    match serde_json::from_str::<Value>(body) {
+        Ok(v) => match v.get("error") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Object(o)) if o.get("message").is_some_and(Value::is_string) => {
+                o["message"].as_str().unwrap_or_default().to_string()
+            }
+            _ => format!("{status}: {}", body.trim()),
+        },
+        Err(_) => format!("{status}: {}", body.trim()),
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: BufReader<Body>,
+}
+
+/// The response body: everything to EOF, `Content-Length` bytes, or de-chunked.
+pub enum Body {
+    Plain(io::Take<BufReader<TcpStream>>),
+    Chunked { inner: BufReader<TcpStream>, left: usize, done: bool },
+}
+
+impl Read for Body {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Body::Plain(r) => r.read(buf),
+            Body::Chunked { inner, left, done } => {
+                if *done || buf.is_empty() {
+                    return Ok(0);
+                }
+                if *left == 0 {
+                    let mut line = String::new();
+                    inner.read_line(&mut line)?;
+                    if line.trim().is_empty() {
+                        // CRLF after the previous chunk's data.
+                        line.clear();
+                        if inner.read_line(&mut line)? == 0 {
+                            *done = true;
+                            return Ok(0);
+                        }
+                    }
+                    let size = line.trim().split(';').next().unwrap_or("");
+                    let n = usize::from_str_radix(size, 16)
+                        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+                    if n == 0 {
+                        *done = true;
+                        return Ok(0);
+                    }
+                    *left = n;
+                }
+                let want = buf.len().min(*left);
+                let got = inner.read(&mut buf[..want])?;
+                if got == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-chunk"));
+                }
+                *left -= got;
+                Ok(got)
+            }
+        }
+    }
+}
+
+fn read_head(mut r: BufReader<TcpStream>) -> io::Result<Response> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an HTTP response"))?;
+    let (mut chunked, mut length) = (false, None);
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            break;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim(), v.trim());
+            if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
+                chunked = true;
+            } else if k.eq_ignore_ascii_case("content-length") {
+                length = v.parse::<u64>().ok();
+            }
+        }
+    }
+    let body = if chunked {
+        Body::Chunked { inner: r, left: 0, done: false }
+    } else {
+        Body::Plain(r.take(length.unwrap_or(u64::MAX)))
+    };
+    Ok(Response { status, body: BufReader::new(body) })
+}
