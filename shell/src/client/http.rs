@@ -36,8 +36,9 @@ impl Target {
 
     /// Sends a request and returns the status and a reader over the (de-chunked) body.
     pub fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Response, String> {
-        let stream = TcpStream::connect(&self.addr)
-            .map_err(|e| format!("could not connect to a running server at {} ({e}): start it with `turbine serve`", self.addr))?;
+        let stream = TcpStream::connect(&self.addr).map_err(|e| {
+            format!("could not connect to a running server at {} ({e}): start it with `turbine serve`", self.addr)
+        })?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: turbine/{}\r\nAccept: application/x-ndjson, application/json\r\n",
@@ -72,7 +73,12 @@ impl Target {
 
     /// A streamed request: calls `each` for every NDJSON line until the stream ends; an error
     /// status, or an `{"error":…}` line, becomes an error.
-    pub fn stream(&self, path: &str, body: &Value, mut each: impl FnMut(&Value) -> Result<(), String>) -> Result<(), String> {
+    pub fn stream(
+        &self,
+        path: &str,
+        body: &Value,
+        mut each: impl FnMut(&Value) -> Result<(), String>,
+    ) -> Result<(), String> {
         let mut r = self.send("POST", path, Some(body))?;
         if r.status >= 400 {
             let mut text = String::new();

@@ -226,7 +226,10 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         let t = parse_rfc3339("2023-11-14T22:13:20.5Z").unwrap();
         assert_eq!(t, UNIX_EPOCH + Duration::from_millis(1_700_000_000_500));
-        assert_eq!(parse_rfc3339("2023-11-14T23:13:20+01:00").unwrap(), UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:13:20+01:00").unwrap(),
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
         assert_eq!(parse_rfc3339("9999-12-31T23:59:59Z").unwrap(), UNIX_EPOCH + Duration::from_secs(253_402_300_799));
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
         assert_eq!(human_since(now, now - Duration::from_secs(3 * 86_400)), "3 days ago");

@@ -131,7 +131,7 @@ fn parse_value(s: &str) -> Value {
 /// Reads one message: a line, or `"""`-delimited lines. None at end of input.
 fn read_message(input: &mut dyn BufRead, prompt_shown: bool) -> Result<Option<String>, String> {
     let mut line = String::new();
-    let mut show = |p: &str| {
+    let show = |p: &str| {
         if prompt_shown {
             print!("{p}");
             let _ = std::io::stdout().flush();
@@ -168,11 +168,15 @@ fn read_message(input: &mut dyn BufRead, prompt_shown: bool) -> Result<Option<St
 fn interactive(t: &Target, args: &RunArgs, input: &mut dyn BufRead) -> Result<(), String> {
     let mut chat = Chat::new(args);
     // Load the model first, so that a missing model is reported before the first prompt.
-    t.json("POST", "/api/chat", Some(&{
-        let mut b = chat.request(&[]);
-        b["stream"] = json!(false);
-        b
-    }))?;
+    t.json(
+        "POST",
+        "/api/chat",
+        Some(&{
+            let mut b = chat.request(&[]);
+            b["stream"] = json!(false);
+            b
+        }),
+    )?;
     let tty = std::io::stdin().is_terminal();
     if tty {
         println!("Send a message (/? for help)");
