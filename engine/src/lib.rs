@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod file_type;
 pub mod generate;
 pub mod gguf;
 pub mod model;

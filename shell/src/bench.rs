@@ -146,7 +146,12 @@ impl ModelSummary {
         let file = &model.file;
         let size_bytes = file.tensors().iter().map(|t| t.n_bytes as u64).sum();
         let label = file.get_str("general.size_label").ok().flatten().unwrap_or("?").to_string();
-        let ftype = file.get_u32("general.file_type").ok().flatten().map_or("?", ftype_name);
+        let ftype = file
+            .get_u32("general.file_type")
+            .ok()
+            .flatten()
+            .and_then(turbine::engine::file_type::description)
+            .unwrap_or("?");
         let info = model.arch.info();
         ModelSummary {
             path: path.to_string(),
@@ -154,32 +159,6 @@ impl ModelSummary {
             size_bytes,
             n_params: info.n_params,
         }
-    }
-}
-
-/// llama.cpp's names for the common `general.file_type` values.
-fn ftype_name(ftype: u32) -> &'static str {
-    match ftype {
-        0 => "all F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K - Medium",
-        11 => "Q3_K - Small",
-        12 => "Q3_K - Medium",
-        13 => "Q3_K - Large",
-        14 => "Q4_K - Small",
-        15 => "Q4_K - Medium",
-        16 => "Q5_K - Small",
-        17 => "Q5_K - Medium",
-        18 => "Q6_K",
-        25 => "IQ4_NL - 4.5 bpw",
-        32 => "BF16",
-        38 => "MXFP4 MoE",
-        _ => "?",
     }
 }
 

@@ -5,51 +5,24 @@
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const MODEL: &str = "gemma3:270m";
 
-/// A running server, killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
-}
+/// A running server with a small context, so open-ended generations (the one-shot
+/// `run`) stay short.
+struct Server(common::ServeProcess);
 
 impl Server {
-    /// A small context keeps open-ended generations (the one-shot `run`) short.
     fn start() -> Server {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_turbine"))
-            .arg("serve")
-            .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
-            .env("OLLAMA_CONTEXT_LENGTH", "128")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start turbine serve");
-        let server = Server { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not answer on port {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
+        Server(common::ServeProcess::start(&[("OLLAMA_CONTEXT_LENGTH", "128")]))
     }
 
     fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.0.port)
     }
 
     /// `turbine ARGS` as a client of this server, with `stdin` piped in.
@@ -59,7 +32,7 @@ impl Server {
 
     /// POST a JSON body, expecting a JSON answer (stream:false).
     fn post(&self, path: &str, body: &Value) -> Value {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut s = TcpStream::connect(("127.0.0.1", self.0.port)).expect("connect");
         let body = body.to_string();
         write!(
             s,
@@ -176,7 +149,7 @@ fn errors_print_the_servers_message_and_exit_1() {
     assert_eq!(failed(&s.cli(&["show", "nope:latest"], "")), want);
     assert_eq!(failed(&s.cli(&["stop", "nope:latest"], "")), want);
     // Nothing listens on a just-freed port.
-    let err = failed(&cli(&format!("127.0.0.1:{}", free_port()), &["list"], "", None));
+    let err = failed(&cli(&format!("127.0.0.1:{}", common::free_port()), &["list"], "", None));
     assert!(err.starts_with("Error: could not connect"), "{err}");
 }
 

@@ -3,9 +3,8 @@
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use turbine::engine::generate::{GenerateOptions, LoadedModel, Session};
 use turbine::engine::sampler::SamplerParams;
@@ -13,46 +12,20 @@ use turbine::engine::sampler::SamplerParams;
 const MODEL: &str = "gemma3:270m";
 const MODEL_SHA: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
-/// A running server, killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A running server (default settings).
+struct Server(common::ServeProcess);
 
 impl Server {
     fn start() -> Server {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let child = Command::new(env!("CARGO_BIN_EXE_turbine"))
-            .arg("serve")
-            .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start turbine serve");
-        let server = Server { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = server.try_request("GET", "/", &[], b"") {
-                if r.status == 200 {
-                    return server;
-                }
-            }
-            assert!(Instant::now() < deadline, "server did not answer on port {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        Server(common::ServeProcess::start(&[]))
     }
 
     fn try_request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        let mut s = TcpStream::connect(("127.0.0.1", self.0.port))?;
         s.set_read_timeout(Some(Duration::from_secs(300)))?;
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n", self.port);
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n", self.0.port);
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
             head.push_str(&format!("Content-Length: {}\r\n", body.len()));
         }
@@ -448,7 +421,7 @@ fn errors_as_ollama_gives_them() {
 fn a_client_that_goes_away_frees_the_model() {
     let s = Server::start();
     {
-        let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", s.0.port)).unwrap();
         let body = json!({ "model": MODEL, "prompt": "Count to a thousand:", "raw": true,
                            "options": { "num_predict": 100000 } })
         .to_string();

@@ -126,45 +126,6 @@ pub fn human_number(n: u64) -> String {
     }
 }
 
-/// llama.cpp's `general.file_type` names.
-pub fn file_type_name(ft: u32) -> &'static str {
-    match ft {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        19 => "IQ2_XXS",
-        20 => "IQ2_XS",
-        21 => "Q2_K_S",
-        22 => "IQ3_XS",
-        23 => "IQ3_XXS",
-        24 => "IQ1_S",
-        25 => "IQ4_NL",
-        26 => "IQ3_S",
-        27 => "IQ3_M",
-        28 => "IQ2_S",
-        29 => "IQ2_M",
-        30 => "IQ4_XS",
-        31 => "IQ1_M",
-        32 => "BF16",
-        36 => "TQ1_0",
-        37 => "TQ2_0",
-        _ => "unknown",
-    }
-}
-
 fn parameter_count(file: &Gguf) -> u64 {
     file.tensors().iter().map(|t| t.n_elements() as u64).sum()
 }
@@ -172,7 +133,12 @@ fn parameter_count(file: &Gguf) -> u64 {
 /// The `details` object of tags/show/ps, read from the GGUF.
 pub fn details_of(file: &Gguf) -> Value {
     let family = file.architecture().unwrap_or("").to_string();
-    let quant = file.get_u32("general.file_type").ok().flatten().map_or("unknown", file_type_name);
+    let quant = file
+        .get_u32("general.file_type")
+        .ok()
+        .flatten()
+        .and_then(turbine::engine::file_type::short_name)
+        .unwrap_or("unknown");
     json!({
         "parent_model": "",
         "format": "gguf",
@@ -263,6 +229,5 @@ mod tests {
         assert_eq!(human_number(7_000_000_000), "7B");
         assert_eq!(human_number(8_030_261_248), "8.0B");
         assert_eq!(human_number(1_500), "2K");
-        assert_eq!(file_type_name(15), "Q4_K_M");
     }
 }
