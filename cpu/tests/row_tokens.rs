@@ -27,6 +27,9 @@ fn random_row(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
         if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
             block[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
         }
+        if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
+            block[2..4].copy_from_slice(&half::f16::from_f32(0.003).to_le_bytes()); // dmin
+        }
     }
     row
 }
@@ -41,6 +44,8 @@ fn row_tokens_equal_single_token_dots() {
         GgmlType::Q8_0,
         GgmlType::IQ4_NL,
         GgmlType::MXFP4,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
     ];
     for isa in Isa::available() {
         for ty in GgmlType::ALL {

@@ -482,10 +482,19 @@ pub(super) fn offset_correction<const LOG2_K: i32>(sc: __m128i, y: &[u8; Q8_K]) 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn k4_scales_mins(scales: &[u8; 12], y: &[u8; Q8_K]) -> (__m128i, __m256i) {
+    let (sm, mins_twice) = k4_scales_and_mins(scales);
+    (sm, bsums_dot(mins_twice, y))
+}
+
+/// The weight-only half of [`k4_scales_mins`]: the 8 scales and 8 mins as bytes (`sm`),
+/// and each min twice (one per 16-element Q8_K sum).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn k4_scales_and_mins(scales: &[u8; 12]) -> (__m128i, __m128i) {
     let u = unpack_k4_scales(scales);
     let sm = _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32);
     let mins_twice = _mm_shuffle_epi8(sm, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8));
-    (sm, bsums_dot(mins_twice, y))
+    (sm, mins_twice)
 }
 
 /// Q2_K `{scales[16] (lo nibble scale, hi nibble min), qs[64], d, dmin}`: x = d·sc·q - dmin·m

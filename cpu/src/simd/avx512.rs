@@ -8,8 +8,9 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bsums_dot, f16x4, hsum_ps, k4_scales_mins, load128, load256, min_x1, mins_x4, q8k_d, q8k_qs, quants_iq4_nl,
-    quants_mxfp4, quants_q4_0, quants_q4_1, quants_q8_0, weight_scales_x4, KSums, Scale, Q8_0, Q8_1, Q8_K,
+    bsums_dot, f16x4, hsum_ps, k4_scales_and_mins, k4_scales_mins, load128, load256, min_x1, mins_x4, q8k_d, q8k_qs,
+    quants_iq4_nl, quants_mxfp4, quants_q4_0, quants_q4_1, quants_q8_0, weight_scales_x4, KSums, Scale, Q8_0, Q8_1,
+    Q8_K,
 };
 use super::common::{at, f16_at, u32_at, unpack_q3_scales};
 use crate::{ActRow, GgmlType};
@@ -224,6 +225,8 @@ pub(super) unsafe fn vec_dot_tokens(ty: GgmlType, w: &[u8], a: [&[u8]; TOKENS]) 
         GgmlType::Q8_0 => dot_blocks_32_tokens::<34, Q8_0, TOKENS>(w, a, Scale::F16, |b| quants_q8_0(b)),
         GgmlType::IQ4_NL => dot_blocks_32_tokens::<18, Q8_0, TOKENS>(w, a, Scale::F16, |b| quants_iq4_nl(b)),
         GgmlType::MXFP4 => dot_blocks_32_tokens::<17, Q8_0, TOKENS>(w, a, Scale::E8M0, |b| quants_mxfp4(b)),
+        GgmlType::Q4_K => dot_k4_tokens::<144, false, TOKENS>(w, a),
+        GgmlType::Q5_K => dot_k4_tokens::<176, true, TOKENS>(w, a),
         _ => return None,
     })
 }
@@ -434,6 +437,50 @@ fn k4_block<const W: usize, const QH: bool>(x: &[u8; W], y: &[u8; Q8_K]) -> KSum
         sumi = scaled_dot(sumi, u, q8k_qs(y, 64 * c), scales_for(scales, pairs));
     }
     KSums { d: f16_at(x, 0), sumi, mins: Some((f16_at(x, 2), summ)) }
+}
+
+/// [`k4_block`] and `dot_blocks_k` for one Q4_K / Q5_K weight row and `T` activation rows:
+/// the weight nibbles and scales of a block are unpacked once for all rows. Per row the
+/// operations and their order are exactly `dot_blocks_k(.., k4_block)`'s, so the results
+/// are bit-identical to T single-row calls.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn dot_k4_tokens<const W: usize, const QH: bool, const T: usize>(w: &[u8], a: [&[u8]; T]) -> [f32; T] {
+    let ys: [&[[u8; Q8_K]]; T] = a.map(|a| a.as_chunks::<Q8_K>().0);
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut acc_mins = [_mm256_setzero_ps(); T];
+    for (b, x) in w.as_chunks::<W>().0.iter().enumerate() {
+        let (sm, mins_twice) = k4_scales_and_mins(at(x, 4));
+        let scales = widen_scales::<true>(sm);
+        let qs_off = if QH { 48 } else { 16 };
+        let qh = if QH { _mm512_broadcast_i64x4(load256(at(x, 16))) } else { _mm512_setzero_si512() };
+        let chunk = |c: usize| {
+            let q = load256(at(x, qs_off + 32 * c));
+            let mut u = _mm512_and_si512(join(q, _mm256_srli_epi16::<4>(q)), _mm512_set1_epi8(0x0f));
+            if QH {
+                u = _mm512_mask_add_epi8(u, bit_pair_mask(qh, 2 * c as u32), u, _mm512_set1_epi8(16));
+            }
+            (u, scales_for(scales, &PAIRS_IN_32[c]))
+        };
+        let chunks = [chunk(0), chunk(1), chunk(2), chunk(3)];
+        let (d, dmin) = (f16_at(x, 0), f16_at(x, 2));
+        for t in 0..T {
+            let y = &ys[t][b];
+            let dy = q8k_d(y);
+            let mut sumi = _mm512_setzero_si512();
+            for (c, (u, sc)) in chunks.iter().enumerate() {
+                sumi = scaled_dot(sumi, *u, q8k_qs(y, 64 * c), *sc);
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(sumi), acc[t]);
+            let summ = bsums_dot(mins_twice, y);
+            acc_mins[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dy), _mm256_cvtepi32_ps(summ), acc_mins[t]);
+        }
+    }
+    let mut out = [0.0f32; T];
+    for t in 0..T {
+        out[t] = _mm512_reduce_add_ps(acc[t]) + hsum_ps(acc_mins[t]);
+    }
+    out
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
