@@ -27,8 +27,13 @@ fn random_row(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
         if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
             block[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
         }
+        if ty == GgmlType::Q6_K {
+            block[208..210].copy_from_slice(&half::f16::from_f32(0.002).to_le_bytes());
+            // d
+        }
         if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
-            block[2..4].copy_from_slice(&half::f16::from_f32(0.003).to_le_bytes()); // dmin
+            block[2..4].copy_from_slice(&half::f16::from_f32(0.003).to_le_bytes());
+            // dmin
         }
     }
     row
@@ -46,6 +51,7 @@ fn row_tokens_equal_single_token_dots() {
         GgmlType::MXFP4,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
+        GgmlType::Q6_K,
     ];
     for isa in Isa::available() {
         for ty in GgmlType::ALL {

@@ -227,6 +227,7 @@ pub(super) unsafe fn vec_dot_tokens(ty: GgmlType, w: &[u8], a: [&[u8]; TOKENS]) 
         GgmlType::MXFP4 => dot_blocks_32_tokens::<17, Q8_0, TOKENS>(w, a, Scale::E8M0, |b| quants_mxfp4(b)),
         GgmlType::Q4_K => dot_k4_tokens::<144, false, TOKENS>(w, a),
         GgmlType::Q5_K => dot_k4_tokens::<176, true, TOKENS>(w, a),
+        GgmlType::Q6_K => dot_q6_k_tokens::<TOKENS>(w, a),
         _ => return None,
     })
 }
@@ -491,6 +492,43 @@ fn dot_q4_k(w: &[u8], a: &[u8]) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn dot_q5_k(w: &[u8], a: &[u8]) -> f32 {
     dot_blocks_k::<176>(w, a, |x, y| k4_block::<176, true>(x, y))
+}
+
+/// `dot_q6_k` for one weight row and `T` activation rows: each block's 6-bit quants and
+/// scales are unpacked once for all rows. Per row the operations and their order are
+/// exactly `dot_q6_k`'s, so the results are bit-identical to T single-row calls.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn dot_q6_k_tokens<const T: usize>(w: &[u8], a: [&[u8]; T]) -> [f32; T] {
+    let ys: [&[[u8; Q8_K]]; T] = a.map(|a| a.as_chunks::<Q8_K>().0);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for (b, x) in w.as_chunks::<210>().0.iter().enumerate() {
+        let sc = load128(at(x, 192));
+        let scales = widen_scales::<false>(sc);
+        let (low4, top2) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+        let half = |h: usize| {
+            let ql = load512(at(x, 64 * h));
+            let qh = two_bit_groups(at(x, 128 + 32 * h));
+            let lo = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_and_si512(_mm512_slli_epi16::<4>(qh), top2));
+            let hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(ql), low4), _mm512_and_si512(qh, top2));
+            [(lo, scales_for(scales, &PAIRS_IN_16[2 * h])), (hi, scales_for(scales, &PAIRS_IN_16[2 * h + 1]))]
+        };
+        let groups = [half(0), half(1)];
+        let d = f16_at(x, 208);
+        for t in 0..T {
+            let y = &ys[t][b];
+            let dy = q8k_d(y);
+            let mut sumi = offset_correction::<5>(sc, y);
+            for (h, [(lo, s_lo), (hi, s_hi)]) in groups.iter().enumerate() {
+                sumi = scaled_dot(sumi, *lo, q8k_qs(y, 128 * h), *s_lo);
+                sumi = scaled_dot(sumi, *hi, q8k_qs(y, 128 * h + 64), *s_hi);
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy), _mm512_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    // `dot_blocks_k` adds its (here zero) min accumulator; so does this, so that -0.0
+    // results match too.
+    acc.map(|a| _mm512_reduce_add_ps(a) + hsum_ps(_mm256_setzero_ps()))
 }
 
 /// Q6_K `{ql[128], qh[64], scales[16] i8, d}`; layout and offset as in `avx2::dot_q6_k`.
