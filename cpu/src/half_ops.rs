@@ -131,7 +131,9 @@ mod tests {
     use super::*;
 
     fn row(n: usize, seed: u32) -> Vec<f16> {
-        (0..n).map(|i| f16::from_f32(((i as u32 * 2654435761 ^ seed) % 2001) as f32 / 100.0 - 10.0)).collect()
+        (0..n)
+            .map(|i| f16::from_f32((((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 100.0 - 10.0))
+            .collect()
     }
 
     #[test]

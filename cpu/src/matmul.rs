@@ -143,8 +143,9 @@ fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: 
                 }
                 t += ROW_TOKENS;
             }
-            for t in t..tokens.end {
-                out[t] = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
+            let first_single = t;
+            for (t, o) in out.iter_mut().enumerate().take(tokens.end).skip(first_single) {
+                *o = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
             }
         }
     }

@@ -65,14 +65,9 @@ fn row_tokens_equal_single_token_dots() {
                 let done = dot_row_tokens(isa, ty, n, &w, rows, &mut out);
                 assert_eq!(done, isa == Isa::Avx512 && fused.contains(&ty), "{ty} on {isa:?}");
                 if done {
-                    for t in 0..ROW_TOKENS {
+                    for (t, got) in out.iter().enumerate() {
                         let want = vec_dot(isa, ty, n, &w, acts.row(t));
-                        assert_eq!(
-                            out[t].to_bits(),
-                            want.to_bits(),
-                            "{ty} {blocks} blocks token {t}: {} vs {want}",
-                            out[t]
-                        );
+                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} {blocks} blocks token {t}: {got} vs {want}");
                     }
                 }
             }

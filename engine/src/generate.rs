@@ -77,6 +77,9 @@ pub struct GenerateStats {
 pub trait Sequence {
     /// Tokens in the sequence so far.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Appends tokens, runs the model over them and returns the last one's logits.
     fn append(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError>;
 }

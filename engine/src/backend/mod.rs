@@ -91,6 +91,7 @@ pub trait Backend: Send + Sync {
     fn geglu(&self, gate: &mut Self::Act, up: &Self::Act);
     /// Stores this batch's K and V rows of `layer` in the cache, then attends every query
     /// row to the cached keys of its own sequence up to its own position.
+    #[allow(clippy::too_many_arguments)] // q, k, v, the cache, its layer, the batch and the shape are all distinct
     fn attention(
         &self,
         kv: &mut Self::Kv,

@@ -112,10 +112,10 @@ impl Gemma3Config {
         if self.n_embd == 0 || self.n_layers == 0 || self.n_ff == 0 || self.context_length == 0 {
             return bad("embedding_length/block_count/feed_forward_length/context_length", 0, "must be > 0");
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad("attention.head_count_kv", self.n_kv_heads, "must divide attention.head_count");
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad("attention.key_length", self.head_dim, "must be even and > 0");
         }
         Ok(())
