@@ -34,6 +34,12 @@ pub enum EngineError {
     },
     /// A batch whose positions or sequence slots do not fit the KV cache.
     BadBatch(String),
+    /// The KV cache's block pool has too few free blocks for a batch.
+    KvCacheFull {
+        group: usize,
+        needed: usize,
+        free: usize,
+    },
     ModelNotFound {
         name: String,
         looked_in: String,
@@ -73,6 +79,9 @@ impl fmt::Display for EngineError {
                 write!(f, "context full: {needed} tokens needed, context length is {limit}")
             }
             EngineError::BadBatch(why) => write!(f, "invalid batch: {why}"),
+            EngineError::KvCacheFull { group, needed, free } => {
+                write!(f, "KV cache full: {needed} blocks needed in layer group {group}, {free} free")
+            }
             EngineError::ModelNotFound { name, looked_in } => {
                 write!(f, "model '{name}' not found (looked in {looked_in}); run scripts/fetch-default-model.sh for gemma3:270m or pass a path to a .gguf file")
             }

@@ -84,6 +84,108 @@ pub trait Sequence {
     fn append(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError>;
 }
 
+/// What [`Generation::step`] decided.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Feed `token` next; `text` is final and may be streamed now.
+    Continue { token: u32, text: String },
+    /// Generation is over; `text` is the last of it.
+    Finished { reason: DoneReason, text: String },
+}
+
+/// One sequence's generation after its prompt: sampling with its own options and seed,
+/// stop conditions and text streaming. Whoever runs the model (a [`Session`], the C API,
+/// the server's scheduler) feeds it the logits of each step.
+pub struct Generation<'t> {
+    tok: &'t Tokenizer,
+    opts: GenerateOptions,
+    sampler: Sampler,
+    out: StopFilter,
+    decoder: StreamDecoder,
+    generated: Vec<u32>,
+    started: Instant,
+    /// When the prompt's logits arrived.
+    first_logits: Option<Instant>,
+}
+
+impl<'t> Generation<'t> {
+    pub fn new(tok: &'t Tokenizer, prompt: &[u32], opts: &GenerateOptions) -> Generation<'t> {
+        let mut sampler = Sampler::new(opts.sampler.clone());
+        prompt.iter().for_each(|&t| sampler.accept(t));
+        Generation {
+            tok,
+            opts: opts.clone(),
+            sampler,
+            out: StopFilter::new(&opts.stop),
+            decoder: StreamDecoder::new(),
+            generated: Vec::new(),
+            started: Instant::now(),
+            first_logits: None,
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Samples from the logits of the last token fed; `seq_len` is the sequence's length
+    /// including that token.
+    pub fn step(&mut self, logits: &[f32], seq_len: usize) -> Step {
+        self.first_logits.get_or_insert_with(Instant::now);
+        let next = self.sampler.sample(logits);
+        let limit = self.opts.num_predict.unwrap_or(usize::MAX);
+        if self.generated.len() >= limit {
+            return self.finish(DoneReason::Length, String::new());
+        }
+        if self.tok.is_eog(next) {
+            return self.finish(DoneReason::Stop, String::new());
+        }
+        self.sampler.accept(next);
+        self.generated.push(next);
+        let piece = self.decoder.push(&self.tok.token_to_piece(next));
+        let (text, stopped) = self.out.push(&piece);
+        if stopped {
+            return Step::Finished { reason: DoneReason::Stop, text };
+        }
+        if self.generated.len() >= limit || seq_len >= self.opts.num_ctx {
+            return self.finish(DoneReason::Length, text);
+        }
+        Step::Continue { token: next, text }
+    }
+
+    /// Ends with `reason`: text held back for a stop sequence that never completed, and a
+    /// trailing partial character, are final now.
+    fn finish(&mut self, reason: DoneReason, mut text: String) -> Step {
+        text.push_str(&self.out.flush(&self.decoder.finish()));
+        Step::Finished { reason, text }
+    }
+
+    /// Statistics, once finished; `prompt_tokens` counts the prompt tokens computed.
+    pub fn stats(&self, reason: DoneReason, prompt_tokens: usize) -> GenerateStats {
+        let now = Instant::now();
+        let first = self.first_logits.unwrap_or(now);
+        GenerateStats {
+            prompt_tokens,
+            prompt_time: first - self.started,
+            generated: self.generated.clone(),
+            gen_time: now - first,
+            done_reason: reason,
+        }
+    }
+}
+
+/// Checks that `prompt` can start on a sequence of `len` tokens under `opts`.
+pub fn check_prompt(len: usize, prompt: &[u32], opts: &GenerateOptions) -> Result<(), EngineError> {
+    if prompt.is_empty() {
+        return Err(EngineError::BadBatch("empty prompt".into()));
+    }
+    if len + prompt.len() >= opts.num_ctx {
+        return Err(EngineError::ContextFull { needed: len + prompt.len() + 1, limit: opts.num_ctx });
+    }
+    Ok(())
+}
+
 /// Runs `prompt` through `seq`, then samples until a stop condition, calling `on_text`
 /// with each piece of text as it becomes final; `on_text` returns false to cancel.
 pub fn generate(
@@ -93,54 +195,28 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerateStats, EngineError> {
-    if prompt.is_empty() {
-        return Err(EngineError::BadBatch("empty prompt".into()));
-    }
-    if seq.len() + prompt.len() >= opts.num_ctx {
-        return Err(EngineError::ContextFull { needed: seq.len() + prompt.len() + 1, limit: opts.num_ctx });
-    }
-    let mut sampler = Sampler::new(opts.sampler.clone());
-    prompt.iter().for_each(|&t| sampler.accept(t));
-    let start = Instant::now();
-    let mut next = sampler.sample(seq.append(prompt)?);
-    let prompt_time = start.elapsed();
-
-    let start = Instant::now();
-    let mut out = StopFilter::new(&opts.stop);
-    let mut decoder = StreamDecoder::new();
-    let mut generated = Vec::new();
-    let limit = opts.num_predict.unwrap_or(usize::MAX);
-    let done_reason = loop {
-        if generated.len() >= limit {
-            break DoneReason::Length;
+    check_prompt(seq.len(), prompt, opts)?;
+    let mut gen = Generation::new(tok, prompt, opts);
+    let len = seq.len() + prompt.len();
+    let mut step = gen.step(seq.append(prompt)?, len);
+    let reason = loop {
+        match step {
+            Step::Continue { token, text } => {
+                if !text.is_empty() && !on_text(&text) {
+                    break DoneReason::Cancelled;
+                }
+                let len = seq.len() + 1;
+                step = gen.step(seq.append(&[token])?, len);
+            }
+            Step::Finished { reason, text } => {
+                if !text.is_empty() {
+                    on_text(&text);
+                }
+                break reason;
+            }
         }
-        if tok.is_eog(next) {
-            break DoneReason::Stop;
-        }
-        sampler.accept(next);
-        generated.push(next);
-        let text = decoder.push(&tok.token_to_piece(next));
-        let (ready, stopped) = out.push(&text);
-        if !ready.is_empty() && !on_text(&ready) {
-            break DoneReason::Cancelled;
-        }
-        if stopped {
-            break DoneReason::Stop;
-        }
-        if generated.len() >= limit || seq.len() >= opts.num_ctx {
-            break DoneReason::Length;
-        }
-        next = sampler.sample(seq.append(&[next])?);
     };
-    if done_reason != DoneReason::Cancelled {
-        // Text held back for a stop sequence that never completed, and any trailing
-        // partial character, are final now.
-        let rest = out.flush(&decoder.finish());
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-    }
-    Ok(GenerateStats { prompt_tokens: prompt.len(), prompt_time, generated, gen_time: start.elapsed(), done_reason })
+    Ok(gen.stats(reason, prompt.len()))
 }
 
 /// A single sequence's KV cache on a loaded model.
@@ -167,7 +243,7 @@ impl<'m, B: Backend> Session<'m, B> {
     }
 
     pub fn clear(&mut self) {
-        self.kv.truncate(0, 0);
+        self.kv.clear(0);
     }
 
     /// Appends tokens; returns the logits of every one (`all`) or of the last.
@@ -201,15 +277,15 @@ impl<B: Backend> Sequence for Session<'_, B> {
 
 /// Holds back text that might be the start of a stop sequence, and cuts the output at
 /// the first stop sequence.
-pub struct StopFilter<'a> {
-    stops: &'a [String],
+pub struct StopFilter {
+    stops: Vec<String>,
     pending: String,
     stopped: bool,
 }
 
-impl<'a> StopFilter<'a> {
-    pub fn new(stops: &'a [String]) -> Self {
-        StopFilter { stops, pending: String::new(), stopped: false }
+impl StopFilter {
+    pub fn new(stops: &[String]) -> Self {
+        StopFilter { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new(), stopped: false }
     }
 
     /// Adds text; returns the text that is now final and whether a stop sequence was hit.

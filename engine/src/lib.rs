@@ -10,8 +10,10 @@ pub mod error;
 pub mod file_type;
 pub mod generate;
 pub mod gguf;
+pub mod kv;
 pub mod model;
 pub mod sampler;
+pub mod scheduler;
 pub mod store;
 pub mod tokenizer;
 

@@ -65,7 +65,7 @@ impl TurbineContext {
     }
 
     pub(crate) fn clear(&mut self) {
-        self.kv.truncate(0, 0);
+        self.kv.clear(0);
         self.logits.clear();
     }
 

@@ -1,7 +1,9 @@
 //! The CPU backend: activations in host `Vec<f32>`, weights zero-copy in the GGUF map,
 //! kernels from `turbine_cpu` (SIMD chosen at run time, rayon across rows and heads).
 
-use super::{AttnShape, Backend, BatchLayout, KvCache, KvSpec};
+use super::{AttnShape, Backend, BatchLayout, KvCache};
+use crate::kv::{BlockManager, KvSpec, BLOCK_TOKENS};
+use half::slice::HalfBitsSliceExt;
 use crate::gguf::{Gguf, TensorInfo};
 use crate::EngineError;
 use half::f16;
@@ -51,68 +53,76 @@ impl CpuWeight {
     }
 }
 
-/// Per layer and sequence slot, keys and values as f16 rows of `kv_dim` (llama.cpp's
-/// default cache type), grown as tokens arrive.
+/// Keys and values as f16 (llama.cpp's default cache type) in fixed-size blocks: per
+/// layer, one array of `[block][token in block][kv_dim]` over the blocks of the layer's
+/// group. Which block holds what is the [`BlockManager`]'s business.
 pub struct CpuKv {
-    spec: KvSpec,
-    /// `keys[layer][seq]`: positions × kv_dim.
-    keys: Vec<Vec<Vec<f16>>>,
-    values: Vec<Vec<Vec<f16>>>,
-    lens: Vec<usize>,
+    blocks: BlockManager,
+    /// f16 bits; zero-initialised, so pages the pool never uses are never touched.
+    keys: Vec<Vec<u16>>,
+    values: Vec<Vec<u16>>,
 }
 
 impl KvCache for CpuKv {
-    fn seq_len(&self, seq: usize) -> usize {
-        self.lens.get(seq).copied().unwrap_or(0)
+    fn blocks(&self) -> &BlockManager {
+        &self.blocks
     }
 
-    fn truncate(&mut self, seq: usize, len: usize) {
-        if seq >= self.lens.len() || len >= self.lens[seq] {
-            return;
-        }
-        self.lens[seq] = len;
-        let keep = len * self.spec.kv_dim;
-        for layer in 0..self.spec.n_layers {
-            self.keys[layer][seq].truncate(keep);
-            self.values[layer][seq].truncate(keep);
-        }
-    }
-
-    fn n_seqs(&self) -> usize {
-        self.spec.n_seqs
-    }
-
-    fn max_tokens(&self) -> usize {
-        self.spec.max_tokens
+    fn blocks_mut(&mut self) -> &mut BlockManager {
+        &mut self.blocks
     }
 }
 
 impl CpuKv {
-    /// Keys and values of `seq` in `layer` as f32 (positions × kv_dim each).
-    fn widen(&self, layer: usize, seq: usize) -> (Vec<f32>, Vec<f32>) {
-        let widen = |rows: &[f16]| -> Vec<f32> {
-            let mut out = vec![0.0f32; rows.len()];
-            out.par_chunks_mut(4096).zip(rows.par_chunks(4096)).for_each(|(o, r)| {
-                o.iter_mut().zip(r).for_each(|(o, x)| *o = x.to_f32());
+    fn new(spec: &KvSpec) -> CpuKv {
+        let block_len = BLOCK_TOKENS * spec.kv_dim;
+        let layer_len = |layer: usize| spec.groups[spec.layer_slot[layer].0].n_blocks * block_len;
+        let alloc = || (0..spec.n_layers).map(|l| vec![0u16; layer_len(l)]).collect();
+        CpuKv { blocks: BlockManager::new(spec), keys: alloc(), values: alloc() }
+    }
+
+    /// Where position `pos` of `seq` lives in `layer`'s arrays: a function from position
+    /// to element offset, valid for positions whose block is held.
+    fn locator(&self, layer: usize, seq: usize) -> impl Fn(usize) -> usize + '_ {
+        let spec = self.blocks.spec();
+        let table = self.blocks.table(seq, spec.layer_slot[layer].0);
+        let d = spec.kv_dim;
+        move |pos| (table[pos / BLOCK_TOKENS] as usize * BLOCK_TOKENS + pos % BLOCK_TOKENS) * d
+    }
+
+    /// Writes one token's K and V rows (its block was reserved by `begin_batch`).
+    fn store(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let at = self.locator(layer, seq)(pos);
+        let d = k.len();
+        for (cache, src) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
+            for (dst, &x) in cache[at..at + d].iter_mut().zip(src) {
+                *dst = f16::from_f32(x).to_bits();
+            }
+        }
+    }
+
+    fn keys_f16(&self, layer: usize) -> &[f16] {
+        self.keys[layer].reinterpret_cast()
+    }
+
+    fn values_f16(&self, layer: usize) -> &[f16] {
+        self.values[layer].reinterpret_cast()
+    }
+
+    /// Keys and values of `seq` in `layer` from position `from` to `to` (exclusive), as
+    /// contiguous f32 rows.
+    fn widen(&self, layer: usize, seq: usize, from: usize, to: usize) -> (Vec<f32>, Vec<f32>) {
+        let d = self.blocks.spec().kv_dim;
+        let at = self.locator(layer, seq);
+        let widen = |cache: &[u16]| -> Vec<f32> {
+            let mut out = vec![0.0f32; (to - from) * d];
+            out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+                let src = &cache[at(from + i)..at(from + i) + d];
+                row.iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_bits(x).to_f32());
             });
             out
         };
-        (widen(&self.keys[layer][seq]), widen(&self.values[layer][seq]))
-    }
-
-    /// Writes one token's K and V rows at `pos` (which is ≤ the current length; the
-    /// model validated the batch).
-    fn store(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let d = self.spec.kv_dim;
-        for (cache, src) in [(&mut self.keys[layer][seq], k), (&mut self.values[layer][seq], v)] {
-            let start = pos * d;
-            if cache.len() < start + d {
-                cache.resize(start + d, f16::ZERO);
-            }
-            for (dst, &x) in cache[start..start + d].iter_mut().zip(src) {
-                *dst = f16::from_f32(x);
-            }
-        }
+        (widen(&self.keys[layer]), widen(&self.values[layer]))
     }
 }
 
@@ -143,13 +153,7 @@ impl Backend for CpuBackend {
     }
 
     fn new_kv(&self, spec: &KvSpec) -> CpuKv {
-        let per_layer = || vec![Vec::new(); spec.n_seqs];
-        CpuKv {
-            spec: spec.clone(),
-            keys: (0..spec.n_layers).map(|_| per_layer()).collect(),
-            values: (0..spec.n_layers).map(|_| per_layer()).collect(),
-            lens: vec![0; spec.n_seqs],
-        }
+        CpuKv::new(spec)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CpuAct {
@@ -219,45 +223,52 @@ impl Backend for CpuBackend {
         shape: AttnShape,
     ) -> CpuAct {
         for i in 0..batch.len() {
-            let (seq, pos) = (batch.seqs[i], batch.positions[i] as usize);
-            kv.store(layer, seq, pos, k.row(i), v.row(i));
-            kv.lens[seq] = kv.lens[seq].max(pos + 1);
+            kv.store(layer, batch.seqs[i], batch.positions[i] as usize, k.row(i), v.row(i));
         }
         let hd = shape.head_dim;
         let mut out = self.zeros(q.rows, shape.n_heads * hd);
         let kv = &*kv;
-        let f16_accumulate = batch.len() < F32_ATTENTION_MIN_QUERIES;
-        // The f32 path widens each sequence's cached keys and values once per batch, not
-        // once per query and head.
-        let widened: HashMap<usize, (Vec<f32>, Vec<f32>)> = match f16_accumulate {
-            true => HashMap::new(),
-            false => {
-                let mut seqs = batch.seqs.clone();
-                seqs.sort_unstable();
-                seqs.dedup();
-                seqs.into_iter().map(|seq| (seq, kv.widen(layer, seq))).collect()
-            }
+        let first_key = |pos: usize| match shape.window {
+            Some(w) => (pos + 1).saturating_sub(w as usize),
+            None => 0,
         };
+        // A sequence with many query rows in this batch (a long prompt chunk) attends in
+        // f32 from keys widened once for the batch, not once per query and head. The choice
+        // depends only on the sequence's own rows, so a sequence's results do not depend
+        // on what else shares the batch.
+        let mut rows_per_seq: HashMap<usize, (usize, usize, usize)> = HashMap::new();
+        for (&seq, &pos) in batch.seqs.iter().zip(&batch.positions) {
+            let e = rows_per_seq.entry(seq).or_insert((0, usize::MAX, 0));
+            *e = (e.0 + 1, e.1.min(first_key(pos as usize)), e.2.max(pos as usize + 1));
+        }
+        let widened: HashMap<usize, (usize, Vec<f32>, Vec<f32>)> = rows_per_seq
+            .into_iter()
+            .filter(|&(_, (rows, _, _))| rows >= F32_ATTENTION_MIN_QUERIES)
+            .map(|(seq, (_, from, to))| {
+                let (k, v) = kv.widen(layer, seq, from, to);
+                (seq, (from, k, v))
+            })
+            .collect();
+        let (keys16, values16) = (kv.keys_f16(layer), kv.values_f16(layer));
+        let d = kv.blocks.spec().kv_dim;
         out.data.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / shape.n_heads, i % shape.n_heads);
             let (seq, pos) = (batch.seqs[t], batch.positions[t] as usize);
             let qh = &q.row(t)[h * hd..(h + 1) * hd];
-            let lo = match shape.window {
-                Some(w) => (pos + 1).saturating_sub(w as usize),
-                None => 0,
-            };
+            let lo = first_key(pos);
             // Grouped-query: query head h reads KV head h / (n_heads / n_kv_heads).
             let kvh = h / (shape.n_heads / shape.n_kv_heads);
-            let d = kv.spec.kv_dim;
-            let head = move |p: usize| p * d + kvh * hd..p * d + (kvh + 1) * hd;
+            let head = kvh * hd..(kvh + 1) * hd;
             match widened.get(&seq) {
-                Some((keys, values)) => {
-                    let rows = (lo..=pos).map(|p| (&keys[head(p)], &values[head(p)]));
+                Some((from, keys, values)) => {
+                    let row = |p: usize| (p - from) * d + head.start..(p - from) * d + head.end;
+                    let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
                     attend_f32(qh, rows, shape.scale, o);
                 }
                 None => {
-                    let (keys, values) = (&kv.keys[layer][seq], &kv.values[layer][seq]);
-                    let rows = (lo..=pos).map(|p| (&keys[head(p)], &values[head(p)]));
+                    let at = kv.locator(layer, seq);
+                    let row = |p: usize| at(p) + head.start..at(p) + head.end;
+                    let rows = (lo..=pos).map(|p| (&keys16[row(p)], &values16[row(p)]));
                     attend_online_f16(qh, rows, shape.scale, o);
                 }
             }
@@ -292,9 +303,9 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync 
     }
 }
 
-/// Batches with fewer query rows than this run attention the way llama.cpp's CPU
-/// flash-attention does for small batches and decode: Q rounded to f16 and the weighted
-/// sum of V accumulated in f16 with an online softmax. Larger batches accumulate in f32,
+/// Sequences with fewer query rows than this in a batch run attention the way llama.cpp's
+/// CPU flash-attention does for small batches and decode: Q rounded to f16 and the weighted
+/// sum of V accumulated in f16 with an online softmax. Longer runs accumulate in f32,
 /// as llama.cpp's tiled kernel does. Matching its rounding keeps our logits within the
 /// noise of llama.cpp's own, which the reference fixtures check.
 const F32_ATTENTION_MIN_QUERIES: usize = 64;

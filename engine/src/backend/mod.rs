@@ -9,6 +9,7 @@
 pub mod cpu;
 
 use crate::gguf::{Gguf, TensorInfo};
+use crate::kv::{BlockManager, KvSpec};
 use crate::EngineError;
 use std::sync::Arc;
 
@@ -41,17 +42,6 @@ pub struct AttnShape {
     pub window: Option<u32>,
     /// Multiplier on q·k (1.0 when q is pre-scaled).
     pub scale: f32,
-}
-
-/// Shape of the key/value cache: per layer, `n_kv_heads * head_dim` values for K and for V.
-#[derive(Clone, Debug)]
-pub struct KvSpec {
-    pub n_layers: usize,
-    pub kv_dim: usize,
-    /// Most tokens one sequence may hold.
-    pub max_tokens: usize,
-    /// Number of sequence slots.
-    pub n_seqs: usize,
 }
 
 /// The operations a forward pass needs. Activation matrices are row-major, one row per
@@ -89,8 +79,9 @@ pub trait Backend: Send + Sync {
     fn add(&self, y: &mut Self::Act, x: &Self::Act);
     /// gate = gelu_tanh(gate) * up.
     fn geglu(&self, gate: &mut Self::Act, up: &Self::Act);
-    /// Stores this batch's K and V rows of `layer` in the cache, then attends every query
-    /// row to the cached keys of its own sequence up to its own position.
+    /// Stores this batch's K and V rows of `layer` in the cache (its blocks were reserved by
+    /// [`BlockManager::begin_batch`]), then attends every query row to the cached keys of
+    /// its own sequence up to its own position.
     #[allow(clippy::too_many_arguments)] // q, k, v, the cache, its layer, the batch and the shape are all distinct
     fn attention(
         &self,
@@ -110,12 +101,23 @@ pub trait Backend: Send + Sync {
     fn to_host(&self, x: &Self::Act) -> Vec<f32>;
 }
 
-/// Sequence bookkeeping of a KV cache, shared by all backends.
+/// A paged KV cache: a backend's storage for the blocks a [`BlockManager`] hands out.
 pub trait KvCache {
+    fn blocks(&self) -> &BlockManager;
+    fn blocks_mut(&mut self) -> &mut BlockManager;
+
     /// Tokens currently stored for sequence `seq`.
-    fn seq_len(&self, seq: usize) -> usize;
-    /// Forgets every token of `seq` at position ≥ `len`.
-    fn truncate(&mut self, seq: usize, len: usize);
-    fn n_seqs(&self) -> usize;
-    fn max_tokens(&self) -> usize;
+    fn seq_len(&self, seq: usize) -> usize {
+        self.blocks().seq_len(seq)
+    }
+    /// Forgets every token of `seq`.
+    fn clear(&mut self, seq: usize) {
+        self.blocks_mut().clear(seq)
+    }
+    fn n_seqs(&self) -> usize {
+        self.blocks().n_seqs()
+    }
+    fn max_tokens(&self) -> usize {
+        self.blocks().max_tokens()
+    }
 }

@@ -8,7 +8,8 @@
 //! already hold 1 + w, so every norm is a plain x·w.
 
 use super::{count_params, required, Architecture, Batch, Logits, ModelInfo};
-use crate::backend::{AttnShape, Backend, KvSpec};
+use crate::backend::{AttnShape, Backend, KvCache};
+use crate::kv::KvLayout;
 use crate::gguf::Gguf;
 use crate::EngineError;
 use std::sync::Arc;
@@ -322,12 +323,13 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
         &self.info
     }
 
-    fn kv_spec(&self, max_tokens: usize, n_seqs: usize) -> KvSpec {
-        KvSpec { n_layers: self.cfg.n_layers, kv_dim: self.cfg.kv_dim(), max_tokens, n_seqs }
+    fn kv_layout(&self) -> KvLayout {
+        let window = |il: usize| if self.cfg.is_swa[il] { self.cfg.sliding_window } else { None };
+        KvLayout { kv_dim: self.cfg.kv_dim(), windows: (0..self.cfg.n_layers).map(window).collect() }
     }
 
-    fn forward(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
-        self.forward_traced(b, batch, kv, &mut |_, _, _| {})
+    fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
+        self.compute_traced(b, batch, kv, &mut |_, _, _| {})
     }
 }
 
@@ -344,7 +346,19 @@ impl<B: Backend> Gemma3<B> {
         kv: &mut B::Kv,
         tap: &mut Tap<B>,
     ) -> Result<Logits, EngineError> {
-        batch.validate(kv)?;
+        kv.blocks_mut().begin_batch(batch)?;
+        let logits = self.compute_traced(b, batch, kv, tap);
+        kv.blocks_mut().end_batch(batch);
+        logits
+    }
+
+    fn compute_traced(
+        &self,
+        b: &B,
+        batch: &Batch,
+        kv: &mut B::Kv,
+        tap: &mut Tap<B>,
+    ) -> Result<Logits, EngineError> {
         let cfg = &self.cfg;
         let out_rows = batch.output_rows();
         let mut x = b.embed(&self.tok_embd, &batch.tokens, (cfg.n_embd as f32).sqrt())?; // [n × d]

@@ -2,7 +2,8 @@
 
 pub mod gemma3;
 
-use crate::backend::{Backend, BatchLayout, KvCache, KvSpec};
+use crate::backend::{Backend, BatchLayout, KvCache};
+use crate::kv::{KvLayout, KvSpec};
 use crate::gguf::Gguf;
 use crate::EngineError;
 use std::sync::Arc;
@@ -43,26 +44,6 @@ impl Batch {
         self.tokens.is_empty()
     }
 
-    /// Checks that every sequence's tokens continue its cache exactly (no gaps, no
-    /// overwrite of tokens other than by truncating first) and fit the context.
-    pub fn validate(&self, kv: &impl KvCache) -> Result<(), EngineError> {
-        let mut next: Vec<Option<usize>> = vec![None; kv.n_seqs()];
-        for (&seq, &pos) in self.layout.seqs.iter().zip(&self.layout.positions) {
-            let slot = next
-                .get_mut(seq)
-                .ok_or_else(|| EngineError::BadBatch(format!("sequence slot {seq} ≥ {}", kv.n_seqs())))?;
-            let expected = slot.unwrap_or_else(|| kv.seq_len(seq));
-            if pos as usize != expected {
-                return Err(EngineError::BadBatch(format!("sequence {seq}: position {pos}, expected {expected}")));
-            }
-            if expected >= kv.max_tokens() {
-                return Err(EngineError::ContextFull { needed: expected + 1, limit: kv.max_tokens() });
-            }
-            *slot = Some(expected + 1);
-        }
-        Ok(())
-    }
-
     /// Indices of the tokens that want logits.
     pub fn output_rows(&self) -> Vec<usize> {
         (0..self.len()).filter(|&i| self.want_logits[i]).collect()
@@ -98,10 +79,23 @@ pub struct ModelInfo {
 /// A loaded model of some architecture.
 pub trait Architecture<B: Backend>: Send + Sync {
     fn info(&self) -> &ModelInfo;
-    /// The KV cache shape this model needs for `n_seqs` sequences of up to `max_tokens`.
-    fn kv_spec(&self, max_tokens: usize, n_seqs: usize) -> KvSpec;
-    /// One forward pass over `batch`, appending its keys and values to `kv`.
-    fn forward(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError>;
+    /// Per-token KV width and per-layer attention windows.
+    fn kv_layout(&self) -> KvLayout;
+    /// A KV cache where `n_seqs` sequences can each hold `max_tokens` at once, whatever
+    /// the size of the batches they are fed in.
+    fn kv_spec(&self, max_tokens: usize, n_seqs: usize) -> KvSpec {
+        KvSpec::for_sequences(&self.kv_layout(), max_tokens, n_seqs, max_tokens)
+    }
+    /// Runs the layers over a batch whose cache blocks are already reserved.
+    fn compute(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError>;
+    /// One forward pass over `batch`, appending its keys and values to `kv`. On an error
+    /// before any layer runs (a bad batch, a full cache) the cache is unchanged.
+    fn forward(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
+        kv.blocks_mut().begin_batch(batch)?;
+        let logits = self.compute(backend, batch, kv);
+        kv.blocks_mut().end_batch(batch);
+        logits
+    }
 }
 
 /// Loads the architecture named by the file's `general.architecture`.

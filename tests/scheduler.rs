@@ -1,0 +1,192 @@
+//! The continuous-batching scheduler on the real default model: results independent of
+//! what shares a batch, the prefix cache, preemption, cancellation and the queue limit.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::time::Duration;
+use turbine::engine::backend::cpu::CpuBackend;
+use turbine::engine::generate::{GenerateOptions, GenerateStats, LoadedModel, Session};
+use turbine::engine::kv::BLOCK_TOKENS;
+use turbine::engine::sampler::SamplerParams;
+use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SeqEvent};
+
+fn model() -> Arc<LoadedModel<CpuBackend>> {
+    Arc::new(common::load_default_model())
+}
+
+fn options(num_predict: usize, sampler: SamplerParams) -> GenerateOptions {
+    GenerateOptions { num_predict: Some(num_predict), num_ctx: 4096, sampler, stop: Vec::new() }
+}
+
+/// Submits a request; the receiver yields its text pieces, then its stats or an error.
+fn submit(s: &Scheduler, prompt: Vec<u32>, opts: GenerateOptions) -> Receiver<SeqEvent> {
+    let (tx, rx) = channel();
+    let events = Box::new(move |e| tx.send(e).is_ok());
+    let req = Request { prompt, opts, events, cancel: Arc::new(AtomicBool::new(false)) };
+    s.submit(req).expect("queued");
+    rx
+}
+
+fn finish(rx: Receiver<SeqEvent>) -> (String, GenerateStats) {
+    let mut text = String::new();
+    for e in rx.iter() {
+        match e {
+            SeqEvent::Text(t) => text.push_str(&t),
+            SeqEvent::Done(stats) => return (text, stats),
+            SeqEvent::Error(e) => panic!("request failed: {e}"),
+        }
+    }
+    panic!("scheduler dropped a request without an answer");
+}
+
+/// Prompts that share no full cache block, one long enough to be fed in several chunks.
+fn prompts(m: &LoadedModel<CpuBackend>) -> Vec<Vec<u32>> {
+    let greedy = common::fixture("greedy/gemma3-270m.json");
+    let mut texts: Vec<String> = greedy["cases"].as_array().expect("cases")[..6]
+        .iter()
+        .map(|c| c["prompt"].as_str().expect("prompt").to_string())
+        .collect();
+    let long = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/corpus/logits-text.txt"))
+        .expect("corpus text");
+    texts.push(format!("Summary of the following notes. {long}"));
+    let ps: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t, true, true)).collect();
+    assert!(ps.last().map_or(0, Vec::len) > 600, "the long prompt spans several chunks");
+    ps
+}
+
+fn sampled(seed: u64) -> SamplerParams {
+    SamplerParams { temperature: 0.9, seed: Some(seed), ..SamplerParams::default() }
+}
+
+#[test]
+fn concurrent_requests_match_one_at_a_time_token_for_token() {
+    let m = model();
+    let ps = prompts(&m);
+    let opts = |i: usize| match i % 3 {
+        2 => options(24, sampled(i as u64 + 7)),
+        _ => options(24, SamplerParams::greedy()),
+    };
+    // One at a time, each on a fresh scheduler so no prefix cache is involved.
+    let alone: Vec<GenerateStats> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let s = Scheduler::start(m.clone(), SchedulerConfig::new(8, 64, 2048, 4096)).expect("thread");
+            finish(submit(&s, p.clone(), opts(i))).1
+        })
+        .collect();
+    // All at once.
+    let s = Scheduler::start(m.clone(), SchedulerConfig::new(8, 64, 2048, 4096)).expect("thread");
+    let rxs: Vec<_> = ps.iter().enumerate().map(|(i, p)| submit(&s, p.clone(), opts(i))).collect();
+    let together: Vec<GenerateStats> = rxs.into_iter().map(|rx| finish(rx).1).collect();
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(a.generated.len() >= 8, "prompt {i} generated only {} tokens", a.generated.len());
+        assert_eq!(a.generated, t.generated, "prompt {i}: concurrent output differs from serving it alone");
+        assert_eq!(a.prompt_tokens, ps[i].len());
+    }
+    assert!(s.stats.steps.load(Ordering::Relaxed) > 0);
+
+    // A short greedy prompt through the scheduler equals the single-sequence session.
+    let mut session = Session::new(&m, 4096);
+    let direct = session.generate(&ps[0], &opts(0), |_| true).expect("generates");
+    assert_eq!(direct.generated, alone[0].generated);
+}
+
+#[test]
+fn second_chat_turn_reads_its_history_from_the_prefix_cache() {
+    let m = model();
+    let s = Scheduler::start(m.clone(), SchedulerConfig::new(4, 64, 2048, 4096)).expect("thread");
+    let first = m.tokenizer.encode("A conversation about the weather in the mountains and the sea.", true, true);
+    let (_, one) = finish(submit(&s, first.clone(), options(40, SamplerParams::greedy())));
+    assert_eq!(one.prompt_tokens, first.len());
+
+    let mut second = first.clone();
+    second.extend(&one.generated);
+    let new = m.tokenizer.encode(" And what about tomorrow?", false, true);
+    second.extend(&new);
+    let (_, two) = finish(submit(&s, second.clone(), options(8, SamplerParams::greedy())));
+    // The cache holds the first turn up to its last whole block (the last sampled token
+    // was never fed), so only the tail is computed.
+    let cached = (first.len() + one.generated.len() - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
+    assert_eq!(two.prompt_tokens, second.len() - cached, "prompt_eval_count counts only computed tokens");
+    assert!(two.prompt_tokens <= new.len() + BLOCK_TOKENS + 1);
+}
+
+#[test]
+fn a_full_pool_preempts_and_recomputes_without_dropping_anything() {
+    let m = model();
+    // Room for 4 × 48 tokens of full-attention cache; 4 requests of ~90 tokens need more.
+    let mut cfg = SchedulerConfig::new(4, 64, 48, 4096);
+    cfg.chunk_tokens = 32;
+    let s = Scheduler::start(m.clone(), cfg).expect("thread");
+    let ps = prompts(&m);
+    let rxs: Vec<_> = ps[..4].iter().map(|p| submit(&s, p.clone(), options(80, SamplerParams::greedy()))).collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let (_, stats) = finish(rx);
+        assert!(!stats.generated.is_empty(), "request {i} generated nothing");
+    }
+    assert!(s.stats.preemptions.load(Ordering::Relaxed) > 0, "the pool was small enough to force preemption");
+    assert_eq!(s.stats.running.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_cancelled_request_leaves_and_frees_its_blocks() {
+    let m = model();
+    let s = Scheduler::start(m.clone(), SchedulerConfig::new(2, 64, 2048, 4096)).expect("thread");
+    let prompt = m.tokenizer.encode("Count from one to one thousand:", true, true);
+    let (tx, rx) = channel();
+    let mut pieces = 0;
+    let events = Box::new(move |e| {
+        pieces += 1;
+        // Hang up after the third piece.
+        tx.send(e).is_ok() && pieces < 3
+    });
+    let cancel = Arc::new(AtomicBool::new(false));
+    s.submit(Request { prompt, opts: options(500, SamplerParams::greedy()), events, cancel }).expect("queued");
+    let got: Vec<SeqEvent> = rx.iter().collect();
+    assert_eq!(got.len(), 3, "no events after the hang-up");
+    // The scheduler publishes its counts after the step that retired the request.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.stats.running.load(Ordering::Relaxed), 0);
+    assert_eq!(s.stats.kv_blocks_used.load(Ordering::Relaxed), 0);
+
+    // A request cancelled by its flag while waiting never runs.
+    let flag = Arc::new(AtomicBool::new(true));
+    let (tx, rx) = channel();
+    let events = Box::new(move |e| tx.send(e).is_ok());
+    let prompt = m.tokenizer.encode("Never run.", true, true);
+    s.submit(Request { prompt, opts: options(5, SamplerParams::greedy()), events, cancel: flag }).expect("queued");
+    assert!(rx.recv_timeout(Duration::from_secs(5)).is_err(), "a cancelled request produced events");
+}
+
+#[test]
+fn the_queue_refuses_beyond_its_limit_and_recovers() {
+    let m = model();
+    let s = Scheduler::start(m.clone(), SchedulerConfig::new(1, 2, 512, 4096)).expect("thread");
+    let prompt = m.tokenizer.encode("Tell me a long story.", true, true);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        let (tx, rx) = channel();
+        let events = Box::new(move |e| tx.send(e).is_ok());
+        let req = Request {
+            prompt: prompt.clone(),
+            opts: options(16, SamplerParams::greedy()),
+            events,
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        match s.submit(req) {
+            Ok(()) => accepted.push(rx),
+            Err(Refused::QueueFull) => refused += 1,
+            Err(e) => panic!("unexpected refusal {e:?}"),
+        }
+    }
+    assert!(refused > 0 && accepted.len() >= 2, "accepted {}, refused {refused}", accepted.len());
+    for rx in accepted {
+        finish(rx);
+    }
+    finish(submit(&s, prompt, options(4, SamplerParams::greedy())));
+}
