@@ -285,7 +285,11 @@ pub struct StopFilter {
 
 impl StopFilter {
     pub fn new(stops: &[String]) -> Self {
-        StopFilter { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new(), stopped: false }
+        StopFilter {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+            stopped: false,
+        }
     }
 
     /// Adds text; returns the text that is now final and whether a stop sequence was hit.

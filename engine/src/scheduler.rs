@@ -364,12 +364,8 @@ impl<'m, B: Backend> State<'m, B> {
                 rows[i] = Some(logits.row(k));
             }
         }
-        let steps: Vec<Option<Step>> = self
-            .running
-            .par_iter_mut()
-            .zip(rows)
-            .map(|(r, row)| row.map(|l| r.gen.step(l, r.in_cache)))
-            .collect();
+        let steps: Vec<Option<Step>> =
+            self.running.par_iter_mut().zip(rows).map(|(r, row)| row.map(|l| r.gen.step(l, r.in_cache))).collect();
         let mut finished = Vec::new();
         for (i, step) in steps.into_iter().enumerate() {
             let r = &mut self.running[i];

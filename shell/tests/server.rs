@@ -462,3 +462,93 @@ fn concurrent_requests_are_all_answered() {
         assert!(t.join().unwrap().contains("\"done\":true"));
     }
 }
+
+#[test]
+fn overload_gets_503_and_every_admitted_request_completes() {
+    let s = std::sync::Arc::new(Server(common::ServeProcess::start(&[
+        ("OLLAMA_NUM_PARALLEL", "1"),
+        ("OLLAMA_MAX_QUEUE", "4"),
+    ])));
+    // Load first, so the burst meets the scheduler and not the loader.
+    assert_eq!(s.post("/api/generate", &json!({ "model": MODEL })).status, 200);
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let r = s.post(
+                    "/api/generate",
+                    &json!({ "model": MODEL, "prompt": format!("Story number {i}:"), "stream": i % 2 == 0,
+                             "options": { "num_predict": 48, "temperature": 0 } }),
+                );
+                (r.status, r.text())
+            })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for t in threads {
+        let (status, body) = t.join().unwrap();
+        match status {
+            200 => {
+                assert!(body.contains("\"done\":true"), "admitted request did not finish: {body}");
+                ok += 1;
+            }
+            503 => {
+                let v: Value = serde_json::from_str(&body).expect("JSON error");
+                assert_eq!(v["error"], "server busy, please try again.  maximum pending requests exceeded");
+                busy += 1;
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(busy >= 1 && ok >= 4, "{ok} answered, {busy} refused");
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "Hi", "stream": false,
+                                               "options": { "num_predict": 2 } }),
+    );
+    assert_eq!(r.status, 200, "the server answers normally after the burst");
+}
+
+#[test]
+fn a_second_chat_turn_computes_only_its_new_tokens() {
+    let s = Server::start();
+    let system = "You are a meticulous assistant. ".repeat(24);
+    let turn = |messages: &Value| {
+        let r = s.post(
+            "/api/chat",
+            &json!({ "model": MODEL, "stream": false, "messages": messages,
+                                              "options": { "num_predict": 12, "temperature": 0 } }),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let mut messages = json!([{ "role": "system", "content": system },
+                              { "role": "user", "content": "Name a colour." }]);
+    let one = turn(&messages);
+    let reply = one["message"]["content"].as_str().expect("reply").to_string();
+    messages.as_array_mut().unwrap().push(json!({ "role": "assistant", "content": reply }));
+    messages.as_array_mut().unwrap().push(json!({ "role": "user", "content": "And another?" }));
+    let two = turn(&messages);
+    let (p1, p2) = (one["prompt_eval_count"].as_u64().unwrap(), two["prompt_eval_count"].as_u64().unwrap());
+    assert!(p1 > 150, "first turn computes its whole prompt ({p1})");
+    assert!((1..64).contains(&p2), "second turn computed {p2} tokens: its history should come from the cache");
+    let (d1, d2) = (one["prompt_eval_duration"].as_u64().unwrap(), two["prompt_eval_duration"].as_u64().unwrap());
+    assert!(d2 < d1, "time to first token drops with the cache ({d1} ns, then {d2} ns)");
+
+    // Generate with the returned context: exactly the new tokens and at most a block more.
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "The sea is", "raw": true, "stream": false,
+                                               "options": { "num_predict": 20, "temperature": 0 } }),
+    );
+    let first = r.json();
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": " and the sky is", "stream": false,
+                                               "context": first["context"],
+                                               "options": { "num_predict": 4, "temperature": 0 } }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let n = r.json()["prompt_eval_count"].as_u64().unwrap();
+    assert!(n <= 16 + 8, "continuing a context computed {n} tokens");
+}

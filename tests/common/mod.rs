@@ -29,6 +29,7 @@ pub fn fixture(rel: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+#[allow(dead_code)] // not every test binary reads id fixtures
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }

@@ -2,11 +2,11 @@
 //! kernels from `turbine_cpu` (SIMD chosen at run time, rayon across rows and heads).
 
 use super::{AttnShape, Backend, BatchLayout, KvCache};
-use crate::kv::{BlockManager, KvSpec, BLOCK_TOKENS};
-use half::slice::HalfBitsSliceExt;
 use crate::gguf::{Gguf, TensorInfo};
+use crate::kv::{BlockManager, KvSpec, BLOCK_TOKENS};
 use crate::EngineError;
 use half::f16;
+use half::slice::HalfBitsSliceExt;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -9,8 +9,8 @@
 
 use super::{count_params, required, Architecture, Batch, Logits, ModelInfo};
 use crate::backend::{AttnShape, Backend, KvCache};
-use crate::kv::KvLayout;
 use crate::gguf::Gguf;
+use crate::kv::KvLayout;
 use crate::EngineError;
 use std::sync::Arc;
 
@@ -352,13 +352,7 @@ impl<B: Backend> Gemma3<B> {
         logits
     }
 
-    fn compute_traced(
-        &self,
-        b: &B,
-        batch: &Batch,
-        kv: &mut B::Kv,
-        tap: &mut Tap<B>,
-    ) -> Result<Logits, EngineError> {
+    fn compute_traced(&self, b: &B, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> Result<Logits, EngineError> {
         let cfg = &self.cfg;
         let out_rows = batch.output_rows();
         let mut x = b.embed(&self.tok_embd, &batch.tokens, (cfg.n_embd as f32).sqrt())?; // [n × d]

@@ -3,8 +3,8 @@
 pub mod gemma3;
 
 use crate::backend::{Backend, BatchLayout, KvCache};
-use crate::kv::{KvLayout, KvSpec};
 use crate::gguf::Gguf;
+use crate::kv::{KvLayout, KvSpec};
 use crate::EngineError;
 use std::sync::Arc;
 

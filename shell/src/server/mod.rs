@@ -75,7 +75,8 @@ pub fn serve() -> Result<(), String> {
         env!("CARGO_PKG_VERSION"),
         turbine::engine::store::models_dir().display()
     );
-    let state = Arc::new(State::default());
+    let limits = worker::EngineLimits::from_env()?;
+    let state = Arc::new(State { models: worker::Models::new(limits) });
     let reaper = state.clone();
     let _ = std::thread::Builder::new().name("keep_alive".into()).spawn(move || loop {
         std::thread::sleep(Duration::from_millis(500));

@@ -1,19 +1,22 @@
-//! Engine workers: one thread per loaded model owns its `LoadedModel` and runs the jobs
-//! sent to it, one at a time, streaming events back. HTTP threads never run kernels.
-//! (Continuous batching will replace the one-job-at-a-time loop behind the same `submit`.)
+//! Engine workers: one thread per loaded model loads it, starts its continuous-batching
+//! scheduler, and turns each job (template, tokenization, context checks) into a scheduler
+//! request whose events stream back to the HTTP thread. HTTP threads never run kernels.
 
 use super::catalog::Entry;
 use super::host::KeepAlive;
 use super::template::ChatTemplate;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use turbine::engine::backend::cpu::CpuBackend;
-use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel, Session};
+use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel};
+use turbine::engine::kv::KvLayout;
 use turbine::engine::sampler::SamplerParams;
+use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SeqEvent};
+use turbine::engine::EngineError;
 
 /// What a job asks of the model.
 pub enum JobInput {
@@ -65,6 +68,70 @@ pub enum Event {
     },
 }
 
+/// Serving limits, from the environment (Ollama's names where Ollama has one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineLimits {
+    /// OLLAMA_NUM_PARALLEL: sequences running at once per model (None: what the KV cache
+    /// budget allows, at most AUTO_MAX_PARALLEL).
+    pub num_parallel: Option<usize>,
+    /// OLLAMA_MAX_QUEUE: requests waiting per model before 503.
+    pub max_queue: usize,
+    /// TURBINE_KV_CACHE_MB: KV cache budget per model when OLLAMA_NUM_PARALLEL is unset.
+    pub kv_cache_mb: usize,
+    /// Cache provisioned per sequence (OLLAMA_CONTEXT_LENGTH, default 4096).
+    pub num_ctx: usize,
+}
+
+/// Most sequences the automatic OLLAMA_NUM_PARALLEL picks.
+pub const AUTO_MAX_PARALLEL: usize = 32;
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        EngineLimits {
+            num_parallel: None,
+            max_queue: 512,
+            kv_cache_mb: 1024,
+            num_ctx: super::options::default_num_ctx(),
+        }
+    }
+}
+
+impl EngineLimits {
+    /// Reads the environment; a value that is set but unusable is an error naming it.
+    pub fn from_env() -> Result<EngineLimits, String> {
+        let var = |name: &str, max: usize| -> Result<Option<usize>, String> {
+            match std::env::var(name) {
+                Err(_) => Ok(None),
+                Ok(v) if v.trim().is_empty() => Ok(None),
+                Ok(v) => match v.trim().parse::<usize>() {
+                    Ok(n) if n <= max => Ok(Some(n)),
+                    _ => Err(format!("{name}={v:?}: expected a whole number from 0 to {max}")),
+                },
+            }
+        };
+        let d = EngineLimits::default();
+        Ok(EngineLimits {
+            num_parallel: var("OLLAMA_NUM_PARALLEL", 1024)?.filter(|&n| n > 0),
+            max_queue: var("OLLAMA_MAX_QUEUE", 1 << 20)?.unwrap_or(d.max_queue),
+            kv_cache_mb: var("TURBINE_KV_CACHE_MB", 1 << 30)?.unwrap_or(d.kv_cache_mb).max(1),
+            num_ctx: d.num_ctx,
+        })
+    }
+
+    /// The scheduler of a model whose cache looks like `layout`.
+    fn scheduler_config(&self, layout: &KvLayout, context_length: usize) -> SchedulerConfig {
+        let per_seq = self.num_ctx.clamp(4, context_length.max(4));
+        let parallel = self.num_parallel.unwrap_or_else(|| {
+            let one = SchedulerConfig::new(1, 0, per_seq, context_length).kv_spec(layout).pool_bytes().max(1);
+            (self.kv_cache_mb.saturating_mul(1 << 20) / one).clamp(1, AUTO_MAX_PARALLEL)
+        });
+        SchedulerConfig::new(parallel, self.max_queue, per_seq, context_length)
+    }
+}
+
+/// Ollama's answer when the queue is full.
+pub const BUSY: &str = "server busy, please try again.  maximum pending requests exceeded";
+
 /// A model's worker thread, seen from the HTTP side.
 pub struct ModelWorker {
     pub entry: Entry,
@@ -90,7 +157,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl ModelWorker {
     /// Starts the thread; the model loads there, before the first job runs.
-    fn start(entry: Entry) -> ModelWorker {
+    fn start(entry: Entry, limits: EngineLimits) -> ModelWorker {
         let (tx, rx) = channel::<Job>();
         let state = Arc::new(WorkerState {
             pending: AtomicUsize::new(0),
@@ -101,7 +168,7 @@ impl ModelWorker {
         let (path, st) = (entry.blob.clone(), state.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("engine:{}", entry.name))
-            .spawn(move || worker_loop(&path, rx, &st));
+            .spawn(move || worker_loop(&path, rx, &st, &limits));
         if let Err(e) = spawned {
             eprintln!("turbine serve: cannot start an engine thread: {e}");
         }
@@ -138,15 +205,38 @@ impl ModelWorker {
     }
 }
 
-fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &WorkerState) {
+/// Marks a job finished when dropped (with its request, whichever way it ends).
+struct JobGuard {
+    state: Arc<WorkerState>,
+    keep_alive: KeepAlive,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        *lock(&self.state.expires_at) = match self.keep_alive {
+            KeepAlive::Forever => None,
+            KeepAlive::For(d) => Some(SystemTime::now() + d),
+        };
+        self.state.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerState>, limits: &EngineLimits) {
     let loaded = catch_unwind(|| LoadedModel::load(path));
-    let model = match loaded {
-        Ok(Ok(m)) => m,
-        failed => {
-            let message = match failed {
-                Ok(Err(e)) => format!("error loading model: {e}"),
-                _ => "error loading model: internal error".to_string(),
-            };
+    let started = match loaded {
+        Ok(Ok(m)) => {
+            let model = Arc::new(m);
+            let cfg = limits.scheduler_config(&model.arch.kv_layout(), model.arch.info().context_length);
+            Scheduler::start(model.clone(), cfg)
+                .map(|s| (model, s))
+                .map_err(|e| format!("error starting the scheduler: {e}"))
+        }
+        Ok(Err(e)) => Err(format!("error loading model: {e}")),
+        Err(_) => Err("error loading model: internal error".to_string()),
+    };
+    let (model, scheduler) = match started {
+        Ok(ms) => ms,
+        Err(message) => {
             eprintln!("turbine serve: {message}");
             state.loaded.store(2, Ordering::SeqCst);
             // Answer what is queued; the registry drops this worker once idle.
@@ -163,35 +253,93 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &WorkerState) {
     for job in rx {
         let num_ctx = job.opts.num_ctx.clamp(4, model.arch.info().context_length.max(4));
         state.num_ctx.store(num_ctx, Ordering::SeqCst);
-        let result = catch_unwind(AssertUnwindSafe(|| run_job(&model, &template, &job, num_ctx, load_duration)));
-        let event = match result {
-            Ok(Ok(Some(done))) => Some(Event::Done(done)),
-            Ok(Ok(None)) => None,
-            Ok(Err((status, message))) => Some(Event::Error { status, message }),
-            Err(_) => Some(Event::Error { status: 500, message: "internal error in the engine".into() }),
+        let guard = JobGuard { state: state.clone(), keep_alive: job.opts.keep_alive };
+        let prepared = catch_unwind(AssertUnwindSafe(|| prepare(&model, &template, &job, num_ctx)));
+        let (ids, opts) = match prepared {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => {
+                let _ = job.events.send(Event::Done(Done { done_reason: "load", load_duration, ..Done::default() }));
+                load_duration = Duration::ZERO;
+                continue;
+            }
+            Ok(Err((status, message))) => {
+                let _ = job.events.send(Event::Error { status, message });
+                continue;
+            }
+            Err(_) => {
+                let _ = job.events.send(Event::Error { status: 500, message: "internal error in the engine".into() });
+                continue;
+            }
+        };
+        let events = job.events.clone();
+        let request = Request {
+            prompt: ids.clone(),
+            opts,
+            events: stream_events(job.events, ids, load_duration, guard),
+            cancel: Arc::new(AtomicBool::new(false)),
         };
         load_duration = Duration::ZERO;
-        *lock(&state.expires_at) = match job.opts.keep_alive {
-            KeepAlive::Forever => None,
-            KeepAlive::For(d) => Some(SystemTime::now() + d),
-        };
-        state.pending.fetch_sub(1, Ordering::SeqCst);
-        if let Some(e) = event {
-            let _ = job.events.send(e);
+        match scheduler.submit(request) {
+            Ok(()) => {}
+            Err(Refused::QueueFull) => drop(events.send(Event::Error { status: 503, message: BUSY.into() })),
+            Err(Refused::Stopped) => {
+                drop(events.send(Event::Error { status: 500, message: "model runner has stopped".into() }))
+            }
         }
     }
 }
 
-/// Runs one job; Ok(None) when the client went away.
-fn run_job(
+/// The scheduler's events for one job, as the HTTP side wants them.
+fn stream_events(
+    events: Sender<Event>,
+    mut ids: Vec<u32>,
+    load_duration: Duration,
+    guard: JobGuard,
+) -> Box<dyn FnMut(SeqEvent) -> bool + Send> {
+    Box::new(move |e| {
+        let _held_until_the_request_ends = &guard;
+        let event = match e {
+            SeqEvent::Text(t) => Event::Text(t),
+            SeqEvent::Error(e) => {
+                let status = match e {
+                    EngineError::ContextFull { .. } => 400,
+                    _ => 500,
+                };
+                Event::Error { status, message: e.to_string() }
+            }
+            SeqEvent::Done(stats) => {
+                let done_reason = match stats.done_reason {
+                    DoneReason::Stop => "stop",
+                    DoneReason::Length | DoneReason::Cancelled => "length",
+                };
+                ids.extend(&stats.generated);
+                Event::Done(Done {
+                    done_reason,
+                    load_duration,
+                    prompt_eval_count: stats.prompt_tokens,
+                    prompt_eval_duration: stats.prompt_time,
+                    eval_count: stats.generated.len(),
+                    eval_duration: stats.gen_time,
+                    context: std::mem::take(&mut ids),
+                })
+            }
+        };
+        events.send(event).is_ok()
+    })
+}
+
+/// A job's prompt as token ids and its generation options.
+type Prepared = (Vec<u32>, GenerateOptions);
+
+/// A job's prompt and options; None for a load-only job.
+fn prepare(
     model: &LoadedModel<CpuBackend>,
     template: &ChatTemplate,
     job: &Job,
     num_ctx: usize,
-    load_duration: Duration,
-) -> Result<Option<Done>, (u16, String)> {
+) -> Result<Option<Prepared>, (u16, String)> {
     let (prompt, context, messages) = match &job.input {
-        JobInput::Load => return Ok(Some(Done { done_reason: "load", load_duration, ..Done::default() })),
+        JobInput::Load => return Ok(None),
         JobInput::Generate { prompt, context, messages } => (prompt, context, messages),
     };
     let rendered;
@@ -227,35 +375,21 @@ fn run_job(
         sampler: job.opts.sampler.clone(),
         stop: job.opts.stop.clone(),
     };
-    let mut session = Session::new(model, num_ctx);
-    let stats = session
-        .generate(&ids, &opts, |t| job.events.send(Event::Text(t.to_string())).is_ok())
-        .map_err(|e| (500, e.to_string()))?;
-    let done_reason = match stats.done_reason {
-        DoneReason::Stop => "stop",
-        DoneReason::Length => "length",
-        DoneReason::Cancelled => return Ok(None),
-    };
-    let eval_count = stats.generated.len();
-    ids.extend(&stats.generated);
-    Ok(Some(Done {
-        done_reason,
-        load_duration,
-        prompt_eval_count: stats.prompt_tokens,
-        prompt_eval_duration: stats.prompt_time,
-        eval_count,
-        eval_duration: stats.gen_time,
-        context: ids,
-    }))
+    Ok(Some((ids, opts)))
 }
 
 /// The loaded (or loading) models by display name.
 #[derive(Default)]
 pub struct Models {
     workers: Mutex<HashMap<String, Arc<ModelWorker>>>,
+    limits: EngineLimits,
 }
 
 impl Models {
+    pub fn new(limits: EngineLimits) -> Models {
+        Models { workers: Mutex::default(), limits }
+    }
+
     /// The worker for an installed model, started if needed.
     pub fn get(&self, entry: &Entry) -> Arc<ModelWorker> {
         let mut w = lock(&self.workers);
@@ -265,7 +399,7 @@ impl Models {
                 return existing.clone();
             }
         }
-        let worker = Arc::new(ModelWorker::start(entry.clone()));
+        let worker = Arc::new(ModelWorker::start(entry.clone(), self.limits.clone()));
         w.insert(entry.name.clone(), worker.clone());
         worker
     }
