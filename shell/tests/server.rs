@@ -552,3 +552,58 @@ fn a_second_chat_turn_computes_only_its_new_tokens() {
     let n = r.json()["prompt_eval_count"].as_u64().unwrap();
     assert!(n <= 16 + 8, "continuing a context computed {n} tokens");
 }
+
+/// A model store holding the default model under two names (the blob shared by a link).
+fn two_model_store() -> PathBuf {
+    let real = turbine::engine::store::models_dir();
+    let dir = std::env::temp_dir().join(format!("turbine-two-models-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let manifests = dir.join("manifests/registry.ollama.ai/library/gemma3");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::os::unix::fs::symlink(real.join("blobs"), dir.join("blobs")).unwrap();
+    let manifest = real.join("manifests/registry.ollama.ai/library/gemma3/270m");
+    for tag in ["270m", "second"] {
+        std::fs::copy(&manifest, manifests.join(tag)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn the_least_recently_used_idle_model_makes_room() {
+    let store = two_model_store();
+    let s = std::sync::Arc::new(Server(common::ServeProcess::start(&[
+        ("OLLAMA_MODELS", store.to_str().unwrap()),
+        ("OLLAMA_MAX_LOADED_MODELS", "1"),
+    ])));
+    let loaded = |s: &Server| -> Vec<String> {
+        let ps = s.request("GET", "/api/ps", b"").json();
+        ps["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(s.post("/api/generate", &json!({ "model": MODEL })).status, 200);
+    assert_eq!(loaded(&s), vec![MODEL.to_string()]);
+    assert_eq!(s.post("/api/generate", &json!({ "model": "gemma3:second" })).status, 200);
+    assert_eq!(loaded(&s), vec!["gemma3:second".to_string()], "the idle model was unloaded for the new one");
+
+    // While the only resident model is busy, another cannot load: 503, not a wait forever.
+    let busy = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            s.post(
+                "/api/generate",
+                &json!({ "model": "gemma3:second", "prompt": "Count:", "stream": false,
+                                             "options": { "num_predict": 200 } }),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let r = s.post("/api/generate", &json!({ "model": MODEL, "prompt": "Hi", "stream": false }));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(busy.join().unwrap().status, 200);
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "Hi", "stream": false,
+                                               "options": { "num_predict": 2 } }),
+    );
+    assert_eq!(r.status, 200, "once idle, the other model makes room again");
+    let _ = std::fs::remove_dir_all(&store);
+}

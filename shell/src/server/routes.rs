@@ -209,7 +209,7 @@ fn load_only(state: &Arc<State>, name: &str, entry: &Entry, keep_alive: KeepAliv
         state.models.unload(&entry.name);
         v["done_reason"] = json!("unload");
     } else {
-        let worker = state.models.get(entry);
+        let worker = state.models.get(entry).map_err(|m| Reply::error(503, m))?;
         let opts = JobOptions {
             num_predict: Some(0),
             num_ctx: options::default_num_ctx(),
@@ -268,7 +268,7 @@ fn generate(state: &Arc<State>, body: &[u8]) -> R {
         msgs.push(Message::new("user", &prompt));
         msgs
     });
-    let worker = state.models.get(&entry);
+    let worker = state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
     let rx = worker.submit(JobInput::Generate { prompt, context, messages }, opts);
     let framer = Box::new(OllamaFramer { model: name, chat: false, start });
     respond(state, rx, stream, keep_alive, framer)
@@ -293,7 +293,7 @@ fn chat(state: &Arc<State>, body: &[u8]) -> R {
     if messages.is_empty() {
         return load_only(state, &name, &entry, keep_alive, true);
     }
-    let worker = state.models.get(&entry);
+    let worker = state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
     let rx =
         worker.submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts);
     let framer = Box::new(OllamaFramer { model: name, chat: true, start });
@@ -614,7 +614,7 @@ mod openai {
             truncate: true,
             keep_alive,
         };
-        let worker = state.models.get(&entry);
+        let worker = state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
         let rx = worker
             .submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts);
         let created = unix(SystemTime::now());

@@ -10,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel};
 use turbine::engine::kv::KvLayout;
@@ -80,6 +80,12 @@ pub struct EngineLimits {
     pub kv_cache_mb: usize,
     /// Cache provisioned per sequence (OLLAMA_CONTEXT_LENGTH, default 4096).
     pub num_ctx: usize,
+    /// OLLAMA_MAX_LOADED_MODELS: models resident at once (default 3, Ollama's per-device
+    /// default).
+    pub max_loaded: usize,
+    /// TURBINE_MAX_MEMORY_MB: weights plus KV pools of the resident models (default: the
+    /// memory available when the server starts).
+    pub max_memory_mb: usize,
 }
 
 /// Most sequences the automatic OLLAMA_NUM_PARALLEL picks.
@@ -92,6 +98,8 @@ impl Default for EngineLimits {
             max_queue: 512,
             kv_cache_mb: 1024,
             num_ctx: super::options::default_num_ctx(),
+            max_loaded: 3,
+            max_memory_mb: available_memory_mb().unwrap_or(usize::MAX >> 20),
         }
     }
 }
@@ -115,6 +123,8 @@ impl EngineLimits {
             max_queue: var("OLLAMA_MAX_QUEUE", 1 << 20)?.unwrap_or(d.max_queue),
             kv_cache_mb: var("TURBINE_KV_CACHE_MB", 1 << 30)?.unwrap_or(d.kv_cache_mb).max(1),
             num_ctx: d.num_ctx,
+            max_loaded: var("OLLAMA_MAX_LOADED_MODELS", 1024)?.filter(|&n| n > 0).unwrap_or(d.max_loaded),
+            max_memory_mb: var("TURBINE_MAX_MEMORY_MB", 1 << 30)?.filter(|&n| n > 0).unwrap_or(d.max_memory_mb),
         })
     }
 
@@ -129,6 +139,14 @@ impl EngineLimits {
     }
 }
 
+/// MemAvailable from /proc/meminfo, in MiB.
+fn available_memory_mb() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// Ollama's answer when the queue is full.
 pub const BUSY: &str = "server busy, please try again.  maximum pending requests exceeded";
 
@@ -137,6 +155,7 @@ pub struct ModelWorker {
     pub entry: Entry,
     tx: Mutex<Sender<Job>>,
     state: Arc<WorkerState>,
+    last_used: Mutex<Instant>,
 }
 
 /// Shared between the worker thread and the registry.
@@ -149,6 +168,8 @@ struct WorkerState {
     num_ctx: AtomicUsize,
     /// Set once the model is in memory.
     loaded: AtomicUsize,
+    /// Bytes of the KV cache pool, once the scheduler runs.
+    kv_bytes: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,6 +185,7 @@ impl ModelWorker {
             expires_at: Mutex::new(None),
             num_ctx: AtomicUsize::new(0),
             loaded: AtomicUsize::new(0),
+            kv_bytes: AtomicUsize::new(0),
         });
         let (path, st) = (entry.blob.clone(), state.clone());
         let spawned = std::thread::Builder::new()
@@ -172,7 +194,7 @@ impl ModelWorker {
         if let Err(e) = spawned {
             eprintln!("turbine serve: cannot start an engine thread: {e}");
         }
-        ModelWorker { entry, tx: Mutex::new(tx), state }
+        ModelWorker { entry, tx: Mutex::new(tx), state, last_used: Mutex::new(Instant::now()) }
     }
 
     /// Queues a job; its events arrive on the returned channel.
@@ -193,6 +215,11 @@ impl ModelWorker {
 
     pub fn expires_at(&self) -> Option<SystemTime> {
         *lock(&self.state.expires_at)
+    }
+
+    /// Memory the model holds (or will hold): its weights and its KV cache pool.
+    pub fn resident_bytes(&self) -> u64 {
+        self.entry.size.saturating_add(self.state.kv_bytes.load(Ordering::SeqCst) as u64)
     }
 
     pub fn context_length(&self) -> usize {
@@ -227,6 +254,7 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
         Ok(Ok(m)) => {
             let model = Arc::new(m);
             let cfg = limits.scheduler_config(&model.arch.kv_layout(), model.arch.info().context_length);
+            state.kv_bytes.store(cfg.kv_spec(&model.arch.kv_layout()).pool_bytes(), Ordering::SeqCst);
             Scheduler::start(model.clone(), cfg)
                 .map(|s| (model, s))
                 .map_err(|e| format!("error starting the scheduler: {e}"))
@@ -390,20 +418,36 @@ impl Models {
         Models { workers: Mutex::default(), limits }
     }
 
-    /// The worker for an installed model, started if needed.
-    pub fn get(&self, entry: &Entry) -> Arc<ModelWorker> {
+    /// The worker for an installed model, started if needed. Starting one beyond
+    /// OLLAMA_MAX_LOADED_MODELS or the memory budget first unloads idle models, least
+    /// recently used first; when every loaded model is busy the answer is Ollama's busy
+    /// message (a 503).
+    pub fn get(&self, entry: &Entry) -> Result<Arc<ModelWorker>, String> {
         let mut w = lock(&self.workers);
         if let Some(existing) = w.get(&entry.name) {
             let failed = existing.state.loaded.load(Ordering::SeqCst) == 2;
             if existing.entry.digest == entry.digest && !failed {
-                return existing.clone();
+                *lock(&existing.last_used) = Instant::now();
+                return Ok(existing.clone());
             }
+            w.remove(&entry.name);
+        }
+        let budget = (self.limits.max_memory_mb as u64).saturating_mul(1 << 20);
+        let over = |w: &HashMap<String, Arc<ModelWorker>>| {
+            let used: u64 = w.values().map(|m| m.resident_bytes()).sum();
+            w.len() >= self.limits.max_loaded || (!w.is_empty() && used.saturating_add(entry.size) > budget)
+        };
+        while over(&w) {
+            let idle = w.values().filter(|m| m.state.pending.load(Ordering::SeqCst) == 0);
+            let Some(oldest) = idle.min_by_key(|m| *lock(&m.last_used)).map(|m| m.entry.name.clone()) else {
+                return Err(BUSY.to_string());
+            };
+            w.remove(&oldest);
         }
         let worker = Arc::new(ModelWorker::start(entry.clone(), self.limits.clone()));
         w.insert(entry.name.clone(), worker.clone());
-        worker
+        Ok(worker)
     }
-
     /// Unloads a model now (its thread ends after the jobs it holds).
     pub fn unload(&self, name: &str) -> bool {
         lock(&self.workers).remove(name).is_some()
