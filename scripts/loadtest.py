@@ -84,7 +84,7 @@ def one_request(api, host, port, model, i, num_predict, timeout):
     return ttft, tpot, n_tokens, end
 
 
-def run_level(api, url, model, concurrency, n_requests, num_predict, timeout):
+def run_level(api, url, model, concurrency, n_requests, num_predict, timeout, max_seconds=float("inf")):
     u = urllib.parse.urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost", "::1"):
         sys.exit(f"refusing to load-test a non-loopback host: {u.hostname}")
@@ -95,7 +95,7 @@ def run_level(api, url, model, concurrency, n_requests, num_predict, timeout):
     def worker():
         while True:
             with lock:
-                if next_id[0] >= n_requests:
+                if next_id[0] >= n_requests or time.monotonic() > deadline:
                     return
                 i = next_id[0]
                 next_id[0] += 1
@@ -108,6 +108,7 @@ def run_level(api, url, model, concurrency, n_requests, num_predict, timeout):
                     errors.append(str(e))
 
     start = time.monotonic()
+    deadline = start + max_seconds
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
@@ -134,7 +135,8 @@ def main():
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=0, help="per level (default: 2 x concurrency, at least 4)")
     ap.add_argument("--num-predict", type=int, default=128)
-    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--timeout", type=float, default=600, help="per request, seconds")
+    ap.add_argument("--max-seconds", type=float, default=600, help="per level: no new requests after this")
     ap.add_argument("--label", default=None)
     ap.add_argument("--json", action="store_true", help="one JSON object per level instead of a table")
     args = ap.parse_args()
@@ -146,7 +148,7 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in [int(x) for x in args.concurrency.split(",") if x]:
         n = args.requests or min(64, max(4, 2 * c))
-        r = run_level(args.api, args.url, args.model, c, n, args.num_predict, args.timeout)
+        r = run_level(args.api, args.url, args.model, c, n, args.num_predict, args.timeout, args.max_seconds)
         r["server"] = label
         if args.json:
             print(json.dumps(r), flush=True)

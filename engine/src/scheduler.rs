@@ -201,8 +201,15 @@ fn run<B: Backend>(model: &LoadedModel<B>, cfg: &SchedulerConfig, rx: &Receiver<
             false => rx.try_iter().collect(),
         };
         s.waiting.extend(incoming.into_iter().map(Waiting::New));
-        s.admit();
-        s.step();
+        let stepped = catch_unwind(AssertUnwindSafe(|| {
+            s.admit();
+            s.step();
+        }));
+        if stepped.is_err() {
+            // A fault outside the forward (sampling, streaming): the running requests'
+            // state cannot be trusted; they end with an error, the model keeps serving.
+            s.fail_running("internal error in the scheduler");
+        }
         s.publish();
     }
 }
@@ -389,6 +396,13 @@ impl<'m, B: Backend> State<'m, B> {
         }
         for i in finished.into_iter().rev() {
             let r = self.running.remove(i);
+            self.release(r.slot);
+        }
+    }
+
+    fn fail_running(&mut self, message: &str) {
+        for mut r in std::mem::take(&mut self.running) {
+            r.send(SeqEvent::Error(EngineError::BadBatch(message.to_string())));
             self.release(r.slot);
         }
     }
