@@ -164,6 +164,14 @@ impl QuantizedActs {
     }
 
     /// Row `i` as a dot product consumes it. Panics when `i >= self.rows`.
+    /// The bytes of quantized row `i` (empty for `F32`).
+    pub fn quant_row(&self, i: usize) -> &[u8] {
+        match self.row(i) {
+            ActRow::Quant(q) => q,
+            ActRow::F32(_) => &[],
+        }
+    }
+
     pub fn row(&self, i: usize) -> ActRow<'_> {
         assert!(i < self.rows, "QuantizedActs::row: row {i} of {}", self.rows);
         if self.ty == ActType::F32 {

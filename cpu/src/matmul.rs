@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::act::QuantizedActs;
 use crate::dequant::dequantize_row;
 use crate::dot::{vec_dot, vec_dot_rows};
-use crate::simd::{dot_row_tokens, ROW_TOKENS};
+use crate::simd::{dot_row_tokens, dot_rows_packed, PackedActs, ROW_TOKENS};
 use crate::{GgmlType, Isa};
 
 /// A row-major weight matrix of `rows` rows of `cols` elements stored as `ty`, each row
@@ -96,9 +96,11 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
     // Several tokens: tasks fill a weight-row-major scratch (row r, token t at r * n + t)
     // in contiguous pieces, which is then transposed into the token-major output. The
     // transpose is O(n * rows), negligible next to the O(n * rows * cols) dots.
+    let packed = PackedActs::for_weights(isa, w.ty, acts);
     let mut scratch = vec![0f32; out.len()];
-    scratch.par_chunks_mut(chunk * n).enumerate().for_each(|(c, dst)| {
-        rows_times_tokens(isa, w, acts, c * chunk, dst);
+    scratch.par_chunks_mut(chunk * n).enumerate().for_each(|(c, dst)| match &packed {
+        Some(p) => rows_times_packed_tokens(w, acts, p, c * chunk, dst),
+        None => rows_times_tokens(isa, w, acts, c * chunk, dst),
     });
     out.par_chunks_mut(w.rows).enumerate().for_each(|(t, token_out)| {
         for (r, o) in token_out.iter_mut().enumerate() {
@@ -117,6 +119,16 @@ fn rows_per_task(rows: usize) -> usize {
 /// Tokens per inner tile: a tile's activation rows stay in cache while the task's weight
 /// rows pass over them.
 const TOKEN_TILE: usize = 8;
+
+/// [`rows_times_tokens`] through the packed many-token kernels.
+fn rows_times_packed_tokens(w: &WeightView<'_>, acts: &QuantizedActs, p: &PackedActs, first: usize, dst: &mut [f32]) {
+    let n = acts.rows;
+    let rb = w.row_bytes();
+    let rows = &w.data[first * rb..(first + dst.len() / n) * rb];
+    for t0 in (0..n).step_by(TOKEN_TILE) {
+        dot_rows_packed(w.ty, w.cols, rows, acts, p, t0..(t0 + TOKEN_TILE).min(n), dst);
+    }
+}
 
 /// Dots weight rows `first..first + dst.len() / n` with every token, writing
 /// `dst[i * n + t]` for weight row `first + i` and token t (n = `acts.rows`).

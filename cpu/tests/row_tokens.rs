@@ -1,9 +1,11 @@
-//! `simd::dot_row_tokens` (one weight row × several tokens, weights decoded once) gives
-//! exactly what `vec_dot` gives token by token.
+//! `simd::dot_row_tokens` (one weight row × several tokens, weights decoded once) and
+//! `simd::dot_row_packed` (the same over packed activations) give exactly what `vec_dot`
+//! gives token by token.
 
 use turbine_cpu::act::QuantizedActs;
 use turbine_cpu::dot::vec_dot;
-use turbine_cpu::simd::{dot_row_tokens, ROW_TOKENS};
+use turbine_cpu::matmul::{matmul_with, WeightView};
+use turbine_cpu::simd::{dot_row_tokens, dot_rows_packed, PackedActs, ROW_TOKENS};
 use turbine_cpu::{GgmlType, Isa};
 
 fn xorshift(state: &mut u64) -> u64 {
@@ -70,6 +72,68 @@ fn row_tokens_equal_single_token_dots() {
                         assert_eq!(got.to_bits(), want.to_bits(), "{ty} {blocks} blocks token {t}: {got} vs {want}");
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Activations with a spread of magnitudes, including rows whose largest value sits at
+/// -127 after quantization.
+fn activations(rows: usize, n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..rows * n)
+        .map(|_| ((xorshift(&mut s) % 2001) as f32 - 1000.0) / (1.0 + (xorshift(&mut s) % 300) as f32))
+        .collect()
+}
+
+#[test]
+fn packed_tokens_equal_single_token_dots() {
+    let packable = [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::IQ4_NL, GgmlType::MXFP4];
+    for isa in Isa::available() {
+        for ty in GgmlType::ALL {
+            // Whole groups of four blocks, and groups plus 1–3 blocks read unpacked.
+            for blocks in [1usize, 4, 7, 8, 20, 23] {
+                let n = blocks * ty.block_size();
+                let w = random_row(ty, n, 11 + blocks as u64);
+                // 13 tokens: a call of 8, one of 4 and one of 1.
+                let acts = QuantizedActs::new(ty.act_type(), &activations(13, n, blocks as u64), n);
+                let Some(packed) = PackedActs::for_weights(isa, ty, &acts) else {
+                    assert!(isa != Isa::Avx512 || !packable.contains(&ty), "{ty} should pack on {isa:?}");
+                    continue;
+                };
+                assert!(isa == Isa::Avx512 && packable.contains(&ty), "{ty} packed on {isa:?}");
+                for tokens in [0..13, 3..11, 5..6] {
+                    // Two weight rows (the same one twice), written at row * 13 + token.
+                    let (two, mut out) = ([w.clone(), w.clone()].concat(), vec![f32::NAN; 2 * 13]);
+                    dot_rows_packed(ty, n, &two, &acts, &packed, tokens.clone(), &mut out);
+                    for (t, got) in tokens.clone().map(|t| (t, &out[t])).chain(tokens.map(|t| (t, &out[13 + t]))) {
+                        let want = vec_dot(isa, ty, n, &w, acts.row(t));
+                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} {blocks} blocks token {t}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_token_gets_the_same_logits_whatever_the_batch() {
+    // The property the scheduler's batch invariance rests on, at the matmul level: row t
+    // of a many-token matmul equals the one-token matmul of row t, bit for bit.
+    for isa in Isa::available() {
+        for ty in GgmlType::ALL {
+            let (rows, n) = (37, 5 * ty.block_size());
+            let w: Vec<u8> = (0..rows).flat_map(|r| random_row(ty, n, 100 + r as u64)).collect();
+            let view = WeightView::new(ty, rows, n, &w).expect("whole rows");
+            let x = activations(11, n, 5);
+            let mut batched = vec![0f32; 11 * rows];
+            matmul_with(isa, &view, &x, 11, &mut batched);
+            for t in 0..11 {
+                let mut alone = vec![0f32; rows];
+                matmul_with(isa, &view, &x[t * n..(t + 1) * n], 1, &mut alone);
+                let got: Vec<u32> = batched[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                let want: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "{ty} on {isa:?}, token {t}");
             }
         }
     }

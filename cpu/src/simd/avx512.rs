@@ -13,6 +13,7 @@ use super::avx2::{
     Q8_K,
 };
 use super::common::{at, f16_at, u32_at, unpack_q3_scales};
+use super::PackedPair;
 use crate::{ActRow, GgmlType};
 
 /// The dot product of a row `w` of `ty` with the matching activations `a`.
@@ -181,11 +182,31 @@ fn dot_blocks_32_tokens<const W: usize, const A: usize, const T: usize>(
     for t in 0..T {
         sum[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
     }
-    let first_rest = w4.len() * 4;
+    rest_blocks_32::<W, A, T>(w_rest, w4.len() * 4, a, scale, &decode, &mut sum, &mut mins);
+    for t in 0..T {
+        sum[t] += hsum_ps(_mm256_zextps128_ps256(mins[t]));
+    }
+    sum
+}
+
+/// The blocks after the last whole group of four (from block `first` on), 256 bits at a
+/// time, added to `sum` (and, for Q8_1 activations, to `mins`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn rest_blocks_32<const W: usize, const A: usize, const T: usize>(
+    w_rest: &[[u8; W]],
+    first: usize,
+    a: [&[u8]; T],
+    scale: Scale,
+    decode: &impl Fn(&[u8; W]) -> __m256i,
+    sum: &mut [f32; T],
+    mins: &mut [__m128; T],
+) {
+    let affine = A == Q8_1;
     for (b, x) in w_rest.iter().enumerate() {
         let qx = decode(x);
         for t in 0..T {
-            let y = &a[t].as_chunks::<A>().0[first_rest + b];
+            let y = &a[t].as_chunks::<A>().0[first + b];
             let qy = load256(at(y, A - 32));
             let zero = _mm256_setzero_si256();
             let sums = if affine {
@@ -199,10 +220,108 @@ fn dot_blocks_32_tokens<const W: usize, const A: usize, const T: usize>(
             }
         }
     }
+}
+
+/// [`dot_blocks_32_tokens`] for Q8_0 activations packed by `PackedActs`. Per token the
+/// integer lanes, the scale products and the float operations are the same, in the same
+/// order, so the results are bit-identical; what depends on the token alone was done once
+/// by the packing, and the weights' sign trick becomes a bias: `dpbusd` of the weights
+/// plus 128 (unsigned) minus the packed `128 · Σ` lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn dot_blocks_32_packed<const W: usize, const K: u8, const T: usize>(
+    w: &[u8],
+    p: [&[PackedPair]; T],
+    a: [&[u8]; T],
+    scale: Scale,
+) -> [f32; T] {
+    let decode = |b: &[u8; W]| decode_signed_32::<K>(b);
+    let (w4, w_rest) = w.as_chunks::<W>().0.as_chunks::<4>();
+    let flip = _mm512_set1_epi8(i8::MIN);
+    let zero = _mm512_setzero_si512();
+    // SAFETY: each reads exactly the 64 bytes of a table row.
+    let lanes = unsafe {
+        [
+            _mm512_loadu_si512(PAIR_SCALE_LANES[0].as_ptr().cast()),
+            _mm512_loadu_si512(PAIR_SCALE_LANES[1].as_ptr().cast()),
+        ]
+    };
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    for (g, xs) in w4.iter().enumerate() {
+        // Written out rather than with `array::map`, whose closures are not inlined here.
+        let u = [
+            _mm512_xor_si512(join(decode_signed_32::<K>(&xs[0]), decode_signed_32::<K>(&xs[1])), flip),
+            _mm512_xor_si512(join(decode_signed_32::<K>(&xs[2]), decode_signed_32::<K>(&xs[3])), flip),
+        ];
+        let dw = _mm512_castps128_ps512(weight_scales_x4(scale, xs));
+        let dwl = [_mm512_permutexvar_ps(lanes[0], dw), _mm512_permutexvar_ps(lanes[1], dw)];
+        for t in 0..T {
+            for q in 0..2 {
+                let pp = &p[t][2 * g + q];
+                // SAFETY: each load reads exactly one 64-byte field of `pp`.
+                let (qy, bias, dy) = unsafe {
+                    (
+                        _mm512_loadu_si512(pp.q.as_ptr().cast()),
+                        _mm512_loadu_si512(pp.bias.as_ptr().cast()),
+                        _mm512_loadu_ps(pp.d.as_ptr()),
+                    )
+                };
+                let sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, u[q], qy), bias);
+                acc[t][q] = _mm512_fmadd_ps(_mm512_mul_ps(dwl[q], dy), _mm512_cvtepi32_ps(sums), acc[t][q]);
+            }
+        }
+    }
+    let mut sum = [0.0f32; T];
+    for t in 0..T {
+        sum[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    }
+    let mut mins = [_mm_setzero_ps(); T];
+    rest_blocks_32::<W, Q8_0, T>(w_rest, w4.len() * 4, a, scale, &decode, &mut sum, &mut mins);
     for t in 0..T {
         sum[t] += hsum_ps(_mm256_zextps128_ps256(mins[t]));
     }
     sum
+}
+
+/// One weight row of `ty` (a type with Q8_0 activations) dotted with T packed activation
+/// rows `p` (`a`: the same rows unpacked).
+///
+/// # Safety
+/// As [`vec_dot`], for every row of `a`; each `p[t]` holds the pairs of all whole groups
+/// of four blocks of the row.
+pub(super) unsafe fn vec_dot_packed<const T: usize>(
+    ty: GgmlType,
+    w: &[u8],
+    p: [&[PackedPair]; T],
+    a: [&[u8]; T],
+) -> [f32; T] {
+    match ty {
+        GgmlType::Q4_0 => dot_blocks_32_packed::<18, KIND_Q4_0, T>(w, p, a, Scale::F16),
+        GgmlType::Q5_0 => dot_blocks_32_packed::<22, KIND_Q5_0, T>(w, p, a, Scale::F16),
+        GgmlType::Q8_0 => dot_blocks_32_packed::<34, KIND_Q8_0, T>(w, p, a, Scale::F16),
+        GgmlType::IQ4_NL => dot_blocks_32_packed::<18, KIND_IQ4_NL, T>(w, p, a, Scale::F16),
+        GgmlType::MXFP4 => dot_blocks_32_packed::<17, KIND_MXFP4, T>(w, p, a, Scale::E8M0),
+        other => unreachable!("no packed kernel for {other}: PackedActs::for_weights refuses it"),
+    }
+}
+
+const KIND_Q4_0: u8 = 0;
+const KIND_Q5_0: u8 = 1;
+const KIND_Q8_0: u8 = 2;
+const KIND_IQ4_NL: u8 = 3;
+const KIND_MXFP4: u8 = 4;
+
+/// The 32 signed quants of one block of a type with Q8_0 activations (`K` names it).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn decode_signed_32<const K: u8>(b: &[u8]) -> __m256i {
+    match K {
+        KIND_Q4_0 => quants_q4_0(at(b, 0)),
+        KIND_Q5_0 => quants_q5::<true>(u32_at(b, 2), at(b, 6)),
+        KIND_Q8_0 => quants_q8_0(at(b, 0)),
+        KIND_IQ4_NL => quants_iq4_nl(at(b, 0)),
+        _ => quants_mxfp4(at(b, 0)),
+    }
 }
 
 const TOKENS: usize = super::ROW_TOKENS;

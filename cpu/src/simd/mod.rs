@@ -14,6 +14,9 @@
 //!   offset corrections from them instead of from the quants).
 
 mod common;
+mod packed;
+
+pub use packed::{PackedActs, PackedPair};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -112,6 +115,87 @@ pub fn dot_row_tokens(
         let _ = (rows, out);
         false
     }
+}
+
+/// Activation rows per packed-kernel call (the most; fewer at the end of a range).
+pub const PACKED_TOKENS: usize = 8;
+
+/// Consecutive weight rows of `ty` (`n` elements each; `w` holds `dst.len() / acts.rows`
+/// of them) dotted with activation rows `tokens` of `acts`, through their packed form
+/// `packed` (from `PackedActs::for_weights`), writing `dst[i * acts.rows + t]` for weight
+/// row i and token t. Bit-identical to [`vec_dot`] on each pair. Checks are made once for
+/// the whole call; panics when the shapes disagree.
+pub fn dot_rows_packed(
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    acts: &crate::act::QuantizedActs,
+    packed: &PackedActs,
+    tokens: std::ops::Range<usize>,
+    dst: &mut [f32],
+) {
+    let n_tok = acts.rows;
+    if tokens.is_empty() || dst.is_empty() {
+        return;
+    }
+    let row_bytes = checked_row_bytes(ty, n, ActRow::Quant(acts.quant_row(0)));
+    assert!(ty.act_type() == ActType::Q8_0 && acts.cols == n, "simd::dot_rows_packed: activations do not fit {n} {ty}");
+    assert_eq!(packed.pairs, n / 128 * packed::GROUP_PAIRS, "simd::dot_rows_packed: packing is for another width");
+    assert!(tokens.end <= n_tok && packed.rows == n_tok, "simd::dot_rows_packed: tokens out of range");
+    assert!(dst.len().is_multiple_of(n_tok), "simd::dot_rows_packed: output is not whole rows");
+    assert_eq!(
+        Some(w.len()),
+        row_bytes.checked_mul(dst.len() / n_tok),
+        "simd::dot_rows_packed: weights are not whole rows"
+    );
+    assert!(isa_usable(Isa::Avx512), "simd::dot_rows_packed: packed activations exist only with AVX-512");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut t = tokens.start;
+        while t < tokens.end {
+            // SAFETY: AVX-512 is usable (asserted), the weight rows and every activation
+            // row hold exactly `n` elements, and every packed row holds the pairs of
+            // `n`'s whole groups of four blocks (all checked above).
+            t += unsafe {
+                match tokens.end - t {
+                    left if left >= PACKED_TOKENS => {
+                        packed_rows::<PACKED_TOKENS>(ty, w, row_bytes, acts, packed, t, dst)
+                    }
+                    left if left >= 4 => packed_rows::<4>(ty, w, row_bytes, acts, packed, t, dst),
+                    _ => packed_rows::<1>(ty, w, row_bytes, acts, packed, t, dst),
+                }
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, packed);
+        unreachable!("no packed activations off x86-64");
+    }
+}
+
+/// Tokens t..t + T against every weight row; returns T.
+///
+/// # Safety
+/// As `avx512::vec_dot_packed`, for every row of `w`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn packed_rows<const T: usize>(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &crate::act::QuantizedActs,
+    packed: &PackedActs,
+    t: usize,
+    dst: &mut [f32],
+) -> usize {
+    let p = std::array::from_fn(|k| packed.row(t + k));
+    let a = std::array::from_fn(|k| acts.quant_row(t + k));
+    for (row, out) in w.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(acts.rows)) {
+        // SAFETY: forwarded from the caller.
+        let v: [f32; T] = unsafe { avx512::vec_dot_packed(ty, row, p, a) };
+        out[t..t + T].copy_from_slice(&v);
+    }
+    T
 }
 
 /// Whether kernels for `isa` may run here. Checked against the (cached) detection so
