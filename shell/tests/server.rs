@@ -607,3 +607,35 @@ fn the_least_recently_used_idle_model_makes_room() {
     assert_eq!(r.status, 200, "once idle, the other model makes room again");
     let _ = std::fs::remove_dir_all(&store);
 }
+
+#[test]
+fn a_burst_of_streams_all_start_without_waiting_for_each_other() {
+    // tiny_http's connection pool (patched in third_party/) used to leave a connection that
+    // arrived in a burst unread until another connection closed.
+    let s = Server::start();
+    assert_eq!(s.post("/api/generate", &json!({ "model": MODEL })).status, 200);
+    let port = s.0.port;
+    let threads: Vec<_> = (0..24)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let body = json!({ "model": MODEL, "prompt": format!("Stream {i}:"), "raw": true,
+                                   "options": { "num_predict": 100000 } })
+                .to_string();
+                write!(c, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                    .unwrap();
+                let mut first = [0u8; 64];
+                let n = c.read(&mut first).unwrap_or(0);
+                let waited = start.elapsed();
+                (String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"), waited, c)
+            })
+        })
+        .collect();
+    let answers: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // Every stream has started while all the others are still running; then they close.
+    for (ok, waited, _) in &answers {
+        assert!(*ok && *waited < Duration::from_secs(30), "a stream waited {waited:?} to start");
+    }
+}

@@ -254,7 +254,16 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
         Ok(Ok(m)) => {
             let model = Arc::new(m);
             let cfg = limits.scheduler_config(&model.arch.kv_layout(), model.arch.info().context_length);
-            state.kv_bytes.store(cfg.kv_spec(&model.arch.kv_layout()).pool_bytes(), Ordering::SeqCst);
+            let kv_bytes = cfg.kv_spec(&model.arch.kv_layout()).pool_bytes();
+            state.kv_bytes.store(kv_bytes, Ordering::SeqCst);
+            eprintln!(
+                "turbine serve: loaded {} in {:.2?}: {} sequences at once, {} tokens of cache each, KV pool {} MiB",
+                path.display(),
+                model.load_time,
+                cfg.max_running,
+                cfg.tokens_per_seq,
+                kv_bytes >> 20
+            );
             Scheduler::start(model.clone(), cfg)
                 .map(|s| (model, s))
                 .map_err(|e| format!("error starting the scheduler: {e}"))
