@@ -89,23 +89,23 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
     if n == 1 {
         // One token: out is already indexed by weight row, so tasks write it directly.
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, dst)| {
-            rows_times_tokens(isa, w, acts, c * chunk, dst);
+            rows_times_tokens(isa, w, acts, c * chunk, &mut [dst]);
         });
         return;
     }
-    // Several tokens: tasks fill a weight-row-major scratch (row r, token t at r * n + t)
-    // in contiguous pieces, which is then transposed into the token-major output. The
-    // transpose is O(n * rows), negligible next to the O(n * rows * cols) dots.
+    // Several tokens: task c takes weight rows c·chunk.. and writes them for every token,
+    // into its piece of each token's output row (disjoint pieces, no scratch or
+    // transpose).
     let packed = PackedActs::for_weights(isa, w.ty, acts);
-    let mut scratch = vec![0f32; out.len()];
-    scratch.par_chunks_mut(chunk * n).enumerate().for_each(|(c, dst)| match &packed {
-        Some(p) => rows_times_packed_tokens(w, acts, p, c * chunk, dst),
-        None => rows_times_tokens(isa, w, acts, c * chunk, dst),
-    });
-    out.par_chunks_mut(w.rows).enumerate().for_each(|(t, token_out)| {
-        for (r, o) in token_out.iter_mut().enumerate() {
-            *o = scratch[r * n + t];
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..w.rows.div_ceil(chunk)).map(|_| Vec::with_capacity(n)).collect();
+    for token_out in out.chunks_mut(w.rows) {
+        for (task, piece) in tasks.iter_mut().zip(token_out.chunks_mut(chunk)) {
+            task.push(piece);
         }
+    }
+    tasks.into_par_iter().enumerate().for_each(|(c, mut outs)| match &packed {
+        Some(p) => rows_times_packed_tokens(w, acts, p, c * chunk, &mut outs),
+        None => rows_times_tokens(isa, w, acts, c * chunk, &mut outs),
     });
 }
 
@@ -121,43 +121,49 @@ fn rows_per_task(rows: usize) -> usize {
 const TOKEN_TILE: usize = 8;
 
 /// [`rows_times_tokens`] through the packed many-token kernels.
-fn rows_times_packed_tokens(w: &WeightView<'_>, acts: &QuantizedActs, p: &PackedActs, first: usize, dst: &mut [f32]) {
-    let n = acts.rows;
+fn rows_times_packed_tokens(
+    w: &WeightView<'_>,
+    acts: &QuantizedActs,
+    p: &PackedActs,
+    first: usize,
+    outs: &mut [&mut [f32]],
+) {
     let rb = w.row_bytes();
-    let rows = &w.data[first * rb..(first + dst.len() / n) * rb];
-    for t0 in (0..n).step_by(TOKEN_TILE) {
-        dot_rows_packed(w.ty, w.cols, rows, acts, p, t0..(t0 + TOKEN_TILE).min(n), dst);
+    let rows = &w.data[first * rb..(first + outs[0].len()) * rb];
+    for t0 in (0..acts.rows).step_by(TOKEN_TILE) {
+        dot_rows_packed(w.ty, w.cols, rows, acts, p, t0..(t0 + TOKEN_TILE).min(acts.rows), outs);
     }
 }
 
-/// Dots weight rows `first..first + dst.len() / n` with every token, writing
-/// `dst[i * n + t]` for weight row `first + i` and token t (n = `acts.rows`).
-fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: usize, dst: &mut [f32]) {
+/// Dots weight rows `first..first + outs[0].len()` with every token, writing
+/// `outs[t][i]` for weight row `first + i` and token t.
+fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: usize, outs: &mut [&mut [f32]]) {
     let n = acts.rows;
-    let rows = dst.len() / n;
+    let rows = outs[0].len();
     if n == 1 {
         let rb = w.row_bytes();
-        vec_dot_rows(isa, w.ty, w.cols, &w.data[first * rb..(first + rows) * rb], acts.row(0), dst);
+        vec_dot_rows(isa, w.ty, w.cols, &w.data[first * rb..(first + rows) * rb], acts.row(0), outs[0]);
         return;
     }
+    let mut group = [0f32; ROW_TOKENS];
     for t0 in (0..n).step_by(TOKEN_TILE) {
         let tokens = t0..(t0 + TOKEN_TILE).min(n);
         for i in 0..rows {
             let wr = w.row(first + i);
-            let out = &mut dst[i * n..(i + 1) * n];
             let mut t = tokens.start;
             // Groups of tokens share each decoded weight block where a kernel allows.
             while t + ROW_TOKENS <= tokens.end {
                 let a = std::array::from_fn(|k| acts.row(t + k));
-                let group: &mut [f32; ROW_TOKENS] = (&mut out[t..t + ROW_TOKENS]).try_into().expect("group length");
-                if !dot_row_tokens(isa, w.ty, w.cols, wr, a, group) {
+                if !dot_row_tokens(isa, w.ty, w.cols, wr, a, &mut group) {
                     break;
+                }
+                for (k, v) in group.iter().enumerate() {
+                    outs[t + k][i] = *v;
                 }
                 t += ROW_TOKENS;
             }
-            let first_single = t;
-            for (t, o) in out.iter_mut().enumerate().take(tokens.end).skip(first_single) {
-                *o = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
+            for t in t..tokens.end {
+                outs[t][i] = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
             }
         }
     }

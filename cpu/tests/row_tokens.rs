@@ -103,10 +103,12 @@ fn packed_tokens_equal_single_token_dots() {
                 };
                 assert!(isa == Isa::Avx512 && packable.contains(&ty), "{ty} packed on {isa:?}");
                 for tokens in [0..13, 3..11, 5..6] {
-                    // Two weight rows (the same one twice), written at row * 13 + token.
-                    let (two, mut out) = ([w.clone(), w.clone()].concat(), vec![f32::NAN; 2 * 13]);
-                    dot_rows_packed(ty, n, &two, &acts, &packed, tokens.clone(), &mut out);
-                    for (t, got) in tokens.clone().map(|t| (t, &out[t])).chain(tokens.map(|t| (t, &out[13 + t]))) {
+                    // Two weight rows (the same one twice): outs[token][row].
+                    let two = [w.clone(), w.clone()].concat();
+                    let mut out = vec![[f32::NAN; 2]; 13];
+                    let mut outs: Vec<&mut [f32]> = out.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    dot_rows_packed(ty, n, &two, &acts, &packed, tokens.clone(), &mut outs);
+                    for (t, got) in tokens.flat_map(|t| [(t, &out[t][0]), (t, &out[t][1])]) {
                         let want = vec_dot(isa, ty, n, &w, acts.row(t));
                         assert_eq!(got.to_bits(), want.to_bits(), "{ty} {blocks} blocks token {t}: {got} vs {want}");
                     }

@@ -9,7 +9,9 @@
 use serde_json::json;
 use std::time::Instant;
 use turbine::engine::backend::cpu::CpuBackend;
+use turbine::engine::backend::Backend;
 use turbine::engine::generate::{LoadedModel, Session};
+use turbine::engine::model::Batch;
 use turbine::engine::sampler::Rng;
 use turbine::engine::EngineError;
 
@@ -25,26 +27,30 @@ pub struct BenchArgs {
     pub threads: usize,
     pub reps: usize,
     pub format: Format,
+    /// Sequences decoding together in the tg test.
+    pub parallel: usize,
 }
 
 /// One test's timings.
 struct TestResult {
     n_prompt: usize,
     n_gen: usize,
+    /// Sequences decoding together (tg).
+    n_parallel: usize,
     samples_ns: Vec<u64>,
 }
 
 impl TestResult {
     fn name(&self) -> String {
-        if self.n_gen == 0 {
-            format!("pp{}", self.n_prompt)
-        } else {
-            format!("tg{}", self.n_gen)
+        match (self.n_gen, self.n_parallel) {
+            (0, _) => format!("pp{}", self.n_prompt),
+            (n, 1) => format!("tg{n}"),
+            (n, b) => format!("tg{n} ×{b}"),
         }
     }
 
     fn tokens(&self) -> usize {
-        self.n_prompt + self.n_gen
+        self.n_prompt + self.n_gen * self.n_parallel
     }
 
     fn samples_ts(&self) -> Vec<f64> {
@@ -79,12 +85,18 @@ fn run_prompt(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Resul
 }
 
 /// Time of one generation run of `n` single-token steps, in ns.
-fn run_gen(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Result<u64, EngineError> {
-    let tokens = random_tokens(model, rng, n);
-    let mut session = Session::new(model, n + 1);
+/// `n` decode steps of `parallel` sequences, each step one batch with a token (and its
+/// logits) per sequence.
+fn run_gen(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize, parallel: usize) -> Result<u64, EngineError> {
+    let tokens: Vec<Vec<u32>> = (0..parallel).map(|_| random_tokens(model, rng, n)).collect();
+    let mut kv = model.backend.new_kv(&model.arch.kv_spec(n + 1, parallel));
     let start = Instant::now();
-    for &t in &tokens {
-        session.feed(&[t], false)?;
+    for step in 0..n {
+        let mut batch = Batch::default();
+        for (seq, t) in tokens.iter().enumerate() {
+            batch.push(seq, step as u32, t[step], true);
+        }
+        model.arch.forward(&model.backend, &batch, &mut kv)?;
     }
     Ok(start.elapsed().as_nanos() as u64)
 }
@@ -92,14 +104,17 @@ fn run_gen(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Result<u
 fn run_test(
     model: &LoadedModel<CpuBackend>,
     n_prompt: usize,
-    n_gen: usize,
+    (n_gen, n_parallel): (usize, usize),
     reps: usize,
 ) -> Result<TestResult, EngineError> {
     let mut rng = Rng::new(0x5eed);
-    let run = |rng: &mut Rng| if n_gen == 0 { run_prompt(model, rng, n_prompt) } else { run_gen(model, rng, n_gen) };
+    let run = |rng: &mut Rng| match n_gen {
+        0 => run_prompt(model, rng, n_prompt),
+        _ => run_gen(model, rng, n_gen, n_parallel),
+    };
     run(&mut rng)?; // warm-up
     let samples_ns = (0..reps).map(|_| run(&mut rng)).collect::<Result<Vec<_>, _>>()?;
-    Ok(TestResult { n_prompt, n_gen, samples_ns })
+    Ok(TestResult { n_prompt, n_gen, n_parallel, samples_ns })
 }
 
 /// Runs the tests and prints the table or JSON on stdout.
@@ -118,10 +133,10 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
     let mut results = Vec::new();
     pool.install(|| -> Result<(), EngineError> {
         if args.n_prompt > 0 {
-            results.push(run_test(model, args.n_prompt, 0, args.reps)?);
+            results.push(run_test(model, args.n_prompt, (0, 1), args.reps)?);
         }
         if args.n_gen > 0 {
-            results.push(run_test(model, 0, args.n_gen, args.reps)?);
+            results.push(run_test(model, 0, (args.n_gen, args.parallel), args.reps)?);
         }
         Ok(())
     })?;
@@ -194,6 +209,7 @@ fn print_json(m: &ModelSummary, threads: usize, results: &[TestResult]) {
                 "n_threads": threads,
                 "n_prompt": r.n_prompt,
                 "n_gen": r.n_gen,
+                "n_parallel": r.n_parallel,
                 "avg_ns": avg_ns as u64,
                 "stddev_ns": stddev_ns as u64,
                 "avg_ts": avg_ts,

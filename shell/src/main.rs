@@ -41,6 +41,10 @@ enum Command {
         reps: u16,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = bench::Format::Md)]
         format: bench::Format,
+        /// Sequences decoding together in the tg test, one token each per step (as the
+        /// server batches concurrent requests); t/s counts the tokens of all of them.
+        #[arg(long = "parallel", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        parallel: u16,
     },
     /// Serve Ollama's HTTP API (and OpenAI's chat completions) on OLLAMA_HOST
     /// (default 127.0.0.1:11434) for the models in the store.
@@ -179,10 +183,11 @@ fn client_main(f: impl FnOnce(&client::Target) -> Result<(), String>) -> ExitCod
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench { model, n_prompt, n_gen, threads, reps, format } => {
+        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel } => {
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
-            let args = bench::BenchArgs { n_prompt, n_gen, threads, reps: reps.into(), format };
+            let args =
+                bench::BenchArgs { n_prompt, n_gen, threads, reps: reps.into(), format, parallel: parallel.into() };
             load(&model).and_then(|m| bench::bench(&model, &m, &args))
         }
         Command::Generate(args) => generate(args),

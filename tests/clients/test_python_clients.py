@@ -30,7 +30,7 @@ def _binary() -> Path:
     override = os.environ.get("TURBINE_BIN")
     if override:
         return Path(override)
-    path = ROOT / "target" / "release" / "turbine"
+    path = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "turbine"
     if not path.is_file():
         subprocess.run(["cargo", "build", "--release", "-p", "turbine-shell"], cwd=ROOT, check=True)
     return path

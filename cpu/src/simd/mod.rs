@@ -120,9 +120,9 @@ pub fn dot_row_tokens(
 /// Activation rows per packed-kernel call (the most; fewer at the end of a range).
 pub const PACKED_TOKENS: usize = 8;
 
-/// Consecutive weight rows of `ty` (`n` elements each; `w` holds `dst.len() / acts.rows`
-/// of them) dotted with activation rows `tokens` of `acts`, through their packed form
-/// `packed` (from `PackedActs::for_weights`), writing `dst[i * acts.rows + t]` for weight
+/// Consecutive weight rows of `ty` (`n` elements each; `w` holds as many as each
+/// `outs[t]` has elements) dotted with activation rows `tokens` of `acts`, through their
+/// packed form `packed` (from `PackedActs::for_weights`), writing `outs[t][i]` for weight
 /// row i and token t. Bit-identical to [`vec_dot`] on each pair. Checks are made once for
 /// the whole call; panics when the shapes disagree.
 pub fn dot_rows_packed(
@@ -132,22 +132,19 @@ pub fn dot_rows_packed(
     acts: &crate::act::QuantizedActs,
     packed: &PackedActs,
     tokens: std::ops::Range<usize>,
-    dst: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) {
     let n_tok = acts.rows;
-    if tokens.is_empty() || dst.is_empty() {
+    let n_rows = outs.first().map_or(0, |o| o.len());
+    if tokens.is_empty() || n_rows == 0 {
         return;
     }
     let row_bytes = checked_row_bytes(ty, n, ActRow::Quant(acts.quant_row(0)));
     assert!(ty.act_type() == ActType::Q8_0 && acts.cols == n, "simd::dot_rows_packed: activations do not fit {n} {ty}");
     assert_eq!(packed.pairs, n / 128 * packed::GROUP_PAIRS, "simd::dot_rows_packed: packing is for another width");
     assert!(tokens.end <= n_tok && packed.rows == n_tok, "simd::dot_rows_packed: tokens out of range");
-    assert!(dst.len().is_multiple_of(n_tok), "simd::dot_rows_packed: output is not whole rows");
-    assert_eq!(
-        Some(w.len()),
-        row_bytes.checked_mul(dst.len() / n_tok),
-        "simd::dot_rows_packed: weights are not whole rows"
-    );
+    assert!(outs.len() == n_tok && outs.iter().all(|o| o.len() == n_rows), "simd::dot_rows_packed: output shape");
+    assert_eq!(Some(w.len()), row_bytes.checked_mul(n_rows), "simd::dot_rows_packed: weights are not whole rows");
     assert!(isa_usable(Isa::Avx512), "simd::dot_rows_packed: packed activations exist only with AVX-512");
     #[cfg(target_arch = "x86_64")]
     {
@@ -159,17 +156,17 @@ pub fn dot_rows_packed(
             t += unsafe {
                 match tokens.end - t {
                     left if left >= PACKED_TOKENS => {
-                        packed_rows::<PACKED_TOKENS>(ty, w, row_bytes, acts, packed, t, dst)
+                        packed_rows::<PACKED_TOKENS>(ty, w, row_bytes, acts, packed, t, outs)
                     }
-                    left if left >= 4 => packed_rows::<4>(ty, w, row_bytes, acts, packed, t, dst),
-                    _ => packed_rows::<1>(ty, w, row_bytes, acts, packed, t, dst),
+                    left if left >= 4 => packed_rows::<4>(ty, w, row_bytes, acts, packed, t, outs),
+                    _ => packed_rows::<1>(ty, w, row_bytes, acts, packed, t, outs),
                 }
             };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, packed);
+        let _ = (w, packed, outs);
         unreachable!("no packed activations off x86-64");
     }
 }
@@ -186,14 +183,16 @@ unsafe fn packed_rows<const T: usize>(
     acts: &crate::act::QuantizedActs,
     packed: &PackedActs,
     t: usize,
-    dst: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) -> usize {
     let p = std::array::from_fn(|k| packed.row(t + k));
     let a = std::array::from_fn(|k| acts.quant_row(t + k));
-    for (row, out) in w.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(acts.rows)) {
+    for (i, row) in w.chunks_exact(row_bytes).enumerate() {
         // SAFETY: forwarded from the caller.
         let v: [f32; T] = unsafe { avx512::vec_dot_packed(ty, row, p, a) };
-        out[t..t + T].copy_from_slice(&v);
+        for (k, x) in v.into_iter().enumerate() {
+            outs[t + k][i] = x;
+        }
     }
     T
 }

@@ -287,6 +287,10 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &CpuAct) -> Vec<f32> {
         x.data.clone()
     }
+
+    fn into_host(&self, x: CpuAct) -> Vec<f32> {
+        x.data
+    }
 }
 
 /// Element-wise work below this size runs on the calling thread: handing it to the pool

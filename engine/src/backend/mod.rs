@@ -99,6 +99,10 @@ pub trait Backend: Send + Sync {
     fn all_reduce_sum(&self, _x: &mut Self::Act) {}
     /// Copies an activation matrix to host memory.
     fn to_host(&self, x: &Self::Act) -> Vec<f32>;
+    /// Moves an activation matrix to host memory (no copy where it is there already).
+    fn into_host(&self, x: Self::Act) -> Vec<f32> {
+        self.to_host(&x)
+    }
 }
 
 /// A paged KV cache: a backend's storage for the blocks a [`BlockManager`] hands out.
