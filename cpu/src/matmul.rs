@@ -148,8 +148,7 @@ fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: 
     let mut group = [0f32; ROW_TOKENS];
     for t0 in (0..n).step_by(TOKEN_TILE) {
         let tokens = t0..(t0 + TOKEN_TILE).min(n);
-        for i in 0..rows {
-            let wr = w.row(first + i);
+        for (i, wr) in (first..first + rows).map(|r| (r - first, w.row(r))) {
             let mut t = tokens.start;
             // Groups of tokens share each decoded weight block where a kernel allows.
             while t + ROW_TOKENS <= tokens.end {
@@ -162,8 +161,8 @@ fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: 
                 }
                 t += ROW_TOKENS;
             }
-            for t in t..tokens.end {
-                outs[t][i] = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
+            for (t, out) in outs.iter_mut().enumerate().take(tokens.end).skip(t) {
+                out[i] = vec_dot(isa, w.ty, w.cols, wr, acts.row(t));
             }
         }
     }

@@ -105,7 +105,7 @@ fn packed_tokens_equal_single_token_dots() {
                 for tokens in [0..13, 3..11, 5..6] {
                     // Two weight rows (the same one twice): outs[token][row].
                     let two = [w.clone(), w.clone()].concat();
-                    let mut out = vec![[f32::NAN; 2]; 13];
+                    let mut out = [[f32::NAN; 2]; 13];
                     let mut outs: Vec<&mut [f32]> = out.iter_mut().map(|o| o.as_mut_slice()).collect();
                     dot_rows_packed(ty, n, &two, &acts, &packed, tokens.clone(), &mut outs);
                     for (t, got) in tokens.flat_map(|t| [(t, &out[t][0]), (t, &out[t][1])]) {

@@ -288,7 +288,7 @@ impl Backend for CpuBackend {
         x.data.clone()
     }
 
-    fn into_host(&self, x: CpuAct) -> Vec<f32> {
+    fn take_to_host(&self, x: CpuAct) -> Vec<f32> {
         x.data
     }
 }

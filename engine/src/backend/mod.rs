@@ -100,7 +100,7 @@ pub trait Backend: Send + Sync {
     /// Copies an activation matrix to host memory.
     fn to_host(&self, x: &Self::Act) -> Vec<f32>;
     /// Moves an activation matrix to host memory (no copy where it is there already).
-    fn into_host(&self, x: Self::Act) -> Vec<f32> {
+    fn take_to_host(&self, x: Self::Act) -> Vec<f32> {
         self.to_host(&x)
     }
 }

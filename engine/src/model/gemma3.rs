@@ -374,7 +374,7 @@ impl<B: Backend> Gemma3<B> {
         }
         let x = b.rms_norm(&x, &self.output_norm, cfg.rms_eps);
         let head = self.output.as_ref().unwrap_or(&self.tok_embd);
-        let mut data = b.into_host(b.matmul(head, &x)); // [n_out × n_vocab]
+        let mut data = b.take_to_host(b.matmul(head, &x)); // [n_out × n_vocab]
         if let Some(cap) = cfg.final_logit_softcap {
             data.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
         }
