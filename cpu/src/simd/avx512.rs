@@ -226,7 +226,7 @@ fn rest_blocks_32<const W: usize, const A: usize, const T: usize>(
 /// integer lanes, the scale products and the float operations are the same, in the same
 /// order, so the results are bit-identical; what depends on the token alone was done once
 /// by the packing, and the weights' sign trick becomes a bias: `dpbusd` of the weights
-/// plus 128 (unsigned) minus the packed `128 · Σ` lanes.
+/// plus 128 (unsigned), starting from the packed `-128 · Σ` lanes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn dot_blocks_32_packed<const W: usize, const K: u8, const T: usize>(
@@ -238,7 +238,6 @@ fn dot_blocks_32_packed<const W: usize, const K: u8, const T: usize>(
     let decode = |b: &[u8; W]| decode_signed_32::<K>(b);
     let (w4, w_rest) = w.as_chunks::<W>().0.as_chunks::<4>();
     let flip = _mm512_set1_epi8(i8::MIN);
-    let zero = _mm512_setzero_si512();
     // SAFETY: each reads exactly the 64 bytes of a table row.
     let lanes = unsafe {
         [
@@ -259,14 +258,14 @@ fn dot_blocks_32_packed<const W: usize, const K: u8, const T: usize>(
             for q in 0..2 {
                 let pp = &p[t][2 * g + q];
                 // SAFETY: each load reads exactly one 64-byte field of `pp`.
-                let (qy, bias, dy) = unsafe {
+                let (qy, neg_bias, dy) = unsafe {
                     (
                         _mm512_loadu_si512(pp.q.as_ptr().cast()),
-                        _mm512_loadu_si512(pp.bias.as_ptr().cast()),
+                        _mm512_loadu_si512(pp.neg_bias.as_ptr().cast()),
                         _mm512_loadu_ps(pp.d.as_ptr()),
                     )
                 };
-                let sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, u[q], qy), bias);
+                let sums = _mm512_dpbusd_epi32(neg_bias, u[q], qy);
                 acc[t][q] = _mm512_fmadd_ps(_mm512_mul_ps(dwl[q], dy), _mm512_cvtepi32_ps(sums), acc[t][q]);
             }
         }

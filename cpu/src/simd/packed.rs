@@ -5,9 +5,9 @@
 //! 34-byte blocks into one vector, and flipping the activations' signs by the weights'
 //! (VNNI multiplies unsigned by signed bytes). Packing does the token's share once per
 //! matmul: per pair of blocks, the 64 quants side by side, each block's scale repeated
-//! over its 8 lanes, and `128 · Σ` of each lane's 4 quants. A kernel then feeds
-//! `dpbusd` the weights plus 128 as unsigned bytes and subtracts that bias, which gives
-//! exactly the lanes the sign trick gives: the results stay bit-identical.
+//! over its 8 lanes, and `-128 · Σ` of each lane's 4 quants. A kernel then starts each
+//! lane's `dpbusd` at that value and feeds it the weights plus 128 as unsigned bytes,
+//! which gives exactly the lanes the sign trick gives: the results stay bit-identical.
 
 use crate::act::QuantizedActs;
 use crate::{ActType, GgmlType, Isa};
@@ -23,8 +23,9 @@ pub(super) const GROUP_PAIRS: usize = 2;
 pub struct PackedPair {
     /// Quants of block 2p in bytes 0..32, of block 2p+1 in 32..64.
     pub q: [i8; 64],
-    /// Lane i: 128 · (q[4i] + q[4i+1] + q[4i+2] + q[4i+3]).
-    pub bias: [i32; 16],
+    /// Lane i: -128 · (q[4i] + q[4i+1] + q[4i+2] + q[4i+3]), the starting value of the
+    /// lane's `dpbusd` accumulator.
+    pub neg_bias: [i32; 16],
     /// Lanes 0..8: block 2p's scale; lanes 8..16: block 2p+1's.
     pub d: [f32; 16],
 }
@@ -63,7 +64,7 @@ impl PackedActs {
 
 /// Packs two 34-byte Q8_0 blocks `{d: f16, qs: [i8; 32]}`.
 fn pack_pair(b0: &[u8], b1: &[u8]) -> PackedPair {
-    let mut p = PackedPair { q: [0; 64], bias: [0; 16], d: [0.0; 16] };
+    let mut p = PackedPair { q: [0; 64], neg_bias: [0; 16], d: [0.0; 16] };
     for (k, b) in [b0, b1].into_iter().enumerate() {
         let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         for (i, &q) in b[2..34].iter().enumerate() {
@@ -72,7 +73,7 @@ fn pack_pair(b0: &[u8], b1: &[u8]) -> PackedPair {
         p.d[8 * k..8 * k + 8].fill(d);
     }
     for (lane, quad) in p.q.chunks_exact(4).enumerate() {
-        p.bias[lane] = 128 * quad.iter().map(|&q| i32::from(q)).sum::<i32>();
+        p.neg_bias[lane] = -128 * quad.iter().map(|&q| i32::from(q)).sum::<i32>();
     }
     p
 }
