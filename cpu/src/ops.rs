@@ -90,9 +90,12 @@ pub fn add_assign(y: &mut [f32], x: &[f32]) {
 /// has it, else the portable one.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::Isa::best() != crate::Isa::Scalar {
+    match crate::Isa::best() {
+        // SAFETY: Isa::best() is Avx512 only when the CPU has AVX-512 F (and AVX2, FMA).
+        crate::Isa::Avx512 => return unsafe { dot_f32_avx512(a, b) },
         // SAFETY: Isa::best() is Avx2 or better only when the CPU has AVX2 and FMA.
-        return unsafe { dot_f32_fma(a, b) };
+        crate::Isa::Avx2 => return unsafe { dot_f32_fma(a, b) },
+        crate::Isa::Scalar => {}
     }
     dot_f32_portable(a, b)
 }
@@ -100,9 +103,12 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// y += s * x (attention's weighted sum of values), dispatched like [`dot_f32`].
 pub fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::Isa::best() != crate::Isa::Scalar {
+    match crate::Isa::best() {
         // SAFETY: as in dot_f32.
-        return unsafe { axpy_fma(y, s, x) };
+        crate::Isa::Avx512 => return unsafe { axpy_avx512(y, s, x) },
+        // SAFETY: as in dot_f32.
+        crate::Isa::Avx2 => return unsafe { axpy_fma(y, s, x) },
+        crate::Isa::Scalar => {}
     }
     axpy_portable(y, s, x)
 }
@@ -111,7 +117,8 @@ pub fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
 /// wait on each other's latency.
 const LANES: usize = 32;
 
-/// The reference dot product: 32 accumulator lanes, then their sum, then the tail.
+/// The reference dot product: 32 accumulator lanes, then their pairwise sum, then the
+/// tail.
 pub fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -121,7 +128,21 @@ pub fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    pairwise_sum(acc) + tail
+}
+
+/// Lane i plus lane i + half, halving until one is left: a tree of 5 dependent adds
+/// (which vectorizes) instead of a chain of 31.
+#[inline(always)]
+fn pairwise_sum(mut acc: [f32; LANES]) -> f32 {
+    let mut half = LANES / 2;
+    while half > 0 {
+        for i in 0..half {
+            acc[i] += acc[i + half];
+        }
+        half /= 2;
+    }
+    acc[0]
 }
 
 pub fn axpy_portable(y: &mut [f32], s: f32, x: &[f32]) {
@@ -130,27 +151,76 @@ pub fn axpy_portable(y: &mut [f32], s: f32, x: &[f32]) {
     }
 }
 
-/// [`dot_f32_portable`]'s loop compiled for AVX2 with fused multiply-adds.
+/// [`dot_f32_portable`] with fused multiply-adds on four 8-lane registers (lanes 0..8,
+/// 8..16, 16..24, 24..32 of the 32 accumulators), summed in the same pairwise tree.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn dot_f32_fma(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+    use std::arch::x86_64::*;
+    let (ac, bc) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (x, y) in ac.0.iter().zip(bc.0) {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: each load reads 8 floats of a 32-float chunk.
+            let (xv, yv) = unsafe { (_mm256_loadu_ps(x[8 * k..].as_ptr()), _mm256_loadu_ps(y[8 * k..].as_ptr())) };
+            *acc = _mm256_fmadd_ps(xv, yv, *acc);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let tail: f32 = ac.1.iter().zip(bc.1).map(|(x, y)| x * y).sum();
+    let s8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+    sum8_pairwise(s8) + tail
+}
+
+/// Lanes i and i + 4, then i and i + 2, then 0 and 1.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn sum8_pairwise(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
+}
+
+/// [`dot_f32_fma`] on two 16-lane registers: the same lanes, operations and tree, so the
+/// same result.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (ac, bc) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for (x, y) in ac.0.iter().zip(bc.0) {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: each load reads 16 floats of a 32-float chunk.
+            let (xv, yv) = unsafe { (_mm512_loadu_ps(x[16 * k..].as_ptr()), _mm512_loadu_ps(y[16 * k..].as_ptr())) };
+            *acc = _mm512_fmadd_ps(xv, yv, *acc);
+        }
+    }
+    let tail: f32 = ac.1.iter().zip(bc.1).map(|(x, y)| x * y).sum();
+    let s16 = _mm512_add_ps(acc[0], acc[1]);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s16)));
+    let s8 = _mm256_add_ps(_mm512_castps512_ps256(s16), hi);
+    sum8_pairwise(s8) + tail
+}
+
+#[inline(always)]
+fn axpy_fused(y: &mut [f32], s: f32, x: &[f32]) {
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a = s.mul_add(b, *a);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn axpy_fma(y: &mut [f32], s: f32, x: &[f32]) {
-    for (a, &b) in y.iter_mut().zip(x) {
-        *a = s.mul_add(b, *a);
-    }
+    axpy_fused(y, s, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn axpy_avx512(y: &mut [f32], s: f32, x: &[f32]) {
+    axpy_fused(y, s, x)
 }
 
 #[cfg(test)]
@@ -197,6 +267,12 @@ mod tests {
             let (fast, slow) = (dot_f32(&a, &b), dot_f32_portable(&a, &b));
             let bound = 1e-5 * a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum::<f32>().max(1.0);
             assert!((fast - slow).abs() <= bound, "n={n}: {fast} vs {slow}");
+            #[cfg(target_arch = "x86_64")]
+            if crate::Isa::best() == crate::Isa::Avx512 {
+                // SAFETY: the CPU has AVX-512 F, AVX2 and FMA (Isa::best says so).
+                let (v8, v16) = unsafe { (dot_f32_fma(&a, &b), dot_f32_avx512(&a, &b)) };
+                assert_eq!(v8.to_bits(), v16.to_bits(), "n={n}: AVX2 and AVX-512 lanes differ");
+            }
             let (mut y1, mut y2) = (b.clone(), b.clone());
             axpy(&mut y1, 0.37, &a);
             axpy_portable(&mut y2, 0.37, &a);
