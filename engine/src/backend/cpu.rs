@@ -10,8 +10,9 @@ use half::slice::HalfBitsSliceExt;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
+use turbine_cpu::act::QuantizedActs;
 use turbine_cpu::matmul::{self, WeightView};
-use turbine_cpu::{half_ops, ops, GgmlType};
+use turbine_cpu::{half_ops, ops, GgmlType, Isa};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
@@ -177,6 +178,27 @@ impl Backend for CpuBackend {
         let mut out = self.zeros(x.rows, w.rows);
         matmul::matmul(&w.view(), &x.data, x.rows, &mut out.data);
         out
+    }
+
+    /// Quantizes the input once per activation type the weights need.
+    fn matmuls<const N: usize>(&self, ws: [&CpuWeight; N], x: &CpuAct) -> [CpuAct; N] {
+        let mut quantized: Vec<QuantizedActs> = Vec::new();
+        ws.map(|w| {
+            let ty = w.ty.act_type();
+            if w.cols == 0 || x.rows == 0 || x.cols != w.cols {
+                return self.matmul(w, x); // its own checks and messages
+            }
+            let i = match quantized.iter().position(|q| q.ty == ty) {
+                Some(i) => i,
+                None => {
+                    quantized.push(QuantizedActs::new(ty, &x.data, x.cols));
+                    quantized.len() - 1
+                }
+            };
+            let mut out = self.zeros(x.rows, w.rows);
+            matmul::matmul_quantized(Isa::best(), &w.view(), &quantized[i], &mut out.data);
+            out
+        })
     }
 
     fn rms_norm(&self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> CpuAct {

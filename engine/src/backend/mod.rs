@@ -70,6 +70,11 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32) -> Result<Self::Act, EngineError>;
     /// out = x · Wᵀ: [n × cols] → [n × rows].
     fn matmul(&self, w: &Self::Weight, x: &Self::Act) -> Self::Act;
+    /// [`Backend::matmul`] of several weights with the same input (Q, K and V; gate and
+    /// up), which a backend may prepare once for all of them.
+    fn matmuls<const N: usize>(&self, ws: [&Self::Weight; N], x: &Self::Act) -> [Self::Act; N] {
+        ws.map(|w| self.matmul(w, x))
+    }
     /// RMSNorm of every `w.len()`-long segment of every row (a whole row, or each head).
     fn rms_norm(&self, x: &Self::Act, w: &Self::Vector, eps: f32) -> Self::Act;
     /// NEOX rotary embedding on every `head_dim` segment of row i, at positions[i].

@@ -269,9 +269,8 @@ impl<B: Backend> Gemma3<B> {
         let (cfg, l) = (&self.cfg, &self.layers[il]);
         let h = b.rms_norm(x, &l.attn_norm, cfg.rms_eps);
         tap("attn_norm", il, &h);
-        let q = b.matmul(&l.wq, &h); // [n × n_heads·hd]
-        let k = b.matmul(&l.wk, &h); // [n × n_kv_heads·hd]
-        let v = b.matmul(&l.wv, &h); // [n × n_kv_heads·hd]
+        // q [n × n_heads·hd], k and v [n × n_kv_heads·hd]
+        let [q, k, v] = b.matmuls([&l.wq, &l.wk, &l.wv], &h);
         let mut q = b.rms_norm(&q, &l.q_norm, cfg.rms_eps); // per head
         let mut k = b.rms_norm(&k, &l.k_norm, cfg.rms_eps);
         tap("Qcur_normed", il, &q);
@@ -306,8 +305,7 @@ impl<B: Backend> Gemma3<B> {
         let l = &self.layers[il];
         let h = b.rms_norm(x, &l.ffn_norm, self.cfg.rms_eps);
         tap("ffn_norm", il, &h);
-        let mut gate = b.matmul(&l.w_gate, &h); // [n × n_ff]
-        let up = b.matmul(&l.w_up, &h); // [n × n_ff]
+        let [mut gate, up] = b.matmuls([&l.w_gate, &l.w_up], &h); // [n × n_ff] each
         tap("ffn_gate", il, &gate);
         tap("ffn_up", il, &up);
         b.geglu(&mut gate, &up);
