@@ -113,6 +113,51 @@ pub fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
     axpy_portable(y, s, x)
 }
 
+/// out = Σ_k weights[k] · rows[k], accumulated in row order with fused multiply-adds:
+/// the same result as zeroing `out` and calling [`axpy`] once per row, but with the sums
+/// held in registers across rows (attention's weighted sum of values).
+pub fn weighted_sum<'a>(out: &mut [f32], weights: &[f32], rows: impl Iterator<Item = &'a [f32]> + Clone) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::best() == crate::Isa::Avx512 {
+        // SAFETY: Isa::best() is Avx512 only when the CPU has AVX-512 F.
+        return unsafe { weighted_sum_avx512(out, weights, rows) };
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (&w, row) in weights.iter().zip(rows) {
+        axpy(out, w, row);
+    }
+}
+
+/// [`weighted_sum`] 128 columns at a time in eight 16-lane registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn weighted_sum_avx512<'a>(out: &mut [f32], weights: &[f32], rows: impl Iterator<Item = &'a [f32]> + Clone) {
+    use std::arch::x86_64::*;
+    const COLS: usize = 128;
+    let whole = out.len() / COLS * COLS;
+    for c in (0..whole).step_by(COLS) {
+        let mut acc = [_mm512_setzero_ps(); COLS / 16];
+        for (&w, row) in weights.iter().zip(rows.clone()) {
+            let (w, row) = (_mm512_set1_ps(w), &row[c..c + COLS]);
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: reads 16 of the 128 floats of `row`.
+                *acc = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(row[16 * j..].as_ptr()) }, *acc);
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            // SAFETY: writes 16 of the 128 floats of this chunk of `out`.
+            unsafe { _mm512_storeu_ps(out[c + 16 * j..].as_mut_ptr(), *acc) };
+        }
+    }
+    let tail = &mut out[whole..];
+    tail.iter_mut().for_each(|o| *o = 0.0);
+    for (&w, row) in weights.iter().zip(rows) {
+        for (o, &v) in tail.iter_mut().zip(&row[whole..]) {
+            *o = w.mul_add(v, *o);
+        }
+    }
+}
+
 /// Lanes of independent accumulators: four AVX registers, so consecutive FMAs do not
 /// wait on each other's latency.
 const LANES: usize = 32;
@@ -279,6 +324,23 @@ mod tests {
             for (p, q) in y1.iter().zip(&y2) {
                 assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "n={n}: {p} vs {q}");
             }
+        }
+    }
+
+    #[test]
+    fn weighted_sum_is_axpy_per_row() {
+        for n in [1usize, 100, 128, 256, 300] {
+            let rows: Vec<Vec<f32>> =
+                (0..37).map(|r| (0..n).map(|i| ((i * 31 + r * 17) % 61) as f32 / 7.0 - 4.0).collect()).collect();
+            let w: Vec<f32> = (0..37).map(|r| (r as f32 * 0.37).sin()).collect();
+            let mut want = vec![0.0f32; n];
+            for (&s, row) in w.iter().zip(&rows) {
+                axpy(&mut want, s, row);
+            }
+            let mut got = vec![f32::NAN; n];
+            weighted_sum(&mut got, &w, rows.iter().map(|r| r.as_slice()));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "n={n}");
         }
     }
 

@@ -341,10 +341,7 @@ const F32_ATTENTION_MIN_QUERIES: usize = 64;
 fn attend_f32<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f32], &'a [f32])> + Clone, scale: f32, out: &mut [f32]) {
     let mut scores: Vec<f32> = kv.clone().map(|(k, _)| ops::dot_f32(q, k) * scale).collect();
     ops::softmax(&mut scores);
-    out.iter_mut().for_each(|o| *o = 0.0);
-    for ((_, v), &s) in kv.zip(&scores) {
-        ops::axpy(out, s, v);
-    }
+    ops::weighted_sum(out, &scores, kv.map(|(_, v)| v));
 }
 
 /// Online-softmax attention with Q in f16 and the V accumulator in f16 (rescaled when
