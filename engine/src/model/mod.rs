@@ -92,7 +92,9 @@ pub trait Architecture<B: Backend>: Send + Sync {
     /// before any layer runs (a bad batch, a full cache) the cache is unchanged.
     fn forward(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
         kv.blocks_mut().begin_batch(batch)?;
-        let logits = self.compute(backend, batch, kv);
+        // On a pool thread, the layers' many parallel operations start cheaply; from any
+        // other thread each one would wake the pool and wait for it.
+        let logits = rayon::scope(|_| self.compute(backend, batch, kv));
         kv.blocks_mut().end_batch(batch);
         logits
     }
