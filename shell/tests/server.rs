@@ -279,6 +279,8 @@ fn load_ps_and_unload() {
     assert_eq!(m["details"]["family"], "gemma3");
     assert!(m["expires_at"].is_string());
     assert!(m["context_length"].as_u64().unwrap() > 0);
+    let file_size = std::fs::metadata(model_path()).unwrap().len();
+    assert!(m["size"].as_u64().unwrap() > file_size, "size counts the weights and the KV cache pool");
     let v = s.post("/api/generate", &json!({ "model": MODEL, "keep_alive": 0 })).json();
     assert_eq!(v["done_reason"], "unload");
     assert_eq!(s.request("GET", "/api/ps", b"").json()["models"], json!([]));

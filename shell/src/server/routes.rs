@@ -167,7 +167,7 @@ fn ps(state: &Arc<State>) -> Reply {
             let e = &w.entry;
             let expires = w.expires_at().unwrap_or(UNIX_EPOCH + Duration::from_secs(253_402_300_799));
             json!({
-                "name": e.name, "model": e.name, "size": e.size, "digest": e.digest,
+                "name": e.name, "model": e.name, "size": w.resident_bytes(), "digest": e.digest,
                 "details": catalog::details(e), "expires_at": host::rfc3339(expires),
                 "size_vram": 0, "context_length": w.context_length(),
             })
