@@ -82,9 +82,11 @@ pub fn prefetch(w: &[u8], start: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         let end = start.saturating_add(len).min(w.len());
-        for line in (start.min(end)..end).step_by(64) {
-            // SAFETY: a prefetch is a hint: it never faults, and the address is inside `w`.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(w[line..].as_ptr().cast()) };
+        let first = start.min(end);
+        let base = w[first..end].as_ptr();
+        for off in (0..end - first).step_by(64) {
+            // SAFETY: a prefetch is a hint and never faults; the address is inside `w`.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.add(off).cast()) };
         }
     }
 }
@@ -206,15 +208,24 @@ unsafe fn packed_rows<const T: usize>(
 ) -> usize {
     let p = std::array::from_fn(|k| packed.row(t + k));
     let a = std::array::from_fn(|k| acts.quant_row(t + k));
-    for (i, row) in w.chunks_exact(row_bytes).enumerate() {
-        // The first tokens bring the rows from memory; later ones find them in cache.
-        if t == 0 {
-            prefetch(w, i * row_bytes + PREFETCH_BYTES, row_bytes);
+    // Results gather in row-major blocks, then go out token by token in contiguous runs.
+    const BLOCK: usize = 64;
+    let mut block = [[0f32; T]; BLOCK];
+    for (b, rows) in w.chunks(BLOCK * row_bytes).enumerate() {
+        let first_byte = b * BLOCK * row_bytes;
+        for (i, (row, v)) in rows.chunks_exact(row_bytes).zip(block.iter_mut()).enumerate() {
+            // The first tokens bring the rows from memory; later ones find them in cache.
+            if t == 0 {
+                prefetch(w, first_byte + i * row_bytes + PREFETCH_BYTES, row_bytes);
+            }
+            // SAFETY: forwarded from the caller.
+            *v = unsafe { avx512::vec_dot_packed(ty, row, p, a) };
         }
-        // SAFETY: forwarded from the caller.
-        let v: [f32; T] = unsafe { avx512::vec_dot_packed(ty, row, p, a) };
-        for (k, x) in v.into_iter().enumerate() {
-            outs[t + k][i] = x;
+        let n = rows.len() / row_bytes;
+        for (k, out) in outs[t..t + T].iter_mut().enumerate() {
+            for (o, v) in out[b * BLOCK..b * BLOCK + n].iter_mut().zip(&block) {
+                *o = v[k];
+            }
         }
     }
     T
