@@ -40,6 +40,65 @@ impl LoadedModel<CpuBackend> {
     }
 }
 
+/// How token states become one embedding (GGUF `<arch>.pooling_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    /// The first token's state.
+    Cls,
+    /// The last token's state.
+    Last,
+}
+
+impl<B: Backend> LoadedModel<B> {
+    /// The file's pooling type; mean when it names none (generative models).
+    pub fn pooling(&self) -> Pooling {
+        let arch = self.arch.info().architecture.as_str();
+        match self.file.get_u32(&format!("{arch}.pooling_type")).ok().flatten() {
+            Some(2) => Pooling::Cls,
+            Some(3) => Pooling::Last,
+            _ => Pooling::Mean,
+        }
+    }
+
+    /// The embedding of `tokens`: the final hidden states pooled, then scaled to unit
+    /// length (Ollama's normalized embeddings).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::BadBatch("nothing to embed".into()));
+        }
+        let mut kv = self.backend.new_kv(&self.arch.kv_spec(tokens.len(), 1));
+        let batch = Batch::for_sequence(0, 0, tokens, true);
+        let hidden = self.arch.forward_hidden(&self.backend, &batch, &mut kv)?; // [n × d]
+        let d = self.arch.info().n_embd;
+        let rows: Vec<&[f32]> = hidden.chunks_exact(d.max(1)).collect();
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Err(EngineError::BadBatch("the model returned no hidden states".into()));
+        };
+        let mut v = match self.pooling() {
+            Pooling::Cls => first.to_vec(),
+            Pooling::Last => last.to_vec(),
+            Pooling::Mean => {
+                let mut sum = vec![0f64; d];
+                for row in &rows {
+                    sum.iter_mut().zip(*row).for_each(|(s, &x)| *s += f64::from(x));
+                }
+                sum.iter().map(|s| (s / rows.len() as f64) as f32).collect()
+            }
+        };
+        normalize(&mut v);
+        Ok(v)
+    }
+}
+
+/// Scales `v` to unit Euclidean length (a zero vector stays zero).
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x = (f64::from(*x) / norm) as f32);
+    }
+}
+
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {

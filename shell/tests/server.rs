@@ -641,3 +641,57 @@ fn a_burst_of_streams_all_start_without_waiting_for_each_other() {
         assert!(*ok && *waited < Duration::from_secs(30), "a stream waited {waited:?} to start");
     }
 }
+
+#[test]
+fn embeddings_as_ollama_and_openai_shape_them() {
+    let s = Server::start();
+    let texts = ["Why is the sky blue?", "A recipe for bread."];
+    let r = s.post("/api/embed", &json!({ "model": MODEL, "input": texts }));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let e = v["embeddings"].as_array().unwrap();
+    assert_eq!(e.len(), 2);
+    let vec = |x: &Value| -> Vec<f64> { x.as_array().unwrap().iter().map(|f| f.as_f64().unwrap()).collect() };
+    let (a, b) = (vec(&e[0]), vec(&e[1]));
+    assert_eq!(a.len(), 640);
+    assert!((a.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-4, "normalized");
+    assert!(a != b);
+    assert!(v["prompt_eval_count"].as_u64().unwrap() > 0 && v["total_duration"].as_u64().unwrap() > 0);
+
+    // The same text alone gives the same vector; the engine gives it too.
+    let alone = s.post("/api/embed", &json!({ "model": MODEL, "input": texts[0] })).json();
+    let again = vec(&alone["embeddings"][0]);
+    assert!(a.iter().zip(&again).all(|(x, y)| (x - y).abs() < 1e-6));
+    let m = LoadedModel::load(&model_path()).unwrap();
+    let direct = m.embed(&m.tokenizer.encode(texts[0], true, true)).unwrap();
+    assert!(a.iter().zip(&direct).all(|(x, y)| (x - f64::from(*y)).abs() < 1e-6));
+
+    // dimensions: the first N values, unit length again.
+    let short = s.post("/api/embed", &json!({ "model": MODEL, "input": texts[0], "dimensions": 8 })).json();
+    let short = vec(&short["embeddings"][0]);
+    assert_eq!(short.len(), 8);
+    assert!((short.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-4);
+
+    // Legacy route and OpenAI's.
+    let legacy = s.post("/api/embeddings", &json!({ "model": MODEL, "prompt": texts[0] })).json();
+    assert_eq!(vec(&legacy["embedding"]).len(), 640);
+    let o = s.post("/v1/embeddings", &json!({ "model": MODEL, "input": texts })).json();
+    assert_eq!(o["object"], "list");
+    assert_eq!(o["data"][1]["index"], 1);
+    assert_eq!(o["data"][0]["object"], "embedding");
+    assert!(o["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    let b64 = s.post("/v1/embeddings", &json!({ "model": MODEL, "input": "x", "encoding_format": "base64" })).json();
+    assert_eq!(b64["data"][0]["embedding"].as_str().unwrap().len(), (640usize * 4).div_ceil(3) * 4);
+
+    // Errors.
+    let bad = s.post("/api/embed", &json!({ "model": MODEL, "input": 5 }));
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].as_str().unwrap().contains("input"));
+    let bad = s.post("/api/embed", &json!({ "model": MODEL, "input": "x", "dimensions": -1 }));
+    assert_eq!(bad.status, 400);
+    let missing = s.post("/v1/embeddings", &json!({ "model": "nope:1b", "input": "x" }));
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()["error"]["message"].is_string(), "OpenAI-shaped error");
+    let empty = s.post("/api/embed", &json!({ "model": MODEL, "input": [] })).json();
+    assert_eq!(empty["embeddings"], json!([]));
+}

@@ -194,6 +194,28 @@ def test_openai_chat_streamed(oai):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
 
 
+def test_embed(client):
+    r = client.embed(model=MODEL, input=["Why is the sky blue?", "The cat sat on the mat."])
+    assert len(r.embeddings) == 2 and len(r.embeddings[0]) == 640
+    for v in r.embeddings:
+        assert abs(sum(x * x for x in v) - 1.0) < 1e-4
+    assert r.embeddings[0] != r.embeddings[1]
+    assert r.prompt_eval_count > 0
+    one = client.embed(model=MODEL, input="Why is the sky blue?", dimensions=64)
+    assert len(one.embeddings) == 1 and len(one.embeddings[0]) == 64
+    legacy = client.embeddings(model=MODEL, prompt="Why is the sky blue?")
+    assert max(abs(a - b) for a, b in zip(legacy.embedding, r.embeddings[0])) < 1e-6
+
+
+def test_openai_embeddings(oai):
+    r = oai.embeddings.create(model=MODEL, input=["first text", "second text"])
+    assert [d.index for d in r.data] == [0, 1]
+    assert len(r.data[0].embedding) == 640
+    assert r.usage.prompt_tokens > 0
+    short = oai.embeddings.create(model=MODEL, input="first text", dimensions=16)
+    assert len(short.data[0].embedding) == 16
+
+
 def test_openai_models(oai):
     ids = [m.id for m in oai.models.list()]
     assert MODEL in ids

@@ -329,6 +329,10 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
     fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
         self.compute_traced(b, batch, kv, &mut |_, _, _| {})
     }
+
+    fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
+        Ok(b.take_to_host(self.hidden(b, batch, kv, &mut |_, _, _| {})?))
+    }
 }
 
 /// Observer of named intermediate activations (llama.cpp's graph tensor names), for
@@ -352,12 +356,24 @@ impl<B: Backend> Gemma3<B> {
 
     fn compute_traced(&self, b: &B, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> Result<Logits, EngineError> {
         let cfg = &self.cfg;
+        let x = self.hidden(b, batch, kv, tap)?; // [n_out × d]
+        let head = self.output.as_ref().unwrap_or(&self.tok_embd);
+        let mut data = b.take_to_host(b.matmul(head, &x)); // [n_out × n_vocab]
+        if let Some(cap) = cfg.final_logit_softcap {
+            data.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+        }
+        Ok(Logits { rows: batch.output_rows(), n_vocab: cfg.n_vocab, data })
+    }
+
+    /// The layers and the output norm: [n × d] hidden states of the rows that want output.
+    fn hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> Result<B::Act, EngineError> {
+        let cfg = &self.cfg;
         let out_rows = batch.output_rows();
         let mut x = b.embed(&self.tok_embd, &batch.tokens, (cfg.n_embd as f32).sqrt())?; // [n × d]
         for il in 0..cfg.n_layers {
             let mut attn = self.attention(b, il, &x, batch, kv, tap);
             if il + 1 == cfg.n_layers {
-                // Only the rows that want logits go through the last FFN and the head.
+                // Only the rows that want output go through the last FFN and the head.
                 attn = b.select_rows(&attn, &out_rows);
                 x = b.select_rows(&x, &out_rows);
             }
@@ -370,12 +386,6 @@ impl<B: Backend> Gemma3<B> {
             b.add(&mut x, &sa);
             tap("l_out", il, &x);
         }
-        let x = b.rms_norm(&x, &self.output_norm, cfg.rms_eps);
-        let head = self.output.as_ref().unwrap_or(&self.tok_embd);
-        let mut data = b.take_to_host(b.matmul(head, &x)); // [n_out × n_vocab]
-        if let Some(cap) = cfg.final_logit_softcap {
-            data.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
-        }
-        Ok(Logits { rows: out_rows, n_vocab: cfg.n_vocab, data })
+        Ok(b.rms_norm(&x, &self.output_norm, cfg.rms_eps))
     }
 }

@@ -88,6 +88,16 @@ pub trait Architecture<B: Backend>: Send + Sync {
     }
     /// Runs the layers over a batch whose cache blocks are already reserved.
     fn compute(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError>;
+    /// The final (normalized) hidden states, [rows × n_embd], of the tokens that ask for
+    /// output, in batch order; blocks already reserved.
+    fn compute_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError>;
+    /// [`Architecture::forward`] returning hidden states instead of logits (embeddings).
+    fn forward_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
+        kv.blocks_mut().begin_batch(batch)?;
+        let hidden = rayon::scope(|_| self.compute_hidden(backend, batch, kv));
+        kv.blocks_mut().end_batch(batch);
+        hidden
+    }
     /// One forward pass over `batch`, appending its keys and values to `kv`. On an error
     /// before any layer runs (a bad batch, a full cache) the cache is unchanged.
     fn forward(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {

@@ -17,11 +17,14 @@ use turbine::engine::gguf::Gguf;
 type R = Result<Reply, Reply>;
 type Body = Map<String, Value>;
 
+mod embed;
+
 pub fn dispatch(state: &Arc<State>, method: &str, path: &str, body: &[u8]) -> Reply {
     let allowed: &[&str] = match path {
         "/" | "/api/version" | "/api/tags" => &["GET", "HEAD"],
         "/api/ps" | "/v1/models" => &["GET"],
-        "/api/generate" | "/api/chat" | "/api/show" | "/v1/chat/completions" | "/v1/completions" => &["POST"],
+        "/api/generate" | "/api/chat" | "/api/show" | "/api/embed" | "/api/embeddings" => &["POST"],
+        "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => &["POST"],
         p if p.starts_with("/v1/models/") => &["GET"],
         _ => return Reply::text(404, "404 page not found"),
     };
@@ -36,6 +39,9 @@ pub fn dispatch(state: &Arc<State>, method: &str, path: &str, body: &[u8]) -> Re
         "/api/show" => show(body),
         "/api/generate" => generate(state, body),
         "/api/chat" => chat(state, body),
+        "/api/embed" => embed::embed(state, body),
+        "/api/embeddings" => embed::embeddings(state, body),
+        "/v1/embeddings" => embed::openai(state, body),
         "/v1/chat/completions" => openai::completions(state, body, true),
         "/v1/completions" => openai::completions(state, body, false),
         "/v1/models" => Ok(openai::models()),
@@ -506,7 +512,7 @@ mod openai {
     }
 
     /// Re-shapes an Ollama `{"error":...}` reply as OpenAI's.
-    fn reshape(r: Reply) -> Reply {
+    pub(super) fn reshape(r: Reply) -> Reply {
         match r {
             Reply::Full { status, body, content_type } if status >= 400 => {
                 match serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["error"].as_str().map(str::to_string))

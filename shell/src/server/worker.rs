@@ -24,6 +24,8 @@ pub enum JobInput {
     Load,
     /// Continue `prompt` (templated already), after the `context` token ids if any.
     Generate { prompt: String, context: Vec<u32>, messages: Option<Vec<super::template::Message>> },
+    /// One normalized embedding per input text.
+    Embed { inputs: Vec<String> },
 }
 
 /// Generation settings of a job (Ollama's options, already validated).
@@ -56,6 +58,8 @@ pub struct Done {
     pub eval_duration: Duration,
     /// Prompt plus generated token ids.
     pub context: Vec<u32>,
+    /// For embedding jobs, one vector per input.
+    pub embeddings: Vec<Vec<f32>>,
 }
 
 pub enum Event {
@@ -291,6 +295,17 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
         let num_ctx = job.opts.num_ctx.clamp(4, model.arch.info().context_length.max(4));
         state.num_ctx.store(num_ctx, Ordering::SeqCst);
         let guard = JobGuard { state: state.clone(), keep_alive: job.opts.keep_alive };
+        if let JobInput::Embed { inputs } = &job.input {
+            let done = catch_unwind(AssertUnwindSafe(|| embed_job(&model, inputs, &job.opts, num_ctx)));
+            let event = match done {
+                Ok(Ok(d)) => Event::Done(Done { load_duration, ..d }),
+                Ok(Err((status, message))) => Event::Error { status, message },
+                Err(_) => Event::Error { status: 500, message: "internal error in the engine".into() },
+            };
+            load_duration = Duration::ZERO;
+            let _ = job.events.send(event);
+            continue;
+        }
         let prepared = catch_unwind(AssertUnwindSafe(|| prepare(&model, &template, &job, num_ctx)));
         let (ids, opts) = match prepared {
             Ok(Ok(Some(p))) => p,
@@ -358,10 +373,45 @@ fn stream_events(
                     eval_count: stats.generated.len(),
                     eval_duration: stats.gen_time,
                     context: std::mem::take(&mut ids),
+                    embeddings: Vec::new(),
                 })
             }
         };
         events.send(event).is_ok()
+    })
+}
+
+/// Embeds each input (on this thread: embedding requests do not go through the batch).
+/// An input longer than the context is cut to it when `truncate`, else refused.
+fn embed_job(
+    model: &LoadedModel<CpuBackend>,
+    inputs: &[String],
+    opts: &JobOptions,
+    num_ctx: usize,
+) -> Result<Done, (u16, String)> {
+    let start = std::time::Instant::now();
+    let mut embeddings = Vec::with_capacity(inputs.len());
+    let mut prompt_eval_count = 0;
+    for text in inputs {
+        let mut ids = model.tokenizer.encode(text, true, true);
+        if ids.len() > num_ctx {
+            if !opts.truncate {
+                return Err((400, "input length exceeds the context length".into()));
+            }
+            ids.truncate(num_ctx);
+        }
+        if ids.is_empty() {
+            return Err((400, "input is empty after tokenization".into()));
+        }
+        prompt_eval_count += ids.len();
+        embeddings.push(model.embed(&ids).map_err(|e| (500, e.to_string()))?);
+    }
+    Ok(Done {
+        done_reason: "stop",
+        prompt_eval_count,
+        prompt_eval_duration: start.elapsed(),
+        embeddings,
+        ..Done::default()
     })
 }
 
@@ -376,7 +426,7 @@ fn prepare(
     num_ctx: usize,
 ) -> Result<Option<Prepared>, (u16, String)> {
     let (prompt, context, messages) = match &job.input {
-        JobInput::Load => return Ok(None),
+        JobInput::Load | JobInput::Embed { .. } => return Ok(None),
         JobInput::Generate { prompt, context, messages } => (prompt, context, messages),
     };
     let rendered;
