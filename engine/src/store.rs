@@ -103,9 +103,106 @@ fn model_layer_digest(manifest: &str) -> Option<String> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_ascii_lowercase())
 }
 
+/// Every sha256 digest a manifest names (config and layers), each checked to be 64 hex
+/// digits; others are skipped.
+fn manifest_digests(manifest: &str) -> Vec<String> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(manifest) else { return Vec::new() };
+    let layers = v.get("layers").and_then(|l| l.as_array()).into_iter().flatten();
+    layers
+        .chain(v.get("config"))
+        .filter_map(|l| l.get("digest")?.as_str()?.strip_prefix("sha256:"))
+        .filter(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|hex| hex.to_ascii_lowercase())
+        .collect()
+}
+
+/// Every manifest file under `root/manifests` (host/namespace/model/tag).
+fn manifest_files(root: &Path) -> Vec<PathBuf> {
+    let children = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p).map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default()
+    };
+    let mut level = vec![root.join("manifests")];
+    for _ in 0..4 {
+        level = level.iter().flat_map(|p| children(p)).collect();
+    }
+    level.into_iter().filter(|p| p.is_file()).collect()
+}
+
+fn bad_name(name: &str) -> EngineError {
+    EngineError::BadValue { key: "model".into(), value: format!("{name:?}"), why: "is not a valid model name" }
+}
+
+fn io_error(path: &Path, error: std::io::Error) -> EngineError {
+    EngineError::Io { path: path.display().to_string(), error }
+}
+
+/// The manifest of an installed model: its path and text.
+fn installed(root: &Path, name: &str) -> Result<(PathBuf, String), EngineError> {
+    let parsed = ModelName::parse(name).ok_or_else(|| bad_name(name))?;
+    let path = parsed.manifest_path(root);
+    let not_found = || EngineError::ModelNotFound { name: name.to_string(), looked_in: root.display().to_string() };
+    let text = std::fs::read_to_string(&path).map_err(|_| not_found())?;
+    Ok((path, text))
+}
+
+/// Installs `src`'s model under the name `dst` too: a copy of the manifest (the blobs are
+/// shared), written to a temporary file and renamed into place.
+pub fn copy(src: &str, dst: &str) -> Result<(), EngineError> {
+    let root = models_dir();
+    let (_, text) = installed(&root, src)?;
+    let target = ModelName::parse(dst).ok_or_else(|| bad_name(dst))?.manifest_path(&root);
+    let dir = target.parent().ok_or_else(|| bad_name(dst))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    let tmp =
+        dir.join(format!(".{}.tmp-{}", target.file_name().and_then(|f| f.to_str()).unwrap_or("m"), std::process::id()));
+    std::fs::write(&tmp, &text).map_err(|e| io_error(&tmp, e))?;
+    std::fs::rename(&tmp, &target).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_error(&target, e)
+    })
+}
+
+/// Uninstalls `name`: removes its manifest, then those of its blobs no other manifest
+/// names. Returns the blobs removed.
+pub fn delete(name: &str) -> Result<Vec<PathBuf>, EngineError> {
+    let root = models_dir();
+    let (path, text) = installed(&root, name)?;
+    std::fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
+    // Empty model and namespace folders go too, as Ollama leaves no husks.
+    for dir in path.ancestors().skip(1).take(3) {
+        if std::fs::remove_dir(dir).is_err() {
+            break;
+        }
+    }
+    let still_used: std::collections::HashSet<String> = manifest_files(&root)
+        .iter()
+        .filter_map(|m| std::fs::read_to_string(m).ok())
+        .flat_map(|t| manifest_digests(&t))
+        .collect();
+    let mut removed = Vec::new();
+    for digest in manifest_digests(&text).into_iter().filter(|d| !still_used.contains(d)) {
+        let blob = root.join("blobs").join(format!("sha256-{digest}"));
+        if std::fs::remove_file(&blob).is_ok() {
+            removed.push(blob);
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manifest_digests_skip_anything_but_hex() {
+        let m = format!(
+            r#"{{"config":{{"digest":"sha256:{}"}},"layers":[{{"digest":"sha256:{}"}},{{"digest":"sha256:../../x"}},{{"digest":"md5:1"}}]}}"#,
+            "b".repeat(64),
+            "A".repeat(64)
+        );
+        assert_eq!(manifest_digests(&m), vec!["a".repeat(64), "b".repeat(64)]);
+        assert!(manifest_digests("[").is_empty());
+    }
 
     #[test]
     fn parses_names_like_ollama() {

@@ -58,6 +58,13 @@ enum Command {
     Show { model: String },
     /// Unload a model from the server.
     Stop { model: String },
+    /// Install a model under another name too (client of the server).
+    Cp { source: String, destination: String },
+    /// Remove models from the store (client of the server).
+    Rm {
+        #[arg(required = true)]
+        models: Vec<String>,
+    },
     /// Chat with a model: answer PROMPT (and/or piped stdin) once, or chat interactively.
     Run {
         model: String,
@@ -196,6 +203,8 @@ fn main() -> ExitCode {
         Command::Ps => return client_main(client::ps),
         Command::Show { model } => return client_main(|t| client::show(t, &model)),
         Command::Stop { model } => return client_main(|t| client::stop(t, &model)),
+        Command::Cp { source, destination } => return client_main(|t| client::copy(t, &source, &destination)),
+        Command::Rm { models } => return client_main(|t| client::remove(t, &models)),
         Command::Run { model, prompt, keep_alive, verbose, interactive } => {
             let args = client::RunArgs { model, prompt, keep_alive, verbose, interactive };
             return client_main(|t| client::run(t, args));

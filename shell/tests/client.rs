@@ -1,4 +1,4 @@
-//! The CLI clients (`list`, `ps`, `show`, `stop`, `run`) end to end against a real
+//! The CLI clients (`list`, `ps`, `show`, `stop`, `cp`, `rm`, `run`) end to end against a real
 //! `turbine serve` on a free loopback port, and against a fake server for the request shape
 //! (OLLAMA_HOST forms, OLLAMA_API_KEY as a Bearer token).
 
@@ -110,6 +110,20 @@ fn list_show_ps_stop() {
         assert!(Instant::now() < deadline, "model still loaded after stop");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn cp_and_rm() {
+    // In the real store: the copy shares the default model's blob, which stays.
+    let s = Server::start();
+    let name = format!("turbine-cli-test:copy-{}", std::process::id());
+    assert_eq!(ok(&s.cli(&["cp", MODEL, &name], "")), format!("copied '{MODEL}' to '{name}'\n"));
+    assert!(ok(&s.cli(&["list"], "")).lines().any(|l| l.starts_with(&format!("{name} "))));
+    assert_eq!(ok(&s.cli(&["rm", &name], "")), format!("deleted '{name}'\n"));
+    assert!(!ok(&s.cli(&["list"], "")).contains(&name));
+    assert!(ok(&s.cli(&["list"], "")).lines().any(|l| l.starts_with("gemma3:270m ")));
+    assert!(failed(&s.cli(&["rm", &name], "")).contains("not found"));
+    assert!(failed(&s.cli(&["cp", "nope:1", "x"], "")).contains("not found"));
 }
 
 #[test]

@@ -555,14 +555,19 @@ fn a_second_chat_turn_computes_only_its_new_tokens() {
     assert!(n <= 16 + 8, "continuing a context computed {n} tokens");
 }
 
-/// A model store holding the default model under two names (the blob shared by a link).
-fn two_model_store() -> PathBuf {
+/// A model store of its own holding the default model under two names. Each blob is a
+/// link to the real one, so removing it removes only the link.
+fn two_model_store(label: &str) -> PathBuf {
     let real = turbine::engine::store::models_dir();
-    let dir = std::env::temp_dir().join(format!("turbine-two-models-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("turbine-{label}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let manifests = dir.join("manifests/registry.ollama.ai/library/gemma3");
     std::fs::create_dir_all(&manifests).unwrap();
-    std::os::unix::fs::symlink(real.join("blobs"), dir.join("blobs")).unwrap();
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    for blob in std::fs::read_dir(real.join("blobs")).unwrap() {
+        let blob = blob.unwrap();
+        std::os::unix::fs::symlink(blob.path(), dir.join("blobs").join(blob.file_name())).unwrap();
+    }
     let manifest = real.join("manifests/registry.ollama.ai/library/gemma3/270m");
     for tag in ["270m", "second"] {
         std::fs::copy(&manifest, manifests.join(tag)).unwrap();
@@ -572,7 +577,7 @@ fn two_model_store() -> PathBuf {
 
 #[test]
 fn the_least_recently_used_idle_model_makes_room() {
-    let store = two_model_store();
+    let store = two_model_store("two-models");
     let s = std::sync::Arc::new(Server(common::ServeProcess::start(&[
         ("OLLAMA_MODELS", store.to_str().unwrap()),
         ("OLLAMA_MAX_LOADED_MODELS", "1"),
@@ -694,4 +699,47 @@ fn embeddings_as_ollama_and_openai_shape_them() {
     assert!(missing.json()["error"]["message"].is_string(), "OpenAI-shaped error");
     let empty = s.post("/api/embed", &json!({ "model": MODEL, "input": [] })).json();
     assert_eq!(empty["embeddings"], json!([]));
+}
+
+#[test]
+fn copy_and_delete_share_and_prune_blobs() {
+    let store = two_model_store("copy-delete");
+    let s = Server(common::ServeProcess::start(&[("OLLAMA_MODELS", store.to_str().unwrap())]));
+    let names = |s: &Server| -> Vec<String> {
+        let tags = s.request("GET", "/api/tags", b"").json();
+        let mut v: Vec<String> =
+            tags["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
+        v.sort();
+        v
+    };
+    let blob = store.join("blobs").join(format!("sha256-{MODEL_SHA}"));
+    let r = s.post("/api/copy", &json!({ "source": MODEL, "destination": "me/copied:v1" }));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(names(&s), vec!["gemma3:270m", "gemma3:second", "me/copied:v1"]);
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": "me/copied:v1", "prompt": "Hi", "stream": false,
+                                               "options": { "num_predict": 2 } }),
+    );
+    assert_eq!(r.status, 200, "the copy serves");
+
+    // Errors: a missing source, an invalid destination, a bad body, a missing model.
+    assert_eq!(s.post("/api/copy", &json!({ "source": "nope:1", "destination": "x" })).status, 404);
+    assert_eq!(s.post("/api/copy", &json!({ "source": MODEL, "destination": "../../etc" })).status, 400);
+    assert_eq!(s.post("/api/copy", &json!({ "source": MODEL })).status, 400);
+    let del = |name: &str| s.request("DELETE", "/api/delete", json!({ "model": name }).to_string().as_bytes());
+    let r = del("nope:1");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "model 'nope:1' not found");
+    assert_eq!(s.request("POST", "/api/delete", b"{}").status, 405);
+
+    // Deleting names that share the blob keeps it until the last one goes.
+    assert_eq!(del("me/copied:v1").status, 200);
+    assert_eq!(del(MODEL).status, 200);
+    assert!(blob.exists(), "gemma3:second still uses the blob");
+    assert!(!store.join("manifests/registry.ollama.ai/me").exists(), "empty folders are removed");
+    assert_eq!(del("gemma3:second").status, 200);
+    assert!(std::fs::symlink_metadata(&blob).is_err(), "the last name took its blob with it");
+    assert!(names(&s).is_empty());
+    let _ = std::fs::remove_dir_all(&store);
 }

@@ -194,6 +194,21 @@ def test_openai_chat_streamed(oai):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
 
 
+def test_copy_and_delete(client):
+    name = f"turbine-pytest:copy-{os.getpid()}"
+    assert client.copy(MODEL, name).status == "success"
+    assert client.show(name).details.family == "gemma3"
+    assert any(m.model == name for m in client.list().models)
+    assert client.delete(name).status == "success"
+    with pytest.raises(ollama.ResponseError) as e:
+        client.show(name)
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete(name)
+    assert e.value.status_code == 404
+    assert any(m.model == MODEL for m in client.list().models)
+
+
 def test_embed(client):
     r = client.embed(model=MODEL, input=["Why is the sky blue?", "The cat sat on the mat."])
     assert len(r.embeddings) == 2 and len(r.embeddings[0]) == 640

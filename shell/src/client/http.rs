@@ -105,7 +105,7 @@ impl Target {
 }
 
 /// The server's `{"error":"…"}` message, else the status and body.
-fn error_text(status: u16, body: &str) -> String {
+pub fn error_text(status: u16, body: &str) -> String {
     match serde_json::from_str::<Value>(body) {
         Ok(v) => match v.get("error") {
             Some(Value::String(s)) => s.clone(),

@@ -99,6 +99,33 @@ pub fn stop(t: &Target, model: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `turbine cp SRC DST`.
+pub fn copy(t: &Target, src: &str, dst: &str) -> Result<(), String> {
+    empty_answer(t, "POST", "/api/copy", &json!({ "source": src, "destination": dst }))?;
+    println!("copied '{src}' to '{dst}'");
+    Ok(())
+}
+
+/// `turbine rm MODEL...`: each in turn, stopping at the first error.
+pub fn remove(t: &Target, models: &[String]) -> Result<(), String> {
+    for m in models {
+        empty_answer(t, "DELETE", "/api/delete", &json!({ "model": m }))?;
+        println!("deleted '{m}'");
+    }
+    Ok(())
+}
+
+/// A request answered by a status and no body (copy, delete).
+fn empty_answer(t: &Target, method: &str, path: &str, body: &Value) -> Result<(), String> {
+    let mut r = t.send(method, path, Some(body))?;
+    if r.status >= 400 {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut r.body, &mut text);
+        return Err(http::error_text(r.status, &text));
+    }
+    Ok(())
+}
+
 fn str_of(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }

@@ -147,7 +147,7 @@ fn send(req: Request, reply: Reply, http10: bool) -> std::io::Result<()> {
                 resp = resp.with_header(h);
             }
             if status == 405 {
-                if let Some(h) = header("Allow", "GET, HEAD, POST") {
+                if let Some(h) = header("Allow", "GET, HEAD, POST, DELETE") {
                     resp = resp.with_header(h);
                 }
             }

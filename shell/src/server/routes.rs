@@ -23,6 +23,8 @@ pub fn dispatch(state: &Arc<State>, method: &str, path: &str, body: &[u8]) -> Re
     let allowed: &[&str] = match path {
         "/" | "/api/version" | "/api/tags" => &["GET", "HEAD"],
         "/api/ps" | "/v1/models" => &["GET"],
+        "/api/copy" => &["POST"],
+        "/api/delete" => &["DELETE"],
         "/api/generate" | "/api/chat" | "/api/show" | "/api/embed" | "/api/embeddings" => &["POST"],
         "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => &["POST"],
         p if p.starts_with("/v1/models/") => &["GET"],
@@ -37,6 +39,8 @@ pub fn dispatch(state: &Arc<State>, method: &str, path: &str, body: &[u8]) -> Re
         "/api/tags" => Ok(tags()),
         "/api/ps" => Ok(ps(state)),
         "/api/show" => show(body),
+        "/api/copy" => copy(body),
+        "/api/delete" => delete(state, body),
         "/api/generate" => generate(state, body),
         "/api/chat" => chat(state, body),
         "/api/embed" => embed::embed(state, body),
@@ -206,6 +210,53 @@ fn show(body: &[u8]) -> R {
             "modified_at": host::rfc3339(entry.modified),
         }),
     ))
+}
+
+/// An empty 200, as Ollama answers copy and delete.
+fn ok_empty() -> Reply {
+    Reply::Full { status: 200, content_type: "application/json; charset=utf-8", body: Vec::new() }
+}
+
+/// A store error as Ollama words it.
+fn store_error(name: &str, e: turbine::engine::EngineError) -> Reply {
+    use turbine::engine::EngineError as E;
+    match e {
+        E::ModelNotFound { .. } => Reply::error(404, format!("model '{name}' not found")),
+        E::BadValue { .. } => Reply::error(400, format!("invalid model name: {name:?}")),
+        other => Reply::error(500, other.to_string()),
+    }
+}
+
+/// POST /api/copy: `source` installed under `destination` too.
+fn copy(body: &[u8]) -> R {
+    let m = parse_body(body)?;
+    let src = str_field(&m, "source")?.unwrap_or_default();
+    let dst = str_field(&m, "destination")?.unwrap_or_default();
+    if src.is_empty() || dst.is_empty() {
+        return Err(Reply::error(400, "source and destination are required"));
+    }
+    turbine::engine::store::copy(&src, &dst).map_err(|e| match e {
+        turbine::engine::EngineError::ModelNotFound { .. } => Reply::error(404, format!("model {src:?} not found")),
+        e => store_error(&dst, e),
+    })?;
+    Ok(ok_empty())
+}
+
+/// DELETE /api/delete: unloads and uninstalls a model (its unshared blobs too).
+fn delete(state: &Arc<State>, body: &[u8]) -> R {
+    let m = parse_body(body)?;
+    let name = match str_field(&m, "model")? {
+        Some(s) if !s.is_empty() => s,
+        _ => str_field(&m, "name")?.unwrap_or_default(),
+    };
+    if name.is_empty() {
+        return Err(Reply::error(400, "model is required"));
+    }
+    if let Some(entry) = catalog::lookup(&name) {
+        state.models.unload(&entry.name);
+    }
+    turbine::engine::store::delete(&name).map_err(|e| store_error(&name, e))?;
+    Ok(ok_empty())
 }
 
 /// An empty prompt (or no messages): load the model, or unload it with keep_alive 0.
