@@ -99,8 +99,9 @@ impl KvSpec {
     }
 }
 
-/// Identity of a full block's contents: the chain hash of everything before it and its
-/// own tokens (compared in full, so a hash collision cannot alias two prefixes).
+/// Identity of a full block's contents: a 64-bit chain hash of everything before it and
+/// its own tokens, compared in full (two different prefixes alias only if their earlier
+/// blocks' 64-bit chain hashes collide).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct BlockKey {
     parent: u64,
@@ -277,9 +278,13 @@ impl BlockManager {
     /// Forgets every token of `seq`, giving its blocks back (registered ones stay cached).
     pub fn clear(&mut self, seq: usize) {
         let Some(s) = self.seqs.get_mut(seq) else { return };
-        self.tick += 1;
+        // Last block first, so eviction takes a cached prefix's tail before its head (a
+        // head evicted first would strand the rest).
         for (pool, table) in self.pools.iter_mut().zip(&mut s.tables) {
-            table.drain(..).filter(|&b| b != NO_BLOCK).for_each(|b| pool.release(b, self.tick));
+            for b in table.drain(..).rev().filter(|&b| b != NO_BLOCK) {
+                self.tick += 1;
+                pool.release(b, self.tick);
+            }
         }
         s.tokens.clear();
         s.registered = 0;
@@ -541,6 +546,20 @@ mod tests {
         feed(&mut m, 0, &tokens(8 * B, 3)).unwrap();
         m.clear(0);
         assert_eq!(m.attach_prefix(1, &longer), 0);
+    }
+
+    #[test]
+    fn eviction_takes_a_cached_prefix_tail_first() {
+        let spec = KvSpec::with_blocks(&KvLayout { kv_dim: 4, windows: vec![None] }, 1024, 2, |_| 4);
+        let mut m = BlockManager::new(&spec);
+        let p = tokens(4 * B, 8);
+        feed(&mut m, 0, &p).unwrap();
+        m.clear(0);
+        // One new block evicts one cached block: the prefix keeps its first three (head
+        // first would have stranded all four).
+        feed(&mut m, 1, &tokens(1, 99)).unwrap();
+        let longer = [p.clone(), tokens(5, 7)].concat();
+        assert_eq!(m.attach_prefix(0, &longer), 3 * B);
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //!
 //! Results do not depend on what else shares a batch: every kernel treats rows
 //! independently, a prompt is always cut at the same chunk boundaries, and attention picks
-//! its arithmetic from the sequence's own rows (see the CPU backend).
+//! its arithmetic from the sequence's own rows (see the CPU backend). They can depend on
+//! the cache's history: keys and values reused from the prefix cache, or recomputed after
+//! a preemption, were computed in other chunks than a fresh run would use, so they may
+//! differ from a fresh run's in the last bits.
 
 use crate::backend::{Backend, KvCache};
 use crate::generate::{check_prompt, GenerateOptions, GenerateStats, Generation, LoadedModel, Step};
@@ -235,11 +238,13 @@ impl<'m, B: Backend> State<'m, B> {
             };
             let Some(slot) = self.free_slots.pop() else { return };
             r.slot = slot;
+            // Running (and so owning its slot) before anything else can fail.
+            self.running.push(r);
+            let Some(r) = self.running.last_mut() else { return };
             r.in_cache = self.kv.blocks_mut().attach_prefix(slot, &r.tokens);
             if r.gen.generated().is_empty() {
                 r.prompt_computed = r.prompt_len - r.in_cache;
             }
-            self.running.push(r);
         }
     }
 
@@ -295,8 +300,8 @@ impl<'m, B: Backend> State<'m, B> {
         self.sample(&logits, &batch);
     }
 
-    /// (running index, tokens to feed): every decoding sequence, then prompt chunks in
-    /// admission order while the step's budget lasts.
+    /// (running index, tokens to feed), in admission order: one token for every decoding
+    /// sequence, and prompt chunks while the step's budget lasts (at least one).
     fn plan(&self) -> Vec<(usize, usize)> {
         let mut plan: Vec<(usize, usize)> = Vec::new();
         let mut prefill = 0usize;

@@ -145,9 +145,14 @@ fn installed(root: &Path, name: &str) -> Result<(PathBuf, String), EngineError> 
     Ok((path, text))
 }
 
+/// Serializes copies and deletes within this process, so a delete cannot prune a blob a
+/// copy is about to name.
+static STORE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Installs `src`'s model under the name `dst` too: a copy of the manifest (the blobs are
 /// shared), written to a temporary file and renamed into place.
 pub fn copy(src: &str, dst: &str) -> Result<(), EngineError> {
+    let _store = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let root = models_dir();
     let (_, text) = installed(&root, src)?;
     let target = ModelName::parse(dst).ok_or_else(|| bad_name(dst))?.manifest_path(&root);
@@ -165,6 +170,7 @@ pub fn copy(src: &str, dst: &str) -> Result<(), EngineError> {
 /// Uninstalls `name`: removes its manifest, then those of its blobs no other manifest
 /// names. Returns the blobs removed.
 pub fn delete(name: &str) -> Result<Vec<PathBuf>, EngineError> {
+    let _store = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let root = models_dir();
     let (path, text) = installed(&root, name)?;
     std::fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
@@ -174,11 +180,15 @@ pub fn delete(name: &str) -> Result<Vec<PathBuf>, EngineError> {
             break;
         }
     }
-    let still_used: std::collections::HashSet<String> = manifest_files(&root)
-        .iter()
-        .filter_map(|m| std::fs::read_to_string(m).ok())
-        .flat_map(|t| manifest_digests(&t))
-        .collect();
+    let mut still_used = std::collections::HashSet::new();
+    for m in manifest_files(&root) {
+        let digests = std::fs::read_to_string(&m).ok().map(|t| manifest_digests(&t)).unwrap_or_default();
+        if digests.is_empty() {
+            // A manifest we cannot read might name any blob: keep them all.
+            return Ok(Vec::new());
+        }
+        still_used.extend(digests);
+    }
     let mut removed = Vec::new();
     for digest in manifest_digests(&text).into_iter().filter(|d| !still_used.contains(d)) {
         let blob = root.join("blobs").join(format!("sha256-{digest}"));

@@ -93,6 +93,7 @@ pub trait Architecture<B: Backend>: Send + Sync {
     fn compute_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError>;
     /// [`Architecture::forward`] returning hidden states instead of logits (embeddings).
     fn forward_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
+        check_tokens(batch, self.info().n_vocab)?;
         kv.blocks_mut().begin_batch(batch)?;
         let hidden = rayon::scope(|_| self.compute_hidden(backend, batch, kv));
         kv.blocks_mut().end_batch(batch);
@@ -101,12 +102,22 @@ pub trait Architecture<B: Backend>: Send + Sync {
     /// One forward pass over `batch`, appending its keys and values to `kv`. On an error
     /// before any layer runs (a bad batch, a full cache) the cache is unchanged.
     fn forward(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
+        check_tokens(batch, self.info().n_vocab)?;
         kv.blocks_mut().begin_batch(batch)?;
         // On a pool thread, the layers' many parallel operations start cheaply; from any
         // other thread each one would wake the pool and wait for it.
         let logits = rayon::scope(|_| self.compute(backend, batch, kv));
         kv.blocks_mut().end_batch(batch);
         logits
+    }
+}
+
+/// Refuses token ids outside the vocabulary before the cache records anything, so a
+/// forward that fails leaves the cache as it was.
+fn check_tokens(batch: &Batch, n_vocab: usize) -> Result<(), EngineError> {
+    match batch.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+        Some(&token) => Err(EngineError::TokenOutOfRange { token, n_vocab }),
+        None => Ok(()),
     }
 }
 

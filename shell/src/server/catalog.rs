@@ -86,7 +86,8 @@ pub fn list() -> Vec<Entry> {
         for (ns, np) in subdirs(&hp) {
             for (model, mp) in subdirs(&np) {
                 for (tag, tp) in subdirs(&mp) {
-                    if !tp.is_file() {
+                    // Dot-files are temporary (a copy being written).
+                    if !tp.is_file() || tag.starts_with('.') {
                         continue;
                     }
                     let Some(name) = ModelName::parse(&format!("{host}/{ns}/{model}:{tag}")) else { continue };

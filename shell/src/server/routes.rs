@@ -5,10 +5,9 @@ use super::catalog::{self, Entry};
 use super::host::{self, KeepAlive};
 use super::options::{self, Options};
 use super::template::{ChatTemplate, Message};
-use super::worker::{Done, Event, JobInput, JobOptions};
+use super::worker::{Done, Event, Events, JobInput, JobOptions};
 use super::{Reply, State};
 use serde_json::{json, Map, Value};
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use turbine::engine::gguf::Gguf;
@@ -400,13 +399,7 @@ trait Framer: Send {
 
 /// Waits for the first event (so that a load or prompt error still gets its status), then
 /// streams or gathers the rest.
-fn respond(
-    state: &Arc<State>,
-    rx: Receiver<Event>,
-    stream: bool,
-    keep_alive: KeepAlive,
-    mut framer: Box<dyn Framer>,
-) -> R {
+fn respond(state: &Arc<State>, rx: Events, stream: bool, keep_alive: KeepAlive, mut framer: Box<dyn Framer>) -> R {
     let stopped = "model runner stopped unexpectedly";
     let first = match rx.recv() {
         Ok(Event::Error { status, message }) => return Err(framer.error_reply(status, &message)),
@@ -451,7 +444,7 @@ impl Finish {
 
 struct EventFrames {
     first: Option<Event>,
-    rx: Receiver<Event>,
+    rx: Events,
     framer: Box<dyn Framer>,
     finished: bool,
     after: Option<Finish>,

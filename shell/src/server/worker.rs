@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel};
-use turbine::engine::kv::KvLayout;
+use turbine::engine::kv::{KvLayout, BLOCK_TOKENS};
 use turbine::engine::sampler::SamplerParams;
 use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SeqEvent};
 use turbine::engine::EngineError;
@@ -43,7 +43,39 @@ pub struct JobOptions {
 pub struct Job {
     pub input: JobInput,
     pub opts: JobOptions,
-    pub events: Sender<Event>,
+    events: Sender<Event>,
+    /// Counts the job as pending until dropped (whichever way the job ends).
+    guard: JobGuard,
+    /// Set when the HTTP side stops listening.
+    cancel: Arc<AtomicBool>,
+}
+
+impl Job {
+    /// Sends the job's last event, after marking it finished (so a client that reacts to
+    /// the answer, e.g. by unloading, sees the model idle).
+    fn finish(self, event: Event) {
+        let Job { events, guard, .. } = self;
+        drop(guard);
+        let _ = events.send(event);
+    }
+}
+
+/// A job's events, seen from the HTTP side; dropping it cancels the job.
+pub struct Events {
+    rx: Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Events {
+    pub fn recv(&self) -> Result<Event, std::sync::mpsc::RecvError> {
+        self.rx.recv()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Final statistics of a job (Ollama's final-chunk fields).
@@ -139,7 +171,10 @@ impl EngineLimits {
             let one = SchedulerConfig::new(1, 0, per_seq, context_length).kv_spec(layout).pool_bytes().max(1);
             (self.kv_cache_mb.saturating_mul(1 << 20) / one).clamp(1, AUTO_MAX_PARALLEL)
         });
-        SchedulerConfig::new(parallel, self.max_queue, per_seq, context_length)
+        // One sequence may use the whole pool, never more: a longer context could only
+        // end in a full cache after preempting everyone else.
+        let pool_tokens = parallel.saturating_mul(per_seq.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS);
+        SchedulerConfig::new(parallel, self.max_queue, per_seq, context_length.min(pool_tokens))
     }
 }
 
@@ -202,15 +237,16 @@ impl ModelWorker {
     }
 
     /// Queues a job; its events arrive on the returned channel.
-    pub fn submit(&self, input: JobInput, opts: JobOptions) -> Receiver<Event> {
+    pub fn submit(&self, input: JobInput, opts: JobOptions) -> Events {
         let (etx, erx) = channel();
         self.state.pending.fetch_add(1, Ordering::SeqCst);
-        let job = Job { input, opts, events: etx };
+        let guard = JobGuard { state: self.state.clone(), keep_alive: opts.keep_alive };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job = Job { input, opts, events: etx, guard, cancel: cancel.clone() };
         if let Err(e) = lock(&self.tx).send(job) {
-            self.state.pending.fetch_sub(1, Ordering::SeqCst);
-            let _ = e.0.events.send(Event::Error { status: 500, message: "model runner has stopped".into() });
+            e.0.finish(Event::Error { status: 500, message: "model runner has stopped".into() });
         }
-        erx
+        Events { rx: erx, cancel }
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -268,22 +304,23 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
                 cfg.tokens_per_seq,
                 kv_bytes >> 20
             );
+            let max_ctx = cfg.max_seq_tokens.max(4);
             Scheduler::start(model.clone(), cfg)
-                .map(|s| (model, s))
+                .map(|s| (model, s, max_ctx))
                 .map_err(|e| format!("error starting the scheduler: {e}"))
         }
         Ok(Err(e)) => Err(format!("error loading model: {e}")),
         Err(_) => Err("error loading model: internal error".to_string()),
     };
-    let (model, scheduler) = match started {
+    let (model, scheduler, max_ctx) = match started {
         Ok(ms) => ms,
         Err(message) => {
             eprintln!("turbine serve: {message}");
             state.loaded.store(2, Ordering::SeqCst);
             // Answer what is queued; the registry drops this worker once idle.
+            // (Jobs still in the channel when it closes are dropped, which ends them too.)
             while let Ok(job) = rx.recv_timeout(Duration::from_millis(50)) {
-                let _ = job.events.send(Event::Error { status: 500, message: message.clone() });
-                state.pending.fetch_sub(1, Ordering::SeqCst);
+                job.finish(Event::Error { status: 500, message: message.clone() });
             }
             return;
         }
@@ -292,9 +329,8 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
     let template = ChatTemplate::for_model(&model.file);
     let mut load_duration = model.load_time;
     for job in rx {
-        let num_ctx = job.opts.num_ctx.clamp(4, model.arch.info().context_length.max(4));
+        let num_ctx = job.opts.num_ctx.clamp(4, max_ctx);
         state.num_ctx.store(num_ctx, Ordering::SeqCst);
-        let guard = JobGuard { state: state.clone(), keep_alive: job.opts.keep_alive };
         if let JobInput::Embed { inputs } = &job.input {
             let done = catch_unwind(AssertUnwindSafe(|| embed_job(&model, inputs, &job.opts, num_ctx)));
             let event = match done {
@@ -303,34 +339,35 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
                 Err(_) => Event::Error { status: 500, message: "internal error in the engine".into() },
             };
             load_duration = Duration::ZERO;
-            let _ = job.events.send(event);
+            job.finish(event);
             continue;
         }
         let prepared = catch_unwind(AssertUnwindSafe(|| prepare(&model, &template, &job, num_ctx)));
         let (ids, opts) = match prepared {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => {
-                let _ = job.events.send(Event::Done(Done { done_reason: "load", load_duration, ..Done::default() }));
+                job.finish(Event::Done(Done { done_reason: "load", load_duration, ..Done::default() }));
                 load_duration = Duration::ZERO;
                 continue;
             }
             Ok(Err((status, message))) => {
-                let _ = job.events.send(Event::Error { status, message });
+                job.finish(Event::Error { status, message });
                 continue;
             }
             Err(_) => {
-                let _ = job.events.send(Event::Error { status: 500, message: "internal error in the engine".into() });
+                job.finish(Event::Error { status: 500, message: "internal error in the engine".into() });
                 continue;
             }
         };
-        let events = job.events.clone();
+        let Job { events, guard, cancel, .. } = job;
         let request = Request {
             prompt: ids.clone(),
             opts,
-            events: stream_events(job.events, ids, load_duration, guard),
-            cancel: Arc::new(AtomicBool::new(false)),
+            events: stream_events(events.clone(), ids, load_duration, guard),
+            cancel,
         };
         load_duration = Duration::ZERO;
+        // A refused request is dropped inside `submit`, which ends its job first.
         match scheduler.submit(request) {
             Ok(()) => {}
             Err(Refused::QueueFull) => drop(events.send(Event::Error { status: 503, message: BUSY.into() })),
@@ -348,8 +385,12 @@ fn stream_events(
     load_duration: Duration,
     guard: JobGuard,
 ) -> Box<dyn FnMut(SeqEvent) -> bool + Send> {
+    // Held until the request's last event (or until the request is dropped unanswered).
+    let mut guard = Some(guard);
     Box::new(move |e| {
-        let _held_until_the_request_ends = &guard;
+        if matches!(e, SeqEvent::Done(_) | SeqEvent::Error(_)) {
+            guard.take();
+        }
         let event = match e {
             SeqEvent::Text(t) => Event::Text(t),
             SeqEvent::Error(e) => {
