@@ -331,15 +331,16 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
     for job in rx {
         let num_ctx = job.opts.num_ctx.clamp(4, max_ctx);
         state.num_ctx.store(num_ctx, Ordering::SeqCst);
-        if let JobInput::Embed { inputs } = &job.input {
-            let done = catch_unwind(AssertUnwindSafe(|| embed_job(&model, inputs, &job.opts, num_ctx)));
-            let event = match done {
-                Ok(Ok(d)) => Event::Done(Done { load_duration, ..d }),
-                Ok(Err((status, message))) => Event::Error { status, message },
-                Err(_) => Event::Error { status: 500, message: "internal error in the engine".into() },
-            };
+        if matches!(job.input, JobInput::Embed { .. }) {
+            // On a thread of its own, so generation jobs keep flowing to the scheduler.
+            let (model, load) = (model.clone(), load_duration);
+            let spawned = std::thread::Builder::new()
+                .name("turbine-embed".into())
+                .spawn(move || run_embed_job(&model, job, num_ctx, load));
+            if let Err(e) = spawned {
+                eprintln!("turbine serve: cannot start an embedding thread: {e}");
+            }
             load_duration = Duration::ZERO;
-            job.finish(event);
             continue;
         }
         let prepared = catch_unwind(AssertUnwindSafe(|| prepare(&model, &template, &job, num_ctx)));
@@ -422,18 +423,34 @@ fn stream_events(
     })
 }
 
-/// Embeds each input (on this thread: embedding requests do not go through the batch).
-/// An input longer than the context is cut to it when `truncate`, else refused.
-fn embed_job(
+/// Runs an embedding job and answers it (embedding requests do not go through the batch).
+fn run_embed_job(model: &LoadedModel<CpuBackend>, job: Job, num_ctx: usize, load_duration: Duration) {
+    let JobInput::Embed { inputs } = &job.input else { return };
+    let done = catch_unwind(AssertUnwindSafe(|| embed_inputs(model, inputs, &job, num_ctx)));
+    let event = match done {
+        Ok(Ok(d)) => Event::Done(Done { load_duration, ..d }),
+        Ok(Err((status, message))) => Event::Error { status, message },
+        Err(_) => Event::Error { status: 500, message: "internal error in the engine".into() },
+    };
+    job.finish(event);
+}
+
+/// Embeds each input, stopping early when the client has gone. An input longer than the
+/// context is cut to it when `truncate`, else refused.
+fn embed_inputs(
     model: &LoadedModel<CpuBackend>,
     inputs: &[String],
-    opts: &JobOptions,
+    job: &Job,
     num_ctx: usize,
 ) -> Result<Done, (u16, String)> {
+    let opts = &job.opts;
     let start = std::time::Instant::now();
     let mut embeddings = Vec::with_capacity(inputs.len());
     let mut prompt_eval_count = 0;
     for text in inputs {
+        if job.cancel.load(Ordering::Relaxed) {
+            return Err((499, "request canceled".into()));
+        }
         let mut ids = model.tokenizer.encode(text, true, true);
         if ids.len() > num_ctx {
             if !opts.truncate {
