@@ -552,7 +552,10 @@ impl Models {
         let budget = (self.limits.max_memory_mb as u64).saturating_mul(1 << 20);
         let over = |w: &HashMap<String, Arc<ModelWorker>>| {
             let used: u64 = w.values().map(|m| m.resident_bytes()).sum();
-            w.len() >= self.limits.max_loaded || (!w.is_empty() && used.saturating_add(entry.size) > budget)
+            // The new model's KV pool is not known before it loads: count the budget it is
+            // sized to.
+            let new = entry.size.saturating_add((self.limits.kv_cache_mb as u64).saturating_mul(1 << 20));
+            w.len() >= self.limits.max_loaded || (!w.is_empty() && used.saturating_add(new) > budget)
         };
         while over(&w) {
             let idle = w.values().filter(|m| m.state.pending.load(Ordering::SeqCst) == 0);
