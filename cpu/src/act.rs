@@ -17,6 +17,25 @@ use crate::{ActRow, ActType, QK, QK_K};
 pub fn quantize_row(ty: ActType, x: &[f32], dst: &mut [u8]) {
     assert_eq!(x.len() % ty.block_size(), 0, "quantize_row: {} floats is not a whole number of {ty:?} blocks", x.len());
     assert_eq!(dst.len(), ty.row_bytes(x.len()), "quantize_row: wrong {ty:?} output size");
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::best() != crate::Isa::Scalar {
+        // SAFETY: Isa::best() is Avx2 or better only when the CPU has AVX2 and FMA.
+        return unsafe { quantize_row_avx2(ty, x, dst) };
+    }
+    quantize_blocks(ty, x, dst);
+}
+
+/// [`quantize_blocks`] compiled for AVX2: the same operations on each element (the loops
+/// vectorize; the crate's baseline is SSE2), so the same bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_row_avx2(ty: ActType, x: &[f32], dst: &mut [u8]) {
+    quantize_blocks(ty, x, dst)
+}
+
+/// The portable quantizer, block by block.
+#[inline(always)]
+pub fn quantize_blocks(ty: ActType, x: &[f32], dst: &mut [u8]) {
     let blocks = x.chunks_exact(ty.block_size()).zip(dst.chunks_exact_mut(ty.type_size()));
     match ty {
         ActType::F32 => blocks.for_each(|(x, y)| y.copy_from_slice(&x[0].to_le_bytes())),
@@ -185,7 +204,30 @@ impl QuantizedActs {
 
 #[cfg(test)]
 mod tests {
-    use super::round_half_even;
+    use super::{quantize_blocks, quantize_row, round_half_even};
+    use crate::ActType;
+
+    #[test]
+    fn dispatched_quantizers_write_the_portable_bytes() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for ty in [ActType::Q8_0, ActType::Q8_1, ActType::Q8_K] {
+            for row in 0..40 {
+                let n = 2 * ActType::Q8_K.block_size();
+                let scale = [0.0f32, 1e-6, 1.0, 37.0, 3e4][row % 5];
+                let x: Vec<f32> = (0..n).map(|_| ((next() % 20_001) as f32 / 10_000.0 - 1.0) * scale).collect();
+                let (mut fast, mut portable) = (vec![0u8; ty.row_bytes(n)], vec![0u8; ty.row_bytes(n)]);
+                quantize_row(ty, &x, &mut fast);
+                quantize_blocks(ty, &x, &mut portable);
+                assert_eq!(fast, portable, "{ty:?} row {row}");
+            }
+        }
+    }
 
     #[test]
     fn magic_rounding_equals_round_ties_even() {
