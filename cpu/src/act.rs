@@ -98,13 +98,9 @@ fn block_q8_1(x: &[f32], y: &mut [u8]) {
 /// q = nearest_int(iscale * x) (round half to even, as ggml's float-magic `nearest_int`),
 /// capped at 127; d = 1 / iscale. An all-zero block is all zeros.
 fn block_q8_k(x: &[f32], y: &mut [u8]) {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    // The largest magnitude (a loop that vectorizes), then the first value that has it.
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
     if amax == 0.0 {
         y.fill(0);
         return;
