@@ -81,7 +81,13 @@ fn cli_greedy(prompt: &str, n: usize) -> String {
     let model = common::load_default_model();
     let ids = model.tokenizer.encode(prompt, true, true);
     let num_ctx = 4096.min(model.arch.info().context_length);
-    let opts = GenerateOptions { num_predict: Some(n), num_ctx, sampler: SamplerParams::greedy(), stop: Vec::new() };
+    let opts = GenerateOptions {
+        num_predict: Some(n),
+        num_ctx,
+        sampler: SamplerParams::greedy(),
+        stop: Vec::new(),
+        logprobs: None,
+    };
     let mut out = String::new();
     Session::new(&model, num_ctx)
         .generate(&ids, &opts, |piece| {

@@ -18,7 +18,7 @@ fn model() -> Arc<LoadedModel<CpuBackend>> {
 }
 
 fn options(num_predict: usize, sampler: SamplerParams) -> GenerateOptions {
-    GenerateOptions { num_predict: Some(num_predict), num_ctx: 4096, sampler, stop: Vec::new() }
+    GenerateOptions { num_predict: Some(num_predict), num_ctx: 4096, sampler, stop: Vec::new(), logprobs: None }
 }
 
 /// Submits a request; the receiver yields its text pieces, then its stats or an error.
@@ -48,6 +48,7 @@ fn finish(rx: Receiver<SeqEvent>) -> (String, GenerateStats) {
     for e in rx.iter() {
         match e {
             SeqEvent::Text(t) => text.push_str(&t),
+            SeqEvent::Logprob(_) => {}
             SeqEvent::Done(stats) => return (text, stats),
             SeqEvent::Error(e) => panic!("request failed: {e}"),
         }
@@ -200,4 +201,25 @@ fn the_queue_refuses_beyond_its_limit_and_recovers() {
         finish(rx);
     }
     finish(submit(&s, prompt, options(4, SamplerParams::greedy())));
+}
+
+#[test]
+fn logprobs_come_one_per_generated_token_and_change_nothing() {
+    let m = model();
+    let s = Scheduler::start(m.clone(), SchedulerConfig::new(2, 8, 512, 4096)).expect("thread");
+    let prompt = m.tokenizer.encode("The capital of France is", true, true);
+    let plain = finish(submit(&s, prompt.clone(), options(6, SamplerParams::greedy()))).1;
+    let mut opts = options(6, SamplerParams::greedy());
+    opts.logprobs = Some(2);
+    let rx = submit(&s, prompt, opts);
+    let events: Vec<SeqEvent> = rx.iter().collect();
+    let lps: Vec<_> = events.iter().filter_map(|e| if let SeqEvent::Logprob(l) = e { Some(l) } else { None }).collect();
+    let Some(SeqEvent::Done(stats)) = events.last() else { panic!("no Done") };
+    assert_eq!(stats.generated, plain.generated, "asking for logprobs changes no token");
+    assert_eq!(lps.iter().map(|l| l.token).collect::<Vec<_>>(), stats.generated);
+    for l in lps {
+        assert_eq!(l.top.len(), 2);
+        assert_eq!(l.top[0].0, l.token, "greedy picks the most likely token");
+        assert!(l.logprob <= 0.0 && l.top[0].1 >= l.top[1].1);
+    }
 }

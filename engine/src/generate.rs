@@ -109,6 +109,38 @@ pub struct GenerateOptions {
     pub sampler: SamplerParams,
     /// Generation stops before the first occurrence of any of these strings.
     pub stop: Vec<String>,
+    /// Report each generated token's log-probability and this many most likely
+    /// alternatives (None: no log-probabilities).
+    pub logprobs: Option<usize>,
+}
+
+/// A generated token's log-probability under the model (log-softmax of the raw logits,
+/// before any sampling option) and the most likely alternatives, most likely first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// Of `token` among `logits`, with the `k` most likely tokens.
+    pub fn of(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - lse);
+        let k = k.min(logits.len());
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if k > 0 && k < ids.len() {
+            ids.select_nth_unstable_by(k - 1, by_logit);
+        }
+        ids.truncate(k);
+        ids.sort_unstable_by(by_logit);
+        let top = ids.into_iter().map(|t| (t, logits[t as usize] - lse)).collect();
+        TokenLogprob { token, logprob, top }
+    }
 }
 
 /// Why generation ended (Ollama's done_reason values).
@@ -165,6 +197,8 @@ pub struct Generation<'t> {
     started: Instant,
     /// When the prompt's logits arrived.
     first_logits: Option<Instant>,
+    /// The last generated token's log-probability, until taken.
+    logprob: Option<TokenLogprob>,
 }
 
 impl<'t> Generation<'t> {
@@ -180,7 +214,13 @@ impl<'t> Generation<'t> {
             generated: Vec::new(),
             started: Instant::now(),
             first_logits: None,
+            logprob: None,
         }
+    }
+
+    /// The log-probability of the token the last step generated, when asked for.
+    pub fn take_logprob(&mut self) -> Option<TokenLogprob> {
+        self.logprob.take()
     }
 
     /// Tokens generated so far.
@@ -202,6 +242,7 @@ impl<'t> Generation<'t> {
         }
         self.sampler.accept(next);
         self.generated.push(next);
+        self.logprob = self.opts.logprobs.map(|k| TokenLogprob::of(logits, next, k));
         let piece = self.decoder.push(&self.tok.token_to_piece(next));
         let (text, stopped) = self.out.push(&piece);
         if stopped {

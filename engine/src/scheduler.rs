@@ -18,7 +18,7 @@
 //! differ from a fresh run's in the last bits.
 
 use crate::backend::{Backend, KvCache};
-use crate::generate::{check_prompt, GenerateOptions, GenerateStats, Generation, LoadedModel, Step};
+use crate::generate::{check_prompt, GenerateOptions, GenerateStats, Generation, LoadedModel, Step, TokenLogprob};
 use crate::kv::KvSpec;
 use crate::model::Batch;
 use crate::EngineError;
@@ -73,6 +73,8 @@ impl SchedulerConfig {
 pub enum SeqEvent {
     /// Final text, in order.
     Text(String),
+    /// A generated token's log-probability (when the request asked), before its text.
+    Logprob(TokenLogprob),
     Done(GenerateStats),
     Error(EngineError),
 }
@@ -381,6 +383,12 @@ impl<'m, B: Backend> State<'m, B> {
         let mut finished = Vec::new();
         for (i, step) in steps.into_iter().enumerate() {
             let r = &mut self.running[i];
+            if let Some(lp) = r.gen.take_logprob() {
+                if !r.send(SeqEvent::Logprob(lp)) {
+                    finished.push(i);
+                    continue;
+                }
+            }
             match step {
                 None => {}
                 Some(Step::Continue { token, text }) => {

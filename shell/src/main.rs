@@ -144,6 +144,7 @@ fn generate(args: GenerateArgs) -> Result<(), EngineError> {
             ..SamplerParams::default()
         },
         stop: args.stop,
+        logprobs: None,
     };
     let mut session = Session::new(&model, num_ctx);
     let mut stdout = std::io::stdout().lock();

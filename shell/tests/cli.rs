@@ -34,7 +34,13 @@ fn greedy_generate_prints_the_engines_greedy_text() {
     let out = stdout(&turbine(&["generate", "-m", "gemma3:270m", "-n", "12", "--temperature", "0", prompt]));
     let model = LoadedModel::load(&model_path()).expect("load");
     let ids = model.tokenizer.encode(prompt, true, true);
-    let opts = GenerateOptions { num_predict: Some(12), num_ctx: 64, sampler: SamplerParams::greedy(), stop: vec![] };
+    let opts = GenerateOptions {
+        num_predict: Some(12),
+        num_ctx: 64,
+        sampler: SamplerParams::greedy(),
+        stop: vec![],
+        logprobs: None,
+    };
     let mut want = String::new();
     Session::new(&model, 64)
         .generate(&ids, &opts, |t| {

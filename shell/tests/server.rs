@@ -121,7 +121,13 @@ fn model_path() -> PathBuf {
 fn engine_greedy(text: &str, n: usize) -> (Vec<u32>, String) {
     let model = LoadedModel::load(&model_path()).expect("load");
     let ids = model.tokenizer.encode(text, true, true);
-    let opts = GenerateOptions { num_predict: Some(n), num_ctx: 4096, sampler: SamplerParams::greedy(), stop: vec![] };
+    let opts = GenerateOptions {
+        num_predict: Some(n),
+        num_ctx: 4096,
+        sampler: SamplerParams::greedy(),
+        stop: vec![],
+        logprobs: None,
+    };
     let mut out = String::new();
     Session::new(&model, 4096)
         .generate(&ids, &opts, |t| {
@@ -742,4 +748,53 @@ fn copy_and_delete_share_and_prune_blobs() {
     assert!(std::fs::symlink_metadata(&blob).is_err(), "the last name took its blob with it");
     assert!(names(&s).is_empty());
     let _ = std::fs::remove_dir_all(&store);
+}
+
+#[test]
+fn logprobs_of_generated_tokens() {
+    let s = Server::start();
+    let body = json!({ "model": MODEL, "prompt": "The capital of France is", "stream": false, "raw": true,
+                       "logprobs": true, "top_logprobs": 3, "options": { "num_predict": 6, "temperature": 0 } });
+    let v = s.post("/api/generate", &body).json();
+    let lps = v["logprobs"].as_array().expect("logprobs");
+    assert_eq!(lps.len() as u64, v["eval_count"].as_u64().unwrap(), "one entry per generated token");
+    let text: String = lps.iter().map(|l| l["token"].as_str().unwrap()).collect();
+    assert_eq!(text, v["response"].as_str().unwrap());
+    for l in lps {
+        let lp = l["logprob"].as_f64().unwrap();
+        let top = l["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert!(lp <= 0.0 && top.windows(2).all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], l["token"]);
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+        assert!(!l["bytes"].as_array().unwrap().is_empty());
+    }
+    // Streamed: the entries ride on the chunks; without the flag there are none.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let lines = s.post("/api/generate", &streamed).lines();
+    let n: usize = lines.iter().filter_map(|l| l["logprobs"].as_array()).map(Vec::len).sum();
+    assert_eq!(n, lps.len());
+    let plain = s
+        .post(
+            "/api/generate",
+            &json!({ "model": MODEL, "prompt": "Hi", "stream": false,
+                                                   "options": { "num_predict": 2 } }),
+        )
+        .json();
+    assert!(plain.get("logprobs").is_none());
+    let bad = s.post("/api/generate", &json!({ "model": MODEL, "prompt": "Hi", "logprobs": true, "top_logprobs": 21 }));
+    assert_eq!(bad.status, 400);
+    // OpenAI chat: choices[0].logprobs.content.
+    let o = s
+        .post(
+            "/v1/chat/completions",
+            &json!({ "model": MODEL, "messages": [{ "role": "user", "content": "Hi" }],
+                                                     "logprobs": true, "top_logprobs": 2, "max_tokens": 4 }),
+        )
+        .json();
+    let content = o["choices"][0]["logprobs"]["content"].as_array().expect("logprobs.content");
+    assert_eq!(content.len() as u64, o["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
 }

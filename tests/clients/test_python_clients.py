@@ -231,6 +231,23 @@ def test_openai_embeddings(oai):
     assert len(short.data[0].embedding) == 16
 
 
+def test_openai_chat_logprobs(oai):
+    r = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=5,
+        temperature=0, logprobs=True, top_logprobs=2,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+
+
+def test_generate_logprobs(client):
+    r = client.generate(model=MODEL, prompt="The sky is", options=OPTS, logprobs=True, top_logprobs=1)
+    assert len(r.logprobs) == r.eval_count
+    assert all(lp.logprob <= 0 for lp in r.logprobs)
+
+
 def test_openai_models(oai):
     ids = [m.id for m in oai.models.list()]
     assert MODEL in ids

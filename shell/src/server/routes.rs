@@ -125,9 +125,25 @@ fn job_options(m: &Body, base: Options, keep_alive: KeepAlive) -> Result<JobOpti
         num_ctx: o.num_ctx,
         sampler: o.sampler,
         stop: o.stop,
+        logprobs: logprobs_fields(m)?,
         truncate,
         keep_alive,
     })
+}
+
+/// Most alternatives `top_logprobs` may ask for (OpenAI's and Ollama's limit).
+const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// `logprobs` (bool) and `top_logprobs` (0..=20): None when log-probabilities are off.
+fn logprobs_fields(m: &Body) -> Result<Option<usize>, Reply> {
+    let top = match m.get("top_logprobs") {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= MAX_TOP_LOGPROBS => n as usize,
+            _ => return Err(Reply::error(400, format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"))),
+        },
+    };
+    Ok(bool_field(m, "logprobs")?.unwrap_or(false).then_some(top))
 }
 
 fn no_images(m: &Body, name: &str) -> Result<(), Reply> {
@@ -271,6 +287,7 @@ fn load_only(state: &Arc<State>, name: &str, entry: &Entry, keep_alive: KeepAliv
             num_ctx: options::default_num_ctx(),
             sampler: Options::default().sampler,
             stop: vec![],
+            logprobs: None,
             truncate: true,
             keep_alive,
         };
@@ -278,7 +295,7 @@ fn load_only(state: &Arc<State>, name: &str, entry: &Entry, keep_alive: KeepAliv
         loop {
             match rx.recv() {
                 Ok(Event::Done(_)) => break,
-                Ok(Event::Text(_)) => continue,
+                Ok(Event::Text(_) | Event::Logprob(_)) => continue,
                 Ok(Event::Error { status, message }) => return Err(Reply::error(status, message)),
                 Err(_) => return Err(Reply::error(500, "model runner stopped unexpectedly")),
             }
@@ -326,7 +343,7 @@ fn generate(state: &Arc<State>, body: &[u8]) -> R {
     });
     let worker = state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
     let rx = worker.submit(JobInput::Generate { prompt, context, messages }, opts);
-    let framer = Box::new(OllamaFramer { model: name, chat: false, start });
+    let framer = Box::new(OllamaFramer { model: name, chat: false, start, logprobs: Vec::new() });
     respond(state, rx, stream, keep_alive, framer)
 }
 
@@ -352,7 +369,7 @@ fn chat(state: &Arc<State>, body: &[u8]) -> R {
     let worker = state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
     let rx =
         worker.submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts);
-    let framer = Box::new(OllamaFramer { model: name, chat: true, start });
+    let framer = Box::new(OllamaFramer { model: name, chat: true, start, logprobs: Vec::new() });
     respond(state, rx, stream, keep_alive, framer)
 }
 
@@ -386,6 +403,8 @@ fn parse_messages(v: Option<&Value>, parts: bool) -> Result<Vec<Message>, Reply>
 
 /// Turns a job's events into the frames of one API's stream.
 trait Framer: Send {
+    /// A generated token's log-probability, to go out with the next text (or the end).
+    fn add_logprob(&mut self, _logprob: Value) {}
     fn text(&mut self, text: &str) -> Vec<u8>;
     fn done(&mut self, done: &Done) -> Vec<u8>;
     fn error(&mut self, message: &str) -> Vec<u8>;
@@ -414,6 +433,7 @@ fn respond(state: &Arc<State>, rx: Events, stream: bool, keep_alive: KeepAlive, 
         loop {
             match ev {
                 Event::Text(t) => text.push_str(&t),
+                Event::Logprob(v) => framer.add_logprob(v),
                 Event::Done(d) => {
                     after.run();
                     return Ok(Reply::json(200, &framer.whole(&text, &d)));
@@ -466,6 +486,10 @@ impl Iterator for EventFrames {
         };
         Some(match ev {
             Event::Text(t) => self.framer.text(&t),
+            Event::Logprob(v) => {
+                self.framer.add_logprob(v);
+                Vec::new() // nothing to write yet (empty frames are skipped)
+            }
             Event::Done(d) => {
                 self.finished = true;
                 if let Some(f) = self.after.take() {
@@ -486,10 +510,12 @@ struct OllamaFramer {
     model: String,
     chat: bool,
     start: Instant,
+    /// Log-probabilities of tokens whose text has not gone out yet.
+    logprobs: Vec<Value>,
 }
 
 impl OllamaFramer {
-    fn chunk(&self, text: &str) -> Value {
+    fn chunk(&mut self, text: &str) -> Value {
         let mut v = json!({ "model": self.model, "created_at": now() });
         if self.chat {
             v["message"] = json!({ "role": "assistant", "content": text });
@@ -497,10 +523,13 @@ impl OllamaFramer {
             v["response"] = json!(text);
         }
         v["done"] = json!(false);
+        if !self.logprobs.is_empty() {
+            v["logprobs"] = Value::Array(std::mem::take(&mut self.logprobs));
+        }
         v
     }
 
-    fn last(&self, text: &str, d: &Done) -> Value {
+    fn last(&mut self, text: &str, d: &Done) -> Value {
         let mut v = self.chunk(text);
         v["done"] = json!(true);
         v["done_reason"] = json!(d.done_reason);
@@ -524,6 +553,9 @@ fn ndjson(v: &Value) -> Vec<u8> {
 }
 
 impl Framer for OllamaFramer {
+    fn add_logprob(&mut self, logprob: Value) {
+        self.logprobs.push(logprob);
+    }
     fn text(&mut self, text: &str) -> Vec<u8> {
         ndjson(&self.chunk(text))
     }
@@ -661,6 +693,9 @@ mod openai {
             num_ctx: o.num_ctx,
             sampler: o.sampler,
             stop: o.stop,
+            // Chat takes OpenAI's `logprobs` (bool) and `top_logprobs`; text completions'
+            // integer `logprobs` is not supported and is ignored, as unknown fields are.
+            logprobs: if chat { logprobs_fields(&m)? } else { None },
             truncate: true,
             keep_alive,
         };
@@ -670,7 +705,7 @@ mod openai {
         let created = unix(SystemTime::now());
         let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() % 1000);
         let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
-        let framer = Box::new(SseFramer { id, model: name, created, include_usage, chat });
+        let framer = Box::new(SseFramer { id, model: name, created, include_usage, chat, logprobs: Vec::new() });
         respond(state, rx, stream, keep_alive, framer)
     }
 
@@ -681,6 +716,8 @@ mod openai {
         include_usage: bool,
         /// Chat completion chunks (`delta`) or text completion ones (`text`).
         chat: bool,
+        /// Log-probabilities of tokens whose text has not gone out yet (chat only).
+        logprobs: Vec<Value>,
     }
 
     fn sse(v: &Value) -> Vec<u8> {
@@ -712,12 +749,20 @@ mod openai {
             }
         }
 
-        fn chunk(&self, text: &str, finish: Value) -> Value {
-            let choice = if self.chat {
+        /// `{"content": [...]}` of the pending log-probabilities, if any.
+        fn take_logprobs(&mut self) -> Option<Value> {
+            (!self.logprobs.is_empty()).then(|| json!({ "content": std::mem::take(&mut self.logprobs) }))
+        }
+
+        fn chunk(&mut self, text: &str, finish: Value) -> Value {
+            let mut choice = if self.chat {
                 json!({ "index": 0, "delta": { "role": "assistant", "content": text }, "finish_reason": finish })
             } else {
                 json!({ "index": 0, "text": text, "finish_reason": finish })
             };
+            if let Some(lp) = self.take_logprobs() {
+                choice["logprobs"] = lp;
+            }
             json!({
                 "id": self.id, "object": self.object(true), "created": self.created,
                 "model": self.model, "system_fingerprint": "fp_ollama", "choices": [choice],
@@ -726,6 +771,9 @@ mod openai {
     }
 
     impl Framer for SseFramer {
+        fn add_logprob(&mut self, logprob: Value) {
+            self.logprobs.push(logprob);
+        }
         fn text(&mut self, text: &str) -> Vec<u8> {
             sse(&self.chunk(text, Value::Null))
         }
@@ -747,16 +795,18 @@ mod openai {
             out
         }
         fn whole(&mut self, text: &str, d: &Done) -> Value {
+            let mut choice = if self.chat {
+                json!({ "index": 0, "message": { "role": "assistant", "content": text },
+                        "finish_reason": finish_reason(d) })
+            } else {
+                json!({ "index": 0, "text": text, "finish_reason": finish_reason(d) })
+            };
+            if let Some(lp) = self.take_logprobs() {
+                choice["logprobs"] = lp;
+            }
             json!({
                 "id": self.id, "object": self.object(false), "created": self.created,
-                "model": self.model, "system_fingerprint": "fp_ollama",
-                "choices": [if self.chat {
-                    json!({ "index": 0, "message": { "role": "assistant", "content": text },
-                            "finish_reason": finish_reason(d) })
-                } else {
-                    json!({ "index": 0, "text": text, "finish_reason": finish_reason(d) })
-                }],
-                "usage": usage(d),
+                "model": self.model, "system_fingerprint": "fp_ollama", "choices": [choice], "usage": usage(d),
             })
         }
         fn error_reply(&self, status: u16, message: &str) -> Reply {

@@ -12,7 +12,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use turbine::engine::backend::cpu::CpuBackend;
-use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel};
+use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel, TokenLogprob};
 use turbine::engine::kv::{KvLayout, BLOCK_TOKENS};
 use turbine::engine::sampler::SamplerParams;
 use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SeqEvent};
@@ -35,6 +35,8 @@ pub struct JobOptions {
     pub num_ctx: usize,
     pub sampler: SamplerParams,
     pub stop: Vec<String>,
+    /// Report each generated token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
     /// Drop the oldest prompt tokens when the prompt does not fit (else an error).
     pub truncate: bool,
     pub keep_alive: KeepAlive,
@@ -96,6 +98,8 @@ pub struct Done {
 
 pub enum Event {
     Text(String),
+    /// A generated token's log-probability as Ollama and OpenAI shape it, before its text.
+    Logprob(serde_json::Value),
     Done(Done),
     /// `status` is the HTTP status to use if nothing was streamed yet.
     Error {
@@ -364,7 +368,7 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
         let request = Request {
             prompt: ids.clone(),
             opts,
-            events: stream_events(events.clone(), ids, load_duration, guard),
+            events: stream_events(events.clone(), ids, load_duration, guard, model.clone()),
             cancel,
         };
         load_duration = Duration::ZERO;
@@ -385,6 +389,7 @@ fn stream_events(
     mut ids: Vec<u32>,
     load_duration: Duration,
     guard: JobGuard,
+    model: Arc<LoadedModel<CpuBackend>>,
 ) -> Box<dyn FnMut(SeqEvent) -> bool + Send> {
     // Held until the request's last event (or until the request is dropped unanswered).
     let mut guard = Some(guard);
@@ -394,6 +399,7 @@ fn stream_events(
         }
         let event = match e {
             SeqEvent::Text(t) => Event::Text(t),
+            SeqEvent::Logprob(lp) => Event::Logprob(logprob_json(&model, &lp)),
             SeqEvent::Error(e) => {
                 let status = match e {
                     EngineError::ContextFull { .. } => 400,
@@ -473,6 +479,18 @@ fn embed_inputs(
     })
 }
 
+/// `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}`, the entry both
+/// Ollama and OpenAI use.
+fn logprob_json(model: &LoadedModel<CpuBackend>, lp: &TokenLogprob) -> serde_json::Value {
+    let entry = |id: u32, logprob: f32| {
+        let bytes = model.tokenizer.token_to_piece(id);
+        serde_json::json!({ "token": String::from_utf8_lossy(&bytes), "logprob": logprob, "bytes": bytes })
+    };
+    let mut v = entry(lp.token, lp.logprob);
+    v["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+    v
+}
+
 /// A job's prompt as token ids and its generation options.
 type Prepared = (Vec<u32>, GenerateOptions);
 
@@ -519,6 +537,7 @@ fn prepare(
         num_ctx,
         sampler: job.opts.sampler.clone(),
         stop: job.opts.stop.clone(),
+        logprobs: job.opts.logprobs,
     };
     Ok(Some((ids, opts)))
 }

@@ -54,7 +54,7 @@ fn run(state: &Arc<State>, entry: &Entry, inputs: Vec<String>, opts: JobOptions)
     loop {
         match rx.recv() {
             Ok(Event::Done(d)) => return Ok(d),
-            Ok(Event::Text(_)) => continue,
+            Ok(Event::Text(_) | Event::Logprob(_)) => continue,
             Ok(Event::Error { status, message }) => return Err(Reply::error(status, message)),
             Err(_) => return Err(Reply::error(500, "model runner stopped unexpectedly")),
         }
