@@ -168,7 +168,13 @@ fn generate(
 ) -> Res<i32> {
     let model = std::sync::Arc::clone(&ctx.model);
     let prompt = model.tokenizer.encode(prompt, true, true);
-    let opts = GenerateOptions { num_predict: max_tokens, num_ctx: ctx.n_ctx(), sampler: params, stop: Vec::new() };
+    let opts = GenerateOptions {
+        num_predict: max_tokens,
+        num_ctx: ctx.n_ctx(),
+        sampler: params,
+        stop: Vec::new(),
+        logprobs: None,
+    };
     ctx.clear();
     let stats = turbine_engine::generate::generate(ctx, &model.tokenizer, &prompt, &opts, on_text)?;
     Ok(match stats.done_reason {
