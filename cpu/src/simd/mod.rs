@@ -92,7 +92,7 @@ pub fn prefetch(w: &[u8], start: usize, len: usize) {
 }
 
 /// Activation rows per [`dot_row_tokens`] call.
-pub const ROW_TOKENS: usize = 4;
+pub const ROW_TOKENS: usize = 8;
 
 /// One weight row dotted with [`ROW_TOKENS`] activation rows, each weight block decoded
 /// once for all of them (prompt processing). The results are bit-identical to
