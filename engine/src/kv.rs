@@ -290,14 +290,19 @@ impl BlockManager {
         s.registered = 0;
     }
 
-    /// Whether the pool can give `seq` room for `new_len` tokens.
-    pub fn can_grow(&self, seq: usize, new_len: usize) -> bool {
-        self.blocks_needed(seq, new_len).iter().zip(&self.pools).all(|(&n, p)| n <= p.available())
+    /// New blocks `seq` needs to hold `new_len` tokens: the same number in every group
+    /// (a windowed group's table keeps NO_BLOCK entries for what it gave back).
+    fn blocks_needed(&self, seq: usize, new_len: usize) -> usize {
+        let have = self.seqs.get(seq).map_or(0, |s| s.tables.first().map_or(0, Vec::len));
+        new_len.div_ceil(BLOCK_TOKENS).saturating_sub(have)
     }
 
-    fn blocks_needed(&self, seq: usize, new_len: usize) -> Vec<usize> {
-        let have = self.seqs.get(seq).map_or(0, |s| s.tables.first().map_or(0, Vec::len));
-        vec![new_len.div_ceil(BLOCK_TOKENS).saturating_sub(have); self.pools.len()]
+    /// The first group with fewer than `n` blocks to give, as the error to report.
+    fn short_of(&self, n: usize) -> Result<(), EngineError> {
+        match self.pools.iter().enumerate().find(|(_, p)| n > p.available()) {
+            Some((group, p)) => Err(EngineError::KvCacheFull { group, needed: n, free: p.available() }),
+            None => Ok(()),
+        }
     }
 
     /// Makes room for `seq` to hold `new_len` tokens; nothing changes when the pool cannot.
@@ -308,14 +313,10 @@ impl BlockManager {
         if new_len > self.spec.max_tokens {
             return Err(EngineError::ContextFull { needed: new_len, limit: self.spec.max_tokens });
         }
-        let needed = self.blocks_needed(seq, new_len);
-        for (g, (&n, pool)) in needed.iter().zip(&self.pools).enumerate() {
-            if n > pool.available() {
-                return Err(EngineError::KvCacheFull { group: g, needed: n, free: pool.available() });
-            }
-        }
+        let n = self.blocks_needed(seq, new_len);
+        self.short_of(n)?;
         let s = &mut self.seqs[seq];
-        for ((&n, pool), table) in needed.iter().zip(&mut self.pools).zip(&mut s.tables) {
+        for (pool, table) in self.pools.iter_mut().zip(&mut s.tables) {
             for _ in 0..n {
                 // Checked above: available() ≥ n.
                 table.push(pool.take().unwrap_or(NO_BLOCK));
@@ -341,13 +342,7 @@ impl BlockManager {
             }
             next.insert(seq, expected + 1);
         }
-        let needed: Vec<Vec<usize>> = next.iter().map(|(&s, &len)| self.blocks_needed(s, len)).collect();
-        for (g, pool) in self.pools.iter().enumerate() {
-            let n: usize = needed.iter().map(|v| v[g]).sum();
-            if n > pool.available() {
-                return Err(EngineError::KvCacheFull { group: g, needed: n, free: pool.available() });
-            }
-        }
+        self.short_of(next.iter().map(|(&s, &len)| self.blocks_needed(s, len)).sum())?;
         for (&seq, &len) in &next {
             self.grow(seq, len)?;
         }
@@ -518,7 +513,9 @@ mod tests {
         assert!(matches!(m.begin_batch(&batch), Err(EngineError::KvCacheFull { .. })));
         assert_eq!(m.usage(), before);
         assert_eq!(m.seq_len(1), 0);
-        assert!(m.can_grow(1, B) && !m.can_grow(1, B + 1));
+        assert!(matches!(m.grow(1, B + 1), Err(EngineError::KvCacheFull { needed: 2, free: 1, .. })));
+        assert_eq!(m.usage(), before, "a refused grow changes nothing");
+        m.grow(1, B).unwrap();
     }
 
     #[test]

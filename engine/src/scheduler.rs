@@ -264,10 +264,10 @@ impl<'m, B: Backend> State<'m, B> {
         if plan.is_empty() {
             return;
         }
-        let plan = match self.reserve(plan) {
-            Some(p) if !p.is_empty() => p,
-            _ => return,
-        };
+        let plan = self.reserve(plan);
+        if plan.is_empty() {
+            return;
+        }
         let mut batch = Batch::default();
         for &(i, n) in &plan {
             let r = &self.running[i];
@@ -329,7 +329,7 @@ impl<'m, B: Backend> State<'m, B> {
 
     /// Grows each planned sequence's blocks, preempting the newest sequences when the pool
     /// runs out. Returns the plan that can run (indices into the remaining `running`).
-    fn reserve(&mut self, mut plan: Vec<(usize, usize)>) -> Option<Vec<(usize, usize)>> {
+    fn reserve(&mut self, mut plan: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
         let mut k = 0;
         while k < plan.len() {
             let (i, n) = plan[k];
@@ -352,7 +352,7 @@ impl<'m, B: Backend> State<'m, B> {
                 }
             }
         }
-        Some(plan)
+        plan
     }
 
     /// Frees a running sequence's blocks and queues it to be recomputed first.

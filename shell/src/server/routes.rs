@@ -227,6 +227,18 @@ fn show(body: &[u8]) -> R {
     ))
 }
 
+/// The final statistics of a job whose text nobody reads (loading, embedding).
+fn wait_for_done(rx: Events) -> Result<Done, Reply> {
+    loop {
+        match rx.recv() {
+            Ok(Event::Done(d)) => return Ok(d),
+            Ok(Event::Text(_) | Event::Logprob(_)) => continue,
+            Ok(Event::Error { status, message }) => return Err(Reply::error(status, message)),
+            Err(_) => return Err(Reply::error(500, "model runner stopped unexpectedly")),
+        }
+    }
+}
+
 /// An empty 200, as Ollama answers copy and delete.
 fn ok_empty() -> Reply {
     Reply::Full { status: 200, content_type: "application/json; charset=utf-8", body: Vec::new() }
@@ -291,15 +303,7 @@ fn load_only(state: &Arc<State>, name: &str, entry: &Entry, keep_alive: KeepAliv
             truncate: true,
             keep_alive,
         };
-        let rx = worker.submit(JobInput::Load, opts);
-        loop {
-            match rx.recv() {
-                Ok(Event::Done(_)) => break,
-                Ok(Event::Text(_) | Event::Logprob(_)) => continue,
-                Ok(Event::Error { status, message }) => return Err(Reply::error(status, message)),
-                Err(_) => return Err(Reply::error(500, "model runner stopped unexpectedly")),
-            }
-        }
+        wait_for_done(worker.submit(JobInput::Load, opts))?;
         v["done_reason"] = json!("load");
     }
     if chat {

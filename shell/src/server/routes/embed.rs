@@ -10,17 +10,14 @@ const MAX_INPUTS: usize = 4096;
 /// `input` as Ollama takes it: a string or an array of strings (absent: none).
 fn inputs(m: &Body, key: &str) -> Result<Vec<String>, Reply> {
     let list = match m.get(key) {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => {
-            a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| {
-                Reply::error(400, format!("invalid input type: {key} must be a string or an array of strings"))
-            })?
-        }
-        Some(_) => {
-            return Err(Reply::error(400, format!("invalid input type: {key} must be a string or an array of strings")))
-        }
+        None | Some(Value::Null) => Some(Vec::new()),
+        Some(Value::String(s)) => Some(vec![s.clone()]),
+        Some(Value::Array(a)) => a.iter().map(|v| v.as_str().map(str::to_string)).collect(),
+        Some(_) => None,
     };
+    let list = list.ok_or_else(|| {
+        Reply::error(400, format!("invalid input type: {key} must be a string or an array of strings"))
+    })?;
     if list.len() > MAX_INPUTS {
         return Err(Reply::error(400, format!("{} inputs, at most {MAX_INPUTS} per request", list.len())));
     }
@@ -50,15 +47,7 @@ fn shorten(mut v: Vec<f32>, dims: Option<usize>) -> Vec<f32> {
 /// Runs an embedding job on the model's worker.
 fn run(state: &Arc<State>, entry: &Entry, inputs: Vec<String>, opts: JobOptions) -> Result<Done, Reply> {
     let worker = state.models.get(entry).map_err(|m| Reply::error(503, m))?;
-    let rx = worker.submit(JobInput::Embed { inputs }, opts);
-    loop {
-        match rx.recv() {
-            Ok(Event::Done(d)) => return Ok(d),
-            Ok(Event::Text(_) | Event::Logprob(_)) => continue,
-            Ok(Event::Error { status, message }) => return Err(Reply::error(status, message)),
-            Err(_) => return Err(Reply::error(500, "model runner stopped unexpectedly")),
-        }
-    }
+    wait_for_done(worker.submit(JobInput::Embed { inputs }, opts))
 }
 
 /// The parts every embedding route shares: model, inputs, options.
