@@ -48,7 +48,24 @@ enum Command {
     },
     /// Serve Ollama's HTTP API (and OpenAI's chat completions) on OLLAMA_HOST
     /// (default 127.0.0.1:11434) for the models in the store.
-    Serve,
+    Serve {
+        /// Refuse requests without a valid API key even before any key exists (once a key
+        /// exists, keys are always required).
+        #[arg(long)]
+        require_auth: bool,
+        /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<std::path::PathBuf>,
+    },
+    /// Manage the API keys `turbine serve` requires once any exists (stored hashed in
+    /// TURBINE_HOME/keys.json, default ~/.turbine).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// List the models the server has (client of `turbine serve`, at OLLAMA_HOST).
     #[command(visible_alias = "ls")]
     List,
@@ -87,6 +104,69 @@ enum Command {
         model: String,
         text: String,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it (only this once).
+    Create {
+        /// A name to tell keys apart.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Requests per minute (default: unlimited).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        rpm: Option<u64>,
+        /// Prompt plus generated tokens per minute (default: unlimited).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        tpm: Option<u64>,
+    },
+    /// List keys: id, name, limits, created, last used (never the key).
+    #[command(visible_alias = "ls")]
+    List,
+    /// Revoke a key by id; the server refuses it from its next request on.
+    Revoke { id: String },
+}
+
+/// `turbine keys ...`.
+fn keys_command(command: KeysCommand) -> Result<(), String> {
+    use server::keys;
+    let path = keys::keys_path();
+    match command {
+        KeysCommand::Create { name, rpm, tpm } => {
+            let (record, secret) = keys::create(&path, &name, rpm, tpm)?;
+            eprintln!("created key {} in {}; it is shown only now:", record.id, path.display());
+            println!("{secret}");
+        }
+        KeysCommand::List => {
+            let limit = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
+            let when = |t: Option<u64>| {
+                t.map_or("never".to_string(), |s| {
+                    server::host::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+                        .split('.')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+            };
+            println!("{:<10} {:<20} {:>8} {:>10} {:<20} {:<20}", "ID", "NAME", "RPM", "TPM", "CREATED", "LAST USED");
+            for k in keys::list(&path)? {
+                println!(
+                    "{:<10} {:<20} {:>8} {:>10} {:<20} {:<20}",
+                    k.id,
+                    k.name,
+                    limit(k.rpm),
+                    limit(k.tpm),
+                    when(Some(k.created)),
+                    when(k.last_used)
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            let record = keys::revoke(&path, &id)?;
+            println!("revoked key {}{}", record.id, if record.name.is_empty() { String::new() } else { format!(" ({})", record.name) });
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -210,8 +290,15 @@ fn main() -> ExitCode {
             let args = client::RunArgs { model, prompt, keep_alive, verbose, interactive };
             return client_main(|t| client::run(t, args));
         }
-        Command::Serve => {
-            if let Err(e) = server::serve() {
+        Command::Keys { command } => {
+            if let Err(e) = keys_command(command) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            Ok(())
+        }
+        Command::Serve { require_auth, tls_cert, tls_key } => {
+            if let Err(e) = server::serve(&server::ServeArgs { require_auth, tls_cert, tls_key }) {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }

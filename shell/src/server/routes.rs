@@ -6,7 +6,10 @@ use super::host::{self, KeepAlive};
 use super::options::{self, Options};
 use super::template::{ChatTemplate, Message};
 use super::worker::{Done, Event, Events, JobInput, JobOptions};
-use super::{Reply, State};
+use super::metrics::ModelGauges;
+use super::{Cx, Reply, State};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use turbine::engine::scheduler::SchedulerStats;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,10 +21,10 @@ type Body = Map<String, Value>;
 
 mod embed;
 
-pub fn dispatch(state: &Arc<State>, method: &str, path: &str, body: &[u8]) -> Reply {
+pub fn dispatch(cx: &Cx, method: &str, path: &str, body: &[u8]) -> Reply {
     let allowed: &[&str] = match path {
         "/" | "/api/version" | "/api/tags" => &["GET", "HEAD"],
-        "/api/ps" | "/v1/models" => &["GET"],
+        "/api/ps" | "/v1/models" | "/metrics" => &["GET"],
         "/api/copy" => &["POST"],
         "/api/delete" => &["DELETE"],
         "/api/generate" | "/api/chat" | "/api/show" | "/api/embed" | "/api/embeddings" => &["POST"],
@@ -36,17 +39,18 @@ pub fn dispatch(state: &Arc<State>, method: &str, path: &str, body: &[u8]) -> Re
         "/" => Ok(Reply::text(200, "Ollama is running")),
         "/api/version" => Ok(Reply::json(200, &json!({ "version": env!("CARGO_PKG_VERSION") }))),
         "/api/tags" => Ok(tags()),
-        "/api/ps" => Ok(ps(state)),
+        "/api/ps" => Ok(ps(cx)),
+        "/metrics" => Ok(metrics(cx)),
         "/api/show" => show(body),
         "/api/copy" => copy(body),
-        "/api/delete" => delete(state, body),
-        "/api/generate" => generate(state, body),
-        "/api/chat" => chat(state, body),
-        "/api/embed" => embed::embed(state, body),
-        "/api/embeddings" => embed::embeddings(state, body),
-        "/v1/embeddings" => embed::openai(state, body),
-        "/v1/chat/completions" => openai::completions(state, body, true),
-        "/v1/completions" => openai::completions(state, body, false),
+        "/api/delete" => delete(cx, body),
+        "/api/generate" => generate(cx, body),
+        "/api/chat" => chat(cx, body),
+        "/api/embed" => embed::embed(cx, body),
+        "/api/embeddings" => embed::embeddings(cx, body),
+        "/v1/embeddings" => embed::openai(cx, body),
+        "/v1/chat/completions" => openai::completions(cx, body, true),
+        "/v1/completions" => openai::completions(cx, body, false),
         "/v1/models" => Ok(openai::models()),
         p => openai::model(p.trim_start_matches("/v1/models/")),
     };
@@ -183,8 +187,32 @@ fn tags() -> Reply {
     Reply::json(200, &json!({ "models": models }))
 }
 
-fn ps(state: &Arc<State>) -> Reply {
-    let models: Vec<Value> = state
+/// GET /metrics: Prometheus' text format.
+fn metrics(cx: &Cx) -> Reply {
+    let gauges: Vec<ModelGauges> = cx
+        .state
+        .models
+        .loaded()
+        .iter()
+        .map(|w| {
+            let stats = w.scheduler_stats();
+            let get = |f: fn(&SchedulerStats) -> &AtomicUsize| stats.as_ref().map_or(0, |s| f(s).load(Ordering::Relaxed));
+            ModelGauges {
+                name: w.entry.name.clone(),
+                waiting: get(|s| &s.waiting),
+                running: get(|s| &s.running),
+                kv_blocks_used: get(|s| &s.kv_blocks_used),
+                kv_blocks_free: get(|s| &s.kv_blocks_free),
+            }
+        })
+        .collect();
+    let body = cx.state.metrics.render(&gauges).into_bytes();
+    Reply::Full { status: 200, content_type: "text/plain; version=0.0.4; charset=utf-8", body }
+}
+
+fn ps(cx: &Cx) -> Reply {
+    let models: Vec<Value> = cx
+        .state
         .models
         .loaded()
         .iter()
@@ -228,7 +256,7 @@ fn show(body: &[u8]) -> R {
 }
 
 /// The final statistics of a job whose text nobody reads (loading, embedding).
-fn wait_for_done(rx: Events) -> Result<Done, Reply> {
+fn wait_for_done(mut rx: Events) -> Result<Done, Reply> {
     loop {
         match rx.recv() {
             Ok(Event::Done(d)) => return Ok(d),
@@ -270,7 +298,7 @@ fn copy(body: &[u8]) -> R {
 }
 
 /// DELETE /api/delete: unloads and uninstalls a model (its unshared blobs too).
-fn delete(state: &Arc<State>, body: &[u8]) -> R {
+fn delete(cx: &Cx, body: &[u8]) -> R {
     let m = parse_body(body)?;
     let name = match str_field(&m, "model")? {
         Some(s) if !s.is_empty() => s,
@@ -280,20 +308,20 @@ fn delete(state: &Arc<State>, body: &[u8]) -> R {
         return Err(Reply::error(400, "model is required"));
     }
     if let Some(entry) = catalog::lookup(&name) {
-        state.models.unload(&entry.name);
+        cx.state.models.unload(&entry.name);
     }
     turbine::engine::store::delete(&name).map_err(|e| store_error(&name, e))?;
     Ok(ok_empty())
 }
 
 /// An empty prompt (or no messages): load the model, or unload it with keep_alive 0.
-fn load_only(state: &Arc<State>, name: &str, entry: &Entry, keep_alive: KeepAlive, chat: bool) -> R {
+fn load_only(cx: &Cx, name: &str, entry: &Entry, keep_alive: KeepAlive, chat: bool) -> R {
     let mut v = json!({ "model": name, "created_at": now(), "done": true });
     if keep_alive == KeepAlive::For(Duration::ZERO) {
-        state.models.unload(&entry.name);
+        cx.state.models.unload(&entry.name);
         v["done_reason"] = json!("unload");
     } else {
-        let worker = state.models.get(entry).map_err(|m| Reply::error(503, m))?;
+        let worker = cx.state.models.get(entry).map_err(|m| Reply::error(503, m))?;
         let opts = JobOptions {
             num_predict: Some(0),
             num_ctx: options::default_num_ctx(),
@@ -303,7 +331,7 @@ fn load_only(state: &Arc<State>, name: &str, entry: &Entry, keep_alive: KeepAliv
             truncate: true,
             keep_alive,
         };
-        wait_for_done(worker.submit(JobInput::Load, opts))?;
+        wait_for_done(worker.submit(JobInput::Load, opts, &cx.meter))?;
         v["done_reason"] = json!("load");
     }
     if chat {
@@ -314,7 +342,7 @@ fn load_only(state: &Arc<State>, name: &str, entry: &Entry, keep_alive: KeepAliv
     Ok(Reply::json(200, &v))
 }
 
-fn generate(state: &Arc<State>, body: &[u8]) -> R {
+fn generate(cx: &Cx, body: &[u8]) -> R {
     let start = Instant::now();
     let m = parse_body(body)?;
     let prompt = str_field(&m, "prompt")?.unwrap_or_default();
@@ -335,7 +363,7 @@ fn generate(state: &Arc<State>, body: &[u8]) -> R {
     let keep_alive = keep_alive_field(&m)?;
     let opts = job_options(&m, Options::default(), keep_alive)?;
     if prompt.is_empty() && system.is_empty() && context.is_empty() {
-        return load_only(state, &name, &entry, keep_alive, false);
+        return load_only(cx, &name, &entry, keep_alive, false);
     }
     let messages = (!raw).then(|| {
         let mut msgs = Vec::new();
@@ -345,13 +373,13 @@ fn generate(state: &Arc<State>, body: &[u8]) -> R {
         msgs.push(Message::new("user", &prompt));
         msgs
     });
-    let worker = state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-    let rx = worker.submit(JobInput::Generate { prompt, context, messages }, opts);
+    let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
+    let rx = worker.submit(JobInput::Generate { prompt, context, messages }, opts, &cx.meter);
     let framer = Box::new(OllamaFramer { model: name, chat: false, start, logprobs: Vec::new() });
-    respond(state, rx, stream, keep_alive, framer)
+    respond(cx, rx, stream, keep_alive, framer)
 }
 
-fn chat(state: &Arc<State>, body: &[u8]) -> R {
+fn chat(cx: &Cx, body: &[u8]) -> R {
     let start = Instant::now();
     let m = parse_body(body)?;
     let stream = bool_field(&m, "stream")?.unwrap_or(true);
@@ -368,13 +396,13 @@ fn chat(state: &Arc<State>, body: &[u8]) -> R {
     let keep_alive = keep_alive_field(&m)?;
     let opts = job_options(&m, Options::default(), keep_alive)?;
     if messages.is_empty() {
-        return load_only(state, &name, &entry, keep_alive, true);
+        return load_only(cx, &name, &entry, keep_alive, true);
     }
-    let worker = state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
+    let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
     let rx =
-        worker.submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts);
+        worker.submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts, &cx.meter);
     let framer = Box::new(OllamaFramer { model: name, chat: true, start, logprobs: Vec::new() });
-    respond(state, rx, stream, keep_alive, framer)
+    respond(cx, rx, stream, keep_alive, framer)
 }
 
 /// `messages`: `[{role, content}]`; with `parts`, content may also be OpenAI's array of
@@ -422,7 +450,7 @@ trait Framer: Send {
 
 /// Waits for the first event (so that a load or prompt error still gets its status), then
 /// streams or gathers the rest.
-fn respond(state: &Arc<State>, rx: Events, stream: bool, keep_alive: KeepAlive, mut framer: Box<dyn Framer>) -> R {
+fn respond(cx: &Cx, mut rx: Events, stream: bool, keep_alive: KeepAlive, mut framer: Box<dyn Framer>) -> R {
     let stopped = "model runner stopped unexpectedly";
     let first = match rx.recv() {
         Ok(Event::Error { status, message }) => return Err(framer.error_reply(status, &message)),
@@ -430,7 +458,7 @@ fn respond(state: &Arc<State>, rx: Events, stream: bool, keep_alive: KeepAlive, 
         Err(_) => return Err(framer.error_reply(500, stopped)),
     };
     let unload = keep_alive == KeepAlive::For(Duration::ZERO);
-    let after = Finish { state: state.clone(), unload };
+    let after = Finish { state: cx.state.clone(), unload };
     if !stream {
         let mut text = String::new();
         let mut ev = first;
@@ -632,8 +660,8 @@ mod openai {
 
     /// /v1/chat/completions (`chat`) and /v1/completions (a prompt, templated as Ollama's
     /// compatibility layer does).
-    pub fn completions(state: &Arc<State>, body: &[u8], chat: bool) -> R {
-        inner(state, body, chat).map_err(reshape).map(reshape)
+    pub fn completions(cx: &Cx, body: &[u8], chat: bool) -> R {
+        inner(cx, body, chat).map_err(reshape).map(reshape)
     }
 
     fn num(m: &Body, key: &str) -> Result<Option<f64>, Reply> {
@@ -643,7 +671,7 @@ mod openai {
         }
     }
 
-    fn inner(state: &Arc<State>, body: &[u8], chat: bool) -> R {
+    fn inner(cx: &Cx, body: &[u8], chat: bool) -> R {
         let m = parse_body(body)?;
         let stream = bool_field(&m, "stream")?.unwrap_or(false);
         let include_usage =
@@ -703,14 +731,14 @@ mod openai {
             truncate: true,
             keep_alive,
         };
-        let worker = state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
+        let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
         let rx = worker
-            .submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts);
+            .submit(JobInput::Generate { prompt: String::new(), context: vec![], messages: Some(messages) }, opts, &cx.meter);
         let created = unix(SystemTime::now());
         let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() % 1000);
         let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
         let framer = Box::new(SseFramer { id, model: name, created, include_usage, chat, logprobs: Vec::new() });
-        respond(state, rx, stream, keep_alive, framer)
+        respond(cx, rx, stream, keep_alive, framer)
     }
 
     struct SseFramer {

@@ -15,7 +15,9 @@ use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel, TokenLogprob};
 use turbine::engine::kv::{KvLayout, BLOCK_TOKENS};
 use turbine::engine::sampler::SamplerParams;
-use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SeqEvent};
+use super::metrics::Metrics;
+use super::ratelimit::Limiter;
+use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent};
 use turbine::engine::EngineError;
 
 /// What a job asks of the model.
@@ -46,6 +48,8 @@ pub struct Job {
     pub input: JobInput,
     pub opts: JobOptions,
     events: Sender<Event>,
+    /// Tokens the job has used so far, read by its `Events`.
+    counts: Arc<TokenCounts>,
     /// Counts the job as pending until dropped (whichever way the job ends).
     guard: JobGuard,
     /// Set when the HTTP side stops listening.
@@ -62,21 +66,82 @@ impl Job {
     }
 }
 
-/// A job's events, seen from the HTTP side; dropping it cancels the job.
+/// Prompt and generated tokens of a job, counted by the engine side as they are used.
+#[derive(Default)]
+pub struct TokenCounts {
+    prompt: AtomicUsize,
+    generated: AtomicUsize,
+}
+
+/// A job's events, seen from the HTTP side; dropping it cancels the job. Each `recv`
+/// also charges the tokens used since the last one to the request's meter.
 pub struct Events {
     rx: Receiver<Event>,
     cancel: Arc<AtomicBool>,
+    counts: Arc<TokenCounts>,
+    meter: Meter,
+    /// Tokens already charged: (prompt, generated).
+    charged: (usize, usize),
+    submitted: Instant,
+    last_token_at: Option<Instant>,
 }
 
 impl Events {
-    pub fn recv(&self) -> Result<Event, std::sync::mpsc::RecvError> {
-        self.rx.recv()
+    pub fn recv(&mut self) -> Result<Event, std::sync::mpsc::RecvError> {
+        let event = self.rx.recv();
+        self.settle();
+        event
+    }
+
+    /// Charges new tokens and times them (first token, then the gaps between tokens).
+    fn settle(&mut self) {
+        let prompt = self.counts.prompt.load(Ordering::SeqCst);
+        let generated = self.counts.generated.load(Ordering::SeqCst);
+        let (new_prompt, new_generated) =
+            (prompt.saturating_sub(self.charged.0), generated.saturating_sub(self.charged.1));
+        if new_prompt + new_generated == 0 {
+            return;
+        }
+        self.charged = (prompt.max(self.charged.0), generated.max(self.charged.1));
+        self.meter.charge(new_prompt, new_generated);
+        if new_generated > 0 {
+            let now = Instant::now();
+            match self.last_token_at {
+                None => self.meter.metrics.time_to_first_token.observe(now - self.submitted),
+                Some(t) => {
+                    let gap = (now - t) / new_generated as u32;
+                    for _ in 0..new_generated.min(64) {
+                        self.meter.metrics.time_per_output_token.observe(gap);
+                    }
+                }
+            }
+            self.last_token_at = Some(now);
+        }
     }
 }
 
 impl Drop for Events {
     fn drop(&mut self) {
         self.cancel.store(true, Ordering::Relaxed);
+        self.settle();
+    }
+}
+
+/// Where a request's token usage goes: the server's metrics and, for a request made with
+/// an API key, that key's token bucket.
+#[derive(Clone)]
+pub struct Meter {
+    pub metrics: Arc<Metrics>,
+    pub key: Option<(Arc<Limiter>, String)>,
+}
+
+impl Meter {
+    fn charge(&self, prompt: usize, generated: usize) {
+        self.metrics.prompt_tokens.fetch_add(prompt as u64, Ordering::Relaxed);
+        self.metrics.generated_tokens.fetch_add(generated as u64, Ordering::Relaxed);
+        if let Some((limiter, id)) = &self.key {
+            limiter.charge(id, (prompt + generated) as u64);
+        }
     }
 }
 
@@ -213,6 +278,7 @@ struct WorkerState {
     loaded: AtomicUsize,
     /// Bytes of the KV cache pool, once the scheduler runs.
     kv_bytes: AtomicUsize,
+    scheduler_stats: Mutex<Option<Arc<SchedulerStats>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -229,6 +295,7 @@ impl ModelWorker {
             num_ctx: AtomicUsize::new(0),
             loaded: AtomicUsize::new(0),
             kv_bytes: AtomicUsize::new(0),
+            scheduler_stats: Mutex::new(None),
         });
         let (path, st) = (entry.blob.clone(), state.clone());
         let spawned = std::thread::Builder::new()
@@ -240,17 +307,31 @@ impl ModelWorker {
         ModelWorker { entry, tx: Mutex::new(tx), state, last_used: Mutex::new(Instant::now()) }
     }
 
-    /// Queues a job; its events arrive on the returned channel.
-    pub fn submit(&self, input: JobInput, opts: JobOptions) -> Events {
+    /// Queues a job; its events arrive on the returned channel, its usage goes to `meter`.
+    pub fn submit(&self, input: JobInput, opts: JobOptions, meter: &Meter) -> Events {
         let (etx, erx) = channel();
         self.state.pending.fetch_add(1, Ordering::SeqCst);
         let guard = JobGuard { state: self.state.clone(), keep_alive: opts.keep_alive };
         let cancel = Arc::new(AtomicBool::new(false));
-        let job = Job { input, opts, events: etx, guard, cancel: cancel.clone() };
+        let counts = Arc::new(TokenCounts::default());
+        let job = Job { input, opts, events: etx, counts: counts.clone(), guard, cancel: cancel.clone() };
         if let Err(e) = lock(&self.tx).send(job) {
             e.0.finish(Event::Error { status: 500, message: "model runner has stopped".into() });
         }
-        Events { rx: erx, cancel }
+        Events {
+            rx: erx,
+            cancel,
+            counts,
+            meter: meter.clone(),
+            charged: (0, 0),
+            submitted: Instant::now(),
+            last_token_at: None,
+        }
+    }
+
+    /// The running scheduler's live figures (None until the model is loaded).
+    pub fn scheduler_stats(&self) -> Option<Arc<SchedulerStats>> {
+        lock(&self.state.scheduler_stats).clone()
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -329,6 +410,7 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
             return;
         }
     };
+    *lock(&state.scheduler_stats) = Some(scheduler.stats.clone());
     state.loaded.store(1, Ordering::SeqCst);
     let template = ChatTemplate::for_model(&model.file);
     let mut load_duration = model.load_time;
@@ -364,11 +446,12 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
                 continue;
             }
         };
-        let Job { events, guard, cancel, .. } = job;
+        let Job { events, guard, cancel, counts, .. } = job;
+        counts.prompt.store(ids.len(), Ordering::SeqCst);
         let request = Request {
             prompt: ids.clone(),
             opts,
-            events: stream_events(events.clone(), ids, load_duration, guard, model.clone()),
+            events: stream_events(events.clone(), ids, load_duration, guard, counts, model.clone()),
             cancel,
         };
         load_duration = Duration::ZERO;
@@ -389,6 +472,7 @@ fn stream_events(
     mut ids: Vec<u32>,
     load_duration: Duration,
     guard: JobGuard,
+    counts: Arc<TokenCounts>,
     model: Arc<LoadedModel<CpuBackend>>,
 ) -> Box<dyn FnMut(SeqEvent) -> bool + Send> {
     // Held until the request's last event (or until the request is dropped unanswered).
@@ -398,7 +482,11 @@ fn stream_events(
             guard.take();
         }
         let event = match e {
-            SeqEvent::Text(t) => Event::Text(t),
+            SeqEvent::Text(t) => {
+                // About one token per piece of text; the exact count comes with Done.
+                counts.generated.fetch_add(1, Ordering::SeqCst);
+                Event::Text(t)
+            }
             SeqEvent::Logprob(lp) => Event::Logprob(logprob_json(&model, &lp)),
             SeqEvent::Error(e) => {
                 let status = match e {
@@ -413,6 +501,7 @@ fn stream_events(
                     DoneReason::Length | DoneReason::Cancelled => "length",
                 };
                 ids.extend(&stats.generated);
+                counts.generated.fetch_max(stats.generated.len(), Ordering::SeqCst);
                 Event::Done(Done {
                     done_reason,
                     load_duration,
@@ -468,6 +557,7 @@ fn embed_inputs(
             return Err((400, "input is empty after tokenization".into()));
         }
         prompt_eval_count += ids.len();
+        job.counts.prompt.store(prompt_eval_count, Ordering::SeqCst);
         embeddings.push(model.embed(&ids).map_err(|e| (500, e.to_string()))?);
     }
     Ok(Done {

@@ -6,6 +6,7 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use crate::common::{HTTPVersion, Method};
 use crate::util::RefinedTcpStream;
@@ -34,7 +35,15 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // Patched (see PATCHES.md): most time a request's head may take once its first
+    // byte has arrived.
+    head_timeout: Option<Duration>,
 }
+
+/// Patched (see PATCHES.md): bounds on a request's head, which upstream read without limit.
+const MAX_HEAD_LINE: usize = 16 * 1024;
+const MAX_HEADERS: usize = 128;
 
 /// Error that can happen when reading a request.
 #[derive(Debug)]
@@ -44,13 +53,27 @@ enum ReadError {
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
+    /// A head line longer than MAX_HEAD_LINE, or more than MAX_HEADERS headers (patched).
+    HeadTooLarge,
+    /// Nothing was read before the connection timed out or closed: an idle keep-alive
+    /// connection, closed without a response (patched).
+    Idle,
 }
 
 impl ClientConnection {
     /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
     pub fn new(
         write_socket: RefinedTcpStream,
+        read_socket: RefinedTcpStream,
+    ) -> ClientConnection {
+        Self::with_head_timeout(write_socket, read_socket, None)
+    }
+
+    /// `new`, with a limit on the time a request's head may take (patched).
+    pub fn with_head_timeout(
+        write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        head_timeout: Option<Duration>,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
@@ -65,6 +88,7 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            head_timeout,
         }
     }
 
@@ -77,7 +101,10 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    ///
+    /// Patched: `deadline` is set when the head's first byte arrives and checked after
+    /// each byte; a line may not exceed MAX_HEAD_LINE.
+    fn read_next_line(&mut self, deadline: &mut Option<Instant>) -> Result<AsciiString, ReadError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
@@ -85,14 +112,44 @@ impl ClientConnection {
             let byte = self.next_header_source.by_ref().bytes().next();
 
             let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+                Some(Ok(b)) => b,
+                Some(Err(_)) | None if deadline.is_none() => return Err(ReadError::Idle),
+                Some(Err(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    return Err(ReadError::ReadIoError(IoError::new(ErrorKind::TimedOut, e)))
+                }
+                Some(Err(e)) => return Err(ReadError::ReadIoError(e)),
+                None => {
+                    return Err(ReadError::ReadIoError(IoError::new(
+                        ErrorKind::ConnectionAborted,
+                        "Unexpected EOF",
+                    )))
+                }
             };
+            let now = Instant::now();
+            match (*deadline, self.head_timeout) {
+                (None, timeout) => {
+                    *deadline = Some(timeout.map_or(now + Duration::from_secs(86400 * 365), |t| now + t))
+                }
+                (Some(d), _) if now > d => {
+                    return Err(ReadError::ReadIoError(IoError::new(
+                        ErrorKind::TimedOut,
+                        "request head too slow",
+                    )))
+                }
+                _ => {}
+            }
+            if buf.len() >= MAX_HEAD_LINE {
+                return Err(ReadError::HeadTooLarge);
+            }
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+                return AsciiString::from_ascii(buf).map_err(|_| {
+                    ReadError::ReadIoError(IoError::new(
+                        ErrorKind::InvalidInput,
+                        "Header is not in ASCII",
+                    ))
+                });
             }
 
             prev_byte_was_cr = byte == b'\r';
@@ -104,10 +161,11 @@ impl ClientConnection {
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        let mut deadline = None;
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self.read_next_line(&mut deadline)?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -118,11 +176,14 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self.read_next_line(&mut deadline)?;
 
                     if line.is_empty() {
                         break;
                     };
+                    if headers.len() >= MAX_HEADERS {
+                        return Err(ReadError::HeadTooLarge);
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
@@ -220,7 +281,16 @@ impl Iterator for ClientConnection {
                     return None; // TODO: should be recoverable, but needs handling in case of body
                 }
 
-                Err(ReadError::ReadIoError(_)) => return None,
+                Err(ReadError::HeadTooLarge) => {
+                    let writer = self.sink.next().unwrap();
+                    let response = Response::new_empty(StatusCode(431));
+                    response
+                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                        .ok();
+                    return None; // closing the connection
+                }
+
+                Err(ReadError::ReadIoError(_)) | Err(ReadError::Idle) => return None,
 
                 Ok(rq) => rq,
             };

@@ -177,6 +177,19 @@ pub struct ServerConfig {
 
     /// If `Some`, then the server will use SSL to encode the communications.
     pub ssl: Option<SslConfig>,
+
+    /// Socket timeouts of every accepted connection (patched in, see PATCHES.md).
+    pub timeouts: Timeouts,
+}
+
+/// Socket timeouts (patched in, see PATCHES.md).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeouts {
+    /// Longest wait for bytes from the client: bounds an idle keep-alive connection, a
+    /// TLS handshake, each read of a body, and the whole of a request's head.
+    pub read: Option<Duration>,
+    /// Longest wait for the client to take bytes written to it.
+    pub write: Option<Duration>,
 }
 
 /// Configuration of the server for SSL.
@@ -198,6 +211,7 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: None,
+            timeouts: Timeouts::default(),
         })
     }
 
@@ -214,6 +228,7 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: Some(config),
+            timeouts: Timeouts::default(),
         })
     }
 
@@ -226,13 +241,14 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::unix_from_path(path),
             ssl: None,
+            timeouts: Timeouts::default(),
         })
     }
 
     /// Builds a new server that listens on the specified address.
     pub fn new(config: ServerConfig) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = config.addr.bind()?;
-        Self::from_listener(listener, config.ssl)
+        Self::from_listener_with(listener, config.ssl, config.timeouts)
     }
 
     /// Builds a new server using the specified TCP listener.
@@ -242,6 +258,15 @@ impl Server {
     pub fn from_listener<L: Into<Listener>>(
         listener: L,
         ssl_config: Option<SslConfig>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with(listener, ssl_config, Timeouts::default())
+    }
+
+    /// `from_listener` with socket timeouts (patched in, see PATCHES.md).
+    pub fn from_listener_with<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        timeouts: Timeouts,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
@@ -263,13 +288,13 @@ impl Server {
         type SslContext = ();
         #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
         type SslContext = crate::ssl::SslContextImpl;
-        let ssl: Option<SslContext> = {
+        let ssl: Option<Arc<SslContext>> = {
             match ssl_config {
                 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                Some(config) => Some(SslContext::from_pem(
+                Some(config) => Some(Arc::new(SslContext::from_pem(
                     config.certificate,
                     Zeroizing::new(config.private_key),
-                )?),
+                )?)),
                 #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                 Some(_) => return Err(
                     "Building a server with SSL requires enabling the `ssl` feature in tiny-http"
@@ -291,59 +316,57 @@ impl Server {
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
-                let new_client = match server.accept() {
-                    Ok((sock, _)) => {
-                        use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
-                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                            Some(ref ssl) => {
-                                // trying to apply SSL over the connection
-                                // if an error occurs, we just close the socket and resume listening
-                                let sock = match ssl.accept(sock) {
-                                    Ok(s) => s,
-                                    Err(_) => continue,
-                                };
-
-                                RefinedTcpStream::new(sock)
-                            }
-                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                            Some(ref _ssl) => unreachable!(),
-                        };
-
-                        Ok(ClientConnection::new(write_closable, read_closable))
-                    }
-                    Err(e) => Err(e),
-                };
-
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
-                                }
-                            }
-                        }));
-                    }
-
+                let sock = match server.accept() {
+                    Ok((sock, _)) => sock,
                     Err(e) => {
                         log::error!("Error accepting new client: {}", e);
                         inside_messages.push(e.into());
                         break;
                     }
+                };
+                // Patched (see PATCHES.md): timeouts on every socket, and the TLS
+                // handshake on the connection's own thread, so that a client that never
+                // finishes its handshake holds up only itself, not the accept loop.
+                if sock.set_timeouts(timeouts.read, timeouts.write).is_err() {
+                    continue;
                 }
+                let ssl = ssl.clone();
+                let messages = inside_messages.clone();
+                let mut sock = Some(sock);
+                tasks_pool.spawn(Box::new(move || {
+                    use util::RefinedTcpStream;
+                    let Some(sock) = sock.take() else { return };
+                    let (read_closable, write_closable) = match ssl.as_deref() {
+                        None => RefinedTcpStream::new(sock),
+                        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+                        Some(ssl) => match ssl.accept(sock) {
+                            Ok(s) => RefinedTcpStream::new(s),
+                            // A failed handshake closes the socket.
+                            Err(_) => return,
+                        },
+                        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+                        Some(_) => unreachable!(),
+                    };
+                    let client = ClientConnection::with_head_timeout(
+                        write_closable,
+                        read_closable,
+                        timeouts.read,
+                    );
+                    // Synchronization is needed for HTTPS requests to avoid a deadlock
+                    if client.secure() {
+                        let (sender, receiver) = mpsc::channel();
+                        for rq in client {
+                            messages.push(rq.with_notify_sender(sender.clone()).into());
+                            if receiver.recv().is_err() {
+                                break;
+                            }
+                        }
+                    } else {
+                        for rq in client {
+                            messages.push(rq.into());
+                        }
+                    }
+                }));
             }
             log::debug!("Terminating accept thread");
         });

@@ -45,9 +45,9 @@ fn shorten(mut v: Vec<f32>, dims: Option<usize>) -> Vec<f32> {
 }
 
 /// Runs an embedding job on the model's worker.
-fn run(state: &Arc<State>, entry: &Entry, inputs: Vec<String>, opts: JobOptions) -> Result<Done, Reply> {
-    let worker = state.models.get(entry).map_err(|m| Reply::error(503, m))?;
-    wait_for_done(worker.submit(JobInput::Embed { inputs }, opts))
+fn run(cx: &Cx, entry: &Entry, inputs: Vec<String>, opts: JobOptions) -> Result<Done, Reply> {
+    let worker = cx.state.models.get(entry).map_err(|m| Reply::error(503, m))?;
+    wait_for_done(worker.submit(JobInput::Embed { inputs }, opts, &cx.meter))
 }
 
 /// The parts every embedding route shares: model, inputs, options.
@@ -60,17 +60,17 @@ fn request(m: &Body, input_key: &str) -> Result<(String, Entry, Vec<String>, Job
 }
 
 /// POST /api/embed.
-pub fn embed(state: &Arc<State>, body: &[u8]) -> R {
+pub fn embed(cx: &Cx, body: &[u8]) -> R {
     let start = Instant::now();
     let m = parse_body(body)?;
     let dims = dimensions(&m)?;
     let (name, entry, texts, opts) = request(&m, "input")?;
     if texts.is_empty() {
         // Ollama loads the model and answers with no embeddings.
-        run(state, &entry, Vec::new(), opts)?;
+        run(cx, &entry, Vec::new(), opts)?;
         return Ok(Reply::json(200, &json!({ "model": name, "embeddings": [] })));
     }
-    let done = run(state, &entry, texts, opts)?;
+    let done = run(cx, &entry, texts, opts)?;
     let embeddings: Vec<Vec<f32>> = done.embeddings.into_iter().map(|v| shorten(v, dims)).collect();
     Ok(Reply::json(
         200,
@@ -82,24 +82,24 @@ pub fn embed(state: &Arc<State>, body: &[u8]) -> R {
 }
 
 /// POST /api/embeddings (legacy: one `prompt`, one `embedding`).
-pub fn embeddings(state: &Arc<State>, body: &[u8]) -> R {
+pub fn embeddings(cx: &Cx, body: &[u8]) -> R {
     let m = parse_body(body)?;
     let (_, entry, texts, opts) = request(&m, "prompt")?;
     if texts.iter().all(String::is_empty) {
-        run(state, &entry, Vec::new(), opts)?;
+        run(cx, &entry, Vec::new(), opts)?;
         return Ok(Reply::json(200, &json!({ "embedding": [] })));
     }
-    let done = run(state, &entry, texts, opts)?;
+    let done = run(cx, &entry, texts, opts)?;
     let embedding = done.embeddings.into_iter().next().unwrap_or_default();
     Ok(Reply::json(200, &json!({ "embedding": embedding })))
 }
 
 /// POST /v1/embeddings, with OpenAI's shapes and errors.
-pub fn openai(state: &Arc<State>, body: &[u8]) -> R {
-    openai_inner(state, body).map_err(super::openai::reshape)
+pub fn openai(cx: &Cx, body: &[u8]) -> R {
+    openai_inner(cx, body).map_err(super::openai::reshape)
 }
 
-fn openai_inner(state: &Arc<State>, body: &[u8]) -> R {
+fn openai_inner(cx: &Cx, body: &[u8]) -> R {
     let m = parse_body(body)?;
     let dims = dimensions(&m)?;
     let base64 = match str_field(&m, "encoding_format")?.as_deref() {
@@ -113,7 +113,7 @@ fn openai_inner(state: &Arc<State>, body: &[u8]) -> R {
     if texts.is_empty() {
         return Err(Reply::error(400, "invalid input: input is empty"));
     }
-    let done = run(state, &entry, texts, opts)?;
+    let done = run(cx, &entry, texts, opts)?;
     let data: Vec<Value> = done
         .embeddings
         .into_iter()
