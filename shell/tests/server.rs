@@ -13,6 +13,7 @@ const MODEL: &str = "gemma3:270m";
 const MODEL_SHA: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
 mod common;
+use common::Resp;
 
 /// A running server (default settings).
 struct Server(common::ServeProcess);
@@ -23,20 +24,7 @@ impl Server {
     }
 
     fn try_request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.0.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(300)))?;
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n", self.0.port);
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
-            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        s.write_all(head.as_bytes())?;
-        s.write_all(body)?;
-        s.flush()?;
-        read_response(BufReader::new(s), method == "HEAD")
+        common::request(self.0.port, method, path, headers, body)
     }
 
     fn request(&self, method: &str, path: &str, body: &[u8]) -> Resp {
@@ -46,69 +34,6 @@ impl Server {
     fn post(&self, path: &str, body: &Value) -> Resp {
         self.request("POST", path, body.to_string().as_bytes())
     }
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-    fn text(&self) -> String {
-        String::from_utf8(self.body.clone()).expect("utf-8 body")
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-    /// NDJSON lines, each parsed.
-    fn lines(&self) -> Vec<Value> {
-        self.text().lines().map(|l| serde_json::from_str(l).expect("NDJSON line")).collect()
-    }
-}
-
-fn read_response(mut r: BufReader<TcpStream>, head_only: bool) -> std::io::Result<Resp> {
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    let get =
-        |n: &str| headers.iter().find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
-    let mut body = Vec::new();
-    if head_only {
-    } else if get("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        loop {
-            line.clear();
-            r.read_line(&mut line)?;
-            let n = usize::from_str_radix(line.trim(), 16).expect("chunk size");
-            if n == 0 {
-                break;
-            }
-            let mut chunk = vec![0; n + 2];
-            r.read_exact(&mut chunk)?;
-            body.extend_from_slice(&chunk[..n]);
-        }
-    } else if let Some(n) = get("Content-Length").and_then(|v| v.parse::<usize>().ok()) {
-        body.resize(n, 0);
-        r.read_exact(&mut body)?;
-    } else {
-        r.read_to_end(&mut body)?;
-    }
-    Ok(Resp { status, headers, body })
 }
 
 fn model_path() -> PathBuf {
@@ -433,7 +358,7 @@ fn a_client_that_goes_away_frees_the_model() {
         let body = json!({ "model": MODEL, "prompt": "Count to a thousand:", "raw": true,
                            "options": { "num_predict": 100000 } })
         .to_string();
-        write!(c, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(c, "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
         let mut first = [0u8; 256];
         let n = c.read(&mut first).unwrap();
         assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
@@ -637,7 +562,7 @@ fn a_burst_of_streams_all_start_without_waiting_for_each_other() {
                 let body = json!({ "model": MODEL, "prompt": format!("Stream {i}:"), "raw": true,
                                    "options": { "num_predict": 100000 } })
                 .to_string();
-                write!(c, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                write!(c, "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len())
                     .unwrap();
                 let mut first = [0u8; 64];
                 let n = c.read(&mut first).unwrap_or(0);

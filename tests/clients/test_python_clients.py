@@ -9,70 +9,25 @@ runs it: `pytest tests/clients`. The npm test needs `TURBINE_NPM_PREFIX` (a fold
 """
 
 import os
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import ollama
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from turbine_server import serve
+
 MODEL = "gemma3:270m"
 MISSING = "no-such-model:latest"
 # Short, deterministic generations keep the suite fast on CPU.
 OPTS = {"temperature": 0, "num_predict": 8}
 
 
-def _binary() -> Path:
-    override = os.environ.get("TURBINE_BIN")
-    if override:
-        return Path(override)
-    path = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "turbine"
-    if not path.is_file():
-        subprocess.run(["cargo", "build", "--release", "-p", "turbine-shell"], cwd=ROOT, check=True)
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def host():
-    port = _free_port()
-    env = dict(os.environ, OLLAMA_HOST=f"127.0.0.1:{port}")
-    env.pop("OLLAMA_API_KEY", None)
-    proc = subprocess.Popen(
-        [str(_binary()), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"turbine serve exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                pytest.fail("turbine serve did not answer within 60 s")
-            time.sleep(0.1)
+    with serve() as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -263,10 +263,13 @@ impl KeyRing {
         state.keys.clone()
     }
 
-    /// Whether requests need a key: `--require-auth`, or any key exists (or the key file
-    /// is unreadable, which fails closed).
+    /// Whether requests need a key: `--require-auth`, or the key file exists. It is
+    /// created with the first key and stays when the last is revoked, so revoking every
+    /// key locks the server rather than opening it; deleting the file opens it. An
+    /// unreadable file fails closed.
     pub fn required(&self) -> bool {
-        self.require || self.refresh().map_or(true, |k| !k.is_empty())
+        let keys = self.refresh();
+        self.require || keys.is_err() || self.state.lock().unwrap_or_else(|e| e.into_inner()).stamp.is_some()
     }
 
     /// The key an `Authorization` header value names: `Bearer <key>` or the bare key.
@@ -296,7 +299,8 @@ impl KeyRing {
     /// Writes the last-used times gathered since the previous call into the key file.
     pub fn flush_last_used(&self) -> Result<(), String> {
         let used = std::mem::take(&mut *self.used.lock().unwrap_or_else(|e| e.into_inner()));
-        if used.is_empty() {
+        // Never create the file here: that would turn authentication on.
+        if used.is_empty() || !self.path.exists() {
             return Ok(());
         }
         update(&self.path, |file| {
@@ -340,6 +344,9 @@ mod tests {
         assert!(list(&path).unwrap()[0].last_used.is_some());
         revoke(&path, &rec.id).unwrap();
         assert_eq!(ring.check(Some(&secret)), Err(Denied::Unauthorized));
+        assert!(ring.required(), "revoking the last key does not open the server");
+        std::fs::remove_file(&path).unwrap();
+        assert!(!ring.required());
         assert!(revoke(&path, &rec.id).is_err());
     }
 

@@ -136,7 +136,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), String> {
         "turbine serve: listening on {scheme}://{addr} (version {}, models in {}, API keys {})",
         env!("CARGO_PKG_VERSION"),
         turbine::engine::store::models_dir().display(),
-        if keys.required() { "required" } else { "off: no key exists" },
+        if keys.required() { "required" } else { "off: no key file" },
     );
     let limits = worker::EngineLimits::from_env()?;
     let loopback = matches!(hp.host.as_str(), "localhost")
