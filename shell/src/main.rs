@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod gateway;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +58,24 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         tls_cert: Option<std::path::PathBuf>,
         /// The certificate's private key (PEM).
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<std::path::PathBuf>,
+    },
+    /// Serve the same API in front of compute nodes (`turbine serve` elsewhere), with API
+    /// keys and rate limits here and no engine: requests go to a node with the model,
+    /// conversations stay on one node, failed nodes are skipped.
+    Gateway {
+        /// A compute node's base URL, http://host:port (repeatable). TURBINE_NODE_KEY, if
+        /// set, is sent to the nodes as their API key.
+        #[arg(long = "node", value_name = "URL")]
+        nodes: Vec<String>,
+        /// A JSON file: {"nodes": ["http://host:port", ...], "node_key": "..."}.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+        #[arg(long)]
+        require_auth: bool,
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<std::path::PathBuf>,
         #[arg(long, value_name = "FILE")]
         tls_key: Option<std::path::PathBuf>,
     },
@@ -290,6 +309,14 @@ fn main() -> ExitCode {
             let args = client::RunArgs { model, prompt, keep_alive, verbose, interactive };
             return client_main(|t| client::run(t, args));
         }
+        Command::Gateway { nodes, config, require_auth, tls_cert, tls_key } => {
+            let listen = server::ListenArgs { require_auth, tls_cert, tls_key };
+            if let Err(e) = gateway::run(&gateway::GatewayArgs { listen, nodes, config }) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            Ok(())
+        }
         Command::Keys { command } => {
             if let Err(e) = keys_command(command) {
                 eprintln!("error: {e}");
@@ -298,7 +325,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve { require_auth, tls_cert, tls_key } => {
-            if let Err(e) = server::serve(&server::ServeArgs { require_auth, tls_cert, tls_key }) {
+            if let Err(e) = server::serve(&server::ListenArgs { require_auth, tls_cert, tls_key }) {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }

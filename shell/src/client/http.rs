@@ -13,6 +13,8 @@ pub struct Target {
     /// `host:port` (`[v6]:port`) to connect to and send as `Host`.
     pub addr: String,
     pub api_key: Option<String>,
+    /// Limit on connecting and on each wait for the server's bytes (None: no limit).
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Target {
@@ -31,15 +33,24 @@ impl Target {
         };
         let addr = if host.contains(':') { format!("[{host}]:{}", hp.port) } else { format!("{host}:{}", hp.port) };
         let api_key = std::env::var("OLLAMA_API_KEY").ok().filter(|k| !k.is_empty());
-        Ok(Target { addr, api_key })
+        Ok(Target { addr, api_key, timeout: None })
     }
 
     /// Sends a request and returns the status and a reader over the (de-chunked) body.
     pub fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Response, String> {
-        let stream = TcpStream::connect(&self.addr).map_err(|e| {
-            format!("could not connect to a running server at {} ({e}): start it with `turbine serve`", self.addr)
-        })?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.request(method, path, body.as_bytes()).map_err(|e| match e {
+            Fail::Connect(e) => format!(
+                "could not connect to a running server at {} ({e}): start it with `turbine serve`",
+                self.addr
+            ),
+            Fail::Exchange(e) => format!("{method} {path}: {e}"),
+        })
+    }
+
+    /// Sends a request (a JSON body unless empty); returns once the response head is in.
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Result<Response, Fail> {
+        let stream = self.connect().map_err(Fail::Connect)?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: turbine/{}\r\nAccept: application/x-ndjson, application/json\r\n",
             self.addr,
@@ -52,12 +63,27 @@ impl Target {
             head.push_str(&format!("Authorization: Bearer {key}\r\n"));
         }
         head.push_str("\r\n");
-        let io_err = |e: io::Error| format!("{method} {path}: {e}");
         let mut w = &stream;
-        w.write_all(head.as_bytes()).map_err(io_err)?;
-        w.write_all(body.as_bytes()).map_err(io_err)?;
-        w.flush().map_err(io_err)?;
-        read_head(BufReader::new(stream)).map_err(io_err)
+        w.write_all(head.as_bytes()).map_err(Fail::Exchange)?;
+        w.write_all(body).map_err(Fail::Exchange)?;
+        w.flush().map_err(Fail::Exchange)?;
+        read_head(BufReader::new(stream)).map_err(Fail::Exchange)
+    }
+
+    fn connect(&self) -> io::Result<TcpStream> {
+        let Some(limit) = self.timeout else { return TcpStream::connect(&self.addr) };
+        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{}: no address", self.addr));
+        for a in std::net::ToSocketAddrs::to_socket_addrs(&self.addr)? {
+            match TcpStream::connect_timeout(&a, limit) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(limit))?;
+                    s.set_write_timeout(Some(limit))?;
+                    return Ok(s);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// A request whose answer is one JSON object; an error status becomes its `error` text.
@@ -118,8 +144,16 @@ pub fn error_text(status: u16, body: &str) -> String {
     }
 }
 
+/// Why a request failed: before the connection was made (nothing was sent), or after.
+#[derive(Debug)]
+pub enum Fail {
+    Connect(io::Error),
+    Exchange(io::Error),
+}
+
 pub struct Response {
     pub status: u16,
+    pub content_type: Option<String>,
     pub body: BufReader<Body>,
 }
 
@@ -138,14 +172,17 @@ impl Read for Body {
                     return Ok(0);
                 }
                 if *left == 0 {
+                    // A connection that ends before the last (empty) chunk cut the body short.
+                    let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the last chunk");
                     let mut line = String::new();
-                    inner.read_line(&mut line)?;
+                    if inner.read_line(&mut line)? == 0 {
+                        return Err(eof());
+                    }
                     if line.trim().is_empty() {
                         // CRLF after the previous chunk's data.
                         line.clear();
                         if inner.read_line(&mut line)? == 0 {
-                            *done = true;
-                            return Ok(0);
+                            return Err(eof());
                         }
                     }
                     let size = line.trim().split(';').next().unwrap_or("");
@@ -177,7 +214,7 @@ fn read_head(mut r: BufReader<TcpStream>) -> io::Result<Response> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an HTTP response"))?;
-    let (mut chunked, mut length) = (false, None);
+    let (mut chunked, mut length, mut content_type) = (false, None, None);
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -193,6 +230,8 @@ fn read_head(mut r: BufReader<TcpStream>) -> io::Result<Response> {
                 chunked = true;
             } else if k.eq_ignore_ascii_case("content-length") {
                 length = v.parse::<u64>().ok();
+            } else if k.eq_ignore_ascii_case("content-type") {
+                content_type = Some(v.to_string());
             }
         }
     }
@@ -201,5 +240,5 @@ fn read_head(mut r: BufReader<TcpStream>) -> io::Result<Response> {
     } else {
         Body::Plain(r.take(length.unwrap_or(u64::MAX)))
     };
-    Ok(Response { status, body: BufReader::new(body) })
+    Ok(Response { status, content_type, body: BufReader::new(body) })
 }

@@ -1,7 +1,7 @@
 //! CLI clients of a running `turbine serve` (or Ollama): `list`, `ps`, `show`, `stop`, `run`.
 //! They find the server through OLLAMA_HOST and send OLLAMA_API_KEY as a Bearer token.
 
-mod http;
+pub mod http;
 mod run;
 
 use serde_json::{json, Value};

@@ -206,7 +206,7 @@ fn metrics(cx: &Cx) -> Reply {
             }
         })
         .collect();
-    let body = cx.state.metrics.render(&gauges).into_bytes();
+    let body = cx.state.front.metrics.render(&gauges).into_bytes();
     Reply::Full { status: 200, content_type: "text/plain; version=0.0.4; charset=utf-8", body }
 }
 

@@ -136,7 +136,7 @@ pub struct Meter {
 }
 
 impl Meter {
-    fn charge(&self, prompt: usize, generated: usize) {
+    pub fn charge(&self, prompt: usize, generated: usize) {
         self.metrics.prompt_tokens.fetch_add(prompt as u64, Ordering::Relaxed);
         self.metrics.generated_tokens.fetch_add(generated as u64, Ordering::Relaxed);
         if let Some((limiter, id)) = &self.key {
