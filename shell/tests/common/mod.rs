@@ -27,27 +27,31 @@ impl ServeProcess {
 
     /// `turbine serve ARGS`, its log (stderr) written to `log` if given.
     pub fn start_with(env: &[(&str, &str)], args: &[&str], log: Option<&std::path::Path>) -> ServeProcess {
-        // Tests run in parallel: another test's server may take the port between
-        // `free_port` and the bind, and this one then exits. Try a few ports.
+        ServeProcess::launch(&[&["serve"], args].concat(), env, log, None)
+    }
+
+    /// `turbine ARGS` listening on OLLAMA_HOST=127.0.0.1:`port` (None: a free port; tests
+    /// run in parallel, so another test's server may take it between `free_port` and the
+    /// bind, and this one then exits: a few ports are tried).
+    pub fn launch(args: &[&str], env: &[(&str, &str)], log: Option<&std::path::Path>, port: Option<u16>) -> ServeProcess {
         for _ in 0..5 {
-            let port = free_port();
+            let port = port.unwrap_or_else(free_port);
             let stderr = match log {
                 Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
                 None => Stdio::null(),
             };
             let child = Command::new(env!("CARGO_BIN_EXE_turbine"))
-                .arg("serve")
                 .args(args)
                 .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
                 .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(stderr)
                 .spawn()
-                .expect("start turbine serve");
+                .expect("start turbine");
             let mut server = ServeProcess { child, port };
             let deadline = Instant::now() + Duration::from_secs(30);
             while TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(Instant::now() < deadline, "server did not answer on port {port}");
+                assert!(Instant::now() < deadline, "turbine {args:?} did not answer on port {port}");
                 std::thread::sleep(Duration::from_millis(50));
             }
             // Whoever answered, our server must still be running (it binds at once).
@@ -56,7 +60,7 @@ impl ServeProcess {
                 return server;
             }
         }
-        panic!("turbine serve could not bind a free port in 5 tries");
+        panic!("turbine {args:?} could not bind a free port in 5 tries");
     }
 }
 
