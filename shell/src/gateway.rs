@@ -41,7 +41,7 @@ const MAX_LINE: u64 = 16 << 20;
 #[derive(Debug, Default)]
 pub struct GatewayArgs {
     pub listen: ListenArgs,
-    /// Node base URLs (`http://host:port`).
+    /// Node base URLs (`http://host:port`, or https).
     pub nodes: Vec<String>,
     /// A JSON file `{"nodes": [...], "node_key": "..."}` adding nodes (and the key).
     pub config: Option<PathBuf>,
@@ -65,21 +65,29 @@ struct Node {
 
 impl Node {
     fn new(url: &str, key: Option<&str>) -> Result<Node, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("node {url:?}: give it as http://host:port (nodes are reached over plain HTTP)")
-        })?;
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let default_port = match scheme {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(format!("node {url:?}: give it as http://host:port or https://host:port")),
+        };
         let addr = rest.trim_end_matches('/');
         if addr.is_empty() || addr.contains('/') {
-            return Err(format!("node {url:?}: expected http://host:port with no path"));
+            return Err(format!("node {url:?}: expected {scheme}://host:port with no path"));
         }
-        let addr = if addr.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-            addr.to_string()
-        } else {
-            format!("{addr}:80")
+        let (addr, host) = match addr.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() && !h.ends_with(':') => (addr.to_string(), h),
+            _ => (format!("{addr}:{default_port}"), addr),
         };
-        let target = |timeout| Target { addr: addr.clone(), api_key: key.map(String::from), timeout: Some(timeout) };
+        let tls_name = (scheme == "https").then(|| host.trim_matches(|c| c == '[' || c == ']').to_string());
+        let target = |timeout| Target {
+            addr: addr.clone(),
+            api_key: key.map(String::from),
+            timeout: Some(timeout),
+            tls_name: tls_name.clone(),
+        };
         Ok(Node {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             check: target(CHECK_TIMEOUT),
             proxy: target(ANSWER_TIMEOUT),
             up: AtomicBool::new(false),
@@ -578,7 +586,9 @@ mod tests {
     fn node_urls_and_metrics() {
         assert_eq!(Node::new("http://127.0.0.1:11434/", None).unwrap().url, "http://127.0.0.1:11434");
         assert_eq!(Node::new("http://box", None).unwrap().url, "http://box:80");
-        assert!(Node::new("https://box:1", None).is_err());
+        assert_eq!(Node::new("https://box:1", None).unwrap().proxy.tls_name.as_deref(), Some("box"));
+        assert_eq!(Node::new("https://box", None).unwrap().url, "https://box:443");
+        assert!(Node::new("ftp://box:1", None).is_err());
         assert!(Node::new("http://box:1/api", None).is_err());
         let m = "turbine_requests_waiting{model=\"a\"} 2\nturbine_requests_running{model=\"a\"} 3\nturbine_requests_running{model=\"b\"} 1\nturbine_models_loaded 2\n";
         assert_eq!(queue_load(m), 6);

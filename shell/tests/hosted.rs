@@ -340,6 +340,22 @@ fn tls_with_a_self_signed_certificate() {
     assert!(body.contains("version"));
     let (status, body) = curl_tls(&cert, server.port, "/api/tags");
     assert_eq!(status, 200, "{body}");
+    // Turbine's own client over HTTPS, trusting the certificate through SSL_CERT_FILE.
+    let ls = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .arg("ls")
+        .env("OLLAMA_HOST", format!("https://127.0.0.1:{}", server.port))
+        .env("SSL_CERT_FILE", &cert)
+        .output()
+        .expect("turbine ls");
+    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("NAME"));
+    let untrusted = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .arg("ls")
+        .env("OLLAMA_HOST", format!("https://127.0.0.1:{}", server.port))
+        .env_remove("SSL_CERT_FILE")
+        .output()
+        .expect("turbine ls");
+    assert!(!untrusted.status.success(), "a certificate nobody vouches for is refused");
     // Plain HTTP to the TLS port is not served.
     assert!(request(server.port, "GET", "/api/version", &[], b"").map_or(true, |r| r.status != 200));
 }

@@ -1,6 +1,7 @@
-//! A minimal HTTP/1.1 client over `std::net::TcpStream` for the CLI clients: one request per
-//! connection (`Connection: close`), JSON bodies, `Content-Length` or chunked responses read
-//! incrementally so that NDJSON streams print as they arrive. Plain HTTP only.
+//! A minimal HTTP/1.1 client for the CLI clients and the gateway: one request per connection
+//! (`Connection: close`), JSON bodies, `Content-Length` or chunked responses read
+//! incrementally so that NDJSON streams print as they arrive; HTTPS through the system's
+//! OpenSSL (its default trust store; `SSL_CERT_FILE` adds a CA).
 
 use serde_json::Value;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -15,6 +16,8 @@ pub struct Target {
     pub api_key: Option<String>,
     /// Limit on connecting and on each wait for the server's bytes (None: no limit).
     pub timeout: Option<std::time::Duration>,
+    /// For HTTPS, the name (or IP) the server's certificate must carry.
+    pub tls_name: Option<String>,
 }
 
 impl Target {
@@ -22,8 +25,9 @@ impl Target {
     /// means this machine, as Ollama's client connects there.
     pub fn from_env() -> Result<Target, String> {
         let raw = std::env::var("OLLAMA_HOST").unwrap_or_default();
-        if raw.trim().trim_matches(|c| c == '"' || c == '\'').starts_with("https://") {
-            return Err(format!("OLLAMA_HOST={raw}: https is not supported by turbine's client"));
+        let https = raw.trim().trim_matches(|c| c == '"' || c == '\'').starts_with("https://");
+        if https && !cfg!(feature = "tls") {
+            return Err(format!("OLLAMA_HOST={raw}: this turbine was built without TLS"));
         }
         let hp = parse_ollama_host(&raw);
         let host = match hp.host.as_str() {
@@ -33,7 +37,7 @@ impl Target {
         };
         let addr = if host.contains(':') { format!("[{host}]:{}", hp.port) } else { format!("{host}:{}", hp.port) };
         let api_key = std::env::var("OLLAMA_API_KEY").ok().filter(|k| !k.is_empty());
-        Ok(Target { addr, api_key, timeout: None })
+        Ok(Target { addr, api_key, timeout: None, tls_name: https.then_some(host) })
     }
 
     /// Sends a request and returns the status and a reader over the (de-chunked) body.
@@ -63,14 +67,23 @@ impl Target {
             head.push_str(&format!("Authorization: Bearer {key}\r\n"));
         }
         head.push_str("\r\n");
-        let mut w = &stream;
-        w.write_all(head.as_bytes()).map_err(Fail::Exchange)?;
-        w.write_all(body).map_err(Fail::Exchange)?;
-        w.flush().map_err(Fail::Exchange)?;
+        let mut stream = stream;
+        stream.write_all(head.as_bytes()).map_err(Fail::Exchange)?;
+        stream.write_all(body).map_err(Fail::Exchange)?;
+        stream.flush().map_err(Fail::Exchange)?;
         read_head(BufReader::new(stream)).map_err(Fail::Exchange)
     }
 
-    fn connect(&self) -> io::Result<TcpStream> {
+    /// A connection, TLS set up when the target is HTTPS.
+    fn connect(&self) -> io::Result<Conn> {
+        let tcp = self.connect_tcp()?;
+        match &self.tls_name {
+            None => Ok(Conn::Plain(tcp)),
+            Some(name) => Conn::tls(tcp, name),
+        }
+    }
+
+    fn connect_tcp(&self) -> io::Result<TcpStream> {
         let Some(limit) = self.timeout else { return TcpStream::connect(&self.addr) };
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{}: no address", self.addr));
         for a in std::net::ToSocketAddrs::to_socket_addrs(&self.addr)? {
@@ -159,8 +172,8 @@ pub struct Response {
 
 /// The response body: everything to EOF, `Content-Length` bytes, or de-chunked.
 pub enum Body {
-    Plain(io::Take<BufReader<TcpStream>>),
-    Chunked { inner: BufReader<TcpStream>, left: usize, done: bool },
+    Plain(io::Take<BufReader<Conn>>),
+    Chunked { inner: BufReader<Conn>, left: usize, done: bool },
 }
 
 impl Read for Body {
@@ -206,7 +219,61 @@ impl Read for Body {
     }
 }
 
-fn read_head(mut r: BufReader<TcpStream>) -> io::Result<Response> {
+/// A connection to the server, plain or TLS.
+pub enum Conn {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<openssl::ssl::SslStream<TcpStream>>),
+}
+
+impl Conn {
+    /// TLS over `tcp`, verifying the server's certificate against the default trust store
+    /// and `name` (a host name or an IP address).
+    #[cfg(feature = "tls")]
+    fn tls(tcp: TcpStream, name: &str) -> io::Result<Conn> {
+        let fail = |e: String| io::Error::new(io::ErrorKind::Other, format!("TLS with {name}: {e}"));
+        let connector = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())
+            .map_err(|e| fail(e.to_string()))?
+            .build();
+        let stream = connector.connect(name, tcp).map_err(|e| fail(e.to_string()))?;
+        Ok(Conn::Tls(Box::new(stream)))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls(_: TcpStream, name: &str) -> io::Result<Conn> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("{name}: this turbine was built without TLS")))
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            #[cfg(feature = "tls")]
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+fn read_head(mut r: BufReader<Conn>) -> io::Result<Response> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status = line
