@@ -178,8 +178,8 @@ fn handle<S: Service>(service: &Arc<S>, mut req: Request) {
 
 /// Host check, CORS preflight, API key and rate limit: the meter to run the request
 /// with, or the reply that refuses it. Adds the response headers they call for.
-fn gate(state: &Front, head: &Head, headers: &mut Vec<(String, String)>) -> Result<worker::Meter, Reply> {
-    if !access::host_allowed(state.loopback, head.host.as_deref()) {
+fn gate(front: &Front, head: &Head, headers: &mut Vec<(String, String)>) -> Result<worker::Meter, Reply> {
+    if !access::host_allowed(front.loopback, head.host.as_deref()) {
         return Err(Reply::error(403, "forbidden: the Host header names no local address"));
     }
     if head.method == "OPTIONS" {
@@ -188,19 +188,19 @@ fn gate(state: &Front, head: &Head, headers: &mut Vec<(String, String)>) -> Resu
         headers.push(("Access-Control-Max-Age".into(), "43200".into()));
         return Err(Reply::Full { status: 204, content_type: "text/plain; charset=utf-8", body: Vec::new() });
     }
-    let mut meter = worker::Meter { metrics: state.metrics.clone(), key: None };
+    let mut meter = worker::Meter { metrics: front.metrics.clone(), key: None };
     let public = matches!(head.path.as_str(), "/" | "/api/version");
-    if public || !state.keys.required() {
+    if public || !front.keys.required() {
         return Ok(meter);
     }
-    let key = state.keys.check(head.authorization.as_deref()).map_err(|denied| {
+    let key = front.keys.check(head.authorization.as_deref()).map_err(|denied| {
         if let keys::Denied::KeyFile(e) = denied {
-            eprintln!("turbine serve: refusing every request: {e}");
+            eprintln!("turbine: refusing every request: {e}");
         }
         headers.push(("WWW-Authenticate".into(), "Bearer".into()));
         Reply::error(401, "unauthorized")
     })?;
-    match state.limiter.admit(&key) {
+    match front.limiter.admit(&key) {
         Ok(usage) => headers.extend(usage.headers()),
         Err(limited) => {
             headers.extend(limited.usage.headers());
@@ -208,7 +208,7 @@ fn gate(state: &Front, head: &Head, headers: &mut Vec<(String, String)>) -> Resu
             return Err(Reply::error(429, limited.message));
         }
     }
-    meter.key = Some((state.limiter.clone(), key.id));
+    meter.key = Some((front.limiter.clone(), key.id));
     Ok(meter)
 }
 
