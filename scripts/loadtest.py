@@ -84,18 +84,18 @@ def one_request(api, host, port, model, i, num_predict, timeout):
     return ttft, tpot, n_tokens, end
 
 
-def run_level(api, url, model, concurrency, n_requests, num_predict, timeout, max_seconds=float("inf")):
+def run_level(api, url, model, concurrency, n_requests, num_predict, timeout, max_seconds=float("inf"), first_id=0):
     u = urllib.parse.urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost", "::1"):
         sys.exit(f"refusing to load-test a non-loopback host: {u.hostname}")
     results, errors = [], []
     lock = threading.Lock()
-    next_id = [0]
+    next_id = [first_id]
 
     def worker():
         while True:
             with lock:
-                if next_id[0] >= n_requests or time.monotonic() > deadline:
+                if next_id[0] >= first_id + n_requests or time.monotonic() > deadline:
                     return
                 i = next_id[0]
                 next_id[0] += 1
@@ -139,6 +139,8 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=600, help="per level: no new requests after this")
     ap.add_argument("--label", default=None)
     ap.add_argument("--json", action="store_true", help="one JSON object per level instead of a table")
+    ap.add_argument("--first-id", type=int, default=0,
+                    help="number of the first prompt; every request of a run, over all levels, gets its own")
     args = ap.parse_args()
     label = args.label or args.api
     # Warm-up: loads the model and touches the code paths.
@@ -146,9 +148,11 @@ def main():
     if not args.json:
         print(f"| server | conc | requests | agg tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    first_id = args.first_id
     for c in [int(x) for x in args.concurrency.split(",") if x]:
         n = args.requests or min(64, max(4, 2 * c))
-        r = run_level(args.api, args.url, args.model, c, n, args.num_predict, args.timeout, args.max_seconds)
+        r = run_level(args.api, args.url, args.model, c, n, args.num_predict, args.timeout, args.max_seconds, first_id)
+        first_id += n
         r["server"] = label
         if args.json:
             print(json.dumps(r), flush=True)
