@@ -10,6 +10,7 @@
 pub mod access;
 pub mod catalog;
 pub mod front;
+pub mod gotemplate;
 pub mod host;
 pub mod keys;
 pub mod metrics;
