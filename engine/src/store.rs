@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_HOST: &str = "registry.ollama.ai";
 pub const DEFAULT_NAMESPACE: &str = "library";
 pub const DEFAULT_TAG: &str = "latest";
-const MODEL_MEDIA_TYPE: &str = "application/vnd.ollama.image.model";
+const MODEL_MEDIA_TYPE: &str = media::MODEL;
 
 /// The store's root directory.
 pub fn models_dir() -> PathBuf {
@@ -158,8 +158,12 @@ pub fn copy(src: &str, dst: &str) -> Result<(), EngineError> {
     let target = ModelName::parse(dst).ok_or_else(|| bad_name(dst))?.manifest_path(&root);
     let dir = target.parent().ok_or_else(|| bad_name(dst))?;
     std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
-    let tmp =
-        dir.join(format!(".{}.tmp-{}", target.file_name().and_then(|f| f.to_str()).unwrap_or("m"), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        target.file_name().and_then(|f| f.to_str()).unwrap_or("m"),
+        std::process::id(),
+        unique()
+    ));
     std::fs::write(&tmp, &text).map_err(|e| io_error(&tmp, e))?;
     std::fs::rename(&tmp, &target).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -197,6 +201,178 @@ pub fn delete(name: &str) -> Result<Vec<PathBuf>, EngineError> {
         }
     }
     Ok(removed)
+}
+
+/// Media types of the layers a manifest may hold (Ollama's).
+pub mod media {
+    pub const MODEL: &str = "application/vnd.ollama.image.model";
+    pub const TEMPLATE: &str = "application/vnd.ollama.image.template";
+    pub const SYSTEM: &str = "application/vnd.ollama.image.system";
+    pub const PARAMS: &str = "application/vnd.ollama.image.params";
+    pub const LICENSE: &str = "application/vnd.ollama.image.license";
+    pub const MESSAGES: &str = "application/vnd.ollama.image.messages";
+    pub const CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    pub const MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+}
+
+/// One layer of a manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layer {
+    pub media_type: String,
+    /// 64 lowercase hex digits.
+    pub digest: String,
+    pub size: u64,
+}
+
+/// The 64 hex digits of `sha256:<hex>` (or `sha256-<hex>`), lowercased; None for anything else.
+pub fn parse_digest(digest: &str) -> Option<String> {
+    let hex = digest.strip_prefix("sha256:").or_else(|| digest.strip_prefix("sha256-"))?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_ascii_lowercase())
+}
+
+fn blob_file(root: &Path, hex: &str) -> PathBuf {
+    root.join("blobs").join(format!("sha256-{hex}"))
+}
+
+/// Whether the store holds the blob `sha256:<hex>`.
+pub fn has_blob(digest: &str) -> Result<bool, EngineError> {
+    let hex = parse_digest(digest).ok_or_else(|| bad_digest(digest))?;
+    Ok(blob_file(&models_dir(), &hex).is_file())
+}
+
+/// The path of a blob the store holds.
+pub fn blob_path(digest: &str) -> Result<PathBuf, EngineError> {
+    let hex = parse_digest(digest).ok_or_else(|| bad_digest(digest))?;
+    let path = blob_file(&models_dir(), &hex);
+    if !path.is_file() {
+        return Err(io_error(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such blob")));
+    }
+    Ok(path)
+}
+
+fn bad_digest(digest: &str) -> EngineError {
+    EngineError::BadValue { key: "digest".into(), value: format!("{digest:?}"), why: "is not sha256:<64 hex digits>" }
+}
+
+/// Writes a blob from `data`, at most `max_bytes`, checking as it goes that its sha256 is
+/// `digest`: the bytes go to a temporary file renamed into place only when they match,
+/// so a short, long or wrong upload leaves nothing behind. Returns the size.
+pub fn write_blob(digest: &str, data: &mut dyn std::io::Read, max_bytes: u64) -> Result<u64, EngineError> {
+    use sha2::Digest;
+    use std::io::Write;
+    let want = parse_digest(digest).ok_or_else(|| bad_digest(digest))?;
+    let root = models_dir();
+    let dir = root.join("blobs");
+    std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+    let tmp = dir.join(format!(".sha256-{want}.partial-{}-{}", std::process::id(), unique()));
+    let result = (|| -> Result<u64, EngineError> {
+        let mut file = std::fs::File::create(&tmp).map_err(|e| io_error(&tmp, e))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = data.read(&mut buf).map_err(|e| io_error(&tmp, e))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > max_bytes {
+                return Err(EngineError::BadValue {
+                    key: "blob".into(),
+                    value: format!("more than {max_bytes} bytes"),
+                    why: "is larger than the store accepts",
+                });
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).map_err(|e| io_error(&tmp, e))?;
+        }
+        let got = format!("{:x}", hasher.finalize());
+        if got != want {
+            return Err(EngineError::BadValue {
+                key: "digest".into(),
+                value: format!("sha256:{want}"),
+                why: "does not match the uploaded bytes",
+            });
+        }
+        file.sync_all().map_err(|e| io_error(&tmp, e))?;
+        let path = blob_file(&root, &want);
+        std::fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))?;
+        Ok(size)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Stores `bytes` as a blob (if not there yet) and returns its layer.
+pub fn put_blob(media_type: &str, bytes: &[u8]) -> Result<Layer, EngineError> {
+    use sha2::Digest;
+    let hex = format!("{:x}", sha2::Sha256::digest(bytes));
+    if !blob_file(&models_dir(), &hex).is_file() {
+        write_blob(&format!("sha256:{hex}"), &mut &bytes[..], bytes.len() as u64)?;
+    }
+    Ok(Layer { media_type: media_type.to_string(), digest: hex, size: bytes.len() as u64 })
+}
+
+/// A number no other call in this process gets (for temporary file names).
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The layers of an installed model's manifest (those with a valid digest).
+pub fn layers(name: &str) -> Result<Vec<Layer>, EngineError> {
+    let (_, text) = installed(&models_dir(), name)?;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    Ok(v.get("layers")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            Some(Layer {
+                media_type: l.get("mediaType")?.as_str()?.to_string(),
+                digest: parse_digest(l.get("digest")?.as_str()?)?,
+                size: l.get("size").and_then(|s| s.as_u64()).unwrap_or(0),
+            })
+        })
+        .collect())
+}
+
+/// Installs `name` with these layers (every blob already in the store) and a config blob
+/// describing the model; the manifest is written to a temporary file and renamed.
+pub fn write_manifest(name: &str, layers: &[Layer], config: &serde_json::Value) -> Result<(), EngineError> {
+    let _store = STORE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let root = models_dir();
+    let target = ModelName::parse(name).ok_or_else(|| bad_name(name))?.manifest_path(&root);
+    for l in layers {
+        if !blob_file(&root, &l.digest).is_file() {
+            return Err(io_error(&blob_file(&root, &l.digest), std::io::Error::new(std::io::ErrorKind::NotFound, "layer blob missing")));
+        }
+    }
+    let config_bytes = serde_json::to_vec(config).map_err(|e| EngineError::BadValue {
+        key: "config".into(),
+        value: e.to_string(),
+        why: "cannot be encoded",
+    })?;
+    let config_layer = put_blob(media::CONFIG, &config_bytes)?;
+    let layer_json = |l: &Layer| {
+        serde_json::json!({ "mediaType": l.media_type, "digest": format!("sha256:{}", l.digest), "size": l.size })
+    };
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::MANIFEST,
+        "config": layer_json(&config_layer),
+        "layers": layers.iter().map(layer_json).collect::<Vec<_>>(),
+    });
+    let dir = target.parent().ok_or_else(|| bad_name(name))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    let tmp = dir.join(format!(".{}.tmp-{}-{}", target.file_name().and_then(|f| f.to_str()).unwrap_or("m"), std::process::id(), unique()));
+    std::fs::write(&tmp, manifest.to_string()).map_err(|e| io_error(&tmp, e))?;
+    std::fs::rename(&tmp, &target).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_error(&target, e)
+    })
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod gateway;
+mod modelfile;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -94,6 +95,14 @@ enum Command {
     Show { model: String },
     /// Unload a model from the server.
     Stop { model: String },
+    /// Create a model from a Modelfile (FROM a GGUF file or a model; PARAMETER, TEMPLATE,
+    /// SYSTEM, LICENSE), uploading the GGUF to the server (client of the server).
+    Create {
+        model: String,
+        /// The Modelfile (default: ./Modelfile).
+        #[arg(short = 'f', long = "file", default_value = "Modelfile")]
+        file: std::path::PathBuf,
+    },
     /// Install a model under another name too (client of the server).
     Cp { source: String, destination: String },
     /// Remove models from the store (client of the server).
@@ -303,6 +312,7 @@ fn main() -> ExitCode {
         Command::Ps => return client_main(client::ps),
         Command::Show { model } => return client_main(|t| client::show(t, &model)),
         Command::Stop { model } => return client_main(|t| client::stop(t, &model)),
+        Command::Create { model, file } => return client_main(|t| client::create(t, &model, &file)),
         Command::Cp { source, destination } => return client_main(|t| client::copy(t, &source, &destination)),
         Command::Rm { models } => return client_main(|t| client::remove(t, &models)),
         Command::Run { model, prompt, keep_alive, verbose, interactive } => {

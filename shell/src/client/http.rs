@@ -54,22 +54,43 @@ impl Target {
 
     /// Sends a request (a JSON body unless empty); returns once the response head is in.
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Result<Response, Fail> {
-        let stream = self.connect().map_err(Fail::Connect)?;
+        let has_body = method != "GET" && method != "HEAD";
+        let content = has_body.then_some(("application/json", body.len() as u64));
+        self.exchange(method, path, content, &mut &body[..])
+    }
+
+    /// POSTs `len` bytes read from `body` (a file being uploaded, say).
+    pub fn upload(&self, path: &str, len: u64, body: &mut dyn Read) -> Result<Response, Fail> {
+        self.exchange("POST", path, Some(("application/octet-stream", len)), body)
+    }
+
+    /// One request: the head, then the body copied from `body`, then the response head.
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        content: Option<(&str, u64)>,
+        body: &mut dyn Read,
+    ) -> Result<Response, Fail> {
+        let mut stream = self.connect().map_err(Fail::Connect)?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: turbine/{}\r\nAccept: application/x-ndjson, application/json\r\n",
             self.addr,
             env!("CARGO_PKG_VERSION")
         );
-        if method != "GET" && method != "HEAD" {
-            head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        if let Some((content_type, len)) = content {
+            head.push_str(&format!("Content-Type: {content_type}\r\nContent-Length: {len}\r\n"));
         }
         if let Some(key) = &self.api_key {
             head.push_str(&format!("Authorization: Bearer {key}\r\n"));
         }
         head.push_str("\r\n");
-        let mut stream = stream;
         stream.write_all(head.as_bytes()).map_err(Fail::Exchange)?;
-        stream.write_all(body).map_err(Fail::Exchange)?;
+        let len = content.map_or(0, |(_, n)| n);
+        let sent = io::copy(&mut body.take(len), &mut stream).map_err(Fail::Exchange)?;
+        if sent != len {
+            return Err(Fail::Exchange(io::Error::new(io::ErrorKind::UnexpectedEof, "the body ended early")));
+        }
         stream.flush().map_err(Fail::Exchange)?;
         read_head(BufReader::new(stream)).map_err(Fail::Exchange)
     }

@@ -264,3 +264,84 @@ mod tests {
         assert_eq!(human_until(now, now + Duration::from_secs(60)), "1 minute from now");
     }
 }
+
+/// `turbine create NAME -f Modelfile`: uploads the GGUF a FROM line names (unless the
+/// server has it already), then asks the server to build the model, printing its progress.
+pub fn create(t: &Target, name: &str, modelfile: &std::path::Path) -> Result<(), String> {
+    use crate::modelfile::{Modelfile, MAX_MODELFILE};
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(modelfile)
+        .and_then(|f| f.take(MAX_MODELFILE as u64 + 1).read_to_string(&mut text))
+        .map_err(|e| format!("{}: {e}", modelfile.display()))?;
+    let mf = Modelfile::parse(&text)?;
+    let from = mf.from.clone().unwrap_or_default();
+    let mut req = json!({ "model": name, "stream": true });
+    match from_file(&from, modelfile.parent()) {
+        Some(path) if path.is_dir() => {
+            return Err(format!("FROM {from}: a folder (safetensors) cannot be imported; convert it to GGUF first"))
+        }
+        Some(path) => {
+            let digest = upload_blob(t, &path)?;
+            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model.gguf").to_string();
+            req["files"] = json!({ file_name: digest });
+        }
+        None => req["from"] = json!(from),
+    }
+    if let Some(template) = &mf.template {
+        req["template"] = json!(template);
+    }
+    if let Some(system) = &mf.system {
+        req["system"] = json!(system);
+    }
+    if !mf.license.is_empty() {
+        req["license"] = json!(mf.license);
+    }
+    if !mf.parameters.is_empty() {
+        req["parameters"] = Value::Object(mf.parameters.clone());
+    }
+    t.stream("/api/create", &req, |v| {
+        if let Some(status) = v.get("status").and_then(Value::as_str) {
+            eprintln!("{status}");
+        }
+        Ok(())
+    })
+}
+
+/// The file a FROM value names: `~/…`, an absolute path, or one relative to the
+/// Modelfile's folder, if it exists; None for a model name.
+fn from_file(from: &str, base: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    let path = match from.strip_prefix("~/") {
+        Some(rest) => std::path::PathBuf::from(std::env::var_os("HOME")?).join(rest),
+        None => std::path::PathBuf::from(from),
+    };
+    let path = if path.is_relative() { base.unwrap_or(std::path::Path::new(".")).join(path) } else { path };
+    path.exists().then_some(path)
+}
+
+/// Sends a file to the server's blob store unless it is there already; returns its digest.
+fn upload_blob(t: &Target, path: &std::path::Path) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    eprintln!("gathering model components");
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path).map_err(io)?, &mut hasher).map_err(io)?;
+    let digest = format!("sha256:{:x}", hasher.finalize());
+    let blob = format!("/api/blobs/{digest}");
+    let have = t.send("HEAD", &blob, None)?;
+    if have.status == 200 {
+        return Ok(digest);
+    }
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    eprintln!("copying file {digest} ({})", human_bytes(len));
+    let mut r = t.upload(&blob, len, &mut file).map_err(|e| match e {
+        http::Fail::Connect(e) | http::Fail::Exchange(e) => format!("uploading {}: {e}", path.display()),
+    })?;
+    if r.status >= 300 {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut r.body, &mut text);
+        return Err(http::error_text(r.status, &text));
+    }
+    Ok(digest)
+}

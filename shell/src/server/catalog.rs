@@ -24,6 +24,23 @@ pub struct Entry {
     /// sha256 of the manifest, hex.
     pub digest: String,
     pub modified: SystemTime,
+    /// The manifest's TEMPLATE, SYSTEM and PARAMETER layers (`turbine create`).
+    pub template: Option<String>,
+    pub system: Option<String>,
+    pub params: Option<Value>,
+}
+
+/// Largest template, system or parameter layer read.
+const MAX_TEXT_LAYER: u64 = 1 << 20;
+
+/// The text of a manifest's layer of `media_type`, if it has one we can read.
+fn text_layer(root: &Path, layers: &[Value], media_type: &str) -> Option<String> {
+    let layer = layers.iter().find(|l| l.get("mediaType").and_then(Value::as_str) == Some(media_type))?;
+    let hex = store::parse_digest(layer.get("digest")?.as_str()?)?;
+    let file = std::fs::File::open(root.join("blobs").join(format!("sha256-{hex}"))).ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_TEXT_LAYER), &mut text).ok()?;
+    Some(text)
 }
 
 /// `host/namespace/model:tag` with the default host and namespace left out.
@@ -66,7 +83,16 @@ fn read_entry(root: &Path, name: &ModelName, manifest: &Path) -> Option<Entry> {
     }
     let size = layers.iter().filter_map(|l| l.get("size").and_then(Value::as_u64)).sum();
     let digest = format!("{:x}", Sha256::digest(&bytes));
-    Some(Entry { name: display_name(name), blob, size, digest, modified })
+    Some(Entry {
+        name: display_name(name),
+        blob,
+        size,
+        digest,
+        modified,
+        template: text_layer(root, layers, store::media::TEMPLATE),
+        system: text_layer(root, layers, store::media::SYSTEM),
+        params: text_layer(root, layers, store::media::PARAMS).and_then(|t| serde_json::from_str(&t).ok()),
+    })
 }
 
 /// Every installed model, newest first (as Ollama lists them).

@@ -45,6 +45,16 @@ pub trait Service: Send + Sync + Sized + 'static {
     /// Answers an admitted request; may add response headers.
     fn dispatch(self: &Arc<Self>, meter: worker::Meter, head: &Head, body: &[u8], headers: &mut Vec<(String, String)>)
         -> Reply;
+
+    /// Whether this request's body goes to `upload` as it arrives (no 16 MiB limit).
+    fn streams_body(&self, _head: &Head) -> bool {
+        false
+    }
+
+    /// Answers a request whose body streams in.
+    fn upload(self: &Arc<Self>, _head: &Head, _body: &mut dyn Read) -> Reply {
+        Reply::error(404, "404 page not found")
+    }
 }
 
 /// Flags of `turbine serve` and `turbine gateway`.
@@ -155,12 +165,17 @@ fn handle<S: Service>(service: &Arc<S>, mut req: Request) {
     }
     let gate = gate(front, &head, &mut headers);
     let key_id = gate.as_ref().ok().and_then(|m| m.key.as_ref().map(|(_, id)| id.clone()));
-    let reply = match (gate, read_body(&mut req)) {
-        (Err(reply), _) | (Ok(_), Err(reply)) => reply,
-        (Ok(meter), Ok(body)) => {
-            catch_unwind(AssertUnwindSafe(|| service.dispatch(meter, &head, &body, &mut headers)))
-                .unwrap_or_else(|_| Reply::error(500, "internal server error"))
+    let internal = |_| Reply::error(500, "internal server error");
+    let reply = match gate {
+        Err(reply) => reply,
+        Ok(_) if service.streams_body(&head) => {
+            catch_unwind(AssertUnwindSafe(|| service.upload(&head, req.as_reader()))).unwrap_or_else(internal)
         }
+        Ok(meter) => match read_body(&mut req) {
+            Err(reply) => reply,
+            Ok(body) => catch_unwind(AssertUnwindSafe(|| service.dispatch(meter, &head, &body, &mut headers)))
+                .unwrap_or_else(internal),
+        },
     };
     let status = reply.status();
     let http10 = req.http_version().0 == 1 && req.http_version().1 == 0;

@@ -39,6 +39,15 @@ impl Service for State {
         let cx = Cx { state: self.clone(), meter };
         routes::dispatch(&cx, &head.method, &head.path, body)
     }
+
+    /// Blob uploads stream to disk as they arrive.
+    fn streams_body(&self, head: &Head) -> bool {
+        head.method == "POST" && head.path.starts_with("/api/blobs/")
+    }
+
+    fn upload(self: &Arc<Self>, head: &Head, body: &mut dyn std::io::Read) -> Reply {
+        routes::create::upload(&head.path, body).unwrap_or_else(|e| e)
+    }
 }
 /// One request as the routes see it: the shared state, and where its token usage goes.
 pub struct Cx {

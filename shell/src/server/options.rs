@@ -83,6 +83,11 @@ const KNOWN: &[(&str, Kind)] = &[
     ("penalize_newline", Kind::Bool),
 ];
 
+/// Whether `key` is one of Ollama's options.
+pub fn is_known(key: &str) -> bool {
+    KNOWN.iter().any(|(k, _)| *k == key)
+}
+
 /// Applies an `options` object over `base`. Errors carry Ollama's messages.
 pub fn apply(base: Options, options: Option<&Value>) -> Result<Options, String> {
     let mut o = base;

@@ -6,6 +6,8 @@
 //! messages, add_generation_prompt, bos_token, eos_token; Python string methods); models
 //! with neither get their messages joined by newlines.
 
+use super::gotemplate::Template;
+use serde_json::{json, Value};
 use turbine::engine::gguf::Gguf;
 
 /// One chat message (role: system, user, assistant or tool).
@@ -34,7 +36,7 @@ pub const GEMMA_GO_TEMPLATE: &str = r#"{{- range $i, $_ := .Messages }}
 {{- end }}
 {{- end }}"#;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum ChatTemplate {
     /// Gemma turns, exactly as Ollama's gemma3 template renders them.
     Gemma,
@@ -42,9 +44,28 @@ pub enum ChatTemplate {
     Jinja { source: String, bos: String, eos: String },
     /// No template: message contents joined by newlines.
     Plain,
+    /// A Go TEMPLATE (a model created with one), rendered as Ollama renders it.
+    Go { source: String, template: Box<Template> },
 }
 
 impl ChatTemplate {
+    /// A Go TEMPLATE, parsed.
+    pub fn go(source: &str) -> Result<ChatTemplate, String> {
+        Ok(ChatTemplate::Go { source: source.to_string(), template: Box::new(Template::parse(source)?) })
+    }
+
+    /// The template of a model: its TEMPLATE layer if it has one, else the file's.
+    pub fn for_entry(template: Option<&str>, file: &Gguf) -> ChatTemplate {
+        match template.map(ChatTemplate::go) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                eprintln!("turbine serve: ignoring the model's TEMPLATE: {e}");
+                ChatTemplate::for_model(file)
+            }
+            None => ChatTemplate::for_model(file),
+        }
+    }
+
     /// The template for a model file: its architecture's built-in format, else plain.
     pub fn for_model(file: &Gguf) -> ChatTemplate {
         let arch = file.architecture().unwrap_or("");
@@ -72,7 +93,13 @@ impl ChatTemplate {
             ChatTemplate::Gemma => GEMMA_GO_TEMPLATE,
             ChatTemplate::Jinja { source, .. } => source,
             ChatTemplate::Plain => "{{ .Prompt }}",
+            ChatTemplate::Go { source, .. } => source,
         }
+    }
+
+    /// Whether the template can fill in between a prompt and a suffix (`.Suffix`).
+    pub fn supports_insert(&self) -> bool {
+        matches!(self, ChatTemplate::Go { template, .. } if template.uses("Suffix"))
     }
 
     /// Renders the messages into a prompt that ends where the model should continue.
@@ -84,6 +111,15 @@ impl ChatTemplate {
             ChatTemplate::Gemma => Ok(render_gemma(messages)),
             ChatTemplate::Jinja { source, bos, eos } => render_jinja(source, bos, eos, messages),
             ChatTemplate::Plain => Ok(messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")),
+            ChatTemplate::Go { template, .. } => render_go(template, messages, ""),
+        }
+    }
+
+    /// `render`, with a suffix to fill in before (only Go templates with `.Suffix`).
+    pub fn render_insert(&self, messages: &[Message], suffix: &str) -> Result<String, String> {
+        match self {
+            ChatTemplate::Go { template, .. } => render_go(template, messages, suffix),
+            _ => self.render(messages),
         }
     }
 
@@ -92,6 +128,47 @@ impl ChatTemplate {
     pub fn starts_with_bos(&self, rendered: &str) -> bool {
         matches!(self, ChatTemplate::Jinja { bos, .. } if !bos.is_empty() && rendered.starts_with(bos.as_str()))
     }
+}
+
+/// Ollama's way with a Go template: one run over `.Messages` when it reads them; else
+/// (an older template of `.System`, `.Prompt`, `.Response`) one run per exchange, the last
+/// cut off after `.Response` so the model continues from there.
+fn render_go(t: &Template, messages: &[Message], suffix: &str) -> Result<String, String> {
+    let text = |role: &str| messages.iter().filter(|m| m.role == role).map(|m| m.content.as_str()).collect::<Vec<_>>();
+    if t.uses("Messages") {
+        let data = json!({
+            "Messages": messages.iter().map(|m| json!({ "Role": m.role, "Content": m.content })).collect::<Vec<_>>(),
+            "System": text("system").join("\n\n"),
+            "Prompt": messages.last().filter(|m| m.role == "user").map_or("", |m| m.content.as_str()),
+            "Suffix": suffix,
+            "Response": "",
+        });
+        return t.render(&data);
+    }
+    let turn = |system: &str, prompt: &str, response: &str| -> Value {
+        json!({ "System": system, "Prompt": prompt, "Response": response, "Suffix": suffix })
+    };
+    let mut out = String::new();
+    let (mut system, mut prompt, mut response) = (String::new(), String::new(), String::new());
+    for m in messages {
+        let finished = match m.role.as_str() {
+            "system" => !prompt.is_empty() || !response.is_empty(),
+            "user" => !response.is_empty(),
+            _ => false,
+        };
+        if finished {
+            out.push_str(&t.render(&turn(&system, &prompt, &response))?);
+            (system, prompt, response) = (String::new(), String::new(), String::new());
+        }
+        match m.role.as_str() {
+            "system" => system = m.content.clone(),
+            "user" => prompt = m.content.clone(),
+            "assistant" => response = m.content.clone(),
+            _ => {}
+        }
+    }
+    out.push_str(&t.render_until_response(&turn(&system, &prompt, &response))?);
+    Ok(out)
 }
 
 fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[Message]) -> Result<String, String> {
@@ -167,6 +244,25 @@ mod tests {
             t(&[Message::new("user", "Hi"), Message::new("assistant", "Hel")]),
             "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHel"
         );
+    }
+
+    #[test]
+    fn go_templates_as_ollama_runs_them() {
+        // An older template: one run per exchange, the last cut after .Response.
+        let t = ChatTemplate::go("{{ if .System }}[S]{{ .System }}\n{{ end }}[U]{{ .Prompt }}\n[A]{{ .Response }}\n").unwrap();
+        let conv = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Bye"),
+        ];
+        assert_eq!(t.render(&conv).unwrap(), "[S]Be brief.\n[U]Hi\n[A]Hello!\n[U]Bye\n[A]");
+        assert!(!t.supports_insert());
+        // A .Messages template gets them all at once; .Suffix makes it an insert template.
+        let fim = ChatTemplate::go("{{ range .Messages }}<{{ .Role }}>{{ .Content }}{{ end }}{{ if .Suffix }}<fill>{{ .Suffix }}{{ end }}").unwrap();
+        assert!(fim.supports_insert());
+        assert_eq!(fim.render_insert(&conv[1..2], "tail").unwrap(), "<user>Hi<fill>tail");
+        assert!(ChatTemplate::go("{{ if }}").is_err());
     }
 
     #[test]

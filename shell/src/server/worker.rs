@@ -24,8 +24,9 @@ use turbine::engine::EngineError;
 pub enum JobInput {
     /// Only make sure the model is loaded.
     Load,
-    /// Continue `prompt` (templated already), after the `context` token ids if any.
-    Generate { prompt: String, context: Vec<u32>, messages: Option<Vec<super::template::Message>> },
+    /// Continue `prompt` (templated already), after the `context` token ids if any; or
+    /// `messages` through the model's template, filling in before `suffix` if not empty.
+    Generate { prompt: String, context: Vec<u32>, messages: Option<Vec<super::template::Message>>, suffix: String },
     /// One normalized embedding per input text.
     Embed { inputs: Vec<String> },
 }
@@ -297,10 +298,10 @@ impl ModelWorker {
             kv_bytes: AtomicUsize::new(0),
             scheduler_stats: Mutex::new(None),
         });
-        let (path, st) = (entry.blob.clone(), state.clone());
+        let (path, template, st) = (entry.blob.clone(), entry.template.clone(), state.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("engine:{}", entry.name))
-            .spawn(move || worker_loop(&path, rx, &st, &limits));
+            .spawn(move || worker_loop(&path, template.as_deref(), rx, &st, &limits));
         if let Err(e) = spawned {
             eprintln!("turbine serve: cannot start an engine thread: {e}");
         }
@@ -373,7 +374,13 @@ impl Drop for JobGuard {
     }
 }
 
-fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerState>, limits: &EngineLimits) {
+fn worker_loop(
+    path: &std::path::Path,
+    template: Option<&str>,
+    rx: Receiver<Job>,
+    state: &Arc<WorkerState>,
+    limits: &EngineLimits,
+) {
     let loaded = catch_unwind(|| LoadedModel::load(path));
     let started = match loaded {
         Ok(Ok(m)) => {
@@ -412,7 +419,7 @@ fn worker_loop(path: &std::path::Path, rx: Receiver<Job>, state: &Arc<WorkerStat
     };
     *lock(&state.scheduler_stats) = Some(scheduler.stats.clone());
     state.loaded.store(1, Ordering::SeqCst);
-    let template = ChatTemplate::for_model(&model.file);
+    let template = ChatTemplate::for_entry(template, &model.file);
     let mut load_duration = model.load_time;
     for job in rx {
         let num_ctx = job.opts.num_ctx.clamp(4, max_ctx);
@@ -591,14 +598,14 @@ fn prepare(
     job: &Job,
     num_ctx: usize,
 ) -> Result<Option<Prepared>, (u16, String)> {
-    let (prompt, context, messages) = match &job.input {
+    let (prompt, context, messages, suffix) = match &job.input {
         JobInput::Load | JobInput::Embed { .. } => return Ok(None),
-        JobInput::Generate { prompt, context, messages } => (prompt, context, messages),
+        JobInput::Generate { prompt, context, messages, suffix } => (prompt, context, messages, suffix),
     };
     let rendered;
     let (text, add_bos) = match messages {
         Some(m) => {
-            rendered = template.render(m).map_err(|e| (400, e))?;
+            rendered = template.render_insert(m, suffix).map_err(|e| (400, e))?;
             (&rendered, !template.starts_with_bos(&rendered))
         }
         None => (prompt, true),

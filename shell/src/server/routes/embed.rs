@@ -55,7 +55,7 @@ fn request(m: &Body, input_key: &str) -> Result<(String, Entry, Vec<String>, Job
     let (name, entry) = model_field(m)?;
     let texts = inputs(m, input_key)?;
     let keep_alive = keep_alive_field(m)?;
-    let opts = job_options(m, Options::default(), keep_alive)?;
+    let opts = job_options(m, model_options(&entry)?, keep_alive)?;
     Ok((name, entry, texts, opts))
 }
 
