@@ -421,31 +421,48 @@ fn generate(cx: &Cx, body: &[u8]) -> R {
     if prompt.is_empty() && system.is_empty() && context.is_empty() {
         return load_only(cx, &name, &entry, keep_alive, false);
     }
-    // A request's own template (Go, as Ollama's) decides the insert capability in place
-    // of the model's.
-    let own_template = match template.as_str() {
+    let input = generate_input(&name, &entry, GenerateText { prompt, system, template, suffix, raw }, context)?;
+    let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
+    let rx = worker.submit(input, opts, &cx.meter);
+    let framer = Box::new(OllamaFramer { model: name, chat: false, start, logprobs: Vec::new() });
+    respond(cx, rx, stream, keep_alive, framer)
+}
+
+/// The text fields of a generate request.
+struct GenerateText {
+    prompt: String,
+    system: String,
+    template: String,
+    suffix: String,
+    raw: bool,
+}
+
+/// What a generate request asks the worker for: the prompt as it is (raw), rendered by
+/// the request's own Go template, or as messages for the model's template (with the
+/// model's SYSTEM when the request has none). A suffix needs a template that reads
+/// `.Suffix`: the request's, else the model's.
+fn generate_input(name: &str, entry: &Entry, t: GenerateText, context: Vec<u32>) -> Result<JobInput, Reply> {
+    let own_template = match t.template.as_str() {
         "" => None,
-        t => Some(ChatTemplate::go(t).map_err(|e| Reply::error(400, e))?),
+        src => Some(ChatTemplate::go(src).map_err(|e| Reply::error(400, e))?),
     };
-    let model_template = entry.template.as_deref().and_then(|t| ChatTemplate::go(t).ok());
-    if !suffix.is_empty() && !own_template.as_ref().or(model_template.as_ref()).is_some_and(ChatTemplate::supports_insert) {
+    let model_template = entry.template.as_deref().and_then(|src| ChatTemplate::go(src).ok());
+    let template = own_template.as_ref().or(model_template.as_ref());
+    if !t.suffix.is_empty() && !template.is_some_and(ChatTemplate::supports_insert) {
         return Err(Reply::error(400, format!("{name} does not support insert")));
     }
     let mut msgs = Vec::new();
-    if !system.is_empty() {
-        msgs.push(Message::new("system", &system));
+    if !t.system.is_empty() {
+        msgs.push(Message::new("system", &t.system));
     }
-    msgs.push(Message::new("user", &prompt));
-    let msgs = with_model_system(&entry, msgs);
-    let (prompt, messages, suffix) = match (raw, own_template) {
-        (true, _) => (prompt, None, String::new()),
-        (false, Some(t)) => (t.render_insert(&msgs, &suffix).map_err(|e| Reply::error(400, e))?, None, String::new()),
-        (false, None) => (prompt, Some(msgs), suffix),
+    msgs.push(Message::new("user", &t.prompt));
+    let msgs = with_model_system(entry, msgs);
+    let (prompt, messages, suffix) = match (t.raw, own_template) {
+        (true, _) => (t.prompt, None, String::new()),
+        (false, Some(own)) => (own.render_insert(&msgs, &t.suffix).map_err(|e| Reply::error(400, e))?, None, String::new()),
+        (false, None) => (t.prompt, Some(msgs), t.suffix),
     };
-    let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-    let rx = worker.submit(JobInput::Generate { prompt, context, messages, suffix }, opts, &cx.meter);
-    let framer = Box::new(OllamaFramer { model: name, chat: false, start, logprobs: Vec::new() });
-    respond(cx, rx, stream, keep_alive, framer)
+    Ok(JobInput::Generate { prompt, context, messages, suffix })
 }
 
 fn chat(cx: &Cx, body: &[u8]) -> R {
