@@ -1,12 +1,14 @@
-//! SentencePiece-style tokenizer, matching llama.cpp's `llm_tokenizer_spm` for GGUF files
-//! with `tokenizer.ggml.model = "llama"` (Gemma 3, Llama 1/2, Mistral v1, Phi-3).
+//! Tokenizers matching llama.cpp's for GGUF files: SentencePiece (`tokenizer.ggml.model =
+//! "llama"`: Gemma 3, Llama 1/2, Mistral v1, Phi-3; llama.cpp's `llm_tokenizer_spm`) and
+//! byte-level BPE (`"gpt2"`: Llama 3, Qwen, DeepSeek, gpt-oss; `llm_tokenizer_bpe`, in `bpe`).
 //!
 //! Encoding: special tokens are cut out of the input first (`special`), then each
-//! remaining fragment goes through SentencePiece BPE (`spm`). Decoding renders each id to
-//! bytes (`decode`); [`StreamDecoder`] reassembles characters split across tokens.
-//! Derived tables (attributes, end-of-generation set, split order) are built once in
-//! `setup`. Reading a GGUF file is confined to `gguf_load`.
+//! remaining fragment goes through SentencePiece BPE (`spm`) or byte-level BPE (`bpe`).
+//! Decoding renders each id to bytes (`decode`); [`StreamDecoder`] reassembles characters
+//! split across tokens. Derived tables (attributes, end-of-generation set, split order) are
+//! built once in `setup`. Reading a GGUF file is confined to `gguf_load`.
 
+mod bpe;
 mod decode;
 mod gguf_load;
 mod setup;
@@ -18,7 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
 pub use decode::StreamDecoder;
-pub use vocab::{token_type, SpecialIds, Vocab};
+pub use vocab::{token_type, BpeSpec, SpecialIds, Vocab};
 
 use setup::attr;
 use special::{Fragment, SpecialMatcher};
@@ -64,7 +66,7 @@ impl From<crate::gguf::GgufError> for TokenizerError {
     }
 }
 
-/// A loaded SentencePiece tokenizer. Immutable and cheap to share across threads.
+/// A loaded tokenizer. Immutable and cheap to share across threads.
 pub struct Tokenizer {
     texts: Vec<String>,
     scores: Vec<f32>,
@@ -77,6 +79,8 @@ pub struct Tokenizer {
     add_bos: bool,
     add_eos: bool,
     add_space_prefix: bool,
+    /// Byte-level BPE tables; None for SentencePiece.
+    bpe: Option<Box<bpe::Bpe>>,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -103,6 +107,12 @@ impl Tokenizer {
         let t = setup::build(&v);
         let matcher = SpecialMatcher::new(t.split_order, &t.texts);
         let byte_tokens = byte_tokens(&t.ids, t.special.unk);
+        let bpe = match &v.bpe {
+            None => None,
+            Some(spec) => Some(Box::new(bpe::Bpe::new(&v.tokens, &spec.merges, &spec.pre).map_err(|reason| {
+                TokenizerError::BadValue { key: "tokenizer.ggml.pre".into(), reason }
+            })?)),
+        };
         Ok(Tokenizer {
             texts: t.texts,
             scores: t.scores,
@@ -115,6 +125,7 @@ impl Tokenizer {
             add_bos: v.add_bos,
             add_eos: v.add_eos,
             add_space_prefix: v.add_space_prefix,
+            bpe,
         })
     }
 
@@ -134,7 +145,10 @@ impl Tokenizer {
                 Fragment::Text(range) => {
                     // Cuts fall on character boundaries: special texts are valid UTF-8.
                     let piece = text.get(range).unwrap_or_default();
-                    spm::encode(&spm, piece, self.add_space_prefix && after_special, &mut out);
+                    match &self.bpe {
+                        Some(bpe) => bpe.encode(piece, &mut out),
+                        None => spm::encode(&spm, piece, self.add_space_prefix && after_special, &mut out),
+                    }
                     after_special = false;
                 }
                 Fragment::Token(id) => {
@@ -160,7 +174,10 @@ impl Tokenizer {
     /// tokens as their text (`<start_of_turn>`).
     pub fn token_to_piece_with(&self, id: u32, render_special: bool) -> Vec<u8> {
         match (self.texts.get(id as usize), self.attrs.get(id as usize)) {
-            (Some(text), Some(&a)) => decode::piece(text, a, render_special),
+            (Some(text), Some(&a)) => match &self.bpe {
+                Some(bpe) if a & attr::NORMAL != 0 => bpe.unspell(text),
+                _ => decode::piece(text, a, render_special),
+            },
             _ => Vec::new(),
         }
     }

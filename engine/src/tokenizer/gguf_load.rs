@@ -1,7 +1,7 @@
 //! Reading a [`Vocab`] from GGUF metadata (`tokenizer.ggml.*`). The only code that
 //! touches the GGUF reader, so that API changes stay here.
 
-use super::vocab::Vocab;
+use super::vocab::{BpeSpec, Vocab};
 use super::TokenizerError;
 use crate::gguf::Gguf;
 
@@ -9,6 +9,8 @@ const MODEL: &str = "tokenizer.ggml.model";
 const TOKENS: &str = "tokenizer.ggml.tokens";
 const SCORES: &str = "tokenizer.ggml.scores";
 const TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+const MERGES: &str = "tokenizer.ggml.merges";
+const PRE: &str = "tokenizer.ggml.pre";
 
 pub(super) fn read_vocab(g: &Gguf) -> Result<Vocab, TokenizerError> {
     let model = g.get_str(MODEL)?.ok_or(TokenizerError::MissingKey(MODEL))?;
@@ -24,7 +26,25 @@ pub(super) fn read_vocab(g: &Gguf) -> Result<Vocab, TokenizerError> {
         },
     };
     let types = g.get_i32_array(TOKEN_TYPE)?.map(<[i32]>::to_vec);
+    let n = tokens.len();
     let mut v = Vocab::new(tokens, scores.unwrap_or_default(), types.unwrap_or_default());
+    if model == "gpt2" {
+        // llama.cpp's BPE defaults, before the file's own keys: BOS = EOS = 11, no
+        // unknown token, no BOS, no space prefix.
+        let eleven = (n > 11).then_some(11);
+        v.special.bos = eleven;
+        v.special.eos = eleven;
+        v.special.unk = None;
+        v.add_bos = false;
+        v.add_space_prefix = false;
+        let merges = g.get_str_array(MERGES)?.ok_or(TokenizerError::MissingKey(MERGES))?.to_vec();
+        let pre = g.get_str(PRE)?.unwrap_or("default").to_string();
+        // Llama 3's pre-tokenizer implies a BOS, as in llama.cpp (the file may still say no).
+        if matches!(pre.as_str(), "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral") {
+            v.add_bos = true;
+        }
+        v.bpe = Some(BpeSpec { merges, pre });
+    }
 
     let s = &mut v.special;
     let ids: [(&str, &mut Option<u32>); 14] = [
@@ -77,8 +97,7 @@ fn read_ids<const N: usize>(g: &Gguf, ids: [(&str, &mut Option<u32>); N]) -> Res
 
 fn check_model(model: &str) -> Result<(), TokenizerError> {
     let reason = match model {
-        "llama" => return Ok(()),
-        "gpt2" => "byte-level BPE (Llama 3, Qwen, gpt-oss) is not yet supported",
+        "llama" | "gpt2" => return Ok(()),
         "gemma4" => "Gemma 4's BPE tokenizer is not yet supported",
         "bert" => "WordPiece is not supported",
         "t5" => "Unigram (T5) is not supported",

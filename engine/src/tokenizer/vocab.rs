@@ -69,6 +69,17 @@ pub struct Vocab {
     pub add_space_prefix: bool,
     /// `general.name`: llama.cpp keys a few per-model token attributes off it (Phi-3).
     pub model_name: String,
+    /// For a byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`): its merges
+    /// (`"left right"`, best first) and pre-tokenizer name. None for SentencePiece.
+    pub bpe: Option<BpeSpec>,
+}
+
+/// What a byte-level BPE vocabulary adds.
+#[derive(Clone, Debug, Default)]
+pub struct BpeSpec {
+    pub merges: Vec<String>,
+    /// `tokenizer.ggml.pre` ("llama-bpe", "qwen2", ...; "default" when absent).
+    pub pre: String,
 }
 
 impl Vocab {
@@ -86,6 +97,7 @@ impl Vocab {
             add_eos: false,
             add_space_prefix: true,
             model_name: String::new(),
+            bpe: None,
         }
     }
 }
