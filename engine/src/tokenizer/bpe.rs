@@ -282,6 +282,21 @@ mod tests {
     }
 
     #[test]
+    fn every_pre_tokenizer_compiles_and_splits_as_its_expressions_say() {
+        let tokens = vec!["a".to_string()];
+        for pre in ["default", "llama-bpe", "qwen2", "qwen35", "deepseek-llm", "deepseek-coder", "deepseek-v3", "gpt-4o", "starcoder", "falcon"] {
+            assert!(Bpe::new(&tokens, &[], pre).is_ok(), "{pre}");
+        }
+        // Untested against llama.cpp's files (none ships for these): checked by hand.
+        let o200k = Bpe::new(&tokens, &[], "gpt-4o").unwrap();
+        assert_eq!(o200k.words("Hello world 12345!!\n"), ["Hello", " world", " ", "123", "45", "!!\n"]);
+        assert_eq!(o200k.words("I'm HTTPServer"), ["I'm", " HTTPServer"]);
+        let v3 = Bpe::new(&tokens, &[], "deepseek-v3").unwrap();
+        assert_eq!(v3.words("Hello 12345"), ["Hello", " ", "123", "45"]);
+        assert_eq!(v3.words("(abc 中文"), ["(abc", " ", "中文"]);
+    }
+
+    #[test]
     fn merges_lowest_rank_first() {
         let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc", "Ġ"].iter().map(|s| s.to_string()).collect();
         let merges: Vec<String> = ["b c", "a b", "a bc"].iter().map(|s| s.to_string()).collect();
