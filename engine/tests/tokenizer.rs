@@ -468,8 +468,19 @@ fn gguf_errors_name_the_key() {
     let msg = |kvs: &[(&str, Kv)]| load(kvs).unwrap_err().to_string();
     let e = msg(&[("tokenizer.ggml.tokens", Kv::Strs(TOKS))]);
     assert!(e.contains("tokenizer.ggml.model"), "{e}");
+    // A byte-level BPE vocabulary needs its merges; an unknown pre-tokenizer is refused
+    // rather than guessed at; Gemma 4's BPE is not supported yet.
     let e = msg(&[("tokenizer.ggml.model", Kv::Str("gpt2")), ("tokenizer.ggml.tokens", Kv::Strs(TOKS))]);
-    assert!(e.contains("gpt2") && e.contains("BPE") && e.contains("not yet supported"), "{e}");
+    assert!(e.contains("missing") && e.contains("tokenizer.ggml.merges"), "{e}");
+    let e = msg(&[
+        ("tokenizer.ggml.model", Kv::Str("gpt2")),
+        ("tokenizer.ggml.tokens", Kv::Strs(TOKS)),
+        ("tokenizer.ggml.merges", Kv::Strs(&["a b"])),
+        ("tokenizer.ggml.pre", Kv::Str("no-such-pre")),
+    ]);
+    assert!(e.contains("tokenizer.ggml.pre") && e.contains("no-such-pre"), "{e}");
+    let e = msg(&[("tokenizer.ggml.model", Kv::Str("gemma4")), ("tokenizer.ggml.tokens", Kv::Strs(TOKS))]);
+    assert!(e.contains("gemma4") && e.contains("not yet supported"), "{e}");
     let e = msg(&[("tokenizer.ggml.model", Kv::Str("llama"))]);
     assert!(e.contains("missing") && e.contains("tokenizer.ggml.tokens"), "{e}");
     let e = msg(&[
