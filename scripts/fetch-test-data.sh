@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # Everything the test suite reads that is not in the repository: the default model
-# (scripts/fetch-default-model.sh) and llama.cpp's tokenizer test vocabularies
-# (scripts/fetch-vocabs.sh). Both are idempotent.
+# (scripts/fetch-default-model.sh), llama.cpp's tokenizer test vocabularies
+# (scripts/fetch-vocabs.sh) and the synthetic models of scripts/synth/ (written with the
+# PyPI `gguf` package, pinned, in a venv of their own; rewritten when their script changes).
+# Idempotent.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/fetch-default-model.sh"
 bash "$here/fetch-vocabs.sh"
+root=$(cd "$here/.." && pwd)
+synth=${TURBINE_SYNTH:-$HOME/.cache/turbine-synth}
+stamp=$(sha256sum "$root/scripts/synth/make_llama.py" | cut -d' ' -f1)
+if [ "$(cat "$synth/llama.stamp" 2>/dev/null)" != "$stamp" ] || [ ! -s "$synth/llama-q8_0.gguf" ]; then
+  venv=${TURBINE_SYNTH_VENV:-$HOME/.cache/turbine-synth-venv}
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check gguf==0.19.0 numpy==2.4.6
+  "$venv/bin/python" "$root/scripts/synth/make_llama.py" "$synth" >/dev/null
+  echo "$stamp" > "$synth/llama.stamp"
+  echo "synthetic models in $synth"
+fi

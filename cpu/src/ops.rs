@@ -63,6 +63,31 @@ pub fn rope_neox(head: &mut [f32], pos: u32, base: f32, freq_scale: f32) {
     }
 }
 
+/// Rotary embedding, "normal" style (pairs (2i, 2i + 1), llama.cpp's default rope type),
+/// of one head in place. As ggml computes it: the angle of pair i at position p is
+/// freq_scale · p·base^(-2i/d) / factors[i], the base power advanced by repeated
+/// multiplication. `factors` are Llama 3's per-pair frequency divisors (`rope_freqs`).
+pub fn rope_norm(head: &mut [f32], pos: u32, base: f32, freq_scale: f32, factors: Option<&[f32]>) {
+    let d = head.len();
+    let theta_scale = base.powf(-2.0 / d as f32);
+    let mut theta_base = pos as f32;
+    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+        let factor = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+        let (sin, cos) = (freq_scale * (theta_base / factor)).sin_cos();
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * cos - b * sin;
+        pair[1] = a * sin + b * cos;
+        theta_base *= theta_scale;
+    }
+}
+
+/// gate = silu(gate) · up, silu(x) = x / (1 + e^-x) (SwiGLU).
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
 /// Softmax in place over a row; -inf entries become 0.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -271,6 +296,33 @@ fn axpy_avx512(y: &mut [f32], s: f32, x: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rope_norm_rotates_adjacent_pairs() {
+        // Position 0 is the identity; a pair's norm is kept; pair i turns by p·base^(-2i/d).
+        let mut h = vec![1.0, 2.0, 3.0, 4.0];
+        rope_norm(&mut h, 0, 10_000.0, 1.0, None);
+        assert_eq!(h, vec![1.0, 2.0, 3.0, 4.0]);
+        let mut h = vec![1.0, 0.0, 1.0, 0.0];
+        rope_norm(&mut h, 3, 100.0, 1.0, None);
+        let (s0, c0) = 3.0f32.sin_cos();
+        let (s1, c1) = (3.0f32 * 100f32.powf(-0.5)).sin_cos();
+        assert!((h[0] - c0).abs() < 1e-6 && (h[1] - s0).abs() < 1e-6);
+        assert!((h[2] - c1).abs() < 1e-6 && (h[3] - s1).abs() < 1e-6);
+        // A frequency factor of 2 halves that pair's angle.
+        let mut f = vec![1.0, 0.0, 1.0, 0.0];
+        rope_norm(&mut f, 6, 100.0, 1.0, Some(&[2.0, 1.0]));
+        assert!((f[0] - c0).abs() < 1e-6 && (f[1] - s0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn swiglu_is_silu_times_up() {
+        let mut g = vec![0.0, 1.0, -2.0];
+        swiglu(&mut g, &[5.0, 2.0, 1.0]);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 2.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-6);
+        assert!((g[2] - (-2.0 / (1.0 + 2.0f32.exp()))).abs() < 1e-6);
+    }
 
     #[test]
     fn rms_norm_unit_weights_gives_unit_rms() {

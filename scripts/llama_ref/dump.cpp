@@ -77,6 +77,11 @@ static llama_context * new_context(llama_model * model, int n_ctx, FILE * trace 
     // much llama.cpp's own logits move between its batched and one-token kernels).
     const char * ub = getenv("LLAMA_REF_UBATCH");
     cp.n_ubatch = ub ? (uint32_t) atoi(ub) : (uint32_t) n_ctx;
+    // LLAMA_REF_KV_F32 keeps the KV cache in f32 (the strict check of F32 models).
+    if (getenv("LLAMA_REF_KV_F32")) {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+    }
     cp.n_threads = 2;
     cp.n_threads_batch = 2;
     return llama_init_from_model(model, cp);

@@ -218,6 +218,26 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn rope_norm(
+        &self,
+        x: &mut CpuAct,
+        positions: &[u32],
+        head_dim: usize,
+        base: f32,
+        freq_scale: f32,
+        factors: Option<&Vec<f32>>,
+    ) {
+        let factors = factors.map(Vec::as_slice);
+        let rope_row = |(row, &p): (&mut [f32], &u32)| {
+            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_norm(h, p, base, freq_scale, factors));
+        };
+        if x.data.len() < PARALLEL_MIN_ELEMENTS {
+            x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
+        } else {
+            x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
+        }
+    }
+
     fn scale(&self, x: &mut CpuAct, s: f32) {
         x.data.iter_mut().for_each(|v| *v *= s);
     }
@@ -231,6 +251,14 @@ impl Backend for CpuBackend {
             ops::geglu(&mut gate.data, &up.data);
         } else {
             gate.data.par_chunks_mut(4096).zip(up.data.par_chunks(4096)).for_each(|(g, u)| ops::geglu(g, u));
+        }
+    }
+
+    fn swiglu(&self, gate: &mut CpuAct, up: &CpuAct) {
+        if gate.data.len() < PARALLEL_MIN_ELEMENTS {
+            ops::swiglu(&mut gate.data, &up.data);
+        } else {
+            gate.data.par_chunks_mut(4096).zip(up.data.par_chunks(4096)).for_each(|(g, u)| ops::swiglu(g, u));
         }
     }
 

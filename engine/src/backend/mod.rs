@@ -79,11 +79,24 @@ pub trait Backend: Send + Sync {
     fn rms_norm(&self, x: &Self::Act, w: &Self::Vector, eps: f32) -> Self::Act;
     /// NEOX rotary embedding on every `head_dim` segment of row i, at positions[i].
     fn rope_neox(&self, x: &mut Self::Act, positions: &[u32], head_dim: usize, base: f32, freq_scale: f32);
+    /// Normal-style rotary embedding (adjacent pairs; Llama's), with optional per-pair
+    /// frequency divisors (Llama 3's `rope_freqs`).
+    fn rope_norm(
+        &self,
+        x: &mut Self::Act,
+        positions: &[u32],
+        head_dim: usize,
+        base: f32,
+        freq_scale: f32,
+        factors: Option<&Self::Vector>,
+    );
     fn scale(&self, x: &mut Self::Act, s: f32);
     /// y += x.
     fn add(&self, y: &mut Self::Act, x: &Self::Act);
     /// gate = gelu_tanh(gate) * up.
     fn geglu(&self, gate: &mut Self::Act, up: &Self::Act);
+    /// gate = silu(gate) * up.
+    fn swiglu(&self, gate: &mut Self::Act, up: &Self::Act);
     /// Stores this batch's K and V rows of `layer` in the cache (its blocks were reserved by
     /// [`BlockManager::begin_batch`]), then attends every query row to the cached keys of
     /// its own sequence up to its own position.

@@ -1,6 +1,7 @@
 //! Model architectures, one file each, all written against the [`Backend`] seam.
 
 pub mod gemma3;
+pub mod llama;
 
 use crate::backend::{Backend, BatchLayout, KvCache};
 use crate::gguf::Gguf;
@@ -125,6 +126,7 @@ fn check_tokens(batch: &Batch, n_vocab: usize) -> Result<(), EngineError> {
 pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<dyn Architecture<B>>, EngineError> {
     match file.architecture()? {
         "gemma3" => Ok(Box::new(gemma3::Gemma3::load(backend, file)?)),
+        "llama" => Ok(Box::new(llama::Llama::load(backend, file)?)),
         other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
     }
 }

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Regenerates fixtures/synthetic/llama.json: llama.cpp's outputs on the synthetic Llama 3
+models of scripts/synth/make_llama.py (which this runs first, into a temporary folder).
+
+    python3 scripts/synth/gen_llama_fixtures.py
+
+Builds llama.cpp with scripts/llama_ref/build.sh (cached outside the repo). For each model
+(F32, then Q8_0) it records, for a fixed teacher-forced sequence, every position's top-10
+ids and logits and the logits of 64 fixed probe ids, and the 32-token greedy continuations
+of three prompts. The F32 model runs with an F32 KV cache (LLAMA_REF_KV_F32), the strict
+check; the Q8_0 model with llama.cpp's default F16 cache. The tests read the JSON and the
+models make_llama.py writes; they never need llama.cpp.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+N_GREEDY = 32
+N_TEACHER = 48
+
+
+def dumper():
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts/llama_ref/build.sh")], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def logits(dump, model, ids, env):
+    with tempfile.TemporaryDirectory() as tmp:
+        idf, outf = os.path.join(tmp, "ids"), os.path.join(tmp, "out.bin")
+        with open(idf, "w") as f:
+            f.write(" ".join(map(str, ids)))
+        subprocess.run([dump, "logits", model, idf, outf], check=True, env=env)
+        return np.fromfile(outf, dtype=np.float32).reshape(len(ids), -1)
+
+
+def greedy(dump, model, env):
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = os.path.join(tmp, "records")
+        with open(rec, "wb") as f:
+            for p in PROMPTS:
+                b = p.encode()
+                f.write(f"{len(b)}\n".encode() + b + b"\n")
+        out = subprocess.run([dump, "greedy", model, rec, str(N_GREEDY)], check=True, env=env, capture_output=True, text=True)
+        return [[int(t) for t in line.split()] for line in out.stdout.splitlines()]
+
+
+def record(dump, model, ids, probes, env):
+    lg = logits(dump, model, ids, env)
+    top = np.argsort(-lg, axis=1, kind="stable")[:, :10]
+    return {
+        "top_ids": top.tolist(),
+        "top_logits": [[float(lg[i, j]) for j in row] for i, row in enumerate(top)],
+        "probe_logits": lg[:, probes].astype(float).tolist(),
+        "greedy": greedy(dump, model, env),
+    }
+
+
+def main():
+    dump = dumper()
+    rng = random.Random(20261125)
+    ids = [128000] + [rng.randrange(0, 128000) for _ in range(N_TEACHER - 1)]
+    probes = sorted(rng.sample(range(128256), 64))
+    with tempfile.TemporaryDirectory() as models:
+        subprocess.run([sys.executable, os.path.join(HERE, "make_llama.py"), models], check=True, capture_output=True)
+        env = dict(os.environ)
+        f32 = record(dump, os.path.join(models, "llama-f32.gguf"), ids, probes, dict(env, LLAMA_REF_KV_F32="1"))
+        q8 = record(dump, os.path.join(models, "llama-q8_0.gguf"), ids, probes, env)
+    out = {"prompts": PROMPTS, "ids": ids, "probe_ids": probes, "f32": f32, "q8_0": q8}
+    path = os.path.join(ROOT, "fixtures", "synthetic", "llama.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, separators=(",", ":"))
+        f.write("\n")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
