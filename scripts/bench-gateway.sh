@@ -9,22 +9,7 @@ levels=${1:-1,8}
 num_predict=${2:-128}
 (cd "$root" && cargo build --release -q -p turbine-shell)
 bin=$root/target/release/turbine
-out=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$out"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_up() { # URL
-  for _ in $(seq 600); do
-    curl -fs "$1" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "server at $1 did not come up" >&2
-  return 1
-}
+source "$root/scripts/serve-helpers.sh"
 
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) threads; levels $levels; $num_predict tokens per request"
 node=$(free_port)

@@ -15,22 +15,7 @@ threads=$(nproc)
 LLAMA_BUILD_SERVER=ON LLAMA_EXTRA_TARGETS=llama-server bash "$root/scripts/llama_ref/build.sh" >/dev/null
 llama_server=${LLAMA_REF_DIR:-$HOME/.cache/turbine-llama}/build/bin/llama-server
 (cd "$root" && cargo build --release -q -p turbine-shell)
-out=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$out"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_up() { # URL
-  for _ in $(seq 600); do
-    curl -fs "$1" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "server at $1 did not come up" >&2
-  return 1
-}
+source "$root/scripts/serve-helpers.sh"
 
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $threads threads; levels $levels; $num_predict tokens per request"
 
