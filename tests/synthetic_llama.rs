@@ -20,9 +20,9 @@ use turbine::engine::sampler::argmax;
 
 /// Where scripts/fetch-test-data.sh writes the synthetic models (TURBINE_SYNTH overrides).
 fn model(name: &str) -> LoadedModel<CpuBackend> {
-    let dir = std::env::var_os("TURBINE_SYNTH").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/turbine-synth")
-    });
+    let dir = std::env::var_os("TURBINE_SYNTH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/turbine-synth"));
     let path = dir.join(name);
     LoadedModel::load(&path).unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-test-data.sh", path.display()))
 }

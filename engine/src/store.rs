@@ -347,7 +347,10 @@ pub fn write_manifest(name: &str, layers: &[Layer], config: &serde_json::Value) 
     let target = ModelName::parse(name).ok_or_else(|| bad_name(name))?.manifest_path(&root);
     for l in layers {
         if !blob_file(&root, &l.digest).is_file() {
-            return Err(io_error(&blob_file(&root, &l.digest), std::io::Error::new(std::io::ErrorKind::NotFound, "layer blob missing")));
+            return Err(io_error(
+                &blob_file(&root, &l.digest),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "layer blob missing"),
+            ));
         }
     }
     let config_bytes = serde_json::to_vec(config).map_err(|e| EngineError::BadValue {
@@ -356,9 +359,7 @@ pub fn write_manifest(name: &str, layers: &[Layer], config: &serde_json::Value) 
         why: "cannot be encoded",
     })?;
     let config_layer = put_blob(media::CONFIG, &config_bytes)?;
-    let layer_json = |l: &Layer| {
-        serde_json::json!({ "mediaType": l.media_type, "digest": format!("sha256:{}", l.digest), "size": l.size })
-    };
+    let layer_json = |l: &Layer| serde_json::json!({ "mediaType": l.media_type, "digest": format!("sha256:{}", l.digest), "size": l.size });
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": media::MANIFEST,
@@ -367,7 +368,12 @@ pub fn write_manifest(name: &str, layers: &[Layer], config: &serde_json::Value) 
     });
     let dir = target.parent().ok_or_else(|| bad_name(name))?;
     std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
-    let tmp = dir.join(format!(".{}.tmp-{}-{}", target.file_name().and_then(|f| f.to_str()).unwrap_or("m"), std::process::id(), unique()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        target.file_name().and_then(|f| f.to_str()).unwrap_or("m"),
+        std::process::id(),
+        unique()
+    ));
     std::fs::write(&tmp, manifest.to_string()).map_err(|e| io_error(&tmp, e))?;
     std::fs::rename(&tmp, &target).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

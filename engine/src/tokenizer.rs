@@ -109,9 +109,10 @@ impl Tokenizer {
         let byte_tokens = byte_tokens(&t.ids, t.special.unk);
         let bpe = match &v.bpe {
             None => None,
-            Some(spec) => Some(Box::new(bpe::Bpe::new(&v.tokens, &spec.merges, &spec.pre).map_err(|reason| {
-                TokenizerError::BadValue { key: "tokenizer.ggml.pre".into(), reason }
-            })?)),
+            Some(spec) => Some(Box::new(
+                bpe::Bpe::new(&v.tokens, &spec.merges, &spec.pre)
+                    .map_err(|reason| TokenizerError::BadValue { key: "tokenizer.ggml.pre".into(), reason })?,
+            )),
         };
         Ok(Tokenizer {
             texts: t.texts,

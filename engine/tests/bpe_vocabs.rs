@@ -26,10 +26,8 @@ fn cases(name: &str) -> Vec<(String, Vec<u32>)> {
             .unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-vocabs.sh", path.display()))
     };
     let inputs: Vec<String> = read("inp").split("\n__ggml_vocab_test__\n").map(String::from).collect();
-    let outputs: Vec<Vec<u32>> = read("out")
-        .lines()
-        .map(|l| l.split_whitespace().map(|t| t.parse().expect("token id")).collect())
-        .collect();
+    let outputs: Vec<Vec<u32>> =
+        read("out").lines().map(|l| l.split_whitespace().map(|t| t.parse().expect("token id")).collect()).collect();
     // The input file ends with a separator line; its last piece is empty.
     assert!(inputs.len() >= outputs.len(), "{name}: {} inputs, {} outputs", inputs.len(), outputs.len());
     inputs.into_iter().zip(outputs).collect()

@@ -231,7 +231,12 @@ impl Gateway {
     }
 
     /// Sends a request to a node, trying the next one while nodes fail before answering.
-    fn forward(&self, head: &Head, body: &[u8], headers: &mut Vec<(String, String)>) -> Result<(Response, InFlight), Reply> {
+    fn forward(
+        &self,
+        head: &Head,
+        body: &[u8],
+        headers: &mut Vec<(String, String)>,
+    ) -> Result<(Response, InFlight), Reply> {
         let parsed: Option<Value> = serde_json::from_slice(body).ok();
         let model = parsed.as_ref().and_then(|v| v["model"].as_str().or(v["name"].as_str())).map(normalize_model);
         let model = model.or_else(|| head.path.strip_prefix("/v1/models/").map(normalize_model));
@@ -333,7 +338,9 @@ impl Gateway {
             ("turbine_gateway_node_up", "1 when the node answered its last health check.", |n| {
                 usize::from(n.up.load(Ordering::SeqCst))
             }),
-            ("turbine_gateway_node_load", "Sequences queued and running on the node.", |n| n.load.load(Ordering::Relaxed)),
+            ("turbine_gateway_node_load", "Sequences queued and running on the node.", |n| {
+                n.load.load(Ordering::Relaxed)
+            }),
             ("turbine_gateway_node_in_flight", "Requests this gateway has open on the node.", |n| {
                 n.in_flight.load(Ordering::Relaxed)
             }),
@@ -353,7 +360,13 @@ impl Service for Gateway {
         &self.front
     }
 
-    fn dispatch(self: &Arc<Self>, meter: Meter, head: &Head, body: &[u8], headers: &mut Vec<(String, String)>) -> Reply {
+    fn dispatch(
+        self: &Arc<Self>,
+        meter: Meter,
+        head: &Head,
+        body: &[u8],
+        headers: &mut Vec<(String, String)>,
+    ) -> Reply {
         match (head.method.as_str(), head.path.as_str()) {
             ("GET" | "HEAD", "/") => Reply::text(200, "Ollama is running"),
             ("GET" | "HEAD", "/api/version") => Reply::json(200, &json!({ "version": env!("CARGO_PKG_VERSION") })),
@@ -491,7 +504,8 @@ fn nodes_from(args: &GatewayArgs) -> Result<Vec<Arc<Node>>, String> {
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
-        let listed = v["nodes"].as_array().ok_or_else(|| format!("{}: expected {{\"nodes\": [urls]}}", path.display()))?;
+        let listed =
+            v["nodes"].as_array().ok_or_else(|| format!("{}: expected {{\"nodes\": [urls]}}", path.display()))?;
         for u in listed {
             urls.push(u.as_str().ok_or_else(|| format!("{}: node URLs are strings", path.display()))?.to_string());
         }
@@ -558,14 +572,18 @@ mod tests {
 
     #[test]
     fn conversations_stick_and_spread_and_busy_nodes_shed() {
-        let g = gateway(vec![node("http://a:1", 0, &["m"]), node("http://b:1", 0, &["m"]), node("http://c:1", 0, &["m"])]);
+        let g =
+            gateway(vec![node("http://a:1", 0, &["m"]), node("http://b:1", 0, &["m"]), node("http://c:1", 0, &["m"])]);
         let mut used = HashSet::new();
         for i in 0..30 {
             let opening = json!({ "messages": [{ "role": "user", "content": format!("conversation {i}") }] });
             let k = affinity("m:latest", &opening);
             let first = g.pick(Some("m:latest"), k, &[]).unwrap().url.clone();
             let mut later = opening.clone();
-            later["messages"].as_array_mut().unwrap().extend([json!({ "role": "assistant", "content": "x" }), json!({ "role": "user", "content": "more" })]);
+            later["messages"]
+                .as_array_mut()
+                .unwrap()
+                .extend([json!({ "role": "assistant", "content": "x" }), json!({ "role": "user", "content": "more" })]);
             assert_eq!(g.pick(Some("m:latest"), affinity("m:latest", &later), &[]).unwrap().url, first);
             used.insert(first);
         }

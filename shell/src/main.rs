@@ -51,16 +51,8 @@ enum Command {
     /// Serve Ollama's HTTP API (and OpenAI's chat completions) on OLLAMA_HOST
     /// (default 127.0.0.1:11434) for the models in the store.
     Serve {
-        /// Refuse requests without a valid API key even before any key exists (once a key
-        /// exists, keys are always required).
-        #[arg(long)]
-        require_auth: bool,
-        /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
-        #[arg(long, value_name = "FILE")]
-        tls_cert: Option<std::path::PathBuf>,
-        /// The certificate's private key (PEM).
-        #[arg(long, value_name = "FILE")]
-        tls_key: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        listen: ListenFlags,
     },
     /// Serve the same API in front of compute nodes (`turbine serve` elsewhere), with API
     /// keys and rate limits here and no engine: requests go to a node with the model,
@@ -73,12 +65,8 @@ enum Command {
         /// A JSON file: {"nodes": ["http://host:port", ...], "node_key": "..."}.
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
-        #[arg(long)]
-        require_auth: bool,
-        #[arg(long, value_name = "FILE")]
-        tls_cert: Option<std::path::PathBuf>,
-        #[arg(long, value_name = "FILE")]
-        tls_key: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        listen: ListenFlags,
     },
     /// Manage the API keys `turbine serve` requires once any exists (stored hashed in
     /// TURBINE_HOME/keys.json, default ~/.turbine).
@@ -132,6 +120,27 @@ enum Command {
         model: String,
         text: String,
     },
+}
+
+/// How `serve` and `gateway` listen.
+#[derive(clap::Args)]
+struct ListenFlags {
+    /// Refuse requests without a valid API key even before the key file exists (once it
+    /// exists, keys are always required).
+    #[arg(long)]
+    require_auth: bool,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+impl ListenFlags {
+    fn args(self) -> server::ListenArgs {
+        server::ListenArgs { require_auth: self.require_auth, tls_cert: self.tls_cert, tls_key: self.tls_key }
+    }
 }
 
 #[derive(Subcommand)]
@@ -191,7 +200,11 @@ fn keys_command(command: KeysCommand) -> Result<(), String> {
         }
         KeysCommand::Revoke { id } => {
             let record = keys::revoke(&path, &id)?;
-            println!("revoked key {}{}", record.id, if record.name.is_empty() { String::new() } else { format!(" ({})", record.name) });
+            println!(
+                "revoked key {}{}",
+                record.id,
+                if record.name.is_empty() { String::new() } else { format!(" ({})", record.name) }
+            );
         }
     }
     Ok(())
@@ -319,9 +332,8 @@ fn main() -> ExitCode {
             let args = client::RunArgs { model, prompt, keep_alive, verbose, interactive };
             return client_main(|t| client::run(t, args));
         }
-        Command::Gateway { nodes, config, require_auth, tls_cert, tls_key } => {
-            let listen = server::ListenArgs { require_auth, tls_cert, tls_key };
-            if let Err(e) = gateway::run(&gateway::GatewayArgs { listen, nodes, config }) {
+        Command::Gateway { nodes, config, listen } => {
+            if let Err(e) = gateway::run(&gateway::GatewayArgs { listen: listen.args(), nodes, config }) {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
@@ -334,8 +346,8 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Serve { require_auth, tls_cert, tls_key } => {
-            if let Err(e) = server::serve(&server::ListenArgs { require_auth, tls_cert, tls_key }) {
+        Command::Serve { listen } => {
+            if let Err(e) = server::serve(&listen.args()) {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }

@@ -58,9 +58,9 @@ impl Modelfile {
                 "SYSTEM" => mf.system = Some(value),
                 "LICENSE" => mf.license.push(value),
                 "PARAMETER" => {
-                    let (name, v) = value.split_once(char::is_whitespace).ok_or(format!(
-                        "Modelfile line {line_no}: PARAMETER needs a name and a value"
-                    ))?;
+                    let (name, v) = value
+                        .split_once(char::is_whitespace)
+                        .ok_or(format!("Modelfile line {line_no}: PARAMETER needs a name and a value"))?;
                     add_parameter(&mut mf.parameters, &name.to_ascii_lowercase(), &unquote(v.trim()));
                 }
                 "ADAPTER" | "MESSAGE" | "REQUIRES" => {

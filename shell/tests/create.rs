@@ -24,7 +24,8 @@ fn store(label: &str) -> PathBuf {
     for blob in std::fs::read_dir(real.join("blobs")).expect("real blobs").flatten() {
         std::os::unix::fs::symlink(blob.path(), dir.join("blobs").join(blob.file_name())).expect("link");
     }
-    std::fs::copy(real.join("manifests/registry.ollama.ai/library/gemma3/270m"), manifests.join("270m")).expect("manifest");
+    std::fs::copy(real.join("manifests/registry.ollama.ai/library/gemma3/270m"), manifests.join("270m"))
+        .expect("manifest");
     dir
 }
 
@@ -69,7 +70,11 @@ fn blobs_are_verified_and_models_are_created_from_them() {
     assert_eq!(wrong.status, 400, "{}", wrong.text());
     assert!(wrong.json()["error"].as_str().is_some_and(|e| e.contains("does not match")));
     assert_eq!(request(port, "HEAD", &path, &[], b"").expect("head").status, 404);
-    let leftovers = std::fs::read_dir(dir.join("blobs")).expect("blobs").flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).count();
+    let leftovers = std::fs::read_dir(dir.join("blobs"))
+        .expect("blobs")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .count();
     assert_eq!(leftovers, 0, "no partial upload stays in the store");
     assert_eq!(request(port, "POST", &path, &[], &gguf).expect("post").status, 201);
     assert_eq!(request(port, "HEAD", &path, &[], b"").expect("head").status, 200);
@@ -82,7 +87,13 @@ fn blobs_are_verified_and_models_are_created_from_them() {
     let statuses: Vec<String> = r.lines().iter().filter_map(|l| l["status"].as_str().map(String::from)).collect();
     assert_eq!(statuses.last().map(String::as_str), Some("success"), "{statuses:?}");
     let tags = request(port, "GET", "/api/tags", &[], b"").expect("tags").json();
-    let tiny = tags["models"].as_array().expect("models").iter().find(|m| m["name"] == "tiny:latest").cloned().expect("tiny listed");
+    let tiny = tags["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .find(|m| m["name"] == "tiny:latest")
+        .cloned()
+        .expect("tiny listed");
     assert_eq!(tiny["details"]["family"], "tiny");
 
     // A GGUF path on the server's own disk is imported into the store.
@@ -129,7 +140,8 @@ fn a_modelfile_sets_template_system_and_parameters() {
     let port = server.port;
     let work = dir.join("work");
     std::fs::create_dir_all(&work).expect("work dir");
-    std::os::unix::fs::symlink(dir.join("blobs").join(format!("sha256-{MODEL_SHA}")), work.join("g.gguf")).expect("link");
+    std::os::unix::fs::symlink(dir.join("blobs").join(format!("sha256-{MODEL_SHA}")), work.join("g.gguf"))
+        .expect("link");
     let modelfile = work.join("Modelfile");
     std::fs::write(
         &modelfile,
@@ -155,7 +167,8 @@ fn a_modelfile_sets_template_system_and_parameters() {
     assert!(show["modelfile"].as_str().is_some_and(|m| m.contains("SYSTEM \"\"\"You are a pirate.\"\"\"")));
 
     // generate: the model's system and template shape the prompt; its parameters apply.
-    let r = post(port, "/api/generate", &json!({ "model": "pirate", "prompt": "Where is the treasure?", "stream": false }));
+    let r =
+        post(port, "/api/generate", &json!({ "model": "pirate", "prompt": "Where is the treasure?", "stream": false }));
     assert_eq!(r.status, 200, "{}", r.text());
     let expected = tokens("System: You are a pirate.\nUser: Where is the treasure?\nAssistant:");
     let ctx = context(&r);
@@ -164,8 +177,12 @@ fn a_modelfile_sets_template_system_and_parameters() {
     assert!(v["eval_count"].as_u64().is_some_and(|n| n <= 6), "num_predict 6 from the Modelfile: {v}");
     assert!(!v["response"].as_str().unwrap_or("\n").contains('\n'), "stop \\n from the Modelfile");
     // A request's own system replaces the model's; its options override the model's.
-    let r = post(port, "/api/generate", &json!({ "model": "pirate", "prompt": "Hi", "system": "Be kind.", "stream": false,
-                                                 "options": { "num_predict": 2, "stop": [] } }));
+    let r = post(
+        port,
+        "/api/generate",
+        &json!({ "model": "pirate", "prompt": "Hi", "system": "Be kind.", "stream": false,
+                                                 "options": { "num_predict": 2, "stop": [] } }),
+    );
     let expected = tokens("System: Be kind.\nUser: Hi\nAssistant:");
     assert_eq!(&context(&r)[..expected.len()], &expected[..]);
     assert_eq!(r.json()["eval_count"], 2);
@@ -181,12 +198,19 @@ fn a_modelfile_sets_template_system_and_parameters() {
     assert_eq!(r.json()["prompt_eval_count"].as_u64(), Some(want.len() as u64), "{}", r.text());
 
     // The older API: the Modelfile itself in `modelfile`, building on the new model.
-    let r = post(port, "/api/create", &json!({ "model": "quiet-pirate", "stream": false,
-                                               "modelfile": "FROM pirate\nPARAMETER num_predict 3\n" }));
+    let r = post(
+        port,
+        "/api/create",
+        &json!({ "model": "quiet-pirate", "stream": false,
+                                               "modelfile": "FROM pirate\nPARAMETER num_predict 3\n" }),
+    );
     assert_eq!(r.json(), json!({ "status": "success" }));
     let show = post(port, "/api/show", &json!({ "model": "quiet-pirate" })).json();
     let params = show["parameters"].as_str().expect("parameters");
-    assert!(params.contains("num_predict                    3") && params.contains("temperature"), "inherited and overridden: {params}");
+    assert!(
+        params.contains("num_predict                    3") && params.contains("temperature"),
+        "inherited and overridden: {params}"
+    );
     assert_eq!(show["system"], "You are a pirate.", "layers are inherited");
 }
 
@@ -199,19 +223,28 @@ fn suffix_needs_an_insert_template_and_requests_may_bring_their_own_template() {
     assert_eq!(r.status, 400);
     assert!(r.json()["error"].as_str().is_some_and(|e| e.contains("does not support insert")), "{}", r.text());
     let fim = "<PRE>{{ .Prompt }}{{ if .Suffix }}<SUF>{{ .Suffix }}{{ end }}<MID>";
-    let r = post(port, "/api/create", &json!({ "model": "fim", "from": "gemma3:270m", "template": fim, "stream": false }));
+    let r =
+        post(port, "/api/create", &json!({ "model": "fim", "from": "gemma3:270m", "template": fim, "stream": false }));
     assert_eq!(r.status, 200, "{}", r.text());
     let caps = post(port, "/api/show", &json!({ "model": "fim" })).json()["capabilities"].clone();
     assert_eq!(caps, json!(["completion", "insert"]));
-    let r = post(port, "/api/generate", &json!({ "model": "fim", "prompt": "def f(", "suffix": "return x",
-                                                 "stream": false, "options": { "num_predict": 1 } }));
+    let r = post(
+        port,
+        "/api/generate",
+        &json!({ "model": "fim", "prompt": "def f(", "suffix": "return x",
+                                                 "stream": false, "options": { "num_predict": 1 } }),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let expected = tokens("<PRE>def f(<SUF>return x<MID>");
     assert_eq!(&context(&r)[..expected.len()], &expected[..]);
     // A request's template, rendered as Ollama renders it, in place of the model's.
-    let r = post(port, "/api/generate", &json!({ "model": "gemma3:270m", "prompt": "Hi", "system": "S",
+    let r = post(
+        port,
+        "/api/generate",
+        &json!({ "model": "gemma3:270m", "prompt": "Hi", "system": "S",
                                                  "template": "[{{ .System }}] {{ .Prompt }} =>", "stream": false,
-                                                 "options": { "num_predict": 1 } }));
+                                                 "options": { "num_predict": 1 } }),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let expected = tokens("[S] Hi =>");
     assert_eq!(&context(&r)[..expected.len()], &expected[..]);

@@ -34,7 +34,8 @@ fn node_of(r: &Resp) -> String {
 /// A streamed generation read line by line: reports its node once the first line is in,
 /// then returns the node and every NDJSON line.
 fn stream(port: u16, key: &str, prompt: &str, started: mpsc::Sender<String>) -> (String, Vec<Value>) {
-    let body = json!({ "model": MODEL, "prompt": prompt, "options": { "temperature": 0, "num_predict": 200 } }).to_string();
+    let body =
+        json!({ "model": MODEL, "prompt": prompt, "options": { "temperature": 0, "num_predict": 200 } }).to_string();
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
     write!(
@@ -100,7 +101,8 @@ fn gateway_spreads_sticks_survives_a_killed_node_and_takes_it_back() {
     // Keys are checked at the gateway; lists merge the nodes'.
     assert_eq!(request(port, "GET", "/api/tags", &[], b"").expect("tags").status, 401);
     let tags = request(port, "GET", "/api/tags", &[("Authorization", &key)], b"").expect("tags").json();
-    let names: Vec<&str> = tags["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
+    let names: Vec<&str> =
+        tags["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
     assert_eq!(names.iter().filter(|&&n| n == MODEL).count(), 1, "one entry per model: {names:?}");
 
     // Distinct conversations spread; one conversation stays on its node turn after turn.
@@ -147,7 +149,8 @@ fn gateway_spreads_sticks_survives_a_killed_node_and_takes_it_back() {
         let (node, lines) = s.join().expect("stream thread");
         let last = lines.last().expect("lines");
         if node == victim {
-            let err = last["error"].as_str().unwrap_or_else(|| panic!("cut stream must end with an error line: {last}"));
+            let err =
+                last["error"].as_str().unwrap_or_else(|| panic!("cut stream must end with an error line: {last}"));
             assert!(err.contains(&victim), "{err}");
         } else {
             assert_eq!(last["done"], json!(true), "streams on other nodes finish: {last}");

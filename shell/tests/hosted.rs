@@ -105,7 +105,8 @@ fn keys_gate_every_route_but_root_and_version_and_changes_need_no_restart() {
 #[test]
 fn require_auth_refuses_before_any_key_exists() {
     let home = home("require");
-    let server = ServeProcess::start_with(&[("TURBINE_HOME", home.to_str().expect("utf-8"))], &["--require-auth"], None);
+    let server =
+        ServeProcess::start_with(&[("TURBINE_HOME", home.to_str().expect("utf-8"))], &["--require-auth"], None);
     assert_eq!(get(server.port, "/api/tags", None).status, 401);
     assert_eq!(get(server.port, "/", None).status, 200);
 }
@@ -162,7 +163,8 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 fn metrics_count_requests_tokens_latency_and_cache() {
     let server = ServeProcess::start(&[]);
     let port = server.port;
-    let body = json!({ "model": MODEL, "prompt": "Why is the sky blue?", "options": { "temperature": 0, "num_predict": 8 } });
+    let body =
+        json!({ "model": MODEL, "prompt": "Why is the sky blue?", "options": { "temperature": 0, "num_predict": 8 } });
     let r = post(port, "/api/generate", None, &body);
     assert_eq!(r.status, 200);
     let last = r.lines().pop().expect("final chunk");
@@ -273,7 +275,12 @@ fn logs_hold_no_prompt_or_completion_text() {
     let secret = "zanzibar quokka marmalade";
     let opts = json!({ "temperature": 0, "num_predict": 24 });
     let mut completions = Vec::new();
-    let r = post(port, "/api/generate", None, &json!({ "model": MODEL, "prompt": secret, "stream": false, "options": opts }));
+    let r = post(
+        port,
+        "/api/generate",
+        None,
+        &json!({ "model": MODEL, "prompt": secret, "stream": false, "options": opts }),
+    );
     completions.push(r.json()["response"].as_str().unwrap_or_default().to_string());
     let chat = json!({ "model": MODEL, "stream": false, "options": opts,
                        "messages": [{ "role": "user", "content": format!("Tell me about the {secret}") }] });

@@ -358,7 +358,8 @@ fn a_client_that_goes_away_frees_the_model() {
         let body = json!({ "model": MODEL, "prompt": "Count to a thousand:", "raw": true,
                            "options": { "num_predict": 100000 } })
         .to_string();
-        write!(c, "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(c, "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            .unwrap();
         let mut first = [0u8; 256];
         let n = c.read(&mut first).unwrap();
         assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
@@ -562,8 +563,12 @@ fn a_burst_of_streams_all_start_without_waiting_for_each_other() {
                 let body = json!({ "model": MODEL, "prompt": format!("Stream {i}:"), "raw": true,
                                    "options": { "num_predict": 100000 } })
                 .to_string();
-                write!(c, "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-                    .unwrap();
+                write!(
+                    c,
+                    "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
                 let mut first = [0u8; 64];
                 let n = c.read(&mut first).unwrap_or(0);
                 let waited = start.elapsed();

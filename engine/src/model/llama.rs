@@ -7,7 +7,7 @@
 //! residual. The output projection is tied to the embeddings unless the file has
 //! `output.weight`.
 
-use super::{count_params, required, Architecture, Batch, Logits, ModelInfo};
+use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo};
 use crate::backend::{AttnShape, Backend};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
@@ -148,45 +148,20 @@ pub struct Llama<B: Backend> {
     layers: Vec<Layer<B>>,
 }
 
-/// Loads tensors by name, checking each one's shape against the config.
-struct Loader<'a, B: Backend> {
-    backend: &'a B,
-    file: &'a Arc<Gguf>,
-}
-
-impl<B: Backend> Loader<'_, B> {
-    /// A weight matrix stored as [cols, rows] in GGUF order (ne0 = cols).
-    fn weight(&self, name: &str, cols: usize, rows: usize) -> Result<B::Weight, EngineError> {
-        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
-        if t.dims != [cols as u64, rows as u64] {
-            return Err(EngineError::shape(name, &format!("[{cols}, {rows}]"), &t.dims));
-        }
-        self.backend.weight(self.file, t)
-    }
-
-    fn vector(&self, name: &str, len: usize) -> Result<B::Vector, EngineError> {
-        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
-        if t.dims != [len as u64] {
-            return Err(EngineError::shape(name, &format!("[{len}]"), &t.dims));
-        }
-        self.backend.vector(self.file, t)
-    }
-
-    fn layer(&self, cfg: &LlamaConfig, il: usize) -> Result<Layer<B>, EngineError> {
-        let n = |s: &str| format!("blk.{il}.{s}.weight");
-        let d = cfg.n_embd;
-        Ok(Layer {
-            attn_norm: self.vector(&n("attn_norm"), d)?,
-            wq: self.weight(&n("attn_q"), d, cfg.q_dim())?,
-            wk: self.weight(&n("attn_k"), d, cfg.kv_dim())?,
-            wv: self.weight(&n("attn_v"), d, cfg.kv_dim())?,
-            wo: self.weight(&n("attn_output"), cfg.q_dim(), d)?,
-            ffn_norm: self.vector(&n("ffn_norm"), d)?,
-            w_gate: self.weight(&n("ffn_gate"), d, cfg.n_ff)?,
-            w_up: self.weight(&n("ffn_up"), d, cfg.n_ff)?,
-            w_down: self.weight(&n("ffn_down"), cfg.n_ff, d)?,
-        })
-    }
+fn load_layer<B: Backend>(ld: &Loader<B>, cfg: &LlamaConfig, il: usize) -> Result<Layer<B>, EngineError> {
+    let n = |s: &str| format!("blk.{il}.{s}.weight");
+    let d = cfg.n_embd;
+    Ok(Layer {
+        attn_norm: ld.vector(&n("attn_norm"), d)?,
+        wq: ld.weight(&n("attn_q"), d, cfg.q_dim())?,
+        wk: ld.weight(&n("attn_k"), d, cfg.kv_dim())?,
+        wv: ld.weight(&n("attn_v"), d, cfg.kv_dim())?,
+        wo: ld.weight(&n("attn_output"), cfg.q_dim(), d)?,
+        ffn_norm: ld.vector(&n("ffn_norm"), d)?,
+        w_gate: ld.weight(&n("ffn_gate"), d, cfg.n_ff)?,
+        w_up: ld.weight(&n("ffn_up"), d, cfg.n_ff)?,
+        w_down: ld.weight(&n("ffn_down"), cfg.n_ff, d)?,
+    })
 }
 
 impl<B: Backend> Llama<B> {
@@ -203,7 +178,7 @@ impl<B: Backend> Llama<B> {
             None => None,
         };
         let output_norm = ld.vector("output_norm.weight", cfg.n_embd)?;
-        let layers = (0..cfg.n_layers).map(|il| ld.layer(&cfg, il)).collect::<Result<Vec<_>, _>>()?;
+        let layers = (0..cfg.n_layers).map(|il| load_layer(&ld, &cfg, il)).collect::<Result<Vec<_>, _>>()?;
         let info = ModelInfo {
             architecture: "llama".into(),
             n_vocab: cfg.n_vocab,

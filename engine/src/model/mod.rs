@@ -131,6 +131,31 @@ pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<d
     }
 }
 
+/// Loads tensors by name for an architecture, checking each one's shape.
+pub(crate) struct Loader<'a, B: Backend> {
+    pub backend: &'a B,
+    pub file: &'a Arc<Gguf>,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    /// A weight matrix stored as [cols, rows] in GGUF order (ne0 = cols).
+    pub fn weight(&self, name: &str, cols: usize, rows: usize) -> Result<B::Weight, EngineError> {
+        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(EngineError::shape(name, &format!("[{cols}, {rows}]"), &t.dims));
+        }
+        self.backend.weight(self.file, t)
+    }
+
+    pub fn vector(&self, name: &str, len: usize) -> Result<B::Vector, EngineError> {
+        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        if t.dims != [len as u64] {
+            return Err(EngineError::shape(name, &format!("[{len}]"), &t.dims));
+        }
+        self.backend.vector(self.file, t)
+    }
+}
+
 /// Reads a required metadata value.
 pub(crate) fn required<T>(value: Result<Option<T>, crate::gguf::GgufError>, key: &str) -> Result<T, EngineError> {
     value?.ok_or_else(|| EngineError::MissingKey(key.to_string()))

@@ -43,7 +43,8 @@ fn pre_tokenizer(pre: &str) -> Option<(&'static [&'static str], bool)> {
     const GPT4O: &[&str] = &[
         "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
     ];
-    const STARCODER: &[&str] = &["\\p{N}", "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"];
+    const STARCODER: &[&str] =
+        &["\\p{N}", "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"];
     const FALCON: &[&str] = &[
         "[\\p{P}\\$\\+<=>\\^~\\|`]+",
         "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
@@ -284,7 +285,18 @@ mod tests {
     #[test]
     fn every_pre_tokenizer_compiles_and_splits_as_its_expressions_say() {
         let tokens = vec!["a".to_string()];
-        for pre in ["default", "llama-bpe", "qwen2", "qwen35", "deepseek-llm", "deepseek-coder", "deepseek-v3", "gpt-4o", "starcoder", "falcon"] {
+        for pre in [
+            "default",
+            "llama-bpe",
+            "qwen2",
+            "qwen35",
+            "deepseek-llm",
+            "deepseek-coder",
+            "deepseek-v3",
+            "gpt-4o",
+            "starcoder",
+            "falcon",
+        ] {
             assert!(Bpe::new(&tokens, &[], pre).is_ok(), "{pre}");
         }
         // Untested against llama.cpp's files (none ships for these): checked by hand.

@@ -44,10 +44,9 @@ impl Target {
     pub fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Response, String> {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         self.request(method, path, body.as_bytes()).map_err(|e| match e {
-            Fail::Connect(e) => format!(
-                "could not connect to a running server at {} ({e}): start it with `turbine serve`",
-                self.addr
-            ),
+            Fail::Connect(e) => {
+                format!("could not connect to a running server at {} ({e}): start it with `turbine serve`", self.addr)
+            }
             Fail::Exchange(e) => format!("{method} {path}: {e}"),
         })
     }
@@ -207,7 +206,8 @@ impl Read for Body {
                 }
                 if *left == 0 {
                     // A connection that ends before the last (empty) chunk cut the body short.
-                    let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the last chunk");
+                    let eof =
+                        || io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the last chunk");
                     let mut line = String::new();
                     if inner.read_line(&mut line)? == 0 {
                         return Err(eof());

@@ -35,8 +35,7 @@ impl Origins {
 
     /// Only visible ASCII is ever allowed (the origin is echoed into a response header).
     pub fn allows(&self, origin: &str) -> bool {
-        origin.bytes().all(|b| b.is_ascii_graphic())
-            && self.0.iter().any(|p| glob(p.as_bytes(), origin.as_bytes()))
+        origin.bytes().all(|b| b.is_ascii_graphic()) && self.0.iter().any(|p| glob(p.as_bytes(), origin.as_bytes()))
     }
 }
 
@@ -122,7 +121,9 @@ mod tests {
 
     #[test]
     fn hosts() {
-        for ok in ["localhost:11434", "127.0.0.1:11434", "[::1]:11434", "10.1.2.3", "0.0.0.0", "box.local", "x.internal"] {
+        for ok in
+            ["localhost:11434", "127.0.0.1:11434", "[::1]:11434", "10.1.2.3", "0.0.0.0", "box.local", "x.internal"]
+        {
             assert!(host_allowed(true, Some(ok)), "{ok}");
         }
         for bad in ["evil.example", "evil.example:11434", "8.8.8.8", "localhost.evil.example"] {

@@ -43,8 +43,13 @@ pub struct Front {
 pub trait Service: Send + Sync + Sized + 'static {
     fn front(&self) -> &Front;
     /// Answers an admitted request; may add response headers.
-    fn dispatch(self: &Arc<Self>, meter: worker::Meter, head: &Head, body: &[u8], headers: &mut Vec<(String, String)>)
-        -> Reply;
+    fn dispatch(
+        self: &Arc<Self>,
+        meter: worker::Meter,
+        head: &Head,
+        body: &[u8],
+        headers: &mut Vec<(String, String)>,
+    ) -> Reply;
 
     /// Whether this request's body goes to `upload` as it arrives (no 16 MiB limit).
     fn streams_body(&self, _head: &Head) -> bool {
@@ -204,17 +209,17 @@ fn gate(front: &Front, head: &Head, headers: &mut Vec<(String, String)>) -> Resu
         return Err(Reply::Full { status: 204, content_type: "text/plain; charset=utf-8", body: Vec::new() });
     }
     let mut meter = worker::Meter { metrics: front.metrics.clone(), key: None };
-    let public = matches!(head.path.as_str(), "/" | "/api/version");
-    if public || !front.keys.required() {
+    if matches!(head.path.as_str(), "/" | "/api/version") {
         return Ok(meter);
     }
-    let key = front.keys.check(head.authorization.as_deref()).map_err(|denied| {
+    let key = front.keys.authorize(head.authorization.as_deref()).map_err(|denied| {
         if let keys::Denied::KeyFile(e) = denied {
             eprintln!("turbine: refusing every request: {e}");
         }
         headers.push(("WWW-Authenticate".into(), "Bearer".into()));
         Reply::error(401, "unauthorized")
     })?;
+    let Some(key) = key else { return Ok(meter) };
     match front.limiter.admit(&key) {
         Ok(usage) => headers.extend(usage.headers()),
         Err(limited) => {

@@ -23,8 +23,18 @@ enum Node {
     Action(Pipeline),
     /// `if` / `else if` branches, then the `else` body.
     If(Vec<(Pipeline, Vec<Node>)>, Vec<Node>),
-    Range { key: Option<String>, value: Option<String>, over: Pipeline, body: Vec<Node>, otherwise: Vec<Node> },
-    With { pipe: Pipeline, body: Vec<Node>, otherwise: Vec<Node> },
+    Range {
+        key: Option<String>,
+        value: Option<String>,
+        over: Pipeline,
+        body: Vec<Node>,
+        otherwise: Vec<Node>,
+    },
+    With {
+        pipe: Pipeline,
+        body: Vec<Node>,
+        otherwise: Vec<Node>,
+    },
     Break,
     Continue,
 }
@@ -81,7 +91,9 @@ impl Template {
                 Node::If(branches, otherwise) => {
                     branches.iter().any(|(p, b)| in_pipe(p, f) || in_nodes(b, f)) || in_nodes(otherwise, f)
                 }
-                Node::Range { over, body, otherwise, .. } => in_pipe(over, f) || in_nodes(body, f) || in_nodes(otherwise, f),
+                Node::Range { over, body, otherwise, .. } => {
+                    in_pipe(over, f) || in_nodes(body, f) || in_nodes(otherwise, f)
+                }
                 Node::With { pipe, body, otherwise } => in_pipe(pipe, f) || in_nodes(body, f) || in_nodes(otherwise, f),
             })
         }
@@ -100,7 +112,12 @@ impl Template {
     }
 
     fn run(&self, data: &Value, cut_after: Option<&str>) -> Result<String, String> {
-        let mut ex = Exec { out: String::new(), scopes: vec![HashMap::from([("$".to_string(), data.clone())])], cut_after, halted: false };
+        let mut ex = Exec {
+            out: String::new(),
+            scopes: vec![HashMap::from([("$".to_string(), data.clone())])],
+            cut_after,
+            halted: false,
+        };
         ex.nodes(&self.nodes, data, 0)?;
         Ok(ex.out)
     }
@@ -124,7 +141,8 @@ fn split(src: &str) -> Result<Vec<Segment>, String> {
             text = text.trim_start_matches(is_space);
         }
         let after = &rest[open + 2..];
-        let trim_before = after.starts_with("- ") || after.starts_with("-\t") || after.starts_with("-\n") || after.starts_with("-\r");
+        let trim_before =
+            after.starts_with("- ") || after.starts_with("-\t") || after.starts_with("-\n") || after.starts_with("-\r");
         if trim_before {
             text = text.trim_end_matches(is_space);
         }
@@ -515,7 +533,12 @@ fn index_of(i: &Value) -> Result<usize, String> {
 
 impl Exec<'_> {
     fn var(&self, name: &str) -> Result<Value, String> {
-        self.scopes.iter().rev().find_map(|s| s.get(name)).cloned().ok_or_else(|| format!("template: undefined variable {name}"))
+        self.scopes
+            .iter()
+            .rev()
+            .find_map(|s| s.get(name))
+            .cloned()
+            .ok_or_else(|| format!("template: undefined variable {name}"))
     }
 
     fn nodes(&mut self, nodes: &[Node], dot: &Value, depth: usize) -> Result<Flow, String> {
@@ -535,7 +558,13 @@ impl Exec<'_> {
     }
 
     /// Runs `body` in a scope of its own.
-    fn scoped(&mut self, body: &[Node], dot: &Value, depth: usize, vars: HashMap<String, Value>) -> Result<Flow, String> {
+    fn scoped(
+        &mut self,
+        body: &[Node],
+        dot: &Value,
+        depth: usize,
+        vars: HashMap<String, Value>,
+    ) -> Result<Flow, String> {
         self.scopes.push(vars);
         let flow = self.nodes(body, dot, depth + 1);
         self.scopes.pop();
@@ -552,7 +581,9 @@ impl Exec<'_> {
                 if p.set.is_none() {
                     self.out.push_str(&print(&v));
                 }
-                if self.cut_after.is_some_and(|f| p.cmds.iter().flatten().any(|a| matches!(a, Arg::Field(x) if x.first().is_some_and(|y| y == f)))) {
+                if self.cut_after.is_some_and(|f| {
+                    p.cmds.iter().flatten().any(|a| matches!(a, Arg::Field(x) if x.first().is_some_and(|y| y == f)))
+                }) {
                     self.halted = true;
                 }
             }
@@ -627,7 +658,10 @@ impl Exec<'_> {
                 }
             } else {
                 let scope = self.scopes.iter_mut().rev().find(|s| s.contains_key(name));
-                *scope.ok_or_else(|| format!("template: undefined variable {name}"))?.get_mut(name).ok_or("template: variable")? = v.clone();
+                *scope
+                    .ok_or_else(|| format!("template: undefined variable {name}"))?
+                    .get_mut(name)
+                    .ok_or("template: variable")? = v.clone();
             }
         }
         Ok(v)
@@ -732,7 +766,9 @@ impl Exec<'_> {
                 }
                 match base {
                     Value::Array(a) => Value::Array(a[lo..hi].to_vec()),
-                    Value::String(s) => Value::String(s.get(lo..hi).ok_or("template: slice inside a character")?.to_string()),
+                    Value::String(s) => {
+                        Value::String(s.get(lo..hi).ok_or("template: slice inside a character")?.to_string())
+                    }
                     _ => Value::Null,
                 }
             }
@@ -796,7 +832,12 @@ mod tests {
         assert!(t.uses("Messages") && !t.uses("Suffix"));
         let convs = [
             vec![Message::new("user", "Hi")],
-            vec![Message::new("system", "Be brief."), Message::new("user", "Hi"), Message::new("assistant", "Hello!"), Message::new("user", "Bye")],
+            vec![
+                Message::new("system", "Be brief."),
+                Message::new("user", "Hi"),
+                Message::new("assistant", "Hello!"),
+                Message::new("user", "Bye"),
+            ],
             vec![Message::new("user", "Hi"), Message::new("assistant", "Hel")],
             vec![],
         ];
@@ -824,21 +865,42 @@ mod tests {
         assert_eq!(render("a  {{- 1 -}}  b", json!({})), "a1b");
         assert_eq!(render("{{/* note */}}x{{ \"q\\\"\" }}", json!({})), "xq\"");
         assert_eq!(render("{{ $x := .A }}{{ $x }}{{ $x = \"B\" }}{{ $x }}", json!({ "A": "a" })), "aB");
-        assert_eq!(render("{{ range $i, $v := .L }}{{ $i }}={{ $v }};{{ else }}none{{ end }}", json!({ "L": ["a", "b"] })), "0=a;1=b;");
+        assert_eq!(
+            render("{{ range $i, $v := .L }}{{ $i }}={{ $v }};{{ else }}none{{ end }}", json!({ "L": ["a", "b"] })),
+            "0=a;1=b;"
+        );
         assert_eq!(render("{{ range .L }}{{ . }}{{ else }}none{{ end }}", json!({ "L": [] })), "none");
-        assert_eq!(render("{{ range .L }}{{ if eq . 2 }}{{ break }}{{ end }}{{ . }}{{ end }}", json!({ "L": [1, 2, 3] })), "1");
+        assert_eq!(
+            render("{{ range .L }}{{ if eq . 2 }}{{ break }}{{ end }}{{ . }}{{ end }}", json!({ "L": [1, 2, 3] })),
+            "1"
+        );
         assert_eq!(render("{{ with .O }}{{ .K }}{{ end }}", json!({ "O": { "K": "v" } })), "v");
-        assert_eq!(render("{{ if and .A (not .B) }}y{{ else if .B }}b{{ else }}n{{ end }}", json!({ "A": 1, "B": "" })), "y");
+        assert_eq!(
+            render("{{ if and .A (not .B) }}y{{ else if .B }}b{{ else }}n{{ end }}", json!({ "A": 1, "B": "" })),
+            "y"
+        );
         assert_eq!(render("{{ or .Missing \"default\" }}", json!({})), "default");
         assert_eq!(render("{{ len .L }} {{ index .L 1 }} {{ slice .L 1 }}", json!({ "L": ["a", "b"] })), "2 b [\"b\"]");
-        assert_eq!(render("{{ .A | printf \"<%s>\" }} {{ json .O }}", json!({ "A": "x", "O": { "k": 1 } })), "<x> {\"k\":1}");
+        assert_eq!(
+            render("{{ .A | printf \"<%s>\" }} {{ json .O }}", json!({ "A": "x", "O": { "k": 1 } })),
+            "<x> {\"k\":1}"
+        );
         assert_eq!(render("{{ $.A }}{{ range .L }}{{ $.A }}{{ end }}", json!({ "A": "r", "L": [0, 1] })), "rrr");
         assert_eq!(render("{{ if lt 1 2 }}lt{{ end }}{{ if ne \"a\" \"b\" }}ne{{ end }}", json!({})), "ltne");
     }
 
     #[test]
     fn hostile_templates_fail_cleanly() {
-        for bad in ["{{", "{{ if .A }}", "{{ end }}", "{{ nosuch 1 }}", "{{ (1 }}", "{{ \"x }}", "{{ define \"a\" }}{{ end }}", "{{ 1 2 }}"] {
+        for bad in [
+            "{{",
+            "{{ if .A }}",
+            "{{ end }}",
+            "{{ nosuch 1 }}",
+            "{{ (1 }}",
+            "{{ \"x }}",
+            "{{ define \"a\" }}{{ end }}",
+            "{{ 1 2 }}",
+        ] {
             let r = Template::parse(bad).and_then(|t| t.render(&json!({})));
             assert!(r.is_err(), "{bad:?} gave {r:?}");
         }

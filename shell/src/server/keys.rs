@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What the server keeps for one key; never the key itself.
@@ -113,7 +113,9 @@ fn read_file(path: &Path) -> Result<KeyFile, String> {
     match std::fs::read(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyFile::default()),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{} is not a valid key file: {e}", path.display())),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| format!("{} is not a valid key file: {e}", path.display()))
+        }
     }
 }
 
@@ -210,12 +212,12 @@ struct Loaded {
     /// (inode, length, mtime) of the file last read; None when it did not exist.
     stamp: Option<(u64, u64, SystemTime)>,
     /// Err when the file is unreadable: every request is refused until it is fixed.
-    keys: Result<Vec<Key>, String>,
+    keys: Result<Arc<Vec<Key>>, String>,
 }
 
 impl Default for Loaded {
     fn default() -> Self {
-        Loaded { stamp: None, keys: Ok(Vec::new()) }
+        Loaded { stamp: None, keys: Ok(Arc::default()) }
     }
 }
 
@@ -245,7 +247,8 @@ impl KeyRing {
         ring
     }
 
-    fn refresh(&self) -> Result<Vec<Key>, String> {
+    /// The keys as the file now stands (re-read if it changed), and whether it exists.
+    fn refresh(&self) -> (Result<Arc<Vec<Key>>, String>, bool) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = stamp(&self.path);
         if now != state.stamp || now.is_none() && state.keys.is_err() {
@@ -256,11 +259,12 @@ impl KeyRing {
                         let digest = unhex32(&r.sha256).ok_or_else(|| format!("key {} has a bad sha256", r.id))?;
                         Ok(Key { id: r.id, rpm: r.rpm, tpm: r.tpm, digest })
                     })
-                    .collect()
+                    .collect::<Result<Vec<_>, String>>()
+                    .map(Arc::new)
             });
             state.stamp = now;
         }
-        state.keys.clone()
+        (state.keys.clone(), state.stamp.is_some())
     }
 
     /// Whether requests need a key: `--require-auth`, or the key file exists. It is
@@ -268,14 +272,19 @@ impl KeyRing {
     /// key locks the server rather than opening it; deleting the file opens it. An
     /// unreadable file fails closed.
     pub fn required(&self) -> bool {
-        let keys = self.refresh();
-        self.require || keys.is_err() || self.state.lock().unwrap_or_else(|e| e.into_inner()).stamp.is_some()
+        let (keys, exists) = self.refresh();
+        self.require || exists || keys.is_err()
     }
 
-    /// The key an `Authorization` header value names: `Bearer <key>` or the bare key.
-    /// Every stored digest is compared, in constant time, whatever matches.
-    pub fn check(&self, authorization: Option<&str>) -> Result<Key, Denied> {
-        let keys = self.refresh().map_err(Denied::KeyFile)?;
+    /// None when requests need no key; else the key an `Authorization` header value
+    /// names: `Bearer <key>` or the bare key. Every stored digest is compared, in
+    /// constant time, whatever matches.
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<Option<Key>, Denied> {
+        let (keys, exists) = self.refresh();
+        if !(self.require || exists || keys.is_err()) {
+            return Ok(None);
+        }
+        let keys = keys.map_err(Denied::KeyFile)?;
         let presented = authorization.map(str::trim).unwrap_or("");
         let presented = presented
             .strip_prefix("Bearer ")
@@ -286,14 +295,14 @@ impl KeyRing {
         }
         let digest = sha256(presented.as_bytes());
         let mut found = None;
-        for k in &keys {
+        for k in keys.iter() {
             if bool::from(subtle::ConstantTimeEq::ct_eq(&k.digest[..], &digest[..])) {
                 found = Some(k.clone());
             }
         }
         let key = found.ok_or(Denied::Unauthorized)?;
         self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(key.id.clone(), unix_now());
-        Ok(key)
+        Ok(Some(key))
     }
 
     /// Writes the last-used times gathered since the previous call into the key file.
@@ -319,7 +328,8 @@ mod tests {
     use super::*;
 
     fn temp_keys() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("turbine-keys-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let dir =
+            std::env::temp_dir().join(format!("turbine-keys-{}-{:?}", std::process::id(), std::thread::current().id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir.join("keys.json")
     }
@@ -334,19 +344,23 @@ mod tests {
         let stored = std::fs::read_to_string(&path).unwrap();
         assert!(!stored.contains(&secret[3..]), "the key itself must never be stored");
         #[cfg(unix)]
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions()) & 0o777,
+            0o600
+        );
         assert!(ring.required());
-        assert_eq!(ring.check(Some(&format!("Bearer {secret}"))).unwrap().id, rec.id);
-        assert_eq!(ring.check(Some(&secret)).unwrap().rpm, Some(10));
-        assert_eq!(ring.check(Some("Bearer tb-00")), Err(Denied::Unauthorized));
-        assert_eq!(ring.check(None), Err(Denied::Unauthorized));
+        assert_eq!(ring.authorize(Some(&format!("Bearer {secret}"))).unwrap().unwrap().id, rec.id);
+        assert_eq!(ring.authorize(Some(&secret)).unwrap().unwrap().rpm, Some(10));
+        assert_eq!(ring.authorize(Some("Bearer tb-00")), Err(Denied::Unauthorized));
+        assert_eq!(ring.authorize(None), Err(Denied::Unauthorized));
         ring.flush_last_used().unwrap();
         assert!(list(&path).unwrap()[0].last_used.is_some());
         revoke(&path, &rec.id).unwrap();
-        assert_eq!(ring.check(Some(&secret)), Err(Denied::Unauthorized));
+        assert_eq!(ring.authorize(Some(&secret)), Err(Denied::Unauthorized));
         assert!(ring.required(), "revoking the last key does not open the server");
         std::fs::remove_file(&path).unwrap();
         assert!(!ring.required());
+        assert_eq!(ring.authorize(None), Ok(None));
         assert!(revoke(&path, &rec.id).is_err());
     }
 
@@ -357,6 +371,6 @@ mod tests {
         std::fs::write(&path, b"{not json").unwrap();
         let ring = KeyRing::new(path.clone(), false);
         assert!(ring.required());
-        assert!(matches!(ring.check(Some("Bearer x")), Err(Denied::KeyFile(_))));
+        assert!(matches!(ring.authorize(Some("Bearer x")), Err(Denied::KeyFile(_))));
     }
 }

@@ -18,7 +18,11 @@ pub struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0) }
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
     }
 
     pub fn observe(&self, d: Duration) {
@@ -135,7 +139,11 @@ impl Metrics {
             "turbine_time_per_output_token_seconds",
             "Time between generated tokens of one request.",
         );
-        self.request_duration.render(&mut out, "turbine_request_duration_seconds", "Whole requests, first byte in to last byte out.");
+        self.request_duration.render(
+            &mut out,
+            "turbine_request_duration_seconds",
+            "Whole requests, first byte in to last byte out.",
+        );
         let _ = writeln!(
             out,
             "# HELP turbine_models_loaded Models in memory.\n# TYPE turbine_models_loaded gauge\nturbine_models_loaded {}",

@@ -35,7 +35,13 @@ impl Service for State {
         &self.front
     }
 
-    fn dispatch(self: &Arc<Self>, meter: worker::Meter, head: &Head, body: &[u8], _: &mut Vec<(String, String)>) -> Reply {
+    fn dispatch(
+        self: &Arc<Self>,
+        meter: worker::Meter,
+        head: &Head,
+        body: &[u8],
+        _: &mut Vec<(String, String)>,
+    ) -> Reply {
         let cx = Cx { state: self.clone(), meter };
         routes::dispatch(&cx, &head.method, &head.path, body)
     }

@@ -217,7 +217,8 @@ mod tests {
 
     #[test]
     fn headers_and_durations() {
-        let u = Usage { requests: Some(Quota { limit: 60, remaining: 59, reset: Duration::from_secs(1) }), tokens: None };
+        let u =
+            Usage { requests: Some(Quota { limit: 60, remaining: 59, reset: Duration::from_secs(1) }), tokens: None };
         assert_eq!(
             u.headers(),
             vec![

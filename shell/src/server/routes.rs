@@ -3,17 +3,17 @@
 
 use super::catalog::{self, Entry};
 use super::host::{self, KeepAlive};
+use super::metrics::ModelGauges;
 use super::options::{self, Options};
 use super::template::{ChatTemplate, Message};
 use super::worker::{Done, Event, Events, JobInput, JobOptions};
-use super::metrics::ModelGauges;
 use super::{Cx, Reply, State};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use turbine::engine::scheduler::SchedulerStats;
 use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use turbine::engine::gguf::Gguf;
+use turbine::engine::scheduler::SchedulerStats;
 
 /// Early-return plumbing: the error side is the response to send.
 type R = Result<Reply, Reply>;
@@ -106,8 +106,8 @@ fn bool_field(m: &Body, key: &str) -> Result<Option<bool>, Reply> {
     }
 }
 
-/// The model a request names: `model` (or the legacy `name`), required and installed.
-fn model_field(m: &Body) -> Result<(String, Entry), Reply> {
+/// The model name a request gives: `model` (or the legacy `name`), required.
+fn name_field(m: &Body) -> Result<String, Reply> {
     let name = match str_field(m, "model")? {
         Some(s) if !s.is_empty() => s,
         _ => str_field(m, "name")?.unwrap_or_default(),
@@ -115,6 +115,12 @@ fn model_field(m: &Body) -> Result<(String, Entry), Reply> {
     if name.is_empty() {
         return Err(Reply::error(400, "model is required"));
     }
+    Ok(name)
+}
+
+/// The model a request names: `model` (or the legacy `name`), required and installed.
+fn model_field(m: &Body) -> Result<(String, Entry), Reply> {
+    let name = name_field(m)?;
     let entry = catalog::lookup(&name).ok_or_else(|| not_found(&name))?;
     Ok((name, entry))
 }
@@ -217,7 +223,8 @@ fn metrics(cx: &Cx) -> Reply {
         .iter()
         .map(|w| {
             let stats = w.scheduler_stats();
-            let get = |f: fn(&SchedulerStats) -> &AtomicUsize| stats.as_ref().map_or(0, |s| f(s).load(Ordering::Relaxed));
+            let get =
+                |f: fn(&SchedulerStats) -> &AtomicUsize| stats.as_ref().map_or(0, |s| f(s).load(Ordering::Relaxed));
             ModelGauges {
                 name: w.entry.name.clone(),
                 waiting: get(|s| &s.waiting),
@@ -355,13 +362,7 @@ fn copy(body: &[u8]) -> R {
 /// DELETE /api/delete: unloads and uninstalls a model (its unshared blobs too).
 fn delete(cx: &Cx, body: &[u8]) -> R {
     let m = parse_body(body)?;
-    let name = match str_field(&m, "model")? {
-        Some(s) if !s.is_empty() => s,
-        _ => str_field(&m, "name")?.unwrap_or_default(),
-    };
-    if name.is_empty() {
-        return Err(Reply::error(400, "model is required"));
-    }
+    let name = name_field(&m)?;
     if let Some(entry) = catalog::lookup(&name) {
         cx.state.models.unload(&entry.name);
     }
@@ -459,10 +460,19 @@ fn generate_input(name: &str, entry: &Entry, t: GenerateText, context: Vec<u32>)
     let msgs = with_model_system(entry, msgs);
     let (prompt, messages, suffix) = match (t.raw, own_template) {
         (true, _) => (t.prompt, None, String::new()),
-        (false, Some(own)) => (own.render_insert(&msgs, &t.suffix).map_err(|e| Reply::error(400, e))?, None, String::new()),
+        (false, Some(own)) => {
+            (own.render_insert(&msgs, &t.suffix).map_err(|e| Reply::error(400, e))?, None, String::new())
+        }
         (false, None) => (t.prompt, Some(msgs), t.suffix),
     };
     Ok(JobInput::Generate { prompt, context, messages, suffix })
+}
+
+/// A chat job: the messages through the model's template, with its SYSTEM when they
+/// bring none.
+fn chat_input(entry: &Entry, messages: Vec<Message>) -> JobInput {
+    let messages = Some(with_model_system(entry, messages));
+    JobInput::Generate { prompt: String::new(), context: vec![], messages, suffix: String::new() }
 }
 
 fn chat(cx: &Cx, body: &[u8]) -> R {
@@ -485,13 +495,7 @@ fn chat(cx: &Cx, body: &[u8]) -> R {
         return load_only(cx, &name, &entry, keep_alive, true);
     }
     let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-    let input = JobInput::Generate {
-        prompt: String::new(),
-        context: vec![],
-        messages: Some(with_model_system(&entry, messages)),
-        suffix: String::new(),
-    };
-    let rx = worker.submit(input, opts, &cx.meter);
+    let rx = worker.submit(chat_input(&entry, messages), opts, &cx.meter);
     let framer = Box::new(OllamaFramer { model: name, chat: true, start, logprobs: Vec::new() });
     respond(cx, rx, stream, keep_alive, framer)
 }
@@ -823,13 +827,7 @@ mod openai {
             keep_alive,
         };
         let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-        let input = JobInput::Generate {
-            prompt: String::new(),
-            context: vec![],
-            messages: Some(with_model_system(&entry, messages)),
-            suffix: String::new(),
-        };
-        let rx = worker.submit(input, opts, &cx.meter);
+        let rx = worker.submit(chat_input(&entry, messages), opts, &cx.meter);
         let created = unix(SystemTime::now());
         let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() % 1000);
         let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });

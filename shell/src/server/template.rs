@@ -249,7 +249,8 @@ mod tests {
     #[test]
     fn go_templates_as_ollama_runs_them() {
         // An older template: one run per exchange, the last cut after .Response.
-        let t = ChatTemplate::go("{{ if .System }}[S]{{ .System }}\n{{ end }}[U]{{ .Prompt }}\n[A]{{ .Response }}\n").unwrap();
+        let t = ChatTemplate::go("{{ if .System }}[S]{{ .System }}\n{{ end }}[U]{{ .Prompt }}\n[A]{{ .Response }}\n")
+            .unwrap();
         let conv = [
             Message::new("system", "Be brief."),
             Message::new("user", "Hi"),
@@ -259,7 +260,10 @@ mod tests {
         assert_eq!(t.render(&conv).unwrap(), "[S]Be brief.\n[U]Hi\n[A]Hello!\n[U]Bye\n[A]");
         assert!(!t.supports_insert());
         // A .Messages template gets them all at once; .Suffix makes it an insert template.
-        let fim = ChatTemplate::go("{{ range .Messages }}<{{ .Role }}>{{ .Content }}{{ end }}{{ if .Suffix }}<fill>{{ .Suffix }}{{ end }}").unwrap();
+        let fim = ChatTemplate::go(
+            "{{ range .Messages }}<{{ .Role }}>{{ .Content }}{{ end }}{{ if .Suffix }}<fill>{{ .Suffix }}{{ end }}",
+        )
+        .unwrap();
         assert!(fim.supports_insert());
         assert_eq!(fim.render_insert(&conv[1..2], "tail").unwrap(), "<user>Hi<fill>tail");
         assert!(ChatTemplate::go("{{ if }}").is_err());

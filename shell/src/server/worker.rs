@@ -4,6 +4,8 @@
 
 use super::catalog::Entry;
 use super::host::KeepAlive;
+use super::metrics::Metrics;
+use super::ratelimit::Limiter;
 use super::template::ChatTemplate;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,8 +17,6 @@ use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel, TokenLogprob};
 use turbine::engine::kv::{KvLayout, BLOCK_TOKENS};
 use turbine::engine::sampler::SamplerParams;
-use super::metrics::Metrics;
-use super::ratelimit::Limiter;
 use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent};
 use turbine::engine::EngineError;
 

@@ -33,7 +33,12 @@ impl ServeProcess {
     /// `turbine ARGS` listening on OLLAMA_HOST=127.0.0.1:`port` (None: a free port; tests
     /// run in parallel, so another test's server may take it between `free_port` and the
     /// bind, and this one then exits: a few ports are tried).
-    pub fn launch(args: &[&str], env: &[(&str, &str)], log: Option<&std::path::Path>, port: Option<u16>) -> ServeProcess {
+    pub fn launch(
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+        port: Option<u16>,
+    ) -> ServeProcess {
         for _ in 0..5 {
             let port = port.unwrap_or_else(free_port);
             let stderr = match log {
@@ -156,4 +161,3 @@ fn read_response(mut r: BufReader<TcpStream>, head_only: bool) -> std::io::Resul
     }
     Ok(Resp { status, headers, body })
 }
-

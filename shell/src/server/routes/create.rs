@@ -81,7 +81,11 @@ fn spec_of(m: &Body) -> Result<Spec, Reply> {
     spec.license = match m.get("license") {
         None | Some(Value::Null) => vec![],
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<_>>().ok_or_else(|| type_error("license", "[]string"))?,
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| type_error("license", "[]string"))?,
         Some(_) => return Err(type_error("license", "string or []string")),
     };
     match m.get("parameters") {
@@ -111,7 +115,8 @@ fn base_layers(spec: &Spec, progress: &mut Vec<String>) -> Result<Vec<Layer>, Re
         (Some(_), [_, ..]) => Err(Reply::error(400, "give either 'from' or 'files', not both")),
         (None, []) => Err(Reply::error(400, "neither 'from' nor 'files' was specified")),
         (None, [(name, digest)]) => {
-            let path = store::blob_path(digest).map_err(|_| Reply::error(400, format!("blob {digest} for {name:?} has not been uploaded")))?;
+            let path = store::blob_path(digest)
+                .map_err(|_| Reply::error(400, format!("blob {digest} for {name:?} has not been uploaded")))?;
             progress.push("parsing GGUF".into());
             gguf_layer(&path, digest)
         }
@@ -171,13 +176,7 @@ fn put(media_type: &str, bytes: &[u8], progress: &mut Vec<String>) -> Result<Lay
 /// POST /api/create.
 pub fn create(body: &[u8]) -> R {
     let m = parse_body(body)?;
-    let name = match str_field(&m, "model")? {
-        Some(s) if !s.is_empty() => s,
-        _ => str_field(&m, "name")?.unwrap_or_default(),
-    };
-    if name.is_empty() {
-        return Err(Reply::error(400, "model is required"));
-    }
+    let name = name_field(&m)?;
     if store::ModelName::parse(&name).is_none() {
         return Err(Reply::error(400, format!("invalid model name: {name:?}")));
     }
@@ -230,7 +229,8 @@ fn base_params(layers: &[Layer]) -> Map<String, Value> {
 
 /// The config blob Ollama writes beside the layers: the model's format and family.
 fn config_for(layers: &[Layer]) -> Result<Value, Reply> {
-    let model = layers.iter().find(|l| l.media_type == media::MODEL).ok_or_else(|| Reply::error(400, "no model layer"))?;
+    let model =
+        layers.iter().find(|l| l.media_type == media::MODEL).ok_or_else(|| Reply::error(400, "no model layer"))?;
     let path = store::blob_path(&format!("sha256:{}", model.digest)).map_err(|e| Reply::error(500, e.to_string()))?;
     let file = Gguf::open(&path).map_err(|e| Reply::error(400, format!("not a usable GGUF file: {e}")))?;
     let d = catalog::details_of(&file);
