@@ -294,9 +294,22 @@ impl Write for Conn {
     }
 }
 
+/// Largest response head read (status line and headers together).
+const MAX_HEAD: u64 = 64 << 10;
+
+/// One line of a response head, counted against what is left of `MAX_HEAD`.
+fn head_line(r: &mut BufReader<Conn>, line: &mut String, left: &mut u64) -> io::Result<usize> {
+    let n = r.by_ref().take(*left + 1).read_line(line)?;
+    *left = left.checked_sub(n as u64).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("response head longer than {MAX_HEAD} bytes"))
+    })?;
+    Ok(n)
+}
+
 fn read_head(mut r: BufReader<Conn>) -> io::Result<Response> {
     let mut line = String::new();
-    r.read_line(&mut line)?;
+    let mut left = MAX_HEAD;
+    head_line(&mut r, &mut line, &mut left)?;
     let status = line
         .split_whitespace()
         .nth(1)
@@ -305,7 +318,7 @@ fn read_head(mut r: BufReader<Conn>) -> io::Result<Response> {
     let (mut chunked, mut length, mut content_type) = (false, None, None);
     loop {
         line.clear();
-        if r.read_line(&mut line)? == 0 {
+        if head_line(&mut r, &mut line, &mut left)? == 0 {
             break;
         }
         let l = line.trim_end();
