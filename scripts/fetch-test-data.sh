@@ -10,12 +10,12 @@ bash "$here/fetch-default-model.sh"
 bash "$here/fetch-vocabs.sh"
 root=$(cd "$here/.." && pwd)
 synth=${TURBINE_SYNTH:-$HOME/.cache/turbine-synth}
-stamp=$(sha256sum "$root/scripts/synth/make_llama.py" | cut -d' ' -f1)
-if [ "$(cat "$synth/llama.stamp" 2>/dev/null)" != "$stamp" ] || [ ! -s "$synth/llama-q8_0.gguf" ]; then
+stamp=$(sha256sum "$root/scripts/synth/make_models.py" | cut -d' ' -f1)
+if [ "$(cat "$synth/models.stamp" 2>/dev/null)" != "$stamp" ] || [ ! -s "$synth/qwen3moe-q8_0.gguf" ]; then
   venv=${TURBINE_SYNTH_VENV:-$HOME/.cache/turbine-synth-venv}
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check gguf==0.19.0 numpy==2.4.6
-  "$venv/bin/python" "$root/scripts/synth/make_llama.py" "$synth" >/dev/null
-  echo "$stamp" > "$synth/llama.stamp"
+  "$venv/bin/python" "$root/scripts/synth/make_models.py" "$synth" >/dev/null
+  echo "$stamp" > "$synth/models.stamp"
   echo "synthetic models in $synth"
 fi

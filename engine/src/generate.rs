@@ -4,6 +4,7 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, KvCache};
 use crate::gguf::Gguf;
+use crate::kv::KvType;
 use crate::model::{self, Architecture, Batch};
 use crate::sampler::{Sampler, SamplerParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -328,8 +329,13 @@ pub struct Session<'m, B: Backend> {
 }
 
 impl<'m, B: Backend> Session<'m, B> {
+    /// A session whose cache holds `num_ctx` tokens in f16 (llama.cpp's default).
     pub fn new(model: &'m LoadedModel<B>, num_ctx: usize) -> Self {
-        let spec = model.arch.kv_spec(num_ctx, 1);
+        Session::with_kv_type(model, num_ctx, KvType::F16)
+    }
+
+    pub fn with_kv_type(model: &'m LoadedModel<B>, num_ctx: usize, dtype: KvType) -> Self {
+        let spec = model.arch.kv_spec(num_ctx, 1).with_type(dtype);
         Session { model, kv: model.backend.new_kv(&spec), last_logits: Vec::new() }
     }
 

@@ -33,6 +33,36 @@ pub struct KvLayout {
     pub windows: Vec<Option<u32>>,
 }
 
+/// How the cache stores keys and values (`OLLAMA_KV_CACHE_TYPE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// llama.cpp's and Ollama's default: half the memory, attention rounded as llama.cpp's
+    /// flash attention rounds it.
+    #[default]
+    F16,
+    /// Full precision: twice the memory, attention in f32 throughout (the strict
+    /// comparison of F32 models with llama.cpp).
+    F32,
+}
+
+impl KvType {
+    /// `f16` or `f32` (Ollama's names); the error lists what is accepted.
+    pub fn parse(name: &str) -> Result<KvType, String> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "" | "f16" => Ok(KvType::F16),
+            "f32" => Ok(KvType::F32),
+            other => Err(format!("KV cache type {other:?} is not supported: use f16 or f32")),
+        }
+    }
+
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+}
+
 /// Layers sharing one block table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvGroup {
@@ -53,6 +83,7 @@ pub struct KvSpec {
     pub max_tokens: usize,
     /// Number of sequence slots.
     pub n_seqs: usize,
+    pub dtype: KvType,
 }
 
 impl KvSpec {
@@ -89,12 +120,19 @@ impl KvSpec {
             layer_slot.push((g, groups[g].layers.len()));
             groups[g].layers.push(layer);
         }
-        KvSpec { n_layers: layout.windows.len(), kv_dim: layout.kv_dim, groups, layer_slot, max_tokens, n_seqs }
+        let n_layers = layout.windows.len();
+        KvSpec { n_layers, kv_dim: layout.kv_dim, groups, layer_slot, max_tokens, n_seqs, dtype: KvType::F16 }
     }
 
-    /// Bytes of f16 keys and values the pool holds when every block is in use.
+    /// The same pool storing `dtype`.
+    pub fn with_type(mut self, dtype: KvType) -> KvSpec {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Bytes of keys and values the pool holds when every block is in use.
     pub fn pool_bytes(&self) -> usize {
-        let per_block_layer = BLOCK_TOKENS * self.kv_dim * 2 * std::mem::size_of::<u16>();
+        let per_block_layer = BLOCK_TOKENS * self.kv_dim * 2 * self.dtype.bytes_per_value();
         self.groups.iter().map(|g| g.n_blocks * g.layers.len() * per_block_layer).sum()
     }
 }
@@ -457,6 +495,17 @@ mod tests {
         m.begin_batch(&batch)?;
         m.end_batch(&batch);
         Ok(())
+    }
+
+    #[test]
+    fn kv_types_parse_and_size_the_pool() {
+        assert_eq!(KvType::parse("F32"), Ok(KvType::F32));
+        assert_eq!(KvType::parse(" f16 "), Ok(KvType::F16));
+        assert_eq!(KvType::parse(""), Ok(KvType::F16));
+        let err = KvType::parse("q4_0").unwrap_err();
+        assert!(err.contains("\"q4_0\"") && err.contains("f16 or f32"), "{err}");
+        let spec = KvSpec::for_sequences(&layout(), 64, 2, 64);
+        assert_eq!(spec.clone().with_type(KvType::F32).pool_bytes(), 2 * spec.pool_bytes());
     }
 
     fn tokens(n: usize, salt: u32) -> Vec<u32> {

@@ -19,7 +19,7 @@
 
 use crate::backend::{Backend, KvCache};
 use crate::generate::{check_prompt, GenerateOptions, GenerateStats, Generation, LoadedModel, Step, TokenLogprob};
-use crate::kv::KvSpec;
+use crate::kv::{KvSpec, KvType};
 use crate::model::Batch;
 use crate::EngineError;
 use rayon::prelude::*;
@@ -45,6 +45,7 @@ pub struct SchedulerConfig {
     pub chunk_tokens: usize,
     /// Prompt-chunk tokens per step, beyond the decode tokens (at least one chunk runs).
     pub step_tokens: usize,
+    pub kv_type: KvType,
 }
 
 impl SchedulerConfig {
@@ -57,6 +58,7 @@ impl SchedulerConfig {
             max_seq_tokens: max_seq_tokens.max(1),
             chunk_tokens: 256,
             step_tokens: 512,
+            kv_type: KvType::F16,
         }
     }
 
@@ -64,7 +66,7 @@ impl SchedulerConfig {
     pub fn kv_spec(&self, layout: &crate::kv::KvLayout) -> KvSpec {
         let mut spec = KvSpec::for_sequences(layout, self.tokens_per_seq, self.max_running, self.chunk_tokens);
         spec.max_tokens = self.max_seq_tokens;
-        spec
+        spec.with_type(self.kv_type)
     }
 }
 

@@ -77,10 +77,13 @@ static llama_context * new_context(llama_model * model, int n_ctx, FILE * trace 
     // much llama.cpp's own logits move between its batched and one-token kernels).
     const char * ub = getenv("LLAMA_REF_UBATCH");
     cp.n_ubatch = ub ? (uint32_t) atoi(ub) : (uint32_t) n_ctx;
-    // LLAMA_REF_KV_F32 keeps the KV cache in f32 (the strict check of F32 models).
+    // LLAMA_REF_KV_F32 keeps the KV cache in f32 and attention in f32 throughout (the
+    // strict check of F32 models): flash attention is off, since it casts an f32 cache
+    // to f16 before attending.
     if (getenv("LLAMA_REF_KV_F32")) {
         cp.type_k = GGML_TYPE_F32;
         cp.type_v = GGML_TYPE_F32;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     }
     cp.n_threads = 2;
     cp.n_threads_batch = 2;
@@ -117,7 +120,8 @@ int main(int argc, char ** argv) {
     }
     std::string cmd = argv[1];
     llama_backend_init();
-    llama_log_set([](ggml_log_level, const char *, void *) {}, nullptr);
+    // LLAMA_REF_LOG keeps llama.cpp's own log (context and cache types) on stderr.
+    if (!getenv("LLAMA_REF_LOG")) llama_log_set([](ggml_log_level, const char *, void *) {}, nullptr);
     llama_model * model = llama_model_load_from_file(argv[2], llama_model_default_params());
     if (!model) { fprintf(stderr, "cannot load %s\n", argv[2]); return 1; }
     const llama_vocab * vocab = llama_model_get_vocab(model);

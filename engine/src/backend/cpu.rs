@@ -3,7 +3,7 @@
 
 use super::{AttnShape, Backend, BatchLayout, KvCache};
 use crate::gguf::{Gguf, TensorInfo};
-use crate::kv::{BlockManager, KvSpec, BLOCK_TOKENS};
+use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
 use crate::EngineError;
 use half::f16;
 use half::slice::HalfBitsSliceExt;
@@ -54,14 +54,68 @@ impl CpuWeight {
     }
 }
 
-/// Keys and values as f16 (llama.cpp's default cache type) in fixed-size blocks: per
-/// layer, one array of `[block][token in block][kv_dim]` over the blocks of the layer's
-/// group. Which block holds what is the [`BlockManager`]'s business.
+/// Keys and values in fixed-size blocks: per layer, one array of
+/// `[block][token in block][kv_dim]` over the blocks of the layer's group. Which block
+/// holds what is the [`BlockManager`]'s business.
 pub struct CpuKv {
     blocks: BlockManager,
-    /// f16 bits; zero-initialised, so pages the pool never uses are never touched.
-    keys: Vec<Vec<u16>>,
-    values: Vec<Vec<u16>>,
+    layers: Vec<Cells>,
+}
+
+/// One layer's keys and values, zero-initialised, so pages the pool never uses are never
+/// touched.
+enum Cells {
+    /// f16 bits (llama.cpp's default cache type).
+    F16 {
+        keys: Vec<u16>,
+        values: Vec<u16>,
+    },
+    F32 {
+        keys: Vec<f32>,
+        values: Vec<f32>,
+    },
+}
+
+impl Cells {
+    fn new(dtype: KvType, len: usize) -> Cells {
+        match dtype {
+            KvType::F16 => Cells::F16 { keys: vec![0; len], values: vec![0; len] },
+            KvType::F32 => Cells::F32 { keys: vec![0.0; len], values: vec![0.0; len] },
+        }
+    }
+
+    /// Stores one token's key and value rows at element offset `at`.
+    fn write(&mut self, at: usize, k: &[f32], v: &[f32]) {
+        let to_f16 =
+            |dst: &mut [u16], src: &[f32]| dst.iter_mut().zip(src).for_each(|(d, &x)| *d = f16::from_f32(x).to_bits());
+        let n = k.len();
+        match self {
+            Cells::F16 { keys, values } => {
+                to_f16(&mut keys[at..at + n], k);
+                to_f16(&mut values[at..at + n], v);
+            }
+            Cells::F32 { keys, values } => {
+                keys[at..at + n].copy_from_slice(k);
+                values[at..at + n].copy_from_slice(v);
+            }
+        }
+    }
+
+    /// The key and value rows at `at`, widened to f32.
+    fn read_into(&self, at: usize, k: &mut [f32], v: &mut [f32]) {
+        let widen =
+            |out: &mut [f32], src: &[u16]| out.iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_bits(x).to_f32());
+        match self {
+            Cells::F16 { keys, values } => {
+                widen(k, &keys[at..]);
+                widen(v, &values[at..]);
+            }
+            Cells::F32 { keys, values } => {
+                k.copy_from_slice(&keys[at..at + k.len()]);
+                v.copy_from_slice(&values[at..at + v.len()]);
+            }
+        }
+    }
 }
 
 impl KvCache for CpuKv {
@@ -78,8 +132,8 @@ impl CpuKv {
     fn new(spec: &KvSpec) -> CpuKv {
         let block_len = BLOCK_TOKENS * spec.kv_dim;
         let layer_len = |layer: usize| spec.groups[spec.layer_slot[layer].0].n_blocks * block_len;
-        let alloc = || (0..spec.n_layers).map(|l| vec![0u16; layer_len(l)]).collect();
-        CpuKv { blocks: BlockManager::new(spec), keys: alloc(), values: alloc() }
+        let layers = (0..spec.n_layers).map(|l| Cells::new(spec.dtype, layer_len(l))).collect();
+        CpuKv { blocks: BlockManager::new(spec), layers }
     }
 
     /// Where position `pos` of `seq` lives in `layer`'s arrays: a function from position
@@ -94,20 +148,7 @@ impl CpuKv {
     /// Writes one token's K and V rows (its block was reserved by `begin_batch`).
     fn store(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
         let at = self.locator(layer, seq)(pos);
-        let d = k.len();
-        for (cache, src) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
-            for (dst, &x) in cache[at..at + d].iter_mut().zip(src) {
-                *dst = f16::from_f32(x).to_bits();
-            }
-        }
-    }
-
-    fn keys_f16(&self, layer: usize) -> &[f16] {
-        self.keys[layer].reinterpret_cast()
-    }
-
-    fn values_f16(&self, layer: usize) -> &[f16] {
-        self.values[layer].reinterpret_cast()
+        self.layers[layer].write(at, k, v);
     }
 
     /// Keys and values of `seq` in `layer` from position `from` to `to` (exclusive), as
@@ -115,15 +156,12 @@ impl CpuKv {
     fn widen(&self, layer: usize, seq: usize, from: usize, to: usize) -> (Vec<f32>, Vec<f32>) {
         let d = self.blocks.spec().kv_dim;
         let at = self.locator(layer, seq);
-        let widen = |cache: &[u16]| -> Vec<f32> {
-            let mut out = vec![0.0f32; (to - from) * d];
-            out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
-                let src = &cache[at(from + i)..at(from + i) + d];
-                row.iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_bits(x).to_f32());
-            });
-            out
-        };
-        (widen(&self.keys[layer]), widen(&self.values[layer]))
+        let (mut k, mut v) = (vec![0.0f32; (to - from) * d], vec![0.0f32; (to - from) * d]);
+        k.par_chunks_mut(d)
+            .zip(v.par_chunks_mut(d))
+            .enumerate()
+            .for_each(|(i, (k, v))| self.layers[layer].read_into(at(from + i), k, v));
+        (k, v)
     }
 }
 
@@ -246,6 +284,17 @@ impl Backend for CpuBackend {
         ops::add_assign(&mut y.data, &x.data);
     }
 
+    fn add_bias(&self, x: &mut CpuAct, bias: &Vec<f32>) {
+        x.data.chunks_exact_mut(x.cols).for_each(|row| ops::add_assign(row, bias));
+    }
+
+    fn add_scaled_rows(&self, y: &mut CpuAct, x: &CpuAct, rows: &[usize], weights: &[f32]) {
+        for ((src, &r), &w) in x.data.chunks_exact(x.cols).zip(rows).zip(weights) {
+            let dst = &mut y.data[r * y.cols..(r + 1) * y.cols];
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d += w * s);
+        }
+    }
+
     fn geglu(&self, gate: &mut CpuAct, up: &CpuAct) {
         if gate.data.len() < PARALLEL_MIN_ELEMENTS {
             ops::geglu(&mut gate.data, &up.data);
@@ -291,15 +340,16 @@ impl Backend for CpuBackend {
             let e = rows_per_seq.entry(seq).or_insert((0, usize::MAX, 0));
             *e = (e.0 + 1, e.1.min(first_key(pos as usize)), e.2.max(pos as usize + 1));
         }
+        let f16_cache = matches!(kv.layers[layer], Cells::F16 { .. });
         let widened: HashMap<usize, (usize, Vec<f32>, Vec<f32>)> = rows_per_seq
             .into_iter()
-            .filter(|&(_, (rows, _, _))| rows >= F32_ATTENTION_MIN_QUERIES)
+            .filter(|&(_, (rows, _, _))| f16_cache && rows >= F32_ATTENTION_MIN_QUERIES)
             .map(|(seq, (_, from, to))| {
                 let (k, v) = kv.widen(layer, seq, from, to);
                 (seq, (from, k, v))
             })
             .collect();
-        let (keys16, values16) = (kv.keys_f16(layer), kv.values_f16(layer));
+        let cells = &kv.layers[layer];
         let d = kv.blocks.spec().kv_dim;
         out.data.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / shape.n_heads, i % shape.n_heads);
@@ -309,16 +359,21 @@ impl Backend for CpuBackend {
             // Grouped-query: query head h reads KV head h / (n_heads / n_kv_heads).
             let kvh = h / (shape.n_heads / shape.n_kv_heads);
             let head = kvh * hd..(kvh + 1) * hd;
-            match widened.get(&seq) {
-                Some((from, keys, values)) => {
+            let at = kv.locator(layer, seq);
+            let row = |p: usize| at(p) + head.start..at(p) + head.end;
+            match (widened.get(&seq), cells) {
+                (Some((from, keys, values)), _) => {
                     let row = |p: usize| (p - from) * d + head.start..(p - from) * d + head.end;
                     let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
                     attend_f32(qh, rows, shape.scale, o);
                 }
-                None => {
-                    let at = kv.locator(layer, seq);
-                    let row = |p: usize| at(p) + head.start..at(p) + head.end;
-                    let rows = (lo..=pos).map(|p| (&keys16[row(p)], &values16[row(p)]));
+                (None, Cells::F32 { keys, values }) => {
+                    let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
+                    attend_f32(qh, rows, shape.scale, o);
+                }
+                (None, Cells::F16 { keys, values }) => {
+                    let (keys, values): (&[f16], &[f16]) = (keys.reinterpret_cast(), values.reinterpret_cast());
+                    let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
                     attend_online_f16(qh, rows, shape.scale, o);
                 }
             }

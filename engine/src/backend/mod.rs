@@ -93,6 +93,10 @@ pub trait Backend: Send + Sync {
     fn scale(&self, x: &mut Self::Act, s: f32);
     /// y += x.
     fn add(&self, y: &mut Self::Act, x: &Self::Act);
+    /// Every row of x += bias.
+    fn add_bias(&self, x: &mut Self::Act, bias: &Self::Vector);
+    /// y[rows[i]] += weights[i] · x[i] (a mixture-of-experts combine).
+    fn add_scaled_rows(&self, y: &mut Self::Act, x: &Self::Act, rows: &[usize], weights: &[f32]);
     /// gate = gelu_tanh(gate) * up.
     fn geglu(&self, gate: &mut Self::Act, up: &Self::Act);
     /// gate = silu(gate) * up.

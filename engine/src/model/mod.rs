@@ -1,10 +1,15 @@
 //! Model architectures, one file each, all written against the [`Backend`] seam.
 
+pub mod decoder;
 pub mod gemma3;
 pub mod llama;
+pub mod moe;
+pub mod qwen2;
+pub mod qwen3;
+pub mod qwen3moe;
 
 use crate::backend::{Backend, BatchLayout, KvCache};
-use crate::gguf::Gguf;
+use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{KvLayout, KvSpec};
 use crate::EngineError;
 use std::sync::Arc;
@@ -92,6 +97,11 @@ pub trait Architecture<B: Backend>: Send + Sync {
     /// The final (normalized) hidden states, [rows × n_embd], of the tokens that ask for
     /// output, in batch order; blocks already reserved.
     fn compute_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError>;
+    /// Mixture-of-experts models: tokens routed to each expert since load, per layer
+    /// (empty for dense models). For debugging a router.
+    fn routing_stats(&self) -> Vec<Vec<u64>> {
+        Vec::new()
+    }
     /// [`Architecture::forward`] returning hidden states instead of logits (embeddings).
     fn forward_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
         check_tokens(batch, self.info().n_vocab)?;
@@ -126,7 +136,10 @@ fn check_tokens(batch: &Batch, n_vocab: usize) -> Result<(), EngineError> {
 pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<dyn Architecture<B>>, EngineError> {
     match file.architecture()? {
         "gemma3" => Ok(Box::new(gemma3::Gemma3::load(backend, file)?)),
-        "llama" => Ok(Box::new(llama::Llama::load(backend, file)?)),
+        "llama" => Ok(Box::new(llama::load(backend, file)?)),
+        "qwen2" => Ok(Box::new(qwen2::load(backend, file)?)),
+        "qwen3" => Ok(Box::new(qwen3::load(backend, file)?)),
+        "qwen3moe" => Ok(Box::new(qwen3moe::load(backend, file)?)),
         other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
     }
 }
@@ -145,6 +158,30 @@ impl<B: Backend> Loader<'_, B> {
             return Err(EngineError::shape(name, &format!("[{cols}, {rows}]"), &t.dims));
         }
         self.backend.weight(self.file, t)
+    }
+
+    /// The `n` experts of a [cols, rows, n] tensor, each a [rows × cols] weight matrix
+    /// over its own slice of the file.
+    pub fn experts(&self, name: &str, cols: usize, rows: usize, n: usize) -> Result<Vec<B::Weight>, EngineError> {
+        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        if t.dims != [cols as u64, rows as u64, n as u64] {
+            return Err(EngineError::shape(name, &format!("[{cols}, {rows}, {n}]"), &t.dims));
+        }
+        // Parsing checked that the data fits the file and matches the type's row size, so
+        // n whole experts of equal size make it up.
+        let per_expert = t.n_bytes / n.max(1);
+        (0..n)
+            .map(|e| {
+                let slice = TensorInfo {
+                    name: format!("{name}[{e}]"),
+                    ty: t.ty,
+                    dims: vec![cols as u64, rows as u64],
+                    offset: t.offset + (e * per_expert) as u64,
+                    n_bytes: per_expert,
+                };
+                self.backend.weight(self.file, &slice)
+            })
+            .collect()
     }
 
     pub fn vector(&self, name: &str, len: usize) -> Result<B::Vector, EngineError> {

@@ -252,7 +252,7 @@ impl Conn {
     /// and `name` (a host name or an IP address).
     #[cfg(feature = "tls")]
     fn tls(tcp: TcpStream, name: &str) -> io::Result<Conn> {
-        let fail = |e: String| io::Error::new(io::ErrorKind::Other, format!("TLS with {name}: {e}"));
+        let fail = |e: String| io::Error::other(format!("TLS with {name}: {e}"));
         let connector = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())
             .map_err(|e| fail(e.to_string()))?
             .build();

@@ -483,7 +483,7 @@ fn truthy(v: &Value) -> bool {
     }
 }
 
-fn field<'v>(mut v: &'v Value, path: &[String]) -> Value {
+fn field(mut v: &Value, path: &[String]) -> Value {
     for p in path {
         match v.get(p) {
             Some(x) => v = x,

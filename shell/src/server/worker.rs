@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel, TokenLogprob};
-use turbine::engine::kv::{KvLayout, BLOCK_TOKENS};
+use turbine::engine::kv::{KvLayout, KvType, BLOCK_TOKENS};
 use turbine::engine::sampler::SamplerParams;
 use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent};
 use turbine::engine::EngineError;
@@ -192,6 +192,8 @@ pub struct EngineLimits {
     /// TURBINE_MAX_MEMORY_MB: weights plus KV pools of the resident models (default: the
     /// memory available when the server starts).
     pub max_memory_mb: usize,
+    /// OLLAMA_KV_CACHE_TYPE: f16 (default) or f32.
+    pub kv_type: KvType,
 }
 
 /// Most sequences the automatic OLLAMA_NUM_PARALLEL picks.
@@ -206,6 +208,7 @@ impl Default for EngineLimits {
             num_ctx: super::options::default_num_ctx(),
             max_loaded: 3,
             max_memory_mb: available_memory_mb().unwrap_or(usize::MAX >> 20),
+            kv_type: KvType::F16,
         }
     }
 }
@@ -231,6 +234,10 @@ impl EngineLimits {
             num_ctx: d.num_ctx,
             max_loaded: var("OLLAMA_MAX_LOADED_MODELS", 1024)?.filter(|&n| n > 0).unwrap_or(d.max_loaded),
             max_memory_mb: var("TURBINE_MAX_MEMORY_MB", 1 << 30)?.filter(|&n| n > 0).unwrap_or(d.max_memory_mb),
+            kv_type: match std::env::var("OLLAMA_KV_CACHE_TYPE") {
+                Ok(v) => KvType::parse(&v).map_err(|e| format!("OLLAMA_KV_CACHE_TYPE: {e}"))?,
+                Err(_) => d.kv_type,
+            },
         })
     }
 
@@ -238,13 +245,16 @@ impl EngineLimits {
     fn scheduler_config(&self, layout: &KvLayout, context_length: usize) -> SchedulerConfig {
         let per_seq = self.num_ctx.clamp(4, context_length.max(4));
         let parallel = self.num_parallel.unwrap_or_else(|| {
-            let one = SchedulerConfig::new(1, 0, per_seq, context_length).kv_spec(layout).pool_bytes().max(1);
+            let one = SchedulerConfig::new(1, 0, per_seq, context_length).kv_spec(layout);
+            let one = one.with_type(self.kv_type).pool_bytes().max(1);
             (self.kv_cache_mb.saturating_mul(1 << 20) / one).clamp(1, AUTO_MAX_PARALLEL)
         });
         // One sequence may use the whole pool, never more: a longer context could only
         // end in a full cache after preempting everyone else.
         let pool_tokens = parallel.saturating_mul(per_seq.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS);
-        SchedulerConfig::new(parallel, self.max_queue, per_seq, context_length.min(pool_tokens))
+        let mut cfg = SchedulerConfig::new(parallel, self.max_queue, per_seq, context_length.min(pool_tokens));
+        cfg.kv_type = self.kv_type;
+        cfg
     }
 }
 

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Regenerates fixtures/synthetic/llama.json: llama.cpp's outputs on the synthetic Llama 3
-models of scripts/synth/make_llama.py (which this runs first, into a temporary folder).
+"""Regenerates fixtures/synthetic/{arch}.json: llama.cpp's outputs on the synthetic models
+of scripts/synth/make_models.py (which this runs first, into a temporary folder).
 
-    python3 scripts/synth/gen_llama_fixtures.py
+    python3 scripts/synth/gen_fixtures.py [ARCH...]      (default: every architecture)
 
+Run it with a Python that has the `gguf` and `numpy` versions scripts/fetch-test-data.sh
+pins (its venv, ~/.cache/turbine-synth-venv), so the models are the tests' bytes.
 Builds llama.cpp with scripts/llama_ref/build.sh (cached outside the repo). For each model
 (F32, then Q8_0) it records, for a fixed teacher-forced sequence, every position's top-10
 ids and logits and the logits of 64 fixed probe ids, and the 32-token greedy continuations
 of three prompts. The F32 model runs with an F32 KV cache (LLAMA_REF_KV_F32), the strict
 check; the Q8_0 model with llama.cpp's default F16 cache. The tests read the JSON and the
-models make_llama.py writes; they never need llama.cpp.
+models make_models.py writes; they never need llama.cpp.
 """
 import json
 import os
@@ -63,23 +65,40 @@ def record(dump, model, ids, probes, env):
     }
 
 
-def main():
-    dump = dumper()
+# Per vocabulary: the BOS id the teacher-forced sequence starts with (None: the family
+# adds none), the count of ordinary tokens to draw the rest from, and the vocabulary size.
+VOCABS = {
+    "llama": (128000, 128000, 128256),
+    "qwen2": (None, 151643, 151936),
+    "qwen3": (None, 151643, 151936),
+    "qwen3moe": (None, 151643, 151936),
+}
+
+
+def fixture(dump, models, arch):
+    bos, n_plain, n_vocab = VOCABS[arch]
     rng = random.Random(20261125)
-    ids = [128000] + [rng.randrange(0, 128000) for _ in range(N_TEACHER - 1)]
-    probes = sorted(rng.sample(range(128256), 64))
+    ids = ([bos] if bos is not None else []) + [rng.randrange(0, n_plain) for _ in range(N_TEACHER - (bos is not None))]
+    probes = sorted(rng.sample(range(n_vocab), 64))
+    env = dict(os.environ)
+    f32 = record(dump, os.path.join(models, f"{arch}-f32.gguf"), ids, probes, dict(env, LLAMA_REF_KV_F32="1"))
+    q8 = record(dump, os.path.join(models, f"{arch}-q8_0.gguf"), ids, probes, env)
+    return {"prompts": PROMPTS, "ids": ids, "probe_ids": probes, "f32": f32, "q8_0": q8}
+
+
+def main():
+    archs = sys.argv[1:] or list(VOCABS)
+    dump = dumper()
     with tempfile.TemporaryDirectory() as models:
-        subprocess.run([sys.executable, os.path.join(HERE, "make_llama.py"), models], check=True, capture_output=True)
-        env = dict(os.environ)
-        f32 = record(dump, os.path.join(models, "llama-f32.gguf"), ids, probes, dict(env, LLAMA_REF_KV_F32="1"))
-        q8 = record(dump, os.path.join(models, "llama-q8_0.gguf"), ids, probes, env)
-    out = {"prompts": PROMPTS, "ids": ids, "probe_ids": probes, "f32": f32, "q8_0": q8}
-    path = os.path.join(ROOT, "fixtures", "synthetic", "llama.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, separators=(",", ":"))
-        f.write("\n")
-    print(path)
+        subprocess.run([sys.executable, os.path.join(HERE, "make_models.py"), models, *archs], check=True, capture_output=True)
+        for arch in archs:
+            out = fixture(dump, models, arch)
+            path = os.path.join(ROOT, "fixtures", "synthetic", f"{arch}.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(out, f, separators=(",", ":"))
+                f.write("\n")
+            print(path)
 
 
 if __name__ == "__main__":

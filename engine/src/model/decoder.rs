@@ -1,0 +1,287 @@
+//! The skeleton shared by the decoder-only architectures whose differences all live inside
+//! a layer (llama, qwen2, qwen3, qwen3moe): hyper-parameters read under the
+//! architecture's key prefix, the token embeddings and output head, and the pre-norm
+//! residual stack
+//!
+//!   x = embed(tokens)
+//!   for each layer: x = x + attention(x); x = x + feed_forward(x)
+//!   logits = output · rms_norm(x)
+//!
+//! Each architecture's file supplies its layers through [`Layers`].
+
+use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo};
+use crate::backend::{AttnShape, Backend};
+use crate::gguf::Gguf;
+use crate::kv::KvLayout;
+use crate::EngineError;
+use std::sync::Arc;
+
+/// Hyper-parameters every decoder has, read from `{arch}.*` metadata.
+#[derive(Clone, Debug)]
+pub struct DecoderConfig {
+    /// The metadata key prefix (`general.architecture`).
+    pub arch: &'static str,
+    pub n_vocab: usize,
+    pub n_embd: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// `feed_forward_length`: required by dense FFNs, unused by mixture-of-experts ones.
+    pub n_ff: Option<usize>,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    pub rope_base: f32,
+    pub rope_freq_scale: f32,
+}
+
+impl DecoderConfig {
+    pub fn from_gguf(g: &Gguf, arch: &'static str) -> Result<DecoderConfig, EngineError> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let req = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&key(k)), &key(k))? as usize) };
+        let n_embd = req("embedding_length")?;
+        let n_layers = req("block_count")?;
+        // Every layer has several tensors: a count the file cannot back is refused before
+        // any per-layer allocation.
+        if n_layers > g.tensors().len() {
+            return Err(EngineError::BadValue {
+                key: key("block_count"),
+                value: n_layers.to_string(),
+                why: "more layers than the file has tensors",
+            });
+        }
+        let n_heads = req("attention.head_count")?;
+        let n_kv_heads = g.get_u32(&key("attention.head_count_kv"))?.map_or(n_heads, |v| v as usize);
+        let head_dim = match g.get_u32(&key("attention.key_length"))? {
+            Some(v) => v as usize,
+            None => n_embd.checked_div(n_heads).unwrap_or(0),
+        };
+        let n_rot = g.get_u32(&key("rope.dimension_count"))?.map_or(head_dim, |v| v as usize);
+        if n_rot != head_dim {
+            return Err(EngineError::BadValue {
+                key: key("rope.dimension_count"),
+                value: n_rot.to_string(),
+                why: "partial rotary embeddings are not supported (must equal the head size)",
+            });
+        }
+        let n_vocab = g
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))? as usize;
+        let cfg = DecoderConfig {
+            arch,
+            n_vocab,
+            n_embd,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            n_ff: g.get_u32(&key("feed_forward_length"))?.map(|v| v as usize),
+            rms_eps: required(
+                g.get_f32(&key("attention.layer_norm_rms_epsilon")),
+                &key("attention.layer_norm_rms_epsilon"),
+            )?,
+            context_length: req("context_length")?,
+            rope_base: g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_freq_scale: linear_rope_scale(g, &key("rope.scaling.type"), &key("rope.scaling.factor"))?,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Rejects sizes the forward pass cannot run with.
+    fn check(&self) -> Result<(), EngineError> {
+        let bad = |key: &str, value: usize, why: &'static str| {
+            Err(EngineError::BadValue { key: self.key(key), value: value.to_string(), why })
+        };
+        if self.n_embd == 0 || self.n_layers == 0 || self.context_length == 0 {
+            return bad("embedding_length/block_count/context_length", 0, "must be > 0");
+        }
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad("attention.head_count_kv", self.n_kv_heads, "must divide attention.head_count");
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad("attention.key_length", self.head_dim, "must be even and > 0");
+        }
+        if self.n_ff == Some(0) {
+            return bad("feed_forward_length", 0, "must be > 0");
+        }
+        Ok(())
+    }
+
+    /// `{arch}.{k}`.
+    pub fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    /// The dense FFN width, for architectures that need it.
+    pub fn dense_ff(&self) -> Result<usize, EngineError> {
+        self.n_ff.ok_or_else(|| EngineError::MissingKey(self.key("feed_forward_length")))
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Full causal attention scaled by 1/√head_dim.
+    pub fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            window: None,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        }
+    }
+}
+
+/// `rope.scaling.type` none or linear (factor f → frequencies scaled by 1/f); Llama 3's
+/// scaling comes as `rope_freqs.weight` instead.
+fn linear_rope_scale(g: &Gguf, type_key: &str, factor_key: &str) -> Result<f32, EngineError> {
+    let factor = g.get_f32(factor_key)?.unwrap_or(1.0);
+    match g.get_str(type_key)?.unwrap_or("none") {
+        "none" => Ok(1.0),
+        "linear" if factor > 0.0 && factor.is_finite() => Ok(1.0 / factor),
+        "linear" => {
+            Err(EngineError::BadValue { key: factor_key.into(), value: factor.to_string(), why: "must be > 0" })
+        }
+        other => Err(EngineError::BadValue {
+            key: type_key.into(),
+            value: other.to_string(),
+            why: "only linear RoPE scaling (or Llama 3's rope_freqs) is supported",
+        }),
+    }
+}
+
+/// One architecture's layers: what happens inside the residual stack.
+pub trait Layers<B: Backend>: Send + Sync {
+    /// Attention of layer `il`, x [n × d] → [n × d], appending the batch's keys and values
+    /// to `kv`; x is the residual stream (the layer applies its own norm).
+    fn attention(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv) -> B::Act;
+    /// Feed-forward block of layer `il`, x [n × d] → [n × d] (its own norm included).
+    fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act;
+    /// Mixture-of-experts models: tokens routed to each expert since load, per layer.
+    fn routing_stats(&self) -> Vec<Vec<u64>> {
+        Vec::new()
+    }
+}
+
+/// SwiGLU feed-forward: down · (silu(gate · h) ⊙ up · h), h = rms_norm(x).
+pub struct DenseFfn<B: Backend> {
+    norm: B::Vector,
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+}
+
+impl<B: Backend> DenseFfn<B> {
+    pub(crate) fn load(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) -> Result<DenseFfn<B>, EngineError> {
+        let n = |s: &str| format!("blk.{il}.{s}.weight");
+        let (d, ff) = (cfg.n_embd, cfg.dense_ff()?);
+        Ok(DenseFfn {
+            norm: ld.vector(&n("ffn_norm"), d)?,
+            gate: ld.weight(&n("ffn_gate"), d, ff)?,
+            up: ld.weight(&n("ffn_up"), d, ff)?,
+            down: ld.weight(&n("ffn_down"), ff, d)?,
+        })
+    }
+
+    /// x [n × d] → [n × d].
+    pub fn forward(&self, cfg: &DecoderConfig, b: &B, x: &B::Act) -> B::Act {
+        let h = b.rms_norm(x, &self.norm, cfg.rms_eps);
+        let [mut gate, up] = b.matmuls([&self.gate, &self.up], &h); // [n × n_ff] each
+        b.swiglu(&mut gate, &up);
+        let mut out = b.matmul(&self.down, &gate); // [n × d]
+        b.all_reduce_sum(&mut out);
+        out
+    }
+}
+
+/// A decoder-only transformer: embeddings, `L`'s layers, the output norm and head.
+pub struct Decoder<B: Backend, L> {
+    pub cfg: DecoderConfig,
+    info: ModelInfo,
+    tok_embd: B::Weight,
+    /// `output.weight`, or None when tied to `tok_embd`.
+    output: Option<B::Weight>,
+    output_norm: B::Vector,
+    layers: L,
+}
+
+impl<B: Backend, L: Layers<B>> Decoder<B, L> {
+    /// Reads the configuration, then the layers `load_layers` builds, then the rest.
+    pub(crate) fn load(
+        backend: &B,
+        file: &Arc<Gguf>,
+        arch: &'static str,
+        load_layers: impl FnOnce(&Loader<B>, &DecoderConfig) -> Result<L, EngineError>,
+    ) -> Result<Decoder<B, L>, EngineError> {
+        let cfg = DecoderConfig::from_gguf(file, arch)?;
+        let ld = Loader { backend, file };
+        let tok_embd = ld.weight("token_embd.weight", cfg.n_embd, cfg.n_vocab)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => Some(ld.weight("output.weight", cfg.n_embd, cfg.n_vocab)?),
+            None => None,
+        };
+        let output_norm = ld.vector("output_norm.weight", cfg.n_embd)?;
+        let layers = load_layers(&ld, &cfg)?;
+        let info = ModelInfo {
+            architecture: arch.into(),
+            n_vocab: cfg.n_vocab,
+            n_embd: cfg.n_embd,
+            n_layers: cfg.n_layers,
+            context_length: cfg.context_length,
+            n_params: count_params(file),
+        };
+        Ok(Decoder { cfg, info, tok_embd, output, output_norm, layers })
+    }
+
+    /// The layers and the output norm: [n × d] hidden states of the rows that want output.
+    fn hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<B::Act, EngineError> {
+        let cfg = &self.cfg;
+        let out_rows = batch.output_rows();
+        let mut x = b.embed(&self.tok_embd, &batch.tokens, 1.0)?; // [n × d]
+        for il in 0..cfg.n_layers {
+            let mut attn = self.layers.attention(cfg, b, il, &x, batch, kv);
+            if il + 1 == cfg.n_layers {
+                // Only the rows that want output go through the last FFN and the head.
+                attn = b.select_rows(&attn, &out_rows);
+                x = b.select_rows(&x, &out_rows);
+            }
+            b.add(&mut attn, &x);
+            let mut ffn = self.layers.feed_forward(cfg, b, il, &attn);
+            b.add(&mut ffn, &attn);
+            x = ffn;
+        }
+        Ok(b.rms_norm(&x, &self.output_norm, cfg.rms_eps))
+    }
+}
+
+impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        KvLayout { kv_dim: self.cfg.kv_dim(), windows: vec![None; self.cfg.n_layers] }
+    }
+
+    fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
+        let x = self.hidden(b, batch, kv)?; // [n_out × d]
+        let head = self.output.as_ref().unwrap_or(&self.tok_embd);
+        let data = b.take_to_host(b.matmul(head, &x)); // [n_out × n_vocab]
+        Ok(Logits { rows: batch.output_rows(), n_vocab: self.cfg.n_vocab, data })
+    }
+
+    fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
+        Ok(b.take_to_host(self.hidden(b, batch, kv)?))
+    }
+
+    fn routing_stats(&self) -> Vec<Vec<u64>> {
+        self.layers.routing_stats()
+    }
+}

@@ -1,0 +1,79 @@
+//! Qwen2 and Qwen2.5 (dense), as llama.cpp runs them (`src/models/qwen2.cpp`).
+//!
+//! Llama's layer with two changes: Q, K and V have biases, and RoPE rotates the two
+//! halves of each head (NEOX style) instead of adjacent pairs. Small Qwen models tie the
+//! output projection to the embeddings.
+
+use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
+use super::{Batch, Loader};
+use crate::backend::Backend;
+use crate::gguf::Gguf;
+use crate::EngineError;
+use std::sync::Arc;
+
+pub type Qwen2<B> = Decoder<B, Qwen2Layers<B>>;
+
+struct Attention<B: Backend> {
+    norm: B::Vector,
+    wq: B::Weight,
+    wk: B::Weight,
+    wv: B::Weight,
+    /// Biases of Q [q_dim], K and V [kv_dim].
+    bq: B::Vector,
+    bk: B::Vector,
+    bv: B::Vector,
+    wo: B::Weight,
+}
+
+pub struct Qwen2Layers<B: Backend> {
+    attention: Vec<Attention<B>>,
+    ffn: Vec<DenseFfn<B>>,
+}
+
+pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen2<B>, EngineError> {
+    Decoder::load(backend, file, "qwen2", |ld, cfg| {
+        Ok(Qwen2Layers {
+            attention: (0..cfg.n_layers).map(|il| load_attention(ld, cfg, il)).collect::<Result<_, _>>()?,
+            ffn: (0..cfg.n_layers).map(|il| DenseFfn::load(ld, cfg, il)).collect::<Result<_, _>>()?,
+        })
+    })
+}
+
+fn load_attention<B: Backend>(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) -> Result<Attention<B>, EngineError> {
+    let w = |s: &str| format!("blk.{il}.{s}.weight");
+    let bias = |s: &str| format!("blk.{il}.{s}.bias");
+    let (d, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
+    Ok(Attention {
+        norm: ld.vector(&w("attn_norm"), d)?,
+        wq: ld.weight(&w("attn_q"), d, q)?,
+        wk: ld.weight(&w("attn_k"), d, kv)?,
+        wv: ld.weight(&w("attn_v"), d, kv)?,
+        bq: ld.vector(&bias("attn_q"), q)?,
+        bk: ld.vector(&bias("attn_k"), kv)?,
+        bv: ld.vector(&bias("attn_v"), kv)?,
+        wo: ld.weight(&w("attn_output"), q, d)?,
+    })
+}
+
+impl<B: Backend> Layers<B> for Qwen2Layers<B> {
+    fn attention(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv) -> B::Act {
+        let l = &self.attention[il];
+        let h = b.rms_norm(x, &l.norm, cfg.rms_eps);
+        // q [n × n_heads·hd], k and v [n × n_kv_heads·hd]
+        let [mut q, mut k, mut v] = b.matmuls([&l.wq, &l.wk, &l.wv], &h);
+        b.add_bias(&mut q, &l.bq);
+        b.add_bias(&mut k, &l.bk);
+        b.add_bias(&mut v, &l.bv);
+        let pos = &batch.layout.positions;
+        b.rope_neox(&mut q, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale);
+        b.rope_neox(&mut k, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale);
+        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape()); // [n × n_heads·hd]
+        let mut o = b.matmul(&l.wo, &a); // [n × d]
+        b.all_reduce_sum(&mut o);
+        o
+    }
+
+    fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act {
+        self.ffn[il].forward(cfg, b, x)
+    }
+}

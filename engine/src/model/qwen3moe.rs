@@ -1,0 +1,100 @@
+//! Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B), as llama.cpp runs it
+//! (`src/models/qwen3moe.cpp`).
+//!
+//! Qwen3's attention (QK-norm, NEOX RoPE) with a mixture-of-experts FFN in every layer:
+//! h = rms_norm(x); a router [n_expert × d] scores the experts, a softmax over all of
+//! them picks each token's top k (`expert_used_count`), whose probabilities are
+//! renormalized to sum to 1 (norm_topk_prob); the output is Σ w_e · SwiGLU_e(h). No
+//! shared expert.
+
+use super::decoder::{Decoder, DecoderConfig, Layers};
+use super::moe::{Experts, Gating, Routing, RoutingStats};
+use super::qwen3::Attention;
+use super::{required, Batch};
+use crate::backend::Backend;
+use crate::gguf::Gguf;
+use crate::EngineError;
+use std::sync::Arc;
+
+pub type Qwen3Moe<B> = Decoder<B, Qwen3MoeLayers<B>>;
+
+struct MoeFfn<B: Backend> {
+    norm: B::Vector,
+    /// Router [n_expert × d].
+    router: B::Weight,
+    experts: Experts<B>,
+    stats: RoutingStats,
+}
+
+pub struct Qwen3MoeLayers<B: Backend> {
+    attention: Vec<Attention<B>>,
+    ffn: Vec<MoeFfn<B>>,
+    routing: Routing,
+}
+
+pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen3Moe<B>, EngineError> {
+    Decoder::load(backend, file, "qwen3moe", |ld, cfg| {
+        let (routing, n_ff_exp) = read_routing(file, cfg)?;
+        let load_ffn = |il: usize| -> Result<MoeFfn<B>, EngineError> {
+            let n = |s: &str| format!("blk.{il}.{s}.weight");
+            Ok(MoeFfn {
+                norm: ld.vector(&n("ffn_norm"), cfg.n_embd)?,
+                router: ld.weight(&n("ffn_gate_inp"), cfg.n_embd, routing.n_expert)?,
+                experts: Experts::load(ld, il, cfg.n_embd, n_ff_exp, routing.n_expert)?,
+                stats: RoutingStats::new(routing.n_expert),
+            })
+        };
+        Ok(Qwen3MoeLayers {
+            attention: (0..cfg.n_layers).map(|il| Attention::load(ld, cfg, il)).collect::<Result<_, _>>()?,
+            ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
+            routing,
+        })
+    })
+}
+
+/// Expert count, experts per token and the expert FFN width
+/// (`expert_feed_forward_length`, else `feed_forward_length / expert_used_count`).
+fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize), EngineError> {
+    let get = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&cfg.key(k)), &cfg.key(k))? as usize) };
+    let (n_expert, n_used) = (get("expert_count")?, get("expert_used_count")?);
+    if n_expert == 0 || n_used == 0 || n_used > n_expert {
+        return Err(EngineError::BadValue {
+            key: cfg.key("expert_used_count"),
+            value: format!("{n_used} of {n_expert}"),
+            why: "must be between 1 and expert_count",
+        });
+    }
+    let n_ff_exp = match g.get_u32(&cfg.key("expert_feed_forward_length"))? {
+        Some(v) => v as usize,
+        None => cfg.dense_ff()? / n_used,
+    };
+    if n_ff_exp == 0 {
+        return Err(EngineError::BadValue {
+            key: cfg.key("expert_feed_forward_length"),
+            value: "0".into(),
+            why: "must be > 0",
+        });
+    }
+    let routing = Routing { n_expert, n_used, gating: Gating::Softmax, normalize: true, scale: 1.0 };
+    Ok((routing, n_ff_exp))
+}
+
+impl<B: Backend> Layers<B> for Qwen3MoeLayers<B> {
+    fn routing_stats(&self) -> Vec<Vec<u64>> {
+        self.ffn.iter().map(|f| f.stats.snapshot()).collect()
+    }
+
+    fn attention(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv) -> B::Act {
+        self.attention[il].forward(cfg, b, il, x, batch, kv)
+    }
+
+    fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act {
+        let f = &self.ffn[il];
+        let h = b.rms_norm(x, &f.norm, cfg.rms_eps); // [n × d]
+        let logits = b.take_to_host(b.matmul(&f.router, &h)); // [n × n_expert]
+        let routes = self.routing.route(&logits);
+        let mut out = f.experts.forward(b, &h, &routes, &f.stats); // [n × d]
+        b.all_reduce_sum(&mut out);
+        out
+    }
+}

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Synthetic GGUFs for checking Turbine's architectures against llama.cpp.
+
+    python3 scripts/synth/make_models.py OUT_DIR [ARCH...]
+
+For each architecture (default: all of ARCHS) writes OUT_DIR/{arch}-f32.gguf (every tensor
+F32) and OUT_DIR/{arch}-q8_0.gguf (the matrices Q8_0, the rest F32, the MoE router F32 as
+llama.cpp's quantizer keeps it): small dimensions but every structural feature of the
+architecture, the real BPE vocabulary of its family (llama.cpp's ggml-vocab-*.gguf, from
+scripts/fetch-vocabs.sh), and random weights of a sensible scale from fixed seeds: the same
+bytes on every run (numpy's PCG64).
+
+  llama     Llama 3: grouped-query attention, SwiGLU, untied output, RoPE with rope_freqs
+  qwen2     Qwen2.5: Q/K/V biases, NEOX RoPE, tied output, ChatML template
+  qwen3     Qwen3: QK-norm, head size 32 with q width 128 != n_embd 64, NEOX RoPE, tied
+  qwen3moe  Qwen3-MoE: Qwen3's attention, 16 experts of width 32, top-4, renormalized
+"""
+import os
+import sys
+
+import numpy as np
+import gguf
+
+VOCABS = os.environ.get("TURBINE_VOCABS", os.path.expanduser("~/.cache/turbine-vocabs"))
+SEED = 20261125
+
+ARCHS = {
+    "llama": dict(vocab="llama-bpe", embd=64, head=4, head_kv=2, head_dim=16, ff=160, layers=2,
+                  rope_base=500000.0, tied=False, rope_freqs=True),
+    "qwen2": dict(vocab="qwen2", embd=64, head=4, head_kv=2, head_dim=16, ff=160, layers=2,
+                  rope_base=1000000.0, tied=True, qkv_bias=True),
+    "qwen3": dict(vocab="qwen2", embd=64, head=4, head_kv=2, head_dim=32, ff=160, layers=2,
+                  rope_base=1000000.0, tied=True, qk_norm=True),
+    "qwen3moe": dict(vocab="qwen2", embd=64, head=4, head_kv=2, head_dim=32, ff=96, layers=2,
+                     rope_base=1000000.0, tied=True, qk_norm=True, experts=16, experts_used=4, expert_ff=32),
+}
+N_CTX = 512
+
+
+def vocab(name):
+    """Tokens, token types, merges, special ids and chat template of a vocabulary file."""
+    r = gguf.GGUFReader(os.path.join(VOCABS, f"ggml-vocab-{name}.gguf"))
+    f = r.fields
+
+    def strings(key):
+        field = f[key]
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+    def scalar(key):
+        return int(f[key].parts[f[key].data[0]][0])
+
+    types = [int(f["tokenizer.ggml.token_type"].parts[i][0]) for i in f["tokenizer.ggml.token_type"].data]
+    template = None
+    if "tokenizer.chat_template" in f:
+        template = bytes(f["tokenizer.chat_template"].parts[f["tokenizer.chat_template"].data[0]]).decode("utf-8")
+    return dict(
+        tokens=strings("tokenizer.ggml.tokens"),
+        types=types,
+        merges=strings("tokenizer.ggml.merges"),
+        pre=bytes(f["tokenizer.ggml.pre"].parts[f["tokenizer.ggml.pre"].data[0]]).decode("utf-8"),
+        bos=scalar("tokenizer.ggml.bos_token_id"),
+        eos=scalar("tokenizer.ggml.eos_token_id"),
+        template=template,
+    )
+
+
+def llama3_rope_freqs(head_dim, base):
+    """Llama 3.1's frequency divisors (factor 8, low 1, high 4, 8192 ctx)."""
+    factor, low, high, old_ctx = 8.0, 1.0, 4.0, 8192
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / (base ** (i / head_dim))
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def tensors(a, n_vocab, seed):
+    """Name → float32 array (numpy shape: reversed GGUF dims, e.g. rows × cols)."""
+    rng = np.random.default_rng(seed)
+    d, q, kv = a["embd"], a["head"] * a["head_dim"], a["head_kv"] * a["head_dim"]
+
+    def mat(rows, cols, scale=1.0, lead=()):
+        return (rng.standard_normal((*lead, rows, cols)) * scale / np.sqrt(cols)).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def bias(n):
+        return (0.5 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"token_embd.weight": (rng.standard_normal((n_vocab, d)) * 0.5).astype(np.float32)}
+    for il in range(a["layers"]):
+        p = f"blk.{il}."
+        t[p + "attn_norm.weight"] = norm(d)
+        t[p + "attn_q.weight"] = mat(q, d)
+        t[p + "attn_k.weight"] = mat(kv, d)
+        t[p + "attn_v.weight"] = mat(kv, d)
+        if a.get("qkv_bias"):
+            t[p + "attn_q.bias"], t[p + "attn_k.bias"], t[p + "attn_v.bias"] = bias(q), bias(kv), bias(kv)
+        if a.get("qk_norm"):
+            t[p + "attn_q_norm.weight"], t[p + "attn_k_norm.weight"] = norm(a["head_dim"]), norm(a["head_dim"])
+        t[p + "attn_output.weight"] = mat(d, q)
+        t[p + "ffn_norm.weight"] = norm(d)
+        if "experts" in a:
+            n, ff = a["experts"], a["expert_ff"]
+            # A router with a spread of 2 logits, so the top-k choice is clear-cut but varied.
+            t[p + "ffn_gate_inp.weight"] = mat(n, d, scale=2.0)
+            t[p + "ffn_gate_exps.weight"] = mat(ff, d, lead=(n,))
+            t[p + "ffn_up_exps.weight"] = mat(ff, d, lead=(n,))
+            t[p + "ffn_down_exps.weight"] = mat(d, ff, lead=(n,))
+        else:
+            t[p + "ffn_gate.weight"] = mat(a["ff"], d)
+            t[p + "ffn_up.weight"] = mat(a["ff"], d)
+            t[p + "ffn_down.weight"] = mat(d, a["ff"])
+    t["output_norm.weight"] = norm(d)
+    if not a["tied"]:
+        t["output.weight"] = mat(n_vocab, d, scale=4.0)
+    if a.get("rope_freqs"):
+        t["rope_freqs.weight"] = llama3_rope_freqs(a["head_dim"], a["rope_base"])
+    return t
+
+
+def write(path, arch, quantize):
+    a, v = ARCHS[arch], vocab(ARCHS[arch]["vocab"])
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"turbine-synthetic-{arch}")
+    w.add_context_length(N_CTX)
+    w.add_embedding_length(a["embd"])
+    w.add_block_count(a["layers"])
+    w.add_feed_forward_length(a["ff"])
+    w.add_head_count(a["head"])
+    w.add_head_count_kv(a["head_kv"])
+    if a["head_dim"] * a["head"] != a["embd"]:
+        w.add_key_length(a["head_dim"])
+        w.add_value_length(a["head_dim"])
+    w.add_rope_dimension_count(a["head_dim"])
+    w.add_rope_freq_base(a["rope_base"])
+    w.add_layer_norm_rms_eps(1e-6 if arch.startswith("qwen") else 1e-5)
+    if "experts" in a:
+        w.add_expert_count(a["experts"])
+        w.add_expert_used_count(a["experts_used"])
+        w.add_expert_feed_forward_length(a["expert_ff"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(v["pre"])
+    w.add_token_list(v["tokens"])
+    w.add_token_types(v["types"])
+    w.add_token_merges(v["merges"])
+    w.add_bos_token_id(v["bos"])
+    w.add_eos_token_id(v["eos"])
+    if arch.startswith("qwen"):
+        w.add_add_bos_token(False)
+    if v["template"]:
+        w.add_chat_template(v["template"])
+    # llama keeps the seed of the first version of this script (its fixtures came first).
+    seed = SEED if arch == "llama" else SEED + sum(map(ord, arch))
+    for name, data in tensors(a, len(v["tokens"]), seed).items():
+        if quantize and data.ndim >= 2 and "ffn_gate_inp" not in name:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/turbine-synth")
+    archs = sys.argv[2:] or list(ARCHS)
+    os.makedirs(out, exist_ok=True)
+    for arch in archs:
+        write(os.path.join(out, f"{arch}-f32.gguf"), arch, quantize=False)
+        write(os.path.join(out, f"{arch}-q8_0.gguf"), arch, quantize=True)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
