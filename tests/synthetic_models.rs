@@ -1,13 +1,13 @@
 //! Architectures against llama.cpp on synthetic models (scripts/synth/make_models.py
 //! writes them: 2 layers of width 64 with every structural feature of the architecture and
 //! its family's real BPE vocabulary; fixtures from scripts/synth/gen_fixtures.py):
-//! llama (Llama 3), qwen2, qwen3 and qwen3moe.
+//! llama (Llama 3), qwen2, qwen3, qwen3moe and gpt-oss.
 //!
 //! Each F32 model is the strict test: run with an F32 KV cache against llama.cpp with an
 //! F32 cache and flash attention off (attention in f32 on both sides), every teacher-forced
 //! argmax and every greedy continuation is llama.cpp's and logits agree within 1e-3 (seen:
-//! ~7e-6 on logits up to ~23). Each Q8_0 model runs with the default F16 cache against
-//! llama.cpp's default; it is reported (|Δlogit|, argmax agreement) and its greedy
+//! ~7e-6 on logits up to ~23). Each quantized twin (Q8_0; gpt-oss: MXFP4 experts) runs with
+//! the default F16 cache against llama.cpp's default; it is reported (|Δlogit|, argmax agreement) and its greedy
 //! continuations must agree for at least their first 8 tokens.
 
 #[allow(dead_code)] // each test crate uses some of the helpers
@@ -93,18 +93,19 @@ fn f32_model_matches_llama_cpp_strictly(arch: &str) {
     assert_eq!(greedy(&m, KvType::F32, prompts, 32), want, "32-token greedy continuations");
 }
 
-/// The Q8_0 model: argmaxes agree at ≥ 90% of positions, greedy for ≥ 8 tokens.
-fn q8_0_model_stays_close_to_llama_cpp(arch: &str) {
+/// The quantized twin (`quant`: q8_0, or mxfp4 experts): argmaxes agree at ≥ 90% of
+/// positions, greedy for ≥ 8 tokens.
+fn quantized_model_stays_close_to_llama_cpp(arch: &str, quant: &str) {
     let fx = fixture(&format!("synthetic/{arch}.json"));
-    let m = model(&format!("{arch}-q8_0.gguf"));
-    let (same, n, max_d, mean_d) = teacher_forced(&m, KvType::F16, &fx["q8_0"], &fx);
-    println!("{arch} Q8_0: argmax {same}/{n}, |Δlogit| max {max_d:.4} mean {mean_d:.4}");
+    let m = model(&format!("{arch}-{quant}.gguf"));
+    let (same, n, max_d, mean_d) = teacher_forced(&m, KvType::F16, &fx[quant], &fx);
+    println!("{arch} {quant}: argmax {same}/{n}, |Δlogit| max {max_d:.4} mean {mean_d:.4}");
     assert!(same * 10 >= n * 9, "argmax agreement {same}/{n}");
     let prompts = fx["prompts"].as_array().expect("prompts");
-    let want: Vec<Vec<u32>> = fx["q8_0"]["greedy"].as_array().expect("greedy").iter().map(ids).collect();
+    let want: Vec<Vec<u32>> = fx[quant]["greedy"].as_array().expect("greedy").iter().map(ids).collect();
     for (got, want) in greedy(&m, KvType::F16, prompts, 32).iter().zip(&want) {
         let agree = got.iter().zip(want).take_while(|(a, b)| a == b).count();
-        println!("{arch} Q8_0 greedy: first {agree} of {} tokens agree", want.len());
+        println!("{arch} {quant} greedy: first {agree} of {} tokens agree", want.len());
         assert!(agree >= 8.min(want.len()), "greedy continuations agree for {agree} tokens: {got:?} vs {want:?}");
     }
 }
@@ -116,7 +117,7 @@ fn llama_f32() {
 
 #[test]
 fn llama_q8_0() {
-    q8_0_model_stays_close_to_llama_cpp("llama");
+    quantized_model_stays_close_to_llama_cpp("llama", "q8_0");
 }
 
 #[test]
@@ -126,7 +127,7 @@ fn qwen2_f32() {
 
 #[test]
 fn qwen2_q8_0() {
-    q8_0_model_stays_close_to_llama_cpp("qwen2");
+    quantized_model_stays_close_to_llama_cpp("qwen2", "q8_0");
 }
 
 #[test]
@@ -136,7 +137,7 @@ fn qwen3_f32() {
 
 #[test]
 fn qwen3_q8_0() {
-    q8_0_model_stays_close_to_llama_cpp("qwen3");
+    quantized_model_stays_close_to_llama_cpp("qwen3", "q8_0");
 }
 
 #[test]
@@ -146,7 +147,17 @@ fn qwen3moe_f32() {
 
 #[test]
 fn qwen3moe_q8_0() {
-    q8_0_model_stays_close_to_llama_cpp("qwen3moe");
+    quantized_model_stays_close_to_llama_cpp("qwen3moe", "q8_0");
+}
+
+#[test]
+fn gpt_oss_f32() {
+    f32_model_matches_llama_cpp_strictly("gpt-oss");
+}
+
+#[test]
+fn gpt_oss_mxfp4() {
+    quantized_model_stays_close_to_llama_cpp("gpt-oss", "mxfp4");
 }
 
 /// Every token of the teacher-forced sequence reaches k experts in every layer, and the

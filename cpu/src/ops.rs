@@ -63,6 +63,67 @@ pub fn rope_neox(head: &mut [f32], pos: u32, base: f32, freq_scale: f32) {
     }
 }
 
+/// YaRN rotary scaling (context extension) as ggml computes it: each pair's angle mixes the
+/// interpolated angle (freq_scale · θ) with the original one by a ramp over the pair index
+/// between the correction dims, and cos and sin are scaled by `attn_factor` · (1 + 0.1·ln
+/// (1/freq_scale)).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    pub freq_scale: f32,
+    /// 1 applies YaRN's ramp and magnitude scaling; 0 is plain linear scaling.
+    pub ext_factor: f32,
+    pub attn_factor: f32,
+    /// First and last pair dims of the ramp.
+    pub corr_dims: [f32; 2],
+}
+
+impl Yarn {
+    /// llama.cpp's parameters for a context extended `factor` times beyond `orig_ctx`,
+    /// with its default betas (32 and 1): the attention factor 1 + 0.1·ln(factor) that
+    /// llama.cpp computes is cancelled by the same term inside the rotation, as there.
+    pub fn new(n_dims: usize, base: f32, factor: f32, orig_ctx: usize) -> Yarn {
+        let (beta_fast, beta_slow) = (32.0f32, 1.0f32);
+        let corr_dim = |n_rot: f32| {
+            n_dims as f32 * (orig_ctx as f32 / (n_rot * 2.0 * std::f32::consts::PI)).ln() / (2.0 * base.ln())
+        };
+        let start = corr_dim(beta_fast).floor().max(0.0);
+        let end = corr_dim(beta_slow).ceil().min(n_dims as f32 - 1.0);
+        let mscale = |scale: f32| if scale <= 1.0 { 1.0 } else { 0.1 * scale.ln() + 1.0 };
+        let attn_factor = mscale(factor) * (1.0 / (1.0 + 0.1 * factor.ln()));
+        Yarn { freq_scale: 1.0 / factor, ext_factor: 1.0, attn_factor, corr_dims: [start, end] }
+    }
+
+    /// cos and sin of pair `i` (dims 2i, 2i + 1) whose unscaled angle is `theta_extrap`.
+    fn cos_sin(&self, theta_extrap: f32, i: usize) -> (f32, f32) {
+        let theta_interp = self.freq_scale * theta_extrap;
+        let (mut theta, mut mscale) = (theta_interp, self.attn_factor);
+        if self.ext_factor != 0.0 {
+            let [low, high] = self.corr_dims;
+            let y = (i as f32 - low) / (high - low).max(0.001);
+            let ramp_mix = (1.0 - y.clamp(0.0, 1.0)) * self.ext_factor;
+            theta = theta_interp * (1.0 - ramp_mix) + theta_extrap * ramp_mix;
+            mscale *= 1.0 + 0.1 * (1.0 / self.freq_scale).ln();
+        }
+        (theta.cos() * mscale, theta.sin() * mscale)
+    }
+}
+
+/// NEOX rotary embedding (pair i is dims i and i + d/2) of one head in place, with YaRN
+/// scaling, as ggml's `rope_f32` in NEOX mode.
+pub fn rope_neox_yarn(head: &mut [f32], pos: u32, base: f32, yarn: &Yarn) {
+    let d = head.len();
+    let half = d / 2;
+    let theta_scale = base.powf(-2.0 / d as f32);
+    let mut theta = pos as f32;
+    for i in 0..half {
+        let (cos, sin) = yarn.cos_sin(theta, i);
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * cos - b * sin;
+        head[i + half] = a * sin + b * cos;
+        theta *= theta_scale;
+    }
+}
+
 /// Rotary embedding, "normal" style (pairs (2i, 2i + 1), llama.cpp's default rope type),
 /// of one head in place. As ggml computes it: the angle of pair i at position p is
 /// freq_scale · p·base^(-2i/d) / factors[i], the base power advanced by repeated
@@ -102,6 +163,30 @@ pub fn softmax(x: &mut [f32]) {
     }
     let inv = (1.0 / sum) as f32;
     x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Softmax with an attention sink: a learned logit per head that takes part in the
+/// normalization but has no value (gpt-oss), as ggml's `soft_max_ext` with sinks.
+pub fn softmax_with_sink(x: &mut [f32], sink: f32) {
+    let max = x.iter().copied().fold(sink, f32::max);
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    sum += f64::from((sink - max).exp());
+    let inv = (1.0 / sum) as f32;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// gate = gpt-oss's clamped SwiGLU: g = min(gate, limit), u = clamp(up, ±limit),
+/// g·σ(alpha·g)·(u + 1).
+pub fn swiglu_oai(gate: &mut [f32], up: &[f32], alpha: f32, limit: f32) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = g.min(limit);
+        let y = u.clamp(-limit, limit);
+        *g = x / (1.0 + (alpha * -x).exp()) * (y + 1.0);
+    }
 }
 
 /// y += x.
@@ -296,6 +381,54 @@ fn axpy_avx512(y: &mut [f32], s: f32, x: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yarn_keeps_high_frequencies_and_interpolates_low_ones() {
+        let base = 10_000.0;
+        let yarn = Yarn::new(64, base, 32.0, 4096);
+        let [low, high] = yarn.corr_dims;
+        assert!(0.0 < low && low < high && high < 63.0, "{:?}", yarn.corr_dims);
+        assert!((yarn.attn_factor - 1.0).abs() < 1e-6, "llama.cpp's factor cancels: {}", yarn.attn_factor);
+        let mscale = 1.0 + 0.1 * 32f32.ln();
+        // Pair 0 (fastest) keeps its angle, the last pair's is divided by 32; both are
+        // scaled by mscale.
+        let (mut h, p) = (vec![0.0f32; 64], 5u32);
+        h[0] = 1.0;
+        h[31] = 1.0;
+        rope_neox_yarn(&mut h, p, base, &yarn);
+        let last = p as f32 * base.powf(-62.0 / 64.0) / 32.0;
+        assert!((h[0] - (p as f32).cos() * mscale).abs() < 1e-5 && (h[32] - (p as f32).sin() * mscale).abs() < 1e-5);
+        assert!((h[31] - last.cos() * mscale).abs() < 1e-5 && (h[63] - last.sin() * mscale).abs() < 1e-5);
+        // ext_factor 0 is plain linear scaling: NEOX RoPE at freq_scale.
+        let linear = Yarn { ext_factor: 0.0, attn_factor: 1.0, ..yarn };
+        let (mut a, mut b) = ((0..64).map(|i| i as f32 * 0.1).collect::<Vec<_>>(), Vec::new());
+        b.clone_from(&a);
+        rope_neox_yarn(&mut a, 9, base, &linear);
+        rope_neox(&mut b, 9, base, 1.0 / 32.0);
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
+    }
+
+    #[test]
+    fn a_sink_takes_its_share_of_the_softmax() {
+        let mut x = vec![1.0, 2.0, 0.5];
+        softmax_with_sink(&mut x, 1.5);
+        let e: Vec<f32> = [1.0f32, 2.0, 0.5, 1.5].iter().map(|v| v.exp()).collect();
+        let sum: f32 = e.iter().sum();
+        assert!(x.iter().zip(&e).all(|(p, e)| (p - e / sum).abs() < 1e-6));
+        // A sink far above every score leaves almost nothing for the keys.
+        let mut y = vec![0.0, 0.0];
+        softmax_with_sink(&mut y, 50.0);
+        assert!(y.iter().all(|&p| p < 1e-20));
+    }
+
+    #[test]
+    fn oai_swiglu_clamps_gate_and_up() {
+        let (mut g, u) = (vec![0.0, 1.0, 10.0, -3.0], vec![2.0, -20.0, 0.0, 1.0]);
+        swiglu_oai(&mut g, &u, 1.702, 7.0);
+        let f = |x: f32, y: f32| x / (1.0 + (-1.702 * x).exp()) * (y + 1.0);
+        let want = [f(0.0, 2.0), f(1.0, -7.0), f(7.0, 0.0), f(-3.0, 1.0)];
+        assert!(g.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{g:?} {want:?}");
+    }
 
     #[test]
     fn rope_norm_rotates_adjacent_pairs() {

@@ -10,7 +10,8 @@ Builds llama.cpp with scripts/llama_ref/build.sh (cached outside the repo). For 
 (F32, then Q8_0) it records, for a fixed teacher-forced sequence, every position's top-10
 ids and logits and the logits of 64 fixed probe ids, and the 32-token greedy continuations
 of three prompts. The F32 model runs with an F32 KV cache (LLAMA_REF_KV_F32), the strict
-check; the Q8_0 model with llama.cpp's default F16 cache. The tests read the JSON and the
+check, with flash attention off (it would cast the cache to f16); the quantized model
+(Q8_0, or MXFP4 experts for gpt-oss) with llama.cpp's defaults (F16 cache, flash attention). The tests read the JSON and the
 models make_models.py writes; they never need llama.cpp.
 """
 import json
@@ -21,6 +22,9 @@ import sys
 import tempfile
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_models import ARCHS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -72,6 +76,7 @@ VOCABS = {
     "qwen2": (None, 151643, 151936),
     "qwen3": (None, 151643, 151936),
     "qwen3moe": (None, 151643, 151936),
+    "gpt-oss": (128000, 128000, 128256),
 }
 
 
@@ -82,8 +87,9 @@ def fixture(dump, models, arch):
     probes = sorted(rng.sample(range(n_vocab), 64))
     env = dict(os.environ)
     f32 = record(dump, os.path.join(models, f"{arch}-f32.gguf"), ids, probes, dict(env, LLAMA_REF_KV_F32="1"))
-    q8 = record(dump, os.path.join(models, f"{arch}-q8_0.gguf"), ids, probes, env)
-    return {"prompts": PROMPTS, "ids": ids, "probe_ids": probes, "f32": f32, "q8_0": q8}
+    quant = ARCHS[arch].get("quant", "q8_0")
+    quantized = record(dump, os.path.join(models, f"{arch}-{quant}.gguf"), ids, probes, env)
+    return {"prompts": PROMPTS, "ids": ids, "probe_ids": probes, "f32": f32, quant: quantized}
 
 
 def main():

@@ -4,8 +4,9 @@
     python3 scripts/synth/make_models.py OUT_DIR [ARCH...]
 
 For each architecture (default: all of ARCHS) writes OUT_DIR/{arch}-f32.gguf (every tensor
-F32) and OUT_DIR/{arch}-q8_0.gguf (the matrices Q8_0, the rest F32, the MoE router F32 as
-llama.cpp's quantizer keeps it): small dimensions but every structural feature of the
+F32) and a quantized twin OUT_DIR/{arch}-{quant}.gguf (q8_0: the matrices Q8_0; mxfp4: the
+experts MXFP4 as released gpt-oss files have them, the other matrices Q8_0; the rest F32,
+the MoE router F32 as llama.cpp's quantizer keeps it): small dimensions but every structural feature of the
 architecture, the real BPE vocabulary of its family (llama.cpp's ggml-vocab-*.gguf, from
 scripts/fetch-vocabs.sh), and random weights of a sensible scale from fixed seeds: the same
 bytes on every run (numpy's PCG64).
@@ -14,6 +15,11 @@ bytes on every run (numpy's PCG64).
   qwen2     Qwen2.5: Q/K/V biases, NEOX RoPE, tied output, ChatML template
   qwen3     Qwen3: QK-norm, head size 32 with q width 128 != n_embd 64, NEOX RoPE, tied
   qwen3moe  Qwen3-MoE: Qwen3's attention, 16 experts of width 32, top-4, renormalized
+  gpt-oss   gpt-oss: Q/K/V/O biases, attention sinks, a 16-token sliding window on even
+            layers (128 in the real models; 16 here so the tests' sequences reach past
+            it), YaRN RoPE (factor 32 over 4096), 8 experts of width 32 with biases, top-4
+            softmax over the selected, clamped SwiGLU; Llama 3's vocabulary with the
+            o200k (gpt-4o) pre-tokenizer
 """
 import os
 import sys
@@ -33,6 +39,10 @@ ARCHS = {
                   rope_base=1000000.0, tied=True, qk_norm=True),
     "qwen3moe": dict(vocab="qwen2", embd=64, head=4, head_kv=2, head_dim=32, ff=96, layers=2,
                      rope_base=1000000.0, tied=True, qk_norm=True, experts=16, experts_used=4, expert_ff=32),
+    "gpt-oss": dict(vocab="llama-bpe", pre="gpt-4o", embd=64, head=4, head_kv=2, head_dim=32, ff=32, layers=3,
+                    rope_base=150000.0, tied=False, qkv_bias=True, out_bias=True, sinks=True,
+                    sliding_window=16, yarn=(32.0, 4096), experts=8, experts_used=4, expert_ff=32,
+                    expert_bias=True, router_bias=True, post_attention_norm=True, quant="mxfp4"),
 }
 N_CTX = 512
 
@@ -108,14 +118,24 @@ def tensors(a, n_vocab, seed):
         if a.get("qk_norm"):
             t[p + "attn_q_norm.weight"], t[p + "attn_k_norm.weight"] = norm(a["head_dim"]), norm(a["head_dim"])
         t[p + "attn_output.weight"] = mat(d, q)
-        t[p + "ffn_norm.weight"] = norm(d)
+        if a.get("out_bias"):
+            t[p + "attn_output.bias"] = bias(d)
+        if a.get("sinks"):
+            t[p + "attn_sinks.weight"] = (rng.standard_normal(a["head"]) * 1.0).astype(np.float32)
+        t[p + ("post_attention_norm.weight" if a.get("post_attention_norm") else "ffn_norm.weight")] = norm(d)
         if "experts" in a:
             n, ff = a["experts"], a["expert_ff"]
             # A router with a spread of 2 logits, so the top-k choice is clear-cut but varied.
             t[p + "ffn_gate_inp.weight"] = mat(n, d, scale=2.0)
+            if a.get("router_bias"):
+                t[p + "ffn_gate_inp.bias"] = bias(n)
             t[p + "ffn_gate_exps.weight"] = mat(ff, d, lead=(n,))
             t[p + "ffn_up_exps.weight"] = mat(ff, d, lead=(n,))
             t[p + "ffn_down_exps.weight"] = mat(d, ff, lead=(n,))
+            if a.get("expert_bias"):
+                t[p + "ffn_gate_exps.bias"] = (0.5 * rng.standard_normal((n, ff))).astype(np.float32)
+                t[p + "ffn_up_exps.bias"] = (0.5 * rng.standard_normal((n, ff))).astype(np.float32)
+                t[p + "ffn_down_exps.bias"] = (0.5 * rng.standard_normal((n, d))).astype(np.float32)
         else:
             t[p + "ffn_gate.weight"] = mat(a["ff"], d)
             t[p + "ffn_up.weight"] = mat(a["ff"], d)
@@ -128,7 +148,16 @@ def tensors(a, n_vocab, seed):
     return t
 
 
-def write(path, arch, quantize):
+def quant_type(name, data, quant):
+    """The storage type of a tensor in the quantized twin."""
+    if data.ndim < 2 or name.endswith(".bias") or "ffn_gate_inp" in name:
+        return None
+    if quant == "mxfp4" and "_exps." in name:
+        return gguf.GGMLQuantizationType.MXFP4
+    return gguf.GGMLQuantizationType.Q8_0
+
+
+def write(path, arch, quant):
     a, v = ARCHS[arch], vocab(ARCHS[arch]["vocab"])
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"turbine-synthetic-{arch}")
@@ -143,14 +172,22 @@ def write(path, arch, quantize):
         w.add_value_length(a["head_dim"])
     w.add_rope_dimension_count(a["head_dim"])
     w.add_rope_freq_base(a["rope_base"])
+    if "yarn" in a:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(a["yarn"][0])
+        w.add_rope_scaling_orig_ctx_len(a["yarn"][1])
+    if "sliding_window" in a:
+        w.add_sliding_window(a["sliding_window"])
     w.add_layer_norm_rms_eps(1e-6 if arch.startswith("qwen") else 1e-5)
     if "experts" in a:
         w.add_expert_count(a["experts"])
         w.add_expert_used_count(a["experts_used"])
         w.add_expert_feed_forward_length(a["expert_ff"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
+    file_types = {None: gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                  "mxfp4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE}
+    w.add_file_type(file_types[quant])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(v["pre"])
+    w.add_tokenizer_pre(a.get("pre", v["pre"]))
     w.add_token_list(v["tokens"])
     w.add_token_types(v["types"])
     w.add_token_merges(v["merges"])
@@ -163,9 +200,9 @@ def write(path, arch, quantize):
     # llama keeps the seed of the first version of this script (its fixtures came first).
     seed = SEED if arch == "llama" else SEED + sum(map(ord, arch))
     for name, data in tensors(a, len(v["tokens"]), seed).items():
-        if quantize and data.ndim >= 2 and "ffn_gate_inp" not in name:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        ty = quant and quant_type(name, data, quant)
+        if ty:
+            w.add_tensor(name, gguf.quants.quantize(data, ty), raw_dtype=ty)
         else:
             w.add_tensor(name, data)
     w.write_header_to_file()
@@ -179,8 +216,9 @@ def main():
     archs = sys.argv[2:] or list(ARCHS)
     os.makedirs(out, exist_ok=True)
     for arch in archs:
-        write(os.path.join(out, f"{arch}-f32.gguf"), arch, quantize=False)
-        write(os.path.join(out, f"{arch}-q8_0.gguf"), arch, quantize=True)
+        quant = ARCHS[arch].get("quant", "q8_0")
+        write(os.path.join(out, f"{arch}-f32.gguf"), arch, None)
+        write(os.path.join(out, f"{arch}-{quant}.gguf"), arch, quant)
     print(out)
 
 

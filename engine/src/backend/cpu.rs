@@ -1,7 +1,7 @@
 //! The CPU backend: activations in host `Vec<f32>`, weights zero-copy in the GGUF map,
 //! kernels from `turbine_cpu` (SIMD chosen at run time, rayon across rows and heads).
 
-use super::{AttnShape, Backend, BatchLayout, KvCache};
+use super::{AttnShape, Backend, BatchLayout, KvCache, Yarn};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
 use crate::EngineError;
@@ -276,6 +276,17 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn rope_neox_yarn(&self, x: &mut CpuAct, positions: &[u32], head_dim: usize, base: f32, yarn: &Yarn) {
+        let rope_row = |(row, &p): (&mut [f32], &u32)| {
+            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_neox_yarn(h, p, base, yarn));
+        };
+        if x.data.len() < PARALLEL_MIN_ELEMENTS {
+            x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
+        } else {
+            x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
+        }
+    }
+
     fn scale(&self, x: &mut CpuAct, s: f32) {
         x.data.iter_mut().for_each(|v| *v *= s);
     }
@@ -311,6 +322,15 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn swiglu_oai(&self, gate: &mut CpuAct, up: &CpuAct, alpha: f32, limit: f32) {
+        if gate.data.len() < PARALLEL_MIN_ELEMENTS {
+            ops::swiglu_oai(&mut gate.data, &up.data, alpha, limit);
+        } else {
+            let (g, u) = (gate.data.par_chunks_mut(4096), up.data.par_chunks(4096));
+            g.zip(u).for_each(|(g, u)| ops::swiglu_oai(g, u, alpha, limit));
+        }
+    }
+
     fn attention(
         &self,
         kv: &mut CpuKv,
@@ -320,6 +340,7 @@ impl Backend for CpuBackend {
         k: &CpuAct,
         v: &CpuAct,
         shape: AttnShape,
+        sinks: Option<&Vec<f32>>,
     ) -> CpuAct {
         for i in 0..batch.len() {
             kv.store(layer, batch.seqs[i], batch.positions[i] as usize, k.row(i), v.row(i));
@@ -358,6 +379,7 @@ impl Backend for CpuBackend {
             let lo = first_key(pos);
             // Grouped-query: query head h reads KV head h / (n_heads / n_kv_heads).
             let kvh = h / (shape.n_heads / shape.n_kv_heads);
+            let sink = sinks.and_then(|s| s.get(h)).copied();
             let head = kvh * hd..(kvh + 1) * hd;
             let at = kv.locator(layer, seq);
             let row = |p: usize| at(p) + head.start..at(p) + head.end;
@@ -365,16 +387,16 @@ impl Backend for CpuBackend {
                 (Some((from, keys, values)), _) => {
                     let row = |p: usize| (p - from) * d + head.start..(p - from) * d + head.end;
                     let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
-                    attend_f32(qh, rows, shape.scale, o);
+                    attend_f32(qh, rows, shape.scale, sink, o);
                 }
                 (None, Cells::F32 { keys, values }) => {
                     let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
-                    attend_f32(qh, rows, shape.scale, o);
+                    attend_f32(qh, rows, shape.scale, sink, o);
                 }
                 (None, Cells::F16 { keys, values }) => {
                     let (keys, values): (&[f16], &[f16]) = (keys.reinterpret_cast(), values.reinterpret_cast());
                     let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
-                    attend_online_f16(qh, rows, shape.scale, o);
+                    attend_online_f16(qh, rows, shape.scale, sink, o);
                 }
             }
         });
@@ -420,16 +442,32 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync 
 const F32_ATTENTION_MIN_QUERIES: usize = 64;
 
 /// Softmax(q·K)·V over one head's keys and values (positions in the window, in order),
-/// with scores, weights and sums in f32.
-fn attend_f32<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f32], &'a [f32])> + Clone, scale: f32, out: &mut [f32]) {
+/// with scores, weights and sums in f32; a sink joins the softmax's normalization.
+fn attend_f32<'a>(
+    q: &[f32],
+    kv: impl Iterator<Item = (&'a [f32], &'a [f32])> + Clone,
+    scale: f32,
+    sink: Option<f32>,
+    out: &mut [f32],
+) {
     let mut scores: Vec<f32> = kv.clone().map(|(k, _)| ops::dot_f32(q, k) * scale).collect();
-    ops::softmax(&mut scores);
+    match sink {
+        Some(s) => ops::softmax_with_sink(&mut scores, s),
+        None => ops::softmax(&mut scores),
+    }
     ops::weighted_sum(out, &scores, kv.map(|(_, v)| v));
 }
 
 /// Online-softmax attention with Q in f16 and the V accumulator in f16 (rescaled when
-/// a new maximum score appears), as ggml's `flash_attn_ext_f16_one_chunk`.
-fn attend_online_f16<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f16], &'a [f16])>, scale: f32, out: &mut [f32]) {
+/// a new maximum score appears), as ggml's `flash_attn_ext_f16_one_chunk`; a sink is
+/// folded in after the keys, on the f32 result, as there.
+fn attend_online_f16<'a>(
+    q: &[f32],
+    kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
+    scale: f32,
+    sink: Option<f32>,
+    out: &mut [f32],
+) {
     let q16: Vec<f32> = q.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
     let mut acc = vec![f16::ZERO; q.len()];
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
@@ -446,6 +484,16 @@ fn attend_online_f16<'a>(q: &[f32], kv: impl Iterator<Item = (&'a [f16], &'a [f1
         half_ops::mad_f16(&mut acc, v, vs);
         sum = sum * ms + vs;
     }
+    out.iter_mut().zip(&acc).for_each(|(o, a)| *o = a.to_f32());
+    if let Some(s) = sink {
+        if s > max {
+            let ms = (max - s).exp();
+            out.iter_mut().for_each(|o| *o *= ms);
+            sum = sum * ms + 1.0;
+        } else {
+            sum += (s - max).exp();
+        }
+    }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    out.iter_mut().zip(&acc).for_each(|(o, a)| *o = a.to_f32() * inv);
+    out.iter_mut().for_each(|o| *o *= inv);
 }

@@ -12,6 +12,7 @@ use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec};
 use crate::EngineError;
 use std::sync::Arc;
+pub use turbine_cpu::ops::Yarn;
 
 /// Which sequence and position each row of a batch belongs to.
 #[derive(Clone, Debug, Default)]
@@ -90,6 +91,8 @@ pub trait Backend: Send + Sync {
         freq_scale: f32,
         factors: Option<&Self::Vector>,
     );
+    /// NEOX rotary embedding with YaRN context extension (gpt-oss, DeepSeek).
+    fn rope_neox_yarn(&self, x: &mut Self::Act, positions: &[u32], head_dim: usize, base: f32, yarn: &Yarn);
     fn scale(&self, x: &mut Self::Act, s: f32);
     /// y += x.
     fn add(&self, y: &mut Self::Act, x: &Self::Act);
@@ -101,10 +104,13 @@ pub trait Backend: Send + Sync {
     fn geglu(&self, gate: &mut Self::Act, up: &Self::Act);
     /// gate = silu(gate) * up.
     fn swiglu(&self, gate: &mut Self::Act, up: &Self::Act);
+    /// gpt-oss's clamped SwiGLU (see `turbine_cpu::ops::swiglu_oai`).
+    fn swiglu_oai(&self, gate: &mut Self::Act, up: &Self::Act, alpha: f32, limit: f32);
     /// Stores this batch's K and V rows of `layer` in the cache (its blocks were reserved by
     /// [`BlockManager::begin_batch`]), then attends every query row to the cached keys of
-    /// its own sequence up to its own position.
-    #[allow(clippy::too_many_arguments)] // q, k, v, the cache, its layer, the batch and the shape are all distinct
+    /// its own sequence up to its own position. `sinks` [n_heads]: a learned logit per head
+    /// that joins each softmax's normalization with no value (gpt-oss).
+    #[allow(clippy::too_many_arguments)] // q, k, v, the cache, its layer, the batch, the shape and the sinks are all distinct
     fn attention(
         &self,
         kv: &mut Self::Kv,
@@ -114,6 +120,7 @@ pub trait Backend: Send + Sync {
         k: &Self::Act,
         v: &Self::Act,
         shape: AttnShape,
+        sinks: Option<&Self::Vector>,
     ) -> Self::Act;
     /// The given rows, in order.
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;

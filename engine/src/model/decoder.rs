@@ -10,7 +10,7 @@
 //! Each architecture's file supplies its layers through [`Layers`].
 
 use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo};
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
 use crate::EngineError;
@@ -33,6 +33,8 @@ pub struct DecoderConfig {
     pub context_length: usize,
     pub rope_base: f32,
     pub rope_freq_scale: f32,
+    /// `rope.scaling.type = yarn`: YaRN's ramp and magnitude scaling.
+    pub yarn: Option<Yarn>,
 }
 
 impl DecoderConfig {
@@ -68,6 +70,9 @@ impl DecoderConfig {
             .tensor("token_embd.weight")
             .and_then(|t| t.dims.get(1).copied())
             .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))? as usize;
+        let rope_base = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let context_length = req("context_length")?;
+        let (rope_freq_scale, yarn) = rope_scaling(g, arch, head_dim, rope_base, context_length)?;
         let cfg = DecoderConfig {
             arch,
             n_vocab,
@@ -81,9 +86,10 @@ impl DecoderConfig {
                 g.get_f32(&key("attention.layer_norm_rms_epsilon")),
                 &key("attention.layer_norm_rms_epsilon"),
             )?,
-            context_length: req("context_length")?,
-            rope_base: g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            rope_freq_scale: linear_rope_scale(g, &key("rope.scaling.type"), &key("rope.scaling.factor"))?,
+            context_length,
+            rope_base,
+            rope_freq_scale,
+            yarn,
         };
         cfg.check()?;
         Ok(cfg)
@@ -127,6 +133,14 @@ impl DecoderConfig {
         self.n_kv_heads * self.head_dim
     }
 
+    /// NEOX RoPE of every head of x [n × heads·head_dim], YaRN-scaled where the file says.
+    pub fn rope_neox<B: Backend>(&self, b: &B, x: &mut B::Act, positions: &[u32]) {
+        match &self.yarn {
+            Some(yarn) => b.rope_neox_yarn(x, positions, self.head_dim, self.rope_base, yarn),
+            None => b.rope_neox(x, positions, self.head_dim, self.rope_base, self.rope_freq_scale),
+        }
+    }
+
     /// Full causal attention scaled by 1/√head_dim.
     pub fn attn_shape(&self) -> AttnShape {
         AttnShape {
@@ -139,20 +153,34 @@ impl DecoderConfig {
     }
 }
 
-/// `rope.scaling.type` none or linear (factor f → frequencies scaled by 1/f); Llama 3's
-/// scaling comes as `rope_freqs.weight` instead.
-fn linear_rope_scale(g: &Gguf, type_key: &str, factor_key: &str) -> Result<f32, EngineError> {
-    let factor = g.get_f32(factor_key)?.unwrap_or(1.0);
-    match g.get_str(type_key)?.unwrap_or("none") {
-        "none" => Ok(1.0),
-        "linear" if factor > 0.0 && factor.is_finite() => Ok(1.0 / factor),
-        "linear" => {
-            Err(EngineError::BadValue { key: factor_key.into(), value: factor.to_string(), why: "must be > 0" })
+/// `rope.scaling.type`: none, linear (factor f → frequencies scaled by 1/f) or yarn (the
+/// same with YaRN's ramp, from `rope.scaling.original_context_length`). Llama 3's scaling
+/// comes as `rope_freqs.weight` instead.
+fn rope_scaling(
+    g: &Gguf,
+    arch: &str,
+    head_dim: usize,
+    base: f32,
+    context_length: usize,
+) -> Result<(f32, Option<Yarn>), EngineError> {
+    let (type_key, factor_key) = (format!("{arch}.rope.scaling.type"), format!("{arch}.rope.scaling.factor"));
+    let factor = g.get_f32(&factor_key)?.unwrap_or(1.0);
+    let kind = g.get_str(&type_key)?.unwrap_or("none");
+    if kind != "none" && !(factor > 0.0 && factor.is_finite()) {
+        return Err(EngineError::BadValue { key: factor_key, value: factor.to_string(), why: "must be > 0" });
+    }
+    match kind {
+        "none" => Ok((1.0, None)),
+        "linear" => Ok((1.0 / factor, None)),
+        "yarn" => {
+            let orig_key = format!("{arch}.rope.scaling.original_context_length");
+            let orig_ctx = g.get_u32(&orig_key)?.map_or(context_length, |v| v as usize);
+            Ok((1.0 / factor, Some(Yarn::new(head_dim, base, factor, orig_ctx))))
         }
         other => Err(EngineError::BadValue {
-            key: type_key.into(),
+            key: type_key,
             value: other.to_string(),
-            why: "only linear RoPE scaling (or Llama 3's rope_freqs) is supported",
+            why: "supported RoPE scaling types: none, linear, yarn",
         }),
     }
 }
@@ -167,6 +195,10 @@ pub trait Layers<B: Backend>: Send + Sync {
     /// Mixture-of-experts models: tokens routed to each expert since load, per layer.
     fn routing_stats(&self) -> Vec<Vec<u64>> {
         Vec::new()
+    }
+    /// Per layer, its sliding attention window (default: full attention everywhere).
+    fn windows(&self, cfg: &DecoderConfig) -> Vec<Option<u32>> {
+        vec![None; cfg.n_layers]
     }
 }
 
@@ -267,7 +299,7 @@ impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        KvLayout { kv_dim: self.cfg.kv_dim(), windows: vec![None; self.cfg.n_layers] }
+        KvLayout { kv_dim: self.cfg.kv_dim(), windows: self.layers.windows(&self.cfg) }
     }
 
     fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {

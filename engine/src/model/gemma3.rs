@@ -268,7 +268,7 @@ impl<B: Backend> Gemma3<B> {
             window: if cfg.is_swa[il] { cfg.sliding_window } else { None },
             scale: 1.0,
         };
-        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, shape); // [n × n_heads·hd]
+        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, shape, None); // [n × n_heads·hd]
         tap("kqv_out", il, &a);
         let mut o = b.matmul(&l.wo, &a); // [n × d]
         b.all_reduce_sum(&mut o);

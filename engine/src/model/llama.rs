@@ -33,6 +33,13 @@ pub struct LlamaLayers<B: Backend> {
 
 pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Llama<B>, EngineError> {
     Decoder::load(backend, file, "llama", |ld, cfg| {
+        if cfg.yarn.is_some() {
+            return Err(EngineError::BadValue {
+                key: cfg.key("rope.scaling.type"),
+                value: "yarn".into(),
+                why: "YaRN is supported with NEOX RoPE only, not Llama's adjacent pairs",
+            });
+        }
         let rope_freqs = match file.tensor("rope_freqs.weight") {
             Some(_) => Some(ld.vector("rope_freqs.weight", cfg.head_dim / 2)?),
             None => None,
@@ -67,7 +74,7 @@ impl<B: Backend> Layers<B> for LlamaLayers<B> {
         let freqs = self.rope_freqs.as_ref();
         b.rope_norm(&mut q, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale, freqs);
         b.rope_norm(&mut k, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale, freqs);
-        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape()); // [n × n_heads·hd]
+        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape(), None); // [n × n_heads·hd]
         let mut o = b.matmul(&l.wo, &a); // [n × d]
         b.all_reduce_sum(&mut o);
         o

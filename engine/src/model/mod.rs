@@ -2,6 +2,7 @@
 
 pub mod decoder;
 pub mod gemma3;
+pub mod gpt_oss;
 pub mod llama;
 pub mod moe;
 pub mod qwen2;
@@ -140,6 +141,7 @@ pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<d
         "qwen2" => Ok(Box::new(qwen2::load(backend, file)?)),
         "qwen3" => Ok(Box::new(qwen3::load(backend, file)?)),
         "qwen3moe" => Ok(Box::new(qwen3moe::load(backend, file)?)),
+        "gpt-oss" => Ok(Box::new(gpt_oss::load(backend, file)?)),
         other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
     }
 }
@@ -163,25 +165,23 @@ impl<B: Backend> Loader<'_, B> {
     /// The `n` experts of a [cols, rows, n] tensor, each a [rows × cols] weight matrix
     /// over its own slice of the file.
     pub fn experts(&self, name: &str, cols: usize, rows: usize, n: usize) -> Result<Vec<B::Weight>, EngineError> {
+        let t = self.tensor(name, &[cols, rows, n])?;
+        split(t, n, &[cols, rows]).map(|slice| self.backend.weight(self.file, &slice)).collect()
+    }
+
+    /// The `n` rows of a [len, n] F32 tensor as vectors (per-expert biases).
+    pub fn expert_vectors(&self, name: &str, len: usize, n: usize) -> Result<Vec<B::Vector>, EngineError> {
+        let t = self.tensor(name, &[len, n])?;
+        split(t, n, &[len]).map(|slice| self.backend.vector(self.file, &slice)).collect()
+    }
+
+    /// The tensor `name`, which must have exactly `dims`.
+    fn tensor(&self, name: &str, dims: &[usize]) -> Result<&TensorInfo, EngineError> {
         let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
-        if t.dims != [cols as u64, rows as u64, n as u64] {
-            return Err(EngineError::shape(name, &format!("[{cols}, {rows}, {n}]"), &t.dims));
+        if !t.dims.iter().copied().eq(dims.iter().map(|&d| d as u64)) {
+            return Err(EngineError::shape(name, &format!("{dims:?}"), &t.dims));
         }
-        // Parsing checked that the data fits the file and matches the type's row size, so
-        // n whole experts of equal size make it up.
-        let per_expert = t.n_bytes / n.max(1);
-        (0..n)
-            .map(|e| {
-                let slice = TensorInfo {
-                    name: format!("{name}[{e}]"),
-                    ty: t.ty,
-                    dims: vec![cols as u64, rows as u64],
-                    offset: t.offset + (e * per_expert) as u64,
-                    n_bytes: per_expert,
-                };
-                self.backend.weight(self.file, &slice)
-            })
-            .collect()
+        Ok(t)
     }
 
     pub fn vector(&self, name: &str, len: usize) -> Result<B::Vector, EngineError> {
@@ -191,6 +191,19 @@ impl<B: Backend> Loader<'_, B> {
         }
         self.backend.vector(self.file, t)
     }
+}
+
+/// `t` cut along its last dimension into `n` equal slices of shape `dims`. Parsing checked
+/// that the data fits the file and is whole rows of its type, so the slices are whole too.
+fn split<'a>(t: &'a TensorInfo, n: usize, dims: &'a [usize]) -> impl Iterator<Item = TensorInfo> + 'a {
+    let per_slice = t.n_bytes / n.max(1);
+    (0..n).map(move |i| TensorInfo {
+        name: format!("{}[{i}]", t.name),
+        ty: t.ty,
+        dims: dims.iter().map(|&d| d as u64).collect(),
+        offset: t.offset + (i * per_slice) as u64,
+        n_bytes: per_slice,
+    })
 }
 
 /// Reads a required metadata value.

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub enum Gating {
     /// Softmax over all experts, then the top-k probabilities (Qwen3-MoE, Mixtral).
     Softmax,
+    /// The top-k logits, then a softmax over just those k (gpt-oss).
+    SoftmaxOverSelected,
 }
 
 /// The routing rule of one model.
@@ -56,14 +58,18 @@ impl Routing {
         let (n, k) = (self.n_expert, self.n_used);
         let mut routes = Routes { k, experts: Vec::new(), weights: Vec::new() };
         for row in logits.chunks_exact(n) {
-            let probs = match self.gating {
+            let scores = match self.gating {
                 Gating::Softmax => softmax(row),
+                Gating::SoftmaxOverSelected => row.to_vec(),
             };
-            // Top k by probability; ties go to the lower expert index.
+            // Top k by score; ties go to the lower expert index.
             let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
             let chosen = &order[..k];
-            let mut w: Vec<f32> = chosen.iter().map(|&e| probs[e]).collect();
+            let mut w: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
+            if self.gating == Gating::SoftmaxOverSelected {
+                w = softmax(&w);
+            }
             if self.normalize {
                 // llama.cpp clamps the sum at the smallest normal f16 to avoid dividing by 0.
                 let sum = w.iter().sum::<f32>().max(6.103_515_6e-5);
@@ -88,23 +94,54 @@ fn softmax(row: &[f32]) -> Vec<f32> {
     e.iter().map(|&x| x * inv).collect()
 }
 
-/// The SwiGLU experts of one layer: expert e is down[e] · (silu(gate[e] · x) ⊙ up[e] · x).
+/// An expert's gated activation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// silu(gate) ⊙ up.
+    SwiGlu,
+    /// gpt-oss's clamped form (`turbine_cpu::ops::swiglu_oai`).
+    SwiGluOai { alpha: f32, limit: f32 },
+}
+
+/// The gated experts of one layer: expert e is
+/// down[e] · act(gate[e] · x + b_gate[e], up[e] · x + b_up[e]) + b_down[e],
+/// the biases only where the model has them.
 pub struct Experts<B: Backend> {
     d: usize,
+    act: Activation,
     gate: Vec<B::Weight>,
     up: Vec<B::Weight>,
     down: Vec<B::Weight>,
+    /// Per expert: gate [ff], up [ff] and down [d] biases.
+    biases: Option<[Vec<B::Vector>; 3]>,
 }
 
 impl<B: Backend> Experts<B> {
-    /// `blk.{il}.ffn_{gate,up,down}_exps.weight`: [d, ff, n], [d, ff, n], [ff, d, n].
-    pub(crate) fn load(ld: &Loader<B>, il: usize, d: usize, ff: usize, n: usize) -> Result<Experts<B>, EngineError> {
-        let name = |s: &str| format!("blk.{il}.ffn_{s}_exps.weight");
+    /// `blk.{il}.ffn_{gate,up,down}_exps.weight`: [d, ff, n], [d, ff, n], [ff, d, n], and
+    /// with `biases`, `…_exps.bias`: [ff, n], [ff, n], [d, n].
+    pub(crate) fn load(
+        ld: &Loader<B>,
+        il: usize,
+        [d, ff, n]: [usize; 3],
+        act: Activation,
+        biases: bool,
+    ) -> Result<Experts<B>, EngineError> {
+        let name = |s: &str, kind: &str| format!("blk.{il}.ffn_{s}_exps.{kind}");
+        let biases = match biases {
+            true => Some([
+                ld.expert_vectors(&name("gate", "bias"), ff, n)?,
+                ld.expert_vectors(&name("up", "bias"), ff, n)?,
+                ld.expert_vectors(&name("down", "bias"), d, n)?,
+            ]),
+            false => None,
+        };
         Ok(Experts {
             d,
-            gate: ld.experts(&name("gate"), d, ff, n)?,
-            up: ld.experts(&name("up"), d, ff, n)?,
-            down: ld.experts(&name("down"), ff, d, n)?,
+            act,
+            gate: ld.experts(&name("gate", "weight"), d, ff, n)?,
+            up: ld.experts(&name("up", "weight"), d, ff, n)?,
+            down: ld.experts(&name("down", "weight"), ff, d, n)?,
+            biases,
         })
     }
 
@@ -118,9 +155,19 @@ impl<B: Backend> Experts<B> {
             }
             stats.count(e, rows.len());
             let xe = b.select_rows(x, rows); // [m × d]
-            let [mut g, u] = b.matmuls([&self.gate[e], &self.up[e]], &xe); // [m × ff]
-            b.swiglu(&mut g, &u);
-            let y = b.matmul(&self.down[e], &g); // [m × d]
+            let [mut g, mut u] = b.matmuls([&self.gate[e], &self.up[e]], &xe); // [m × ff]
+            if let Some([bg, bu, _]) = &self.biases {
+                b.add_bias(&mut g, &bg[e]);
+                b.add_bias(&mut u, &bu[e]);
+            }
+            match self.act {
+                Activation::SwiGlu => b.swiglu(&mut g, &u),
+                Activation::SwiGluOai { alpha, limit } => b.swiglu_oai(&mut g, &u, alpha, limit),
+            }
+            let mut y = b.matmul(&self.down[e], &g); // [m × d]
+            if let Some([_, _, bd]) = &self.biases {
+                b.add_bias(&mut y, &bd[e]);
+            }
             b.add_scaled_rows(&mut out, &y, rows, weights);
         }
         out
@@ -155,6 +202,16 @@ mod tests {
 
     fn routing(normalize: bool) -> Routing {
         Routing { n_expert: 4, n_used: 2, gating: Gating::Softmax, normalize, scale: 1.0 }
+    }
+
+    #[test]
+    fn softmax_over_selected_weighs_only_the_chosen_logits() {
+        let r = Routing { gating: Gating::SoftmaxOverSelected, ..routing(false) };
+        let routes = r.route(&[1.0, 4.0, 3.0, -2.0]);
+        assert_eq!(routes.experts, vec![1, 2]);
+        let w = softmax(&[4.0, 3.0]);
+        assert_eq!(routes.weights, w);
+        assert!((routes.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -65,9 +65,9 @@ impl<B: Backend> Layers<B> for Qwen2Layers<B> {
         b.add_bias(&mut k, &l.bk);
         b.add_bias(&mut v, &l.bv);
         let pos = &batch.layout.positions;
-        b.rope_neox(&mut q, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale);
-        b.rope_neox(&mut k, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale);
-        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape()); // [n × n_heads·hd]
+        cfg.rope_neox(b, &mut q, pos);
+        cfg.rope_neox(b, &mut k, pos);
+        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape(), None); // [n × n_heads·hd]
         let mut o = b.matmul(&l.wo, &a); // [n × d]
         b.all_reduce_sum(&mut o);
         o

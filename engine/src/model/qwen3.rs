@@ -48,9 +48,9 @@ impl<B: Backend> Attention<B> {
         let mut q = b.rms_norm(&q, &self.q_norm, cfg.rms_eps); // per head
         let mut k = b.rms_norm(&k, &self.k_norm, cfg.rms_eps);
         let pos = &batch.layout.positions;
-        b.rope_neox(&mut q, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale);
-        b.rope_neox(&mut k, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale);
-        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape()); // [n × n_heads·hd]
+        cfg.rope_neox(b, &mut q, pos);
+        cfg.rope_neox(b, &mut k, pos);
+        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape(), None); // [n × n_heads·hd]
         let mut o = b.matmul(&self.wo, &a); // [n × d]
         b.all_reduce_sum(&mut o);
         o

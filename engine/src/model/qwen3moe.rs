@@ -8,7 +8,7 @@
 //! shared expert.
 
 use super::decoder::{Decoder, DecoderConfig, Layers};
-use super::moe::{Experts, Gating, Routing, RoutingStats};
+use super::moe::{Activation, Experts, Gating, Routing, RoutingStats};
 use super::qwen3::Attention;
 use super::{required, Batch};
 use crate::backend::Backend;
@@ -40,7 +40,7 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen3Moe<B>, En
             Ok(MoeFfn {
                 norm: ld.vector(&n("ffn_norm"), cfg.n_embd)?,
                 router: ld.weight(&n("ffn_gate_inp"), cfg.n_embd, routing.n_expert)?,
-                experts: Experts::load(ld, il, cfg.n_embd, n_ff_exp, routing.n_expert)?,
+                experts: Experts::load(ld, il, [cfg.n_embd, n_ff_exp, routing.n_expert], Activation::SwiGlu, false)?,
                 stats: RoutingStats::new(routing.n_expert),
             })
         };

@@ -1,0 +1,189 @@
+//! gpt-oss (gpt-oss-20b, gpt-oss-120b), as llama.cpp runs it (`src/models/openai-moe.cpp`).
+//!
+//! Per layer: RMSNorm → Q, K, V with biases → NEOX RoPE with YaRN scaling → attention
+//! scaled by 1/√head_dim with a learned sink logit per head (it joins the softmax's
+//! normalization, with no value), over a 128-token sliding window on alternate layers
+//! (even ones, by default) → output projection with bias → residual → RMSNorm → mixture of
+//! experts → residual. The router (with bias) keeps each token's top-k logits and softmaxes
+//! over just those; each expert is a clamped SwiGLU (α 1.702, limit 7) with biases, its
+//! weights MXFP4 in released files. The output projection is untied.
+
+use super::decoder::{Decoder, DecoderConfig, Layers};
+use super::moe::{Activation, Experts, Gating, Routing, RoutingStats};
+use super::{required, Batch, Loader};
+use crate::backend::{Backend, Yarn};
+use crate::gguf::Gguf;
+use crate::EngineError;
+use std::sync::Arc;
+
+pub type GptOss<B> = Decoder<B, GptOssLayers<B>>;
+
+/// The clamped SwiGLU's constants (llama.cpp hard-codes them too).
+const SWIGLU_ALPHA: f32 = 1.702;
+const SWIGLU_LIMIT: f32 = 7.0;
+
+struct Attention<B: Backend> {
+    norm: B::Vector,
+    wq: B::Weight,
+    wk: B::Weight,
+    wv: B::Weight,
+    /// Biases of Q [q_dim], K and V [kv_dim], and the output [d].
+    bq: B::Vector,
+    bk: B::Vector,
+    bv: B::Vector,
+    wo: B::Weight,
+    bo: B::Vector,
+    /// One sink logit per head [n_heads].
+    sinks: B::Vector,
+}
+
+struct MoeFfn<B: Backend> {
+    norm: B::Vector,
+    /// Router [n_expert × d] and its bias [n_expert].
+    router: B::Weight,
+    router_bias: B::Vector,
+    experts: Experts<B>,
+    stats: RoutingStats,
+}
+
+pub struct GptOssLayers<B: Backend> {
+    attention: Vec<Attention<B>>,
+    ffn: Vec<MoeFfn<B>>,
+    routing: Routing,
+    /// Per layer: its sliding window (None: full attention).
+    windows: Vec<Option<u32>>,
+    /// RoPE of sliding-window layers: their base (`rope.freq_base_swa`, default the
+    /// global one) and YaRN parameters, which depend on it.
+    swa_rope_base: f32,
+    swa_yarn: Option<Yarn>,
+}
+
+pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<GptOss<B>, EngineError> {
+    Decoder::load(backend, file, "gpt-oss", |ld, cfg| {
+        let (routing, n_ff_exp) = read_routing(file, cfg)?;
+        let swa_rope_base = file.get_f32(&cfg.key("rope.freq_base_swa"))?.unwrap_or(cfg.rope_base);
+        let swa_yarn = cfg.yarn.map(|_| {
+            let factor = 1.0 / cfg.rope_freq_scale;
+            let orig = file.get_u32(&cfg.key("rope.scaling.original_context_length")).ok().flatten();
+            Yarn::new(cfg.head_dim, swa_rope_base, factor, orig.map_or(cfg.context_length, |v| v as usize))
+        });
+        let load_ffn = |il: usize| -> Result<MoeFfn<B>, EngineError> {
+            let n = |s: &str, kind: &str| format!("blk.{il}.{s}.{kind}");
+            let act = Activation::SwiGluOai { alpha: SWIGLU_ALPHA, limit: SWIGLU_LIMIT };
+            Ok(MoeFfn {
+                norm: ld.vector(&n("post_attention_norm", "weight"), cfg.n_embd)?,
+                router: ld.weight(&n("ffn_gate_inp", "weight"), cfg.n_embd, routing.n_expert)?,
+                router_bias: ld.vector(&n("ffn_gate_inp", "bias"), routing.n_expert)?,
+                experts: Experts::load(ld, il, [cfg.n_embd, n_ff_exp, routing.n_expert], act, true)?,
+                stats: RoutingStats::new(routing.n_expert),
+            })
+        };
+        Ok(GptOssLayers {
+            attention: (0..cfg.n_layers).map(|il| load_attention(ld, cfg, il)).collect::<Result<_, _>>()?,
+            ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
+            routing,
+            windows: read_windows(file, cfg)?,
+            swa_rope_base,
+            swa_yarn,
+        })
+    })
+}
+
+fn load_attention<B: Backend>(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) -> Result<Attention<B>, EngineError> {
+    let w = |s: &str| format!("blk.{il}.{s}.weight");
+    let bias = |s: &str| format!("blk.{il}.{s}.bias");
+    let (d, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
+    Ok(Attention {
+        norm: ld.vector(&w("attn_norm"), d)?,
+        wq: ld.weight(&w("attn_q"), d, q)?,
+        wk: ld.weight(&w("attn_k"), d, kv)?,
+        wv: ld.weight(&w("attn_v"), d, kv)?,
+        bq: ld.vector(&bias("attn_q"), q)?,
+        bk: ld.vector(&bias("attn_k"), kv)?,
+        bv: ld.vector(&bias("attn_v"), kv)?,
+        wo: ld.weight(&w("attn_output"), q, d)?,
+        bo: ld.vector(&bias("attn_output"), d)?,
+        sinks: ld.vector(&w("attn_sinks"), cfg.n_heads)?,
+    })
+}
+
+/// Expert count, experts per token and the expert FFN width.
+fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize), EngineError> {
+    let get = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&cfg.key(k)), &cfg.key(k))? as usize) };
+    let (n_expert, n_used, n_ff_exp) =
+        (get("expert_count")?, get("expert_used_count")?, get("expert_feed_forward_length")?);
+    if n_expert == 0 || n_used == 0 || n_used > n_expert || n_ff_exp == 0 {
+        return Err(EngineError::BadValue {
+            key: cfg.key("expert_used_count"),
+            value: format!("{n_used} of {n_expert} experts of width {n_ff_exp}"),
+            why: "need 1 to expert_count experts per token, of width > 0",
+        });
+    }
+    let routing = Routing { n_expert, n_used, gating: Gating::SoftmaxOverSelected, normalize: false, scale: 1.0 };
+    Ok((routing, n_ff_exp))
+}
+
+/// `attention.sliding_window` on the layers `attention.sliding_window_pattern` (default
+/// 2) marks: with pattern p, layer il slides when il % p < p - 1.
+fn read_windows(g: &Gguf, cfg: &DecoderConfig) -> Result<Vec<Option<u32>>, EngineError> {
+    let window = required(g.get_u32(&cfg.key("attention.sliding_window")), &cfg.key("attention.sliding_window"))?;
+    if window == 0 {
+        let key = cfg.key("attention.sliding_window");
+        return Err(EngineError::BadValue { key, value: "0".into(), why: "must be > 0" });
+    }
+    let pattern = g.get_u32(&cfg.key("attention.sliding_window_pattern"))?.unwrap_or(2) as usize;
+    Ok((0..cfg.n_layers).map(|il| (pattern == 0 || il % pattern < pattern - 1).then_some(window)).collect())
+}
+
+impl<B: Backend> GptOssLayers<B> {
+    /// NEOX RoPE with the base and YaRN parameters of layer `il`.
+    fn rope(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &mut B::Act, positions: &[u32]) {
+        if self.windows[il].is_none() {
+            return cfg.rope_neox(b, x, positions);
+        }
+        match &self.swa_yarn {
+            Some(yarn) => b.rope_neox_yarn(x, positions, cfg.head_dim, self.swa_rope_base, yarn),
+            None => b.rope_neox(x, positions, cfg.head_dim, self.swa_rope_base, cfg.rope_freq_scale),
+        }
+    }
+}
+
+impl<B: Backend> Layers<B> for GptOssLayers<B> {
+    fn attention(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv) -> B::Act {
+        let l = &self.attention[il];
+        let h = b.rms_norm(x, &l.norm, cfg.rms_eps);
+        // q [n × n_heads·hd], k and v [n × n_kv_heads·hd]
+        let [mut q, mut k, mut v] = b.matmuls([&l.wq, &l.wk, &l.wv], &h);
+        b.add_bias(&mut q, &l.bq);
+        b.add_bias(&mut k, &l.bk);
+        b.add_bias(&mut v, &l.bv);
+        let pos = &batch.layout.positions;
+        self.rope(cfg, b, il, &mut q, pos);
+        self.rope(cfg, b, il, &mut k, pos);
+        let shape = crate::backend::AttnShape { window: self.windows[il], ..cfg.attn_shape() };
+        let a = b.attention(kv, il, &batch.layout, &q, &k, &v, shape, Some(&l.sinks)); // [n × n_heads·hd]
+        let mut o = b.matmul(&l.wo, &a); // [n × d]
+        b.all_reduce_sum(&mut o);
+        b.add_bias(&mut o, &l.bo);
+        o
+    }
+
+    fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act {
+        let f = &self.ffn[il];
+        let h = b.rms_norm(x, &f.norm, cfg.rms_eps); // [n × d]
+        let mut logits = b.matmul(&f.router, &h); // [n × n_expert]
+        b.add_bias(&mut logits, &f.router_bias);
+        let routes = self.routing.route(&b.take_to_host(logits));
+        let mut out = f.experts.forward(b, &h, &routes, &f.stats); // [n × d]
+        b.all_reduce_sum(&mut out);
+        out
+    }
+
+    fn routing_stats(&self) -> Vec<Vec<u64>> {
+        self.ffn.iter().map(|f| f.stats.snapshot()).collect()
+    }
+
+    fn windows(&self, _cfg: &DecoderConfig) -> Vec<Option<u32>> {
+        self.windows.clone()
+    }
+}
