@@ -165,7 +165,8 @@ fn rope_scaling(
 ) -> Result<(f32, Option<Yarn>), EngineError> {
     let (type_key, factor_key) = (format!("{arch}.rope.scaling.type"), format!("{arch}.rope.scaling.factor"));
     let factor = g.get_f32(&factor_key)?.unwrap_or(1.0);
-    let kind = g.get_str(&type_key)?.unwrap_or("none");
+    // llama.cpp's default type, so a factor without a type scales linearly.
+    let kind = g.get_str(&type_key)?.unwrap_or("linear");
     if kind != "none" && !(factor > 0.0 && factor.is_finite()) {
         return Err(EngineError::BadValue { key: factor_key, value: factor.to_string(), why: "must be > 0" });
     }
@@ -183,6 +184,29 @@ fn rope_scaling(
             why: "supported RoPE scaling types: none, linear, yarn",
         }),
     }
+}
+
+/// Which layers use the sliding window: a per-layer bool array in the file, or a period
+/// n (`default_period` when absent) where layer i is local iff i % n < n - 1 (n = 0: all
+/// local).
+pub fn swa_pattern(g: &Gguf, key: &str, n_layers: usize, default_period: u32) -> Result<Vec<bool>, EngineError> {
+    if let Some(arr) = g.get_array(key).ok().flatten() {
+        let bools = arr.as_bools().ok_or_else(|| EngineError::BadValue {
+            key: key.into(),
+            value: arr.type_name(),
+            why: "must be a u32 or an array of bool",
+        })?;
+        if bools.len() < n_layers {
+            return Err(EngineError::BadValue {
+                key: key.into(),
+                value: bools.len().to_string(),
+                why: "shorter than block_count",
+            });
+        }
+        return Ok(bools[..n_layers].to_vec());
+    }
+    let n = g.get_u32(key)?.unwrap_or(default_period) as usize;
+    Ok((0..n_layers).map(|il| n == 0 || il % n < n - 1).collect())
 }
 
 /// One architecture's layers: what happens inside the residual stack.

@@ -7,28 +7,20 @@
 //! is tied to the embeddings unless the file has `output.weight`. The GGUF norm weights
 //! already hold 1 + w, so every norm is a plain x·w.
 
-use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo};
+use super::decoder::{swa_pattern, DecoderConfig};
+use super::{count_params, Architecture, Batch, Loader, Logits, ModelInfo};
 use crate::backend::{AttnShape, Backend, KvCache};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
 use crate::EngineError;
 use std::sync::Arc;
 
-/// Hyper-parameters read from the GGUF metadata.
+/// Hyper-parameters read from the GGUF metadata: a decoder's, and Gemma 3's own.
 #[derive(Clone, Debug)]
 pub struct Gemma3Config {
-    pub n_vocab: usize,
-    pub n_embd: usize,
-    pub n_layers: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub n_ff: usize,
-    pub rms_eps: f32,
-    pub context_length: usize,
     /// RoPE of global layers: the file's base, scaled linearly when the file says so.
-    pub rope_base: f32,
-    pub rope_freq_scale: f32,
+    pub base: DecoderConfig,
+    pub n_ff: usize,
     /// RoPE base of sliding-window layers (unscaled).
     pub rope_base_swa: f32,
     /// Sliding window (tokens, the current one included); None: every layer is global.
@@ -41,134 +33,37 @@ pub struct Gemma3Config {
 
 impl Gemma3Config {
     pub fn from_gguf(g: &Gguf) -> Result<Gemma3Config, EngineError> {
-        let key = |k: &str| format!("gemma3.{k}");
-        let req_u32 = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&key(k)), &key(k))? as usize) };
-        let n_embd = req_u32("embedding_length")?;
-        let n_layers = req_u32("block_count")?;
-        // Each layer has 13 tensors; a count the file cannot back is rejected before any
-        // per-layer allocation.
-        if n_layers > g.tensors().len() {
+        let base = DecoderConfig::from_gguf(g, "gemma3")?;
+        if base.yarn.is_some() {
             return Err(EngineError::BadValue {
-                key: key("block_count"),
-                value: n_layers.to_string(),
-                why: "more layers than the file has tensors",
+                key: base.key("rope.scaling.type"),
+                value: "yarn".into(),
+                why: "gemma3 supports only linear RoPE scaling",
             });
         }
-        let n_heads = req_u32("attention.head_count")?;
-        let n_kv_heads = g.get_u32(&key("attention.head_count_kv"))?.map_or(n_heads, |v| v as usize);
-        let head_dim = match g.get_u32(&key("attention.key_length"))? {
-            Some(v) => v as usize,
-            None => n_embd.checked_div(n_heads).unwrap_or(0),
-        };
-        let n_ff = req_u32("feed_forward_length")?;
-        let rms_eps = required(g.get_f32(&key("attention.layer_norm_rms_epsilon")), "rms epsilon")?;
-        let context_length = req_u32("context_length")?;
-        let rope_base = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
-        let rope_base_swa = g.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
-        let rope_freq_scale = rope_freq_scale(g, &key("rope.scaling.type"), &key("rope.scaling.factor"))?;
+        let key = |k: &str| base.key(k);
         let sliding_window = g.get_u32(&key("attention.sliding_window"))?.filter(|&w| w > 0);
         let is_swa = match sliding_window {
-            Some(_) => swa_pattern(g, &key("attention.sliding_window_pattern"), n_layers)?,
-            None => vec![false; n_layers],
+            Some(_) => swa_pattern(g, &key("attention.sliding_window_pattern"), base.n_layers, 6)?,
+            None => vec![false; base.n_layers],
         };
-        let n_vocab = g
-            .tensor("token_embd.weight")
-            .and_then(|t| t.dims.get(1).copied())
-            .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))? as usize;
         // Gemma 3 27B scales queries by 1/√(n_embd/n_heads) (query_pre_attn_scalar);
         // the other sizes by 1/√head_dim. llama.cpp tells them apart by layer count.
-        let attn_scale = if n_layers == 62 {
-            1.0 / ((n_embd / n_heads.max(1)) as f32).sqrt()
+        let attn_scale = if base.n_layers == 62 {
+            1.0 / ((base.n_embd / base.n_heads.max(1)) as f32).sqrt()
         } else {
-            1.0 / (head_dim as f32).sqrt()
+            1.0 / (base.head_dim as f32).sqrt()
         };
-        let final_logit_softcap = g.get_f32(&key("final_logit_softcapping"))?.filter(|&c| c > 0.0);
-        let cfg = Gemma3Config {
-            n_vocab,
-            n_embd,
-            n_layers,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            n_ff,
-            rms_eps,
-            context_length,
-            rope_base,
-            rope_freq_scale,
-            rope_base_swa,
+        Ok(Gemma3Config {
+            n_ff: base.dense_ff()?,
+            rope_base_swa: g.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0),
             sliding_window,
             is_swa,
             attn_scale,
-            final_logit_softcap,
-        };
-        cfg.check()?;
-        Ok(cfg)
+            final_logit_softcap: g.get_f32(&key("final_logit_softcapping"))?.filter(|&c| c > 0.0),
+            base,
+        })
     }
-
-    /// Rejects sizes the forward pass cannot run with.
-    fn check(&self) -> Result<(), EngineError> {
-        let bad = |key: &str, value: usize, why: &'static str| {
-            Err(EngineError::BadValue { key: format!("gemma3.{key}"), value: value.to_string(), why })
-        };
-        if self.n_embd == 0 || self.n_layers == 0 || self.n_ff == 0 || self.context_length == 0 {
-            return bad("embedding_length/block_count/feed_forward_length/context_length", 0, "must be > 0");
-        }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad("attention.head_count_kv", self.n_kv_heads, "must divide attention.head_count");
-        }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
-            return bad("attention.key_length", self.head_dim, "must be even and > 0");
-        }
-        Ok(())
-    }
-
-    fn q_dim(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-
-    fn kv_dim(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-}
-
-/// Linear RoPE scaling of global layers (`rope.scaling.type = linear`, factor f → 1/f).
-fn rope_freq_scale(g: &Gguf, type_key: &str, factor_key: &str) -> Result<f32, EngineError> {
-    let kind = g.get_str(type_key)?.unwrap_or("linear");
-    let factor = g.get_f32(factor_key)?.unwrap_or(1.0);
-    match kind {
-        "none" => Ok(1.0),
-        "linear" if factor > 0.0 && factor.is_finite() => Ok(1.0 / factor),
-        "linear" => {
-            Err(EngineError::BadValue { key: factor_key.into(), value: factor.to_string(), why: "must be > 0" })
-        }
-        other => Err(EngineError::BadValue {
-            key: type_key.into(),
-            value: other.to_string(),
-            why: "gemma3 supports only linear RoPE scaling",
-        }),
-    }
-}
-
-/// Which layers use the sliding window: a per-layer bool array in the file, or a period
-/// n (default 6) where layer i is local iff i % n < n - 1 (n = 0: all local).
-fn swa_pattern(g: &Gguf, key: &str, n_layers: usize) -> Result<Vec<bool>, EngineError> {
-    if let Some(arr) = g.get_array(key).ok().flatten() {
-        let bools = arr.as_bools().ok_or_else(|| EngineError::BadValue {
-            key: key.into(),
-            value: arr.type_name(),
-            why: "must be a u32 or an array of bool",
-        })?;
-        if bools.len() < n_layers {
-            return Err(EngineError::BadValue {
-                key: key.into(),
-                value: bools.len().to_string(),
-                why: "shorter than block_count",
-            });
-        }
-        return Ok(bools[..n_layers].to_vec());
-    }
-    let n = g.get_u32(key)?.unwrap_or(6) as usize;
-    Ok((0..n_layers).map(|il| n == 0 || il % n < n - 1).collect())
 }
 
 struct Layer<B: Backend> {
@@ -199,15 +94,15 @@ pub struct Gemma3<B: Backend> {
 
 fn load_layer<B: Backend>(ld: &Loader<B>, cfg: &Gemma3Config, il: usize) -> Result<Layer<B>, EngineError> {
     let n = |s: &str| format!("blk.{il}.{s}.weight");
-    let (d, hd) = (cfg.n_embd, cfg.head_dim);
+    let (d, hd) = (cfg.base.n_embd, cfg.base.head_dim);
     Ok(Layer {
         attn_norm: ld.vector(&n("attn_norm"), d)?,
-        wq: ld.weight(&n("attn_q"), d, cfg.q_dim())?,
-        wk: ld.weight(&n("attn_k"), d, cfg.kv_dim())?,
-        wv: ld.weight(&n("attn_v"), d, cfg.kv_dim())?,
+        wq: ld.weight(&n("attn_q"), d, cfg.base.q_dim())?,
+        wk: ld.weight(&n("attn_k"), d, cfg.base.kv_dim())?,
+        wv: ld.weight(&n("attn_v"), d, cfg.base.kv_dim())?,
         q_norm: ld.vector(&n("attn_q_norm"), hd)?,
         k_norm: ld.vector(&n("attn_k_norm"), hd)?,
-        wo: ld.weight(&n("attn_output"), cfg.q_dim(), d)?,
+        wo: ld.weight(&n("attn_output"), cfg.base.q_dim(), d)?,
         post_attn_norm: ld.vector(&n("post_attention_norm"), d)?,
         ffn_norm: ld.vector(&n("ffn_norm"), d)?,
         w_gate: ld.weight(&n("ffn_gate"), d, cfg.n_ff)?,
@@ -221,19 +116,19 @@ impl<B: Backend> Gemma3<B> {
     pub fn load(backend: &B, file: &Arc<Gguf>) -> Result<Gemma3<B>, EngineError> {
         let cfg = Gemma3Config::from_gguf(file)?;
         let ld = Loader { backend, file };
-        let tok_embd = ld.weight("token_embd.weight", cfg.n_embd, cfg.n_vocab)?;
+        let tok_embd = ld.weight("token_embd.weight", cfg.base.n_embd, cfg.base.n_vocab)?;
         let output = match file.tensor("output.weight") {
-            Some(_) => Some(ld.weight("output.weight", cfg.n_embd, cfg.n_vocab)?),
+            Some(_) => Some(ld.weight("output.weight", cfg.base.n_embd, cfg.base.n_vocab)?),
             None => None,
         };
-        let output_norm = ld.vector("output_norm.weight", cfg.n_embd)?;
-        let layers = (0..cfg.n_layers).map(|il| load_layer(&ld, &cfg, il)).collect::<Result<Vec<_>, _>>()?;
+        let output_norm = ld.vector("output_norm.weight", cfg.base.n_embd)?;
+        let layers = (0..cfg.base.n_layers).map(|il| load_layer(&ld, &cfg, il)).collect::<Result<Vec<_>, _>>()?;
         let info = ModelInfo {
             architecture: "gemma3".into(),
-            n_vocab: cfg.n_vocab,
-            n_embd: cfg.n_embd,
-            n_layers: cfg.n_layers,
-            context_length: cfg.context_length,
+            n_vocab: cfg.base.n_vocab,
+            n_embd: cfg.base.n_embd,
+            n_layers: cfg.base.n_layers,
+            context_length: cfg.base.context_length,
             n_params: count_params(file),
         };
         Ok(Gemma3 { cfg, info, tok_embd, output, output_norm, layers })
@@ -242,29 +137,29 @@ impl<B: Backend> Gemma3<B> {
     /// Attention of layer `il`: x [n × d] → [n × d] (before the post-attention norm).
     fn attention(&self, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> B::Act {
         let (cfg, l) = (&self.cfg, &self.layers[il]);
-        let h = b.rms_norm(x, &l.attn_norm, cfg.rms_eps);
+        let h = b.rms_norm(x, &l.attn_norm, cfg.base.rms_eps);
         tap("attn_norm", il, &h);
         // q [n × n_heads·hd], k and v [n × n_kv_heads·hd]
         let [q, k, v] = b.matmuls([&l.wq, &l.wk, &l.wv], &h);
-        let mut q = b.rms_norm(&q, &l.q_norm, cfg.rms_eps); // per head
-        let mut k = b.rms_norm(&k, &l.k_norm, cfg.rms_eps);
+        let mut q = b.rms_norm(&q, &l.q_norm, cfg.base.rms_eps); // per head
+        let mut k = b.rms_norm(&k, &l.k_norm, cfg.base.rms_eps);
         tap("Qcur_normed", il, &q);
         tap("Kcur_normed", il, &k);
         tap("Vcur", il, &v);
         let (base, scale) = match cfg.is_swa[il] {
             true => (cfg.rope_base_swa, 1.0),
-            false => (cfg.rope_base, cfg.rope_freq_scale),
+            false => (cfg.base.rope_base, cfg.base.rope_freq_scale),
         };
         let pos = &batch.layout.positions;
-        b.rope_neox(&mut q, pos, cfg.head_dim, base, scale);
-        b.rope_neox(&mut k, pos, cfg.head_dim, base, scale);
+        b.rope_neox(&mut q, pos, cfg.base.head_dim, base, scale);
+        b.rope_neox(&mut k, pos, cfg.base.head_dim, base, scale);
         tap("Qcur#3", il, &q);
         tap("Kcur#3", il, &k);
         b.scale(&mut q, cfg.attn_scale);
         let shape = AttnShape {
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: cfg.head_dim,
+            n_heads: cfg.base.n_heads,
+            n_kv_heads: cfg.base.n_kv_heads,
+            head_dim: cfg.base.head_dim,
             window: if cfg.is_swa[il] { cfg.sliding_window } else { None },
             scale: 1.0,
         };
@@ -278,7 +173,7 @@ impl<B: Backend> Gemma3<B> {
     /// GeGLU feed-forward of layer `il`: x [n × d] → [n × d] (before the post-FFN norm).
     fn feed_forward(&self, b: &B, il: usize, x: &B::Act, tap: &mut Tap<B>) -> B::Act {
         let l = &self.layers[il];
-        let h = b.rms_norm(x, &l.ffn_norm, self.cfg.rms_eps);
+        let h = b.rms_norm(x, &l.ffn_norm, self.cfg.base.rms_eps);
         tap("ffn_norm", il, &h);
         let [mut gate, up] = b.matmuls([&l.w_gate, &l.w_up], &h); // [n × n_ff] each
         tap("ffn_gate", il, &gate);
@@ -298,7 +193,7 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
 
     fn kv_layout(&self) -> KvLayout {
         let window = |il: usize| if self.cfg.is_swa[il] { self.cfg.sliding_window } else { None };
-        KvLayout { kv_dim: self.cfg.kv_dim(), windows: (0..self.cfg.n_layers).map(window).collect() }
+        KvLayout { kv_dim: self.cfg.base.kv_dim(), windows: (0..self.cfg.base.n_layers).map(window).collect() }
     }
 
     fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
@@ -337,30 +232,30 @@ impl<B: Backend> Gemma3<B> {
         if let Some(cap) = cfg.final_logit_softcap {
             data.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
         }
-        Ok(Logits { rows: batch.output_rows(), n_vocab: cfg.n_vocab, data })
+        Ok(Logits { rows: batch.output_rows(), n_vocab: cfg.base.n_vocab, data })
     }
 
     /// The layers and the output norm: [n × d] hidden states of the rows that want output.
     fn hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> Result<B::Act, EngineError> {
         let cfg = &self.cfg;
         let out_rows = batch.output_rows();
-        let mut x = b.embed(&self.tok_embd, &batch.tokens, (cfg.n_embd as f32).sqrt())?; // [n × d]
-        for il in 0..cfg.n_layers {
+        let mut x = b.embed(&self.tok_embd, &batch.tokens, (cfg.base.n_embd as f32).sqrt())?; // [n × d]
+        for il in 0..cfg.base.n_layers {
             let mut attn = self.attention(b, il, &x, batch, kv, tap);
-            if il + 1 == cfg.n_layers {
+            if il + 1 == cfg.base.n_layers {
                 // Only the rows that want output go through the last FFN and the head.
                 attn = b.select_rows(&attn, &out_rows);
                 x = b.select_rows(&x, &out_rows);
             }
-            let mut sa = b.rms_norm(&attn, &self.layers[il].post_attn_norm, cfg.rms_eps);
+            let mut sa = b.rms_norm(&attn, &self.layers[il].post_attn_norm, cfg.base.rms_eps);
             b.add(&mut sa, &x);
             tap("sa_out", il, &sa);
             let ffn = self.feed_forward(b, il, &sa, tap);
             tap("ffn_out", il, &ffn);
-            x = b.rms_norm(&ffn, &self.layers[il].post_ffn_norm, cfg.rms_eps);
+            x = b.rms_norm(&ffn, &self.layers[il].post_ffn_norm, cfg.base.rms_eps);
             b.add(&mut x, &sa);
             tap("l_out", il, &x);
         }
-        Ok(b.rms_norm(&x, &self.output_norm, cfg.rms_eps))
+        Ok(b.rms_norm(&x, &self.output_norm, cfg.base.rms_eps))
     }
 }

@@ -8,9 +8,9 @@
 //! over just those; each expert is a clamped SwiGLU (α 1.702, limit 7) with biases, its
 //! weights MXFP4 in released files. The output projection is untied.
 
-use super::decoder::{Decoder, DecoderConfig, Layers};
-use super::moe::{Activation, Experts, Gating, Routing, RoutingStats};
-use super::{required, Batch, Loader};
+use super::decoder::{swa_pattern, Decoder, DecoderConfig, Layers};
+use super::moe::{Activation, Gating, MoeFfn, Routing};
+use super::{qwen2, required, Batch, Loader};
 use crate::backend::{Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::EngineError;
@@ -22,28 +22,13 @@ pub type GptOss<B> = Decoder<B, GptOssLayers<B>>;
 const SWIGLU_ALPHA: f32 = 1.702;
 const SWIGLU_LIMIT: f32 = 7.0;
 
+/// Qwen2's biased Q/K/V and output projections, plus:
 struct Attention<B: Backend> {
-    norm: B::Vector,
-    wq: B::Weight,
-    wk: B::Weight,
-    wv: B::Weight,
-    /// Biases of Q [q_dim], K and V [kv_dim], and the output [d].
-    bq: B::Vector,
-    bk: B::Vector,
-    bv: B::Vector,
-    wo: B::Weight,
+    qkvo: qwen2::Attention<B>,
+    /// The output bias [d].
     bo: B::Vector,
     /// One sink logit per head [n_heads].
     sinks: B::Vector,
-}
-
-struct MoeFfn<B: Backend> {
-    norm: B::Vector,
-    /// Router [n_expert × d] and its bias [n_expert].
-    router: B::Weight,
-    router_bias: B::Vector,
-    experts: Experts<B>,
-    stats: RoutingStats,
 }
 
 pub struct GptOssLayers<B: Backend> {
@@ -67,17 +52,9 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<GptOss<B>, Engi
             let orig = file.get_u32(&cfg.key("rope.scaling.original_context_length")).ok().flatten();
             Yarn::new(cfg.head_dim, swa_rope_base, factor, orig.map_or(cfg.context_length, |v| v as usize))
         });
-        let load_ffn = |il: usize| -> Result<MoeFfn<B>, EngineError> {
-            let n = |s: &str, kind: &str| format!("blk.{il}.{s}.{kind}");
-            let act = Activation::SwiGluOai { alpha: SWIGLU_ALPHA, limit: SWIGLU_LIMIT };
-            Ok(MoeFfn {
-                norm: ld.vector(&n("post_attention_norm", "weight"), cfg.n_embd)?,
-                router: ld.weight(&n("ffn_gate_inp", "weight"), cfg.n_embd, routing.n_expert)?,
-                router_bias: ld.vector(&n("ffn_gate_inp", "bias"), routing.n_expert)?,
-                experts: Experts::load(ld, il, [cfg.n_embd, n_ff_exp, routing.n_expert], act, true)?,
-                stats: RoutingStats::new(routing.n_expert),
-            })
-        };
+        let act = Activation::SwiGluOai { alpha: SWIGLU_ALPHA, limit: SWIGLU_LIMIT };
+        let dims = [cfg.n_embd, n_ff_exp];
+        let load_ffn = |il| MoeFfn::load(ld, il, "post_attention_norm", dims, &routing, act, true);
         Ok(GptOssLayers {
             attention: (0..cfg.n_layers).map(|il| load_attention(ld, cfg, il)).collect::<Result<_, _>>()?,
             ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
@@ -90,20 +67,10 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<GptOss<B>, Engi
 }
 
 fn load_attention<B: Backend>(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) -> Result<Attention<B>, EngineError> {
-    let w = |s: &str| format!("blk.{il}.{s}.weight");
-    let bias = |s: &str| format!("blk.{il}.{s}.bias");
-    let (d, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
     Ok(Attention {
-        norm: ld.vector(&w("attn_norm"), d)?,
-        wq: ld.weight(&w("attn_q"), d, q)?,
-        wk: ld.weight(&w("attn_k"), d, kv)?,
-        wv: ld.weight(&w("attn_v"), d, kv)?,
-        bq: ld.vector(&bias("attn_q"), q)?,
-        bk: ld.vector(&bias("attn_k"), kv)?,
-        bv: ld.vector(&bias("attn_v"), kv)?,
-        wo: ld.weight(&w("attn_output"), q, d)?,
-        bo: ld.vector(&bias("attn_output"), d)?,
-        sinks: ld.vector(&w("attn_sinks"), cfg.n_heads)?,
+        qkvo: qwen2::Attention::load(ld, cfg, il)?,
+        bo: ld.vector(&format!("blk.{il}.attn_output.bias"), cfg.n_embd)?,
+        sinks: ld.vector(&format!("blk.{il}.attn_sinks.weight"), cfg.n_heads)?,
     })
 }
 
@@ -123,16 +90,16 @@ fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize), Engin
     Ok((routing, n_ff_exp))
 }
 
-/// `attention.sliding_window` on the layers `attention.sliding_window_pattern` (default
-/// 2) marks: with pattern p, layer il slides when il % p < p - 1.
+/// `attention.sliding_window` on the layers `attention.sliding_window_pattern` marks
+/// (default: period 2, the even layers).
 fn read_windows(g: &Gguf, cfg: &DecoderConfig) -> Result<Vec<Option<u32>>, EngineError> {
-    let window = required(g.get_u32(&cfg.key("attention.sliding_window")), &cfg.key("attention.sliding_window"))?;
+    let key = cfg.key("attention.sliding_window");
+    let window = required(g.get_u32(&key), &key)?;
     if window == 0 {
-        let key = cfg.key("attention.sliding_window");
         return Err(EngineError::BadValue { key, value: "0".into(), why: "must be > 0" });
     }
-    let pattern = g.get_u32(&cfg.key("attention.sliding_window_pattern"))?.unwrap_or(2) as usize;
-    Ok((0..cfg.n_layers).map(|il| (pattern == 0 || il % pattern < pattern - 1).then_some(window)).collect())
+    let is_swa = swa_pattern(g, &cfg.key("attention.sliding_window_pattern"), cfg.n_layers, 2)?;
+    Ok(is_swa.into_iter().map(|swa| swa.then_some(window)).collect())
 }
 
 impl<B: Backend> GptOssLayers<B> {
@@ -151,36 +118,23 @@ impl<B: Backend> GptOssLayers<B> {
 impl<B: Backend> Layers<B> for GptOssLayers<B> {
     fn attention(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv) -> B::Act {
         let l = &self.attention[il];
-        let h = b.rms_norm(x, &l.norm, cfg.rms_eps);
-        // q [n × n_heads·hd], k and v [n × n_kv_heads·hd]
-        let [mut q, mut k, mut v] = b.matmuls([&l.wq, &l.wk, &l.wv], &h);
-        b.add_bias(&mut q, &l.bq);
-        b.add_bias(&mut k, &l.bk);
-        b.add_bias(&mut v, &l.bv);
+        let [mut q, mut k, v] = l.qkvo.project(cfg, b, x); // [n × n_heads·hd], [n × n_kv_heads·hd] ×2
         let pos = &batch.layout.positions;
         self.rope(cfg, b, il, &mut q, pos);
         self.rope(cfg, b, il, &mut k, pos);
         let shape = crate::backend::AttnShape { window: self.windows[il], ..cfg.attn_shape() };
         let a = b.attention(kv, il, &batch.layout, &q, &k, &v, shape, Some(&l.sinks)); // [n × n_heads·hd]
-        let mut o = b.matmul(&l.wo, &a); // [n × d]
-        b.all_reduce_sum(&mut o);
+        let mut o = l.qkvo.output(b, &a); // [n × d]
         b.add_bias(&mut o, &l.bo);
         o
     }
 
     fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act {
-        let f = &self.ffn[il];
-        let h = b.rms_norm(x, &f.norm, cfg.rms_eps); // [n × d]
-        let mut logits = b.matmul(&f.router, &h); // [n × n_expert]
-        b.add_bias(&mut logits, &f.router_bias);
-        let routes = self.routing.route(&b.take_to_host(logits));
-        let mut out = f.experts.forward(b, &h, &routes, &f.stats); // [n × d]
-        b.all_reduce_sum(&mut out);
-        out
+        self.ffn[il].forward(b, x, cfg.rms_eps, &self.routing)
     }
 
     fn routing_stats(&self) -> Vec<Vec<u64>> {
-        self.ffn.iter().map(|f| f.stats.snapshot()).collect()
+        self.ffn.iter().map(MoeFfn::routing_stats).collect()
     }
 
     fn windows(&self, _cfg: &DecoderConfig) -> Vec<Option<u32>> {

@@ -174,6 +174,63 @@ impl<B: Backend> Experts<B> {
     }
 }
 
+/// A mixture-of-experts FFN block: h = rms_norm(x); the router scores the experts from h
+/// (plus a bias, in gpt-oss); each token's output is its experts' weighted sum.
+pub struct MoeFfn<B: Backend> {
+    norm: B::Vector,
+    /// Router [n_expert × d] and its bias [n_expert].
+    router: B::Weight,
+    router_bias: Option<B::Vector>,
+    experts: Experts<B>,
+    stats: RoutingStats,
+}
+
+impl<B: Backend> MoeFfn<B> {
+    /// Layer `il`'s block: its norm `blk.{il}.{norm}.weight`, the router
+    /// `blk.{il}.ffn_gate_inp.{weight,bias}` and the experts of width `ff`; `biases`: the
+    /// router and experts have biases.
+    pub(crate) fn load(
+        ld: &Loader<B>,
+        il: usize,
+        norm: &str,
+        [d, ff]: [usize; 2],
+        routing: &Routing,
+        act: Activation,
+        biases: bool,
+    ) -> Result<MoeFfn<B>, EngineError> {
+        let n = routing.n_expert;
+        let router_bias = match biases {
+            true => Some(ld.vector(&format!("blk.{il}.ffn_gate_inp.bias"), n)?),
+            false => None,
+        };
+        Ok(MoeFfn {
+            norm: ld.vector(&format!("blk.{il}.{norm}.weight"), d)?,
+            router: ld.weight(&format!("blk.{il}.ffn_gate_inp.weight"), d, n)?,
+            router_bias,
+            experts: Experts::load(ld, il, [d, ff, n], act, biases)?,
+            stats: RoutingStats::new(n),
+        })
+    }
+
+    /// x [n × d] → [n × d].
+    pub fn forward(&self, b: &B, x: &B::Act, rms_eps: f32, routing: &Routing) -> B::Act {
+        let h = b.rms_norm(x, &self.norm, rms_eps); // [n × d]
+        let mut logits = b.matmul(&self.router, &h); // [n × n_expert]
+        if let Some(bias) = &self.router_bias {
+            b.add_bias(&mut logits, bias);
+        }
+        let routes = routing.route(&b.take_to_host(logits));
+        let mut out = self.experts.forward(b, &h, &routes, &self.stats); // [n × d]
+        b.all_reduce_sum(&mut out);
+        out
+    }
+
+    /// Tokens routed to each expert since load.
+    pub fn routing_stats(&self) -> Vec<u64> {
+        self.stats.snapshot()
+    }
+}
+
 /// Tokens routed to each expert of one layer since load, for debugging a router
 /// (`Architecture::routing_stats`).
 pub struct RoutingStats {

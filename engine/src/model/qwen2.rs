@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 pub type Qwen2<B> = Decoder<B, Qwen2Layers<B>>;
 
-struct Attention<B: Backend> {
+/// Qwen2's attention block (gpt-oss's too, which adds an output bias and sinks).
+pub struct Attention<B: Backend> {
     norm: B::Vector,
     wq: B::Weight,
     wk: B::Weight,
@@ -25,6 +26,41 @@ struct Attention<B: Backend> {
     wo: B::Weight,
 }
 
+impl<B: Backend> Attention<B> {
+    pub(crate) fn load(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) -> Result<Attention<B>, EngineError> {
+        let w = |s: &str| format!("blk.{il}.{s}.weight");
+        let bias = |s: &str| format!("blk.{il}.{s}.bias");
+        let (d, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
+        Ok(Attention {
+            norm: ld.vector(&w("attn_norm"), d)?,
+            wq: ld.weight(&w("attn_q"), d, q)?,
+            wk: ld.weight(&w("attn_k"), d, kv)?,
+            wv: ld.weight(&w("attn_v"), d, kv)?,
+            bq: ld.vector(&bias("attn_q"), q)?,
+            bk: ld.vector(&bias("attn_k"), kv)?,
+            bv: ld.vector(&bias("attn_v"), kv)?,
+            wo: ld.weight(&w("attn_output"), q, d)?,
+        })
+    }
+
+    /// x [n × d] → q [n × n_heads·hd], k and v [n × n_kv_heads·hd], biases added.
+    pub fn project(&self, cfg: &DecoderConfig, b: &B, x: &B::Act) -> [B::Act; 3] {
+        let h = b.rms_norm(x, &self.norm, cfg.rms_eps);
+        let [mut q, mut k, mut v] = b.matmuls([&self.wq, &self.wk, &self.wv], &h);
+        b.add_bias(&mut q, &self.bq);
+        b.add_bias(&mut k, &self.bk);
+        b.add_bias(&mut v, &self.bv);
+        [q, k, v]
+    }
+
+    /// The output projection: [n × n_heads·hd] → [n × d].
+    pub fn output(&self, b: &B, a: &B::Act) -> B::Act {
+        let mut o = b.matmul(&self.wo, a);
+        b.all_reduce_sum(&mut o);
+        o
+    }
+}
+
 pub struct Qwen2Layers<B: Backend> {
     attention: Vec<Attention<B>>,
     ffn: Vec<DenseFfn<B>>,
@@ -33,44 +69,21 @@ pub struct Qwen2Layers<B: Backend> {
 pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen2<B>, EngineError> {
     Decoder::load(backend, file, "qwen2", |ld, cfg| {
         Ok(Qwen2Layers {
-            attention: (0..cfg.n_layers).map(|il| load_attention(ld, cfg, il)).collect::<Result<_, _>>()?,
+            attention: (0..cfg.n_layers).map(|il| Attention::load(ld, cfg, il)).collect::<Result<_, _>>()?,
             ffn: (0..cfg.n_layers).map(|il| DenseFfn::load(ld, cfg, il)).collect::<Result<_, _>>()?,
         })
-    })
-}
-
-fn load_attention<B: Backend>(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) -> Result<Attention<B>, EngineError> {
-    let w = |s: &str| format!("blk.{il}.{s}.weight");
-    let bias = |s: &str| format!("blk.{il}.{s}.bias");
-    let (d, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
-    Ok(Attention {
-        norm: ld.vector(&w("attn_norm"), d)?,
-        wq: ld.weight(&w("attn_q"), d, q)?,
-        wk: ld.weight(&w("attn_k"), d, kv)?,
-        wv: ld.weight(&w("attn_v"), d, kv)?,
-        bq: ld.vector(&bias("attn_q"), q)?,
-        bk: ld.vector(&bias("attn_k"), kv)?,
-        bv: ld.vector(&bias("attn_v"), kv)?,
-        wo: ld.weight(&w("attn_output"), q, d)?,
     })
 }
 
 impl<B: Backend> Layers<B> for Qwen2Layers<B> {
     fn attention(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv) -> B::Act {
         let l = &self.attention[il];
-        let h = b.rms_norm(x, &l.norm, cfg.rms_eps);
-        // q [n × n_heads·hd], k and v [n × n_kv_heads·hd]
-        let [mut q, mut k, mut v] = b.matmuls([&l.wq, &l.wk, &l.wv], &h);
-        b.add_bias(&mut q, &l.bq);
-        b.add_bias(&mut k, &l.bk);
-        b.add_bias(&mut v, &l.bv);
+        let [mut q, mut k, v] = l.project(cfg, b, x);
         let pos = &batch.layout.positions;
         cfg.rope_neox(b, &mut q, pos);
         cfg.rope_neox(b, &mut k, pos);
         let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape(), None); // [n × n_heads·hd]
-        let mut o = b.matmul(&l.wo, &a); // [n × d]
-        b.all_reduce_sum(&mut o);
-        o
+        l.output(b, &a)
     }
 
     fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act {

@@ -8,7 +8,7 @@
 //! shared expert.
 
 use super::decoder::{Decoder, DecoderConfig, Layers};
-use super::moe::{Activation, Experts, Gating, Routing, RoutingStats};
+use super::moe::{Activation, Gating, MoeFfn, Routing};
 use super::qwen3::Attention;
 use super::{required, Batch};
 use crate::backend::Backend;
@@ -17,14 +17,6 @@ use crate::EngineError;
 use std::sync::Arc;
 
 pub type Qwen3Moe<B> = Decoder<B, Qwen3MoeLayers<B>>;
-
-struct MoeFfn<B: Backend> {
-    norm: B::Vector,
-    /// Router [n_expert × d].
-    router: B::Weight,
-    experts: Experts<B>,
-    stats: RoutingStats,
-}
 
 pub struct Qwen3MoeLayers<B: Backend> {
     attention: Vec<Attention<B>>,
@@ -35,15 +27,8 @@ pub struct Qwen3MoeLayers<B: Backend> {
 pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen3Moe<B>, EngineError> {
     Decoder::load(backend, file, "qwen3moe", |ld, cfg| {
         let (routing, n_ff_exp) = read_routing(file, cfg)?;
-        let load_ffn = |il: usize| -> Result<MoeFfn<B>, EngineError> {
-            let n = |s: &str| format!("blk.{il}.{s}.weight");
-            Ok(MoeFfn {
-                norm: ld.vector(&n("ffn_norm"), cfg.n_embd)?,
-                router: ld.weight(&n("ffn_gate_inp"), cfg.n_embd, routing.n_expert)?,
-                experts: Experts::load(ld, il, [cfg.n_embd, n_ff_exp, routing.n_expert], Activation::SwiGlu, false)?,
-                stats: RoutingStats::new(routing.n_expert),
-            })
-        };
+        let dims = [cfg.n_embd, n_ff_exp];
+        let load_ffn = |il| MoeFfn::load(ld, il, "ffn_norm", dims, &routing, Activation::SwiGlu, false);
         Ok(Qwen3MoeLayers {
             attention: (0..cfg.n_layers).map(|il| Attention::load(ld, cfg, il)).collect::<Result<_, _>>()?,
             ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
@@ -81,7 +66,7 @@ fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize), Engin
 
 impl<B: Backend> Layers<B> for Qwen3MoeLayers<B> {
     fn routing_stats(&self) -> Vec<Vec<u64>> {
-        self.ffn.iter().map(|f| f.stats.snapshot()).collect()
+        self.ffn.iter().map(MoeFfn::routing_stats).collect()
     }
 
     fn attention(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act, batch: &Batch, kv: &mut B::Kv) -> B::Act {
@@ -89,12 +74,6 @@ impl<B: Backend> Layers<B> for Qwen3MoeLayers<B> {
     }
 
     fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act {
-        let f = &self.ffn[il];
-        let h = b.rms_norm(x, &f.norm, cfg.rms_eps); // [n × d]
-        let logits = b.take_to_host(b.matmul(&f.router, &h)); // [n × n_expert]
-        let routes = self.routing.route(&logits);
-        let mut out = f.experts.forward(b, &h, &routes, &f.stats); // [n × d]
-        b.all_reduce_sum(&mut out);
-        out
+        self.ffn[il].forward(b, x, cfg.rms_eps, &self.routing)
     }
 }
