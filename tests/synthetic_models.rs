@@ -1,7 +1,7 @@
 //! Architectures against llama.cpp on synthetic models (scripts/synth/make_models.py
 //! writes them: 2 layers of width 64 with every structural feature of the architecture and
 //! its family's real BPE vocabulary; fixtures from scripts/synth/gen_fixtures.py):
-//! llama (Llama 3), qwen2, qwen3, qwen3moe and gpt-oss.
+//! llama (Llama 3), qwen2, qwen3, qwen3moe, gpt-oss and deepseek2 (DeepSeek-V3).
 //!
 //! Each F32 model is the strict test: run with an F32 KV cache against llama.cpp with an
 //! F32 cache and flash attention off (attention in f32 on both sides), every teacher-forced
@@ -158,6 +158,16 @@ fn gpt_oss_f32() {
 #[test]
 fn gpt_oss_mxfp4() {
     quantized_model_stays_close_to_llama_cpp("gpt-oss", "mxfp4");
+}
+
+#[test]
+fn deepseek2_f32() {
+    f32_model_matches_llama_cpp_strictly("deepseek2");
+}
+
+#[test]
+fn deepseek2_q8_0() {
+    quantized_model_stays_close_to_llama_cpp("deepseek2", "q8_0");
 }
 
 /// Every token of the teacher-forced sequence reaches k experts in every layer, and the

@@ -93,6 +93,13 @@ impl Yarn {
         Yarn { freq_scale: 1.0 / factor, ext_factor: 1.0, attn_factor, corr_dims: [start, end] }
     }
 
+    /// DeepSeek's variant (`rope.scaling.yarn_log_multiplier` set): llama.cpp's attention
+    /// factor is then 1/(1 + 0.1·ln(factor)), so cos and sin are unscaled overall; the
+    /// magnitude correction goes into the attention scale instead (see deepseek2.rs).
+    pub fn deepseek(n_dims: usize, base: f32, factor: f32, orig_ctx: usize) -> Yarn {
+        Yarn { attn_factor: 1.0 / (1.0 + 0.1 * factor.ln()), ..Yarn::new(n_dims, base, factor, orig_ctx) }
+    }
+
     /// cos and sin of pair `i` (dims 2i, 2i + 1) whose unscaled angle is `theta_extrap`.
     fn cos_sin(&self, theta_extrap: f32, i: usize) -> (f32, f32) {
         let theta_interp = self.freq_scale * theta_extrap;
@@ -120,6 +127,20 @@ pub fn rope_neox_yarn(head: &mut [f32], pos: u32, base: f32, yarn: &Yarn) {
         let (a, b) = (head[i], head[i + half]);
         head[i] = a * cos - b * sin;
         head[i + half] = a * sin + b * cos;
+        theta *= theta_scale;
+    }
+}
+
+/// Normal-style rotary embedding (pair i is dims 2i and 2i + 1) of one head in place,
+/// with YaRN scaling, as ggml's `rope_f32` in normal mode (DeepSeek).
+pub fn rope_norm_yarn(head: &mut [f32], pos: u32, base: f32, yarn: &Yarn) {
+    let theta_scale = base.powf(-2.0 / head.len() as f32);
+    let mut theta = pos as f32;
+    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+        let (cos, sin) = yarn.cos_sin(theta, i);
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * cos - b * sin;
+        pair[1] = a * sin + b * cos;
         theta *= theta_scale;
     }
 }

@@ -31,6 +31,9 @@ pub struct KvLayout {
     pub kv_dim: usize,
     /// Per layer, its sliding window in tokens (None: full attention).
     pub windows: Vec<Option<u32>>,
+    /// Values are not stored: each token's value is the leading part of its key
+    /// (multi-head latent attention caches one compressed latent per token).
+    pub shared_v: bool,
 }
 
 /// How the cache stores keys and values (`OLLAMA_KV_CACHE_TYPE`).
@@ -76,6 +79,8 @@ pub struct KvGroup {
 pub struct KvSpec {
     pub n_layers: usize,
     pub kv_dim: usize,
+    /// Values live inside the keys ([`KvLayout::shared_v`]).
+    pub shared_v: bool,
     pub groups: Vec<KvGroup>,
     /// Per layer: its group and its index within that group.
     pub layer_slot: Vec<(usize, usize)>,
@@ -121,7 +126,8 @@ impl KvSpec {
             groups[g].layers.push(layer);
         }
         let n_layers = layout.windows.len();
-        KvSpec { n_layers, kv_dim: layout.kv_dim, groups, layer_slot, max_tokens, n_seqs, dtype: KvType::F16 }
+        let (kv_dim, shared_v) = (layout.kv_dim, layout.shared_v);
+        KvSpec { n_layers, kv_dim, shared_v, groups, layer_slot, max_tokens, n_seqs, dtype: KvType::F16 }
     }
 
     /// The same pool storing `dtype`.
@@ -132,7 +138,8 @@ impl KvSpec {
 
     /// Bytes of keys and values the pool holds when every block is in use.
     pub fn pool_bytes(&self) -> usize {
-        let per_block_layer = BLOCK_TOKENS * self.kv_dim * 2 * self.dtype.bytes_per_value();
+        let arrays = if self.shared_v { 1 } else { 2 };
+        let per_block_layer = BLOCK_TOKENS * self.kv_dim * arrays * self.dtype.bytes_per_value();
         self.groups.iter().map(|g| g.n_blocks * g.layers.len() * per_block_layer).sum()
     }
 }
@@ -486,7 +493,7 @@ mod tests {
 
     fn layout() -> KvLayout {
         // Layers 0 and 2 full, 1 and 3 with a 32-token window.
-        KvLayout { kv_dim: 4, windows: vec![None, Some(32), None, Some(32)] }
+        KvLayout { kv_dim: 4, windows: vec![None, Some(32), None, Some(32)], shared_v: false }
     }
 
     fn feed(m: &mut BlockManager, seq: usize, tokens: &[u32]) -> Result<(), EngineError> {
@@ -596,7 +603,7 @@ mod tests {
 
     #[test]
     fn eviction_takes_a_cached_prefix_tail_first() {
-        let spec = KvSpec::with_blocks(&KvLayout { kv_dim: 4, windows: vec![None] }, 1024, 2, |_| 4);
+        let spec = KvSpec::with_blocks(&KvLayout { kv_dim: 4, windows: vec![None], shared_v: false }, 1024, 2, |_| 4);
         let mut m = BlockManager::new(&spec);
         let p = tokens(4 * B, 8);
         feed(&mut m, 0, &p).unwrap();

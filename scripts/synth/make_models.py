@@ -20,6 +20,11 @@ bytes on every run (numpy's PCG64).
             it), YaRN RoPE (factor 32 over 4096), 8 experts of width 32 with biases, top-4
             softmax over the selected, clamped SwiGLU; Llama 3's vocabulary with the
             o200k (gpt-4o) pre-tokenizer
+  deepseek2 DeepSeek-V3: multi-head latent attention (q LoRA rank 32, kv LoRA rank 64,
+            32 + 16 RoPE query/key dims, values of 32), YaRN RoPE with log multiplier,
+            one leading dense layer, then 16 experts in 4 groups (2 kept), top-4 by
+            sigmoid with a selection bias, renormalized and scaled 2.5, one shared expert;
+            DeepSeek LLM's vocabulary
 """
 import os
 import sys
@@ -43,6 +48,11 @@ ARCHS = {
                     rope_base=150000.0, tied=False, qkv_bias=True, out_bias=True, sinks=True,
                     sliding_window=16, yarn=(32.0, 4096), experts=8, experts_used=4, expert_ff=32,
                     expert_bias=True, router_bias=True, post_attention_norm=True, quant="mxfp4"),
+    "deepseek2": dict(vocab="deepseek-llm", embd=64, head=4, head_kv=1, head_dim=64 + 16, ff=96, layers=3,
+                      rope_base=10000.0, tied=False, yarn=(4.0, 128), yarn_log_mul=0.1,
+                      mla=dict(q_rank=32, kv_rank=64, nope=32, rope=16, v_head=32), dense_lead=1,
+                      experts=16, experts_used=4, expert_ff=32, expert_groups=(4, 2), shared_experts=1,
+                      sigmoid=True, selection_bias=True, weights_scale=2.5),
 }
 N_CTX = 512
 
@@ -110,6 +120,11 @@ def tensors(a, n_vocab, seed):
     for il in range(a["layers"]):
         p = f"blk.{il}."
         t[p + "attn_norm.weight"] = norm(d)
+        if "mla" in a:
+            mla_tensors(t, p, a, mat, norm)
+            moe_layer = il >= a["dense_lead"]
+            ffn_tensors(t, p, a, mat, norm, bias, rng, moe_layer)
+            continue
         t[p + "attn_q.weight"] = mat(q, d)
         t[p + "attn_k.weight"] = mat(kv, d)
         t[p + "attn_v.weight"] = mat(kv, d)
@@ -123,29 +138,57 @@ def tensors(a, n_vocab, seed):
         if a.get("sinks"):
             t[p + "attn_sinks.weight"] = (rng.standard_normal(a["head"]) * 1.0).astype(np.float32)
         t[p + ("post_attention_norm.weight" if a.get("post_attention_norm") else "ffn_norm.weight")] = norm(d)
-        if "experts" in a:
-            n, ff = a["experts"], a["expert_ff"]
-            # A router with a spread of 2 logits, so the top-k choice is clear-cut but varied.
-            t[p + "ffn_gate_inp.weight"] = mat(n, d, scale=2.0)
-            if a.get("router_bias"):
-                t[p + "ffn_gate_inp.bias"] = bias(n)
-            t[p + "ffn_gate_exps.weight"] = mat(ff, d, lead=(n,))
-            t[p + "ffn_up_exps.weight"] = mat(ff, d, lead=(n,))
-            t[p + "ffn_down_exps.weight"] = mat(d, ff, lead=(n,))
-            if a.get("expert_bias"):
-                t[p + "ffn_gate_exps.bias"] = (0.5 * rng.standard_normal((n, ff))).astype(np.float32)
-                t[p + "ffn_up_exps.bias"] = (0.5 * rng.standard_normal((n, ff))).astype(np.float32)
-                t[p + "ffn_down_exps.bias"] = (0.5 * rng.standard_normal((n, d))).astype(np.float32)
-        else:
-            t[p + "ffn_gate.weight"] = mat(a["ff"], d)
-            t[p + "ffn_up.weight"] = mat(a["ff"], d)
-            t[p + "ffn_down.weight"] = mat(d, a["ff"])
+        ffn_tensors(t, p, a, mat, norm, bias, rng, "experts" in a)
     t["output_norm.weight"] = norm(d)
     if not a["tied"]:
         t["output.weight"] = mat(n_vocab, d, scale=4.0)
     if a.get("rope_freqs"):
         t["rope_freqs.weight"] = llama3_rope_freqs(a["head_dim"], a["rope_base"])
     return t
+
+
+def mla_tensors(t, p, a, mat, norm):
+    """DeepSeek's latent attention: q LoRA, the latent + RoPE key, per-head k_b and v_b."""
+    d, h, m = a["embd"], a["head"], a["mla"]
+    k_mla = m["nope"] + m["rope"]
+    t[p + "attn_q_a.weight"] = mat(m["q_rank"], d)
+    t[p + "attn_q_a_norm.weight"] = norm(m["q_rank"])
+    t[p + "attn_q_b.weight"] = mat(h * k_mla, m["q_rank"])
+    t[p + "attn_kv_a_mqa.weight"] = mat(m["kv_rank"] + m["rope"], d)
+    t[p + "attn_kv_a_norm.weight"] = norm(m["kv_rank"])
+    t[p + "attn_k_b.weight"] = mat(m["kv_rank"], m["nope"], lead=(h,))
+    t[p + "attn_v_b.weight"] = mat(m["v_head"], m["kv_rank"], lead=(h,))
+    t[p + "attn_output.weight"] = mat(d, h * m["v_head"])
+    t[p + "ffn_norm.weight"] = norm(d)
+
+
+def ffn_tensors(t, p, a, mat, norm, bias, rng, moe):
+    """A dense SwiGLU FFN, or routed experts (with their optional extras)."""
+    d = a["embd"]
+    if moe:
+        n, ff = a["experts"], a["expert_ff"]
+        # A router with a spread of 2 logits, so the top-k choice is clear-cut but varied.
+        t[p + "ffn_gate_inp.weight"] = mat(n, d, scale=2.0)
+        if a.get("router_bias"):
+            t[p + "ffn_gate_inp.bias"] = bias(n)
+        t[p + "ffn_gate_exps.weight"] = mat(ff, d, lead=(n,))
+        t[p + "ffn_up_exps.weight"] = mat(ff, d, lead=(n,))
+        t[p + "ffn_down_exps.weight"] = mat(d, ff, lead=(n,))
+        if a.get("expert_bias"):
+            t[p + "ffn_gate_exps.bias"] = (0.5 * rng.standard_normal((n, ff))).astype(np.float32)
+            t[p + "ffn_up_exps.bias"] = (0.5 * rng.standard_normal((n, ff))).astype(np.float32)
+            t[p + "ffn_down_exps.bias"] = (0.5 * rng.standard_normal((n, d))).astype(np.float32)
+        if a.get("selection_bias"):
+            t[p + "exp_probs_b.bias"] = (0.3 * rng.standard_normal(n)).astype(np.float32)
+        if a.get("shared_experts"):
+            sff = ff * a["shared_experts"]
+            t[p + "ffn_gate_shexp.weight"] = mat(sff, d)
+            t[p + "ffn_up_shexp.weight"] = mat(sff, d)
+            t[p + "ffn_down_shexp.weight"] = mat(d, sff)
+    else:
+        t[p + "ffn_gate.weight"] = mat(a["ff"], d)
+        t[p + "ffn_up.weight"] = mat(a["ff"], d)
+        t[p + "ffn_down.weight"] = mat(d, a["ff"])
 
 
 def quant_type(name, data, quant):
@@ -167,10 +210,14 @@ def write(path, arch, quant):
     w.add_feed_forward_length(a["ff"])
     w.add_head_count(a["head"])
     w.add_head_count_kv(a["head_kv"])
-    if a["head_dim"] * a["head"] != a["embd"]:
+    if "mla" in a:
+        w.add_key_length(a["head_dim"])
+        w.add_value_length(a["mla"]["kv_rank"])
+    elif a["head_dim"] * a["head"] != a["embd"]:
         w.add_key_length(a["head_dim"])
         w.add_value_length(a["head_dim"])
-    w.add_rope_dimension_count(a["head_dim"])
+    if "mla" not in a:
+        w.add_rope_dimension_count(a["head_dim"])
     w.add_rope_freq_base(a["rope_base"])
     if "yarn" in a:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -179,6 +226,23 @@ def write(path, arch, quant):
     if "sliding_window" in a:
         w.add_sliding_window(a["sliding_window"])
     w.add_layer_norm_rms_eps(1e-6 if arch.startswith("qwen") else 1e-5)
+    if "mla" in a:
+        m = a["mla"]
+        w.add_q_lora_rank(m["q_rank"])
+        w.add_kv_lora_rank(m["kv_rank"])
+        w.add_key_length_mla(m["nope"] + m["rope"])
+        w.add_value_length_mla(m["v_head"])
+        w.add_rope_dimension_count(m["rope"])
+        w.add_leading_dense_block_count(a["dense_lead"])
+        w.add_expert_shared_count(a["shared_experts"])
+        w.add_expert_group_count(a["expert_groups"][0])
+        w.add_expert_group_used_count(a["expert_groups"][1])
+        w.add_expert_weights_scale(a["weights_scale"])
+        w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_vocab_size(len(v["tokens"]))
+    if "yarn_log_mul" in a:
+        w.add_rope_scaling_yarn_log_mul(a["yarn_log_mul"])
     if "experts" in a:
         w.add_expert_count(a["experts"])
         w.add_expert_used_count(a["experts_used"])

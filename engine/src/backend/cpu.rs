@@ -63,7 +63,8 @@ pub struct CpuKv {
 }
 
 /// One layer's keys and values, zero-initialised, so pages the pool never uses are never
-/// touched.
+/// touched. With shared values ([`KvSpec::shared_v`]) `values` is empty and each value is
+/// the leading part of its key.
 enum Cells {
     /// f16 bits (llama.cpp's default cache type).
     F16 {
@@ -77,42 +78,52 @@ enum Cells {
 }
 
 impl Cells {
-    fn new(dtype: KvType, len: usize) -> Cells {
+    fn new(dtype: KvType, len: usize, shared_v: bool) -> Cells {
+        let v_len = if shared_v { 0 } else { len };
         match dtype {
-            KvType::F16 => Cells::F16 { keys: vec![0; len], values: vec![0; len] },
-            KvType::F32 => Cells::F32 { keys: vec![0.0; len], values: vec![0.0; len] },
+            KvType::F16 => Cells::F16 { keys: vec![0; len], values: vec![0; v_len] },
+            KvType::F32 => Cells::F32 { keys: vec![0.0; len], values: vec![0.0; v_len] },
         }
     }
 
-    /// Stores one token's key and value rows at element offset `at`.
+    /// Stores one token's key and value rows at element offset `at` (the value only when
+    /// values are stored apart).
     fn write(&mut self, at: usize, k: &[f32], v: &[f32]) {
-        let to_f16 =
-            |dst: &mut [u16], src: &[f32]| dst.iter_mut().zip(src).for_each(|(d, &x)| *d = f16::from_f32(x).to_bits());
-        let n = k.len();
+        fn put<T>(dst: &mut [T], at: usize, src: &[f32], conv: impl Fn(f32) -> T) {
+            dst[at..at + src.len()].iter_mut().zip(src).for_each(|(d, &x)| *d = conv(x));
+        }
+        let half = |x: f32| f16::from_f32(x).to_bits();
         match self {
             Cells::F16 { keys, values } => {
-                to_f16(&mut keys[at..at + n], k);
-                to_f16(&mut values[at..at + n], v);
+                put(keys, at, k, half);
+                if !values.is_empty() {
+                    put(values, at, v, half);
+                }
             }
             Cells::F32 { keys, values } => {
-                keys[at..at + n].copy_from_slice(k);
-                values[at..at + n].copy_from_slice(v);
+                put(keys, at, k, |x| x);
+                if !values.is_empty() {
+                    put(values, at, v, |x| x);
+                }
             }
         }
     }
 
-    /// The key and value rows at `at`, widened to f32.
+    /// The key and value rows at `at`, widened to f32 (shared values: read from the key).
     fn read_into(&self, at: usize, k: &mut [f32], v: &mut [f32]) {
-        let widen =
-            |out: &mut [f32], src: &[u16]| out.iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_bits(x).to_f32());
+        fn get<T: Copy>(out: &mut [f32], src: &[T], at: usize, conv: impl Fn(T) -> f32) {
+            let n = out.len();
+            out.iter_mut().zip(&src[at..at + n]).for_each(|(o, &x)| *o = conv(x));
+        }
+        let half = |x: u16| f16::from_bits(x).to_f32();
         match self {
             Cells::F16 { keys, values } => {
-                widen(k, &keys[at..]);
-                widen(v, &values[at..]);
+                get(k, keys, at, half);
+                get(v, if values.is_empty() { keys } else { values }, at, half);
             }
             Cells::F32 { keys, values } => {
-                k.copy_from_slice(&keys[at..at + k.len()]);
-                v.copy_from_slice(&values[at..at + v.len()]);
+                get(k, keys, at, |x| x);
+                get(v, if values.is_empty() { keys } else { values }, at, |x| x);
             }
         }
     }
@@ -132,7 +143,7 @@ impl CpuKv {
     fn new(spec: &KvSpec) -> CpuKv {
         let block_len = BLOCK_TOKENS * spec.kv_dim;
         let layer_len = |layer: usize| spec.groups[spec.layer_slot[layer].0].n_blocks * block_len;
-        let layers = (0..spec.n_layers).map(|l| Cells::new(spec.dtype, layer_len(l))).collect();
+        let layers = (0..spec.n_layers).map(|l| Cells::new(spec.dtype, layer_len(l), spec.shared_v)).collect();
         CpuKv { blocks: BlockManager::new(spec), layers }
     }
 
@@ -287,6 +298,17 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn rope_norm_yarn(&self, x: &mut CpuAct, positions: &[u32], head_dim: usize, base: f32, yarn: &Yarn) {
+        let rope_row = |(row, &p): (&mut [f32], &u32)| {
+            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_norm_yarn(h, p, base, yarn));
+        };
+        if x.data.len() < PARALLEL_MIN_ELEMENTS {
+            x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
+        } else {
+            x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
+        }
+    }
+
     fn scale(&self, x: &mut CpuAct, s: f32) {
         x.data.iter_mut().for_each(|v| *v *= s);
     }
@@ -345,8 +367,8 @@ impl Backend for CpuBackend {
         for i in 0..batch.len() {
             kv.store(layer, batch.seqs[i], batch.positions[i] as usize, k.row(i), v.row(i));
         }
-        let hd = shape.head_dim;
-        let mut out = self.zeros(q.rows, shape.n_heads * hd);
+        let (hd, vd) = (shape.head_dim, shape.v_head_dim);
+        let mut out = self.zeros(q.rows, shape.n_heads * vd);
         let kv = &*kv;
         let first_key = |pos: usize| match shape.window {
             Some(w) => (pos + 1).saturating_sub(w as usize),
@@ -371,8 +393,8 @@ impl Backend for CpuBackend {
             })
             .collect();
         let cells = &kv.layers[layer];
-        let d = kv.blocks.spec().kv_dim;
-        out.data.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+        let (d, shared_v) = (kv.blocks.spec().kv_dim, kv.blocks.spec().shared_v);
+        out.data.par_chunks_mut(vd).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / shape.n_heads, i % shape.n_heads);
             let (seq, pos) = (batch.seqs[t], batch.positions[t] as usize);
             let qh = &q.row(t)[h * hd..(h + 1) * hd];
@@ -380,26 +402,60 @@ impl Backend for CpuBackend {
             // Grouped-query: query head h reads KV head h / (n_heads / n_kv_heads).
             let kvh = h / (shape.n_heads / shape.n_kv_heads);
             let sink = sinks.and_then(|s| s.get(h)).copied();
+            // Within a token's row: this KV head's key, and its value (shared values: the
+            // key's leading part).
             let head = kvh * hd..(kvh + 1) * hd;
+            let vhead = if shared_v { head.start..head.start + vd } else { kvh * vd..(kvh + 1) * vd };
             let at = kv.locator(layer, seq);
-            let row = |p: usize| at(p) + head.start..at(p) + head.end;
+            let (krow, vrow) =
+                (|p: usize| at(p) + head.start..at(p) + head.end, |p: usize| at(p) + vhead.start..at(p) + vhead.end);
             match (widened.get(&seq), cells) {
                 (Some((from, keys, values)), _) => {
-                    let row = |p: usize| (p - from) * d + head.start..(p - from) * d + head.end;
-                    let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
+                    let krow = |p: usize| (p - from) * d + head.start..(p - from) * d + head.end;
+                    let vrow = |p: usize| (p - from) * d + vhead.start..(p - from) * d + vhead.end;
+                    let rows = (lo..=pos).map(|p| (&keys[krow(p)], &values[vrow(p)]));
                     attend_f32(qh, rows, shape.scale, sink, o);
                 }
                 (None, Cells::F32 { keys, values }) => {
-                    let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
+                    let values = if shared_v { keys } else { values };
+                    let rows = (lo..=pos).map(|p| (&keys[krow(p)], &values[vrow(p)]));
                     attend_f32(qh, rows, shape.scale, sink, o);
                 }
                 (None, Cells::F16 { keys, values }) => {
+                    let values = if shared_v { keys } else { values };
                     let (keys, values): (&[f16], &[f16]) = (keys.reinterpret_cast(), values.reinterpret_cast());
-                    let rows = (lo..=pos).map(|p| (&keys[row(p)], &values[row(p)]));
+                    let rows = (lo..=pos).map(|p| (&keys[krow(p)], &values[vrow(p)]));
                     attend_online_f16(qh, rows, shape.scale, sink, o);
                 }
             }
         });
+        out
+    }
+
+    fn gather_cols(&self, x: &CpuAct, spans: &[(usize, usize)]) -> CpuAct {
+        let cols = spans.iter().map(|&(_, len)| len).sum();
+        let mut out = self.zeros(x.rows, cols);
+        for (dst, src) in out.data.chunks_exact_mut(cols.max(1)).zip(x.data.chunks_exact(x.cols.max(1))) {
+            let mut at = 0;
+            for &(start, len) in spans {
+                dst[at..at + len].copy_from_slice(&src[start..start + len]);
+                at += len;
+            }
+        }
+        out
+    }
+
+    fn concat_cols(&self, parts: &[&CpuAct]) -> CpuAct {
+        let rows = parts.first().map_or(0, |p| p.rows);
+        let cols = parts.iter().map(|p| p.cols).sum();
+        let mut out = self.zeros(rows, cols);
+        for (r, dst) in out.data.chunks_exact_mut(cols.max(1)).enumerate() {
+            let mut at = 0;
+            for p in parts {
+                dst[at..at + p.cols].copy_from_slice(p.row(r));
+                at += p.cols;
+            }
+        }
         out
     }
 
@@ -469,7 +525,7 @@ fn attend_online_f16<'a>(
     out: &mut [f32],
 ) {
     let q16: Vec<f32> = q.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
-    let mut acc = vec![f16::ZERO; q.len()];
+    let mut acc = vec![f16::ZERO; out.len()];
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
     for (k, v) in kv {
         let s = half_ops::dot_f16_f32(k, &q16) * scale;

@@ -39,6 +39,8 @@ pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Values per head (= head_dim, except in multi-head latent attention).
+    pub v_head_dim: usize,
     /// Keys at distance ≥ window from the query are masked (None: full causal).
     pub window: Option<u32>,
     /// Multiplier on q·k (1.0 when q is pre-scaled).
@@ -93,6 +95,8 @@ pub trait Backend: Send + Sync {
     );
     /// NEOX rotary embedding with YaRN context extension (gpt-oss, DeepSeek).
     fn rope_neox_yarn(&self, x: &mut Self::Act, positions: &[u32], head_dim: usize, base: f32, yarn: &Yarn);
+    /// Normal-style rotary embedding with YaRN (DeepSeek).
+    fn rope_norm_yarn(&self, x: &mut Self::Act, positions: &[u32], head_dim: usize, base: f32, yarn: &Yarn);
     fn scale(&self, x: &mut Self::Act, s: f32);
     /// y += x.
     fn add(&self, y: &mut Self::Act, x: &Self::Act);
@@ -122,6 +126,10 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
         sinks: Option<&Self::Vector>,
     ) -> Self::Act;
+    /// Each row's `spans` (start, length) of columns, side by side: [n × Σ length].
+    fn gather_cols(&self, x: &Self::Act, spans: &[(usize, usize)]) -> Self::Act;
+    /// The matrices side by side, row by row: [n × Σ cols].
+    fn concat_cols(&self, parts: &[&Self::Act]) -> Self::Act;
     /// The given rows, in order.
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
     /// Sums partial results across tensor-parallel shards (identity on one device).

@@ -59,7 +59,8 @@ impl DecoderConfig {
             None => n_embd.checked_div(n_heads).unwrap_or(0),
         };
         let n_rot = g.get_u32(&key("rope.dimension_count"))?.map_or(head_dim, |v| v as usize);
-        if n_rot != head_dim {
+        // DeepSeek's latent attention rotates only its RoPE dims (deepseek2.rs checks them).
+        if n_rot != head_dim && arch != "deepseek2" {
             return Err(EngineError::BadValue {
                 key: key("rope.dimension_count"),
                 value: n_rot.to_string(),
@@ -147,6 +148,7 @@ impl DecoderConfig {
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
+            v_head_dim: self.head_dim,
             window: None,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
         }
@@ -220,9 +222,10 @@ pub trait Layers<B: Backend>: Send + Sync {
     fn routing_stats(&self) -> Vec<Vec<u64>> {
         Vec::new()
     }
-    /// Per layer, its sliding attention window (default: full attention everywhere).
-    fn windows(&self, cfg: &DecoderConfig) -> Vec<Option<u32>> {
-        vec![None; cfg.n_layers]
+    /// What the KV cache holds per token and layer (default: K and V of
+    /// n_kv_heads · head_dim each, full attention everywhere).
+    fn kv_layout(&self, cfg: &DecoderConfig) -> KvLayout {
+        KvLayout { kv_dim: cfg.kv_dim(), windows: vec![None; cfg.n_layers], shared_v: false }
     }
 }
 
@@ -323,7 +326,7 @@ impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        KvLayout { kv_dim: self.cfg.kv_dim(), windows: self.layers.windows(&self.cfg) }
+        self.layers.kv_layout(&self.cfg)
     }
 
     fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {

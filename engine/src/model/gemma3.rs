@@ -160,6 +160,7 @@ impl<B: Backend> Gemma3<B> {
             n_heads: cfg.base.n_heads,
             n_kv_heads: cfg.base.n_kv_heads,
             head_dim: cfg.base.head_dim,
+            v_head_dim: cfg.base.head_dim,
             window: if cfg.is_swa[il] { cfg.sliding_window } else { None },
             scale: 1.0,
         };
@@ -193,7 +194,8 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
 
     fn kv_layout(&self) -> KvLayout {
         let window = |il: usize| if self.cfg.is_swa[il] { self.cfg.sliding_window } else { None };
-        KvLayout { kv_dim: self.cfg.base.kv_dim(), windows: (0..self.cfg.base.n_layers).map(window).collect() }
+        let windows = (0..self.cfg.base.n_layers).map(window).collect();
+        KvLayout { kv_dim: self.cfg.base.kv_dim(), windows, shared_v: false }
     }
 
     fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {

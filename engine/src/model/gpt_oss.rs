@@ -9,10 +9,11 @@
 //! weights MXFP4 in released files. The output projection is untied.
 
 use super::decoder::{swa_pattern, Decoder, DecoderConfig, Layers};
-use super::moe::{Activation, Gating, MoeFfn, Routing};
+use super::moe::{Activation, Gating, MoeFfn, MoeSpec, Routing};
 use super::{qwen2, required, Batch, Loader};
 use crate::backend::{Backend, Yarn};
 use crate::gguf::Gguf;
+use crate::kv::KvLayout;
 use crate::EngineError;
 use std::sync::Arc;
 
@@ -52,9 +53,15 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<GptOss<B>, Engi
             let orig = file.get_u32(&cfg.key("rope.scaling.original_context_length")).ok().flatten();
             Yarn::new(cfg.head_dim, swa_rope_base, factor, orig.map_or(cfg.context_length, |v| v as usize))
         });
-        let act = Activation::SwiGluOai { alpha: SWIGLU_ALPHA, limit: SWIGLU_LIMIT };
-        let dims = [cfg.n_embd, n_ff_exp];
-        let load_ffn = |il| MoeFfn::load(ld, il, "post_attention_norm", dims, &routing, act, true);
+        let spec = MoeSpec {
+            norm: "post_attention_norm",
+            dims: [cfg.n_embd, n_ff_exp],
+            act: Activation::SwiGluOai { alpha: SWIGLU_ALPHA, limit: SWIGLU_LIMIT },
+            biases: true,
+            selection_bias: false,
+            shared_ff: None,
+        };
+        let load_ffn = |il| MoeFfn::load(ld, il, spec, &routing);
         Ok(GptOssLayers {
             attention: (0..cfg.n_layers).map(|il| load_attention(ld, cfg, il)).collect::<Result<_, _>>()?,
             ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
@@ -86,7 +93,8 @@ fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize), Engin
             why: "need 1 to expert_count experts per token, of width > 0",
         });
     }
-    let routing = Routing { n_expert, n_used, gating: Gating::SoftmaxOverSelected, normalize: false, scale: 1.0 };
+    let routing =
+        Routing { n_expert, n_used, gating: Gating::SoftmaxOverSelected, normalize: false, scale: 1.0, groups: None };
     Ok((routing, n_ff_exp))
 }
 
@@ -137,7 +145,7 @@ impl<B: Backend> Layers<B> for GptOssLayers<B> {
         self.ffn.iter().map(MoeFfn::routing_stats).collect()
     }
 
-    fn windows(&self, _cfg: &DecoderConfig) -> Vec<Option<u32>> {
-        self.windows.clone()
+    fn kv_layout(&self, cfg: &DecoderConfig) -> KvLayout {
+        KvLayout { kv_dim: cfg.kv_dim(), windows: self.windows.clone(), shared_v: false }
     }
 }

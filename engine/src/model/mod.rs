@@ -1,6 +1,7 @@
 //! Model architectures, one file each, all written against the [`Backend`] seam.
 
 pub mod decoder;
+pub mod deepseek2;
 pub mod gemma3;
 pub mod gpt_oss;
 pub mod llama;
@@ -14,6 +15,7 @@ use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{KvLayout, KvSpec};
 use crate::EngineError;
 use std::sync::Arc;
+use turbine_cpu::GgmlType;
 
 /// Tokens to run through the model in one forward pass: any number of sequences, each
 /// contributing a run of consecutive positions (a prompt chunk or one decode token).
@@ -142,6 +144,7 @@ pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<d
         "qwen3" => Ok(Box::new(qwen3::load(backend, file)?)),
         "qwen3moe" => Ok(Box::new(qwen3moe::load(backend, file)?)),
         "gpt-oss" => Ok(Box::new(gpt_oss::load(backend, file)?)),
+        "deepseek2" => Ok(Box::new(deepseek2::load(backend, file)?)),
         other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
     }
 }
@@ -182,6 +185,16 @@ impl<B: Backend> Loader<'_, B> {
             return Err(EngineError::shape(name, &format!("{dims:?}"), &t.dims));
         }
         Ok(t)
+    }
+
+    /// A 1-D F32 tensor read into host memory (values the host itself uses).
+    pub fn host_vector(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        let t = self.tensor(name, &[len])?;
+        if t.ty != GgmlType::F32 {
+            return Err(EngineError::shape(name, "an F32 vector", &t.dims));
+        }
+        let bytes = self.file.tensor_data(t);
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     pub fn vector(&self, name: &str, len: usize) -> Result<B::Vector, EngineError> {

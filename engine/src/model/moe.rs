@@ -17,6 +17,8 @@ pub enum Gating {
     Softmax,
     /// The top-k logits, then a softmax over just those k (gpt-oss).
     SoftmaxOverSelected,
+    /// A sigmoid per expert (DeepSeek-V3).
+    Sigmoid,
 }
 
 /// The routing rule of one model.
@@ -30,6 +32,9 @@ pub struct Routing {
     pub normalize: bool,
     /// Multiplier on the weights (1 for none).
     pub scale: f32,
+    /// Group-limited routing (DeepSeek-V3): (groups, groups kept). The experts form equal
+    /// groups scored by the sum of their two best; only the best groups' experts compete.
+    pub groups: Option<(usize, usize)>,
 }
 
 /// Each token's chosen experts, best first, and their weights: [n_tokens × k] each.
@@ -53,19 +58,26 @@ impl Routes {
 }
 
 impl Routing {
-    /// Routes every token from its router logits [n_tokens × n_expert].
-    pub fn route(&self, logits: &[f32]) -> Routes {
+    /// Routes every token from its router logits [n_tokens × n_expert]. A selection bias
+    /// [n_expert] (DeepSeek-V3's `exp_probs_b`) shifts which experts are chosen, not
+    /// their weights.
+    pub fn route(&self, logits: &[f32], selection_bias: Option<&[f32]>) -> Routes {
         let (n, k) = (self.n_expert, self.n_used);
         let mut routes = Routes { k, experts: Vec::new(), weights: Vec::new() };
         for row in logits.chunks_exact(n) {
             let scores = match self.gating {
                 Gating::Softmax => softmax(row),
                 Gating::SoftmaxOverSelected => row.to_vec(),
+                Gating::Sigmoid => row.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
             };
-            // Top k by score; ties go to the lower expert index.
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            let chosen = &order[..k];
+            let mut select = scores.clone();
+            if let Some(bias) = selection_bias {
+                select.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
+            }
+            if let Some((groups, kept)) = self.groups {
+                mask_weak_groups(&mut select, groups, kept);
+            }
+            let chosen = &top_k(&select, k)[..];
             let mut w: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
             if self.gating == Gating::SoftmaxOverSelected {
                 w = softmax(&w);
@@ -82,6 +94,31 @@ impl Routing {
             routes.weights.extend(w);
         }
         routes
+    }
+}
+
+/// Indices of the k largest values, best first; ties go to the lower index.
+fn top_k(x: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order
+}
+
+/// Sets to -∞ the experts outside the `kept` groups of `groups` equal groups whose two
+/// best scores sum highest.
+fn mask_weak_groups(select: &mut [f32], groups: usize, kept: usize) {
+    let per_group = select.len() / groups.max(1);
+    if groups <= 1 || per_group == 0 {
+        return;
+    }
+    let group_scores: Vec<f32> =
+        select.chunks_exact(per_group).map(|g| top_k(g, 2).iter().map(|&i| g[i]).sum()).collect();
+    let keep = top_k(&group_scores, kept);
+    for (g, chunk) in select.chunks_exact_mut(per_group).enumerate() {
+        if !keep.contains(&g) {
+            chunk.iter_mut().for_each(|s| *s = f32::NEG_INFINITY);
+        }
     }
 }
 
@@ -174,40 +211,66 @@ impl<B: Backend> Experts<B> {
     }
 }
 
-/// A mixture-of-experts FFN block: h = rms_norm(x); the router scores the experts from h
-/// (plus a bias, in gpt-oss); each token's output is its experts' weighted sum.
+/// What a model's MoE blocks have beyond a router and SwiGLU experts.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeSpec<'a> {
+    /// The block's norm, `blk.{il}.{norm}.weight`.
+    pub norm: &'a str,
+    /// [d, expert width].
+    pub dims: [usize; 2],
+    pub act: Activation,
+    /// The router and the experts have biases (gpt-oss).
+    pub biases: bool,
+    /// `blk.{il}.exp_probs_b.bias`, a selection bias (DeepSeek-V3).
+    pub selection_bias: bool,
+    /// Width of the always-on shared experts `ffn_{gate,up,down}_shexp` (DeepSeek).
+    pub shared_ff: Option<usize>,
+}
+
+/// A mixture-of-experts FFN block: h = rms_norm(x); the router scores the experts from h;
+/// each token's output is its experts' weighted sum, plus the shared experts' SwiGLU of h
+/// where the model has them.
 pub struct MoeFfn<B: Backend> {
     norm: B::Vector,
     /// Router [n_expert × d] and its bias [n_expert].
     router: B::Weight,
     router_bias: Option<B::Vector>,
+    selection_bias: Option<Vec<f32>>,
     experts: Experts<B>,
+    /// Shared experts' gate, up [ff_shared × d] and down [d × ff_shared].
+    shared: Option<[B::Weight; 3]>,
     stats: RoutingStats,
 }
 
 impl<B: Backend> MoeFfn<B> {
-    /// Layer `il`'s block: its norm `blk.{il}.{norm}.weight`, the router
-    /// `blk.{il}.ffn_gate_inp.{weight,bias}` and the experts of width `ff`; `biases`: the
-    /// router and experts have biases.
-    pub(crate) fn load(
-        ld: &Loader<B>,
-        il: usize,
-        norm: &str,
-        [d, ff]: [usize; 2],
-        routing: &Routing,
-        act: Activation,
-        biases: bool,
-    ) -> Result<MoeFfn<B>, EngineError> {
-        let n = routing.n_expert;
-        let router_bias = match biases {
-            true => Some(ld.vector(&format!("blk.{il}.ffn_gate_inp.bias"), n)?),
+    /// Layer `il`'s block: its norm, the router `blk.{il}.ffn_gate_inp.*`, the experts
+    /// and what `spec` adds.
+    pub(crate) fn load(ld: &Loader<B>, il: usize, spec: MoeSpec, routing: &Routing) -> Result<MoeFfn<B>, EngineError> {
+        let ([d, ff], n) = (spec.dims, routing.n_expert);
+        let name = |s: &str, kind: &str| format!("blk.{il}.{s}.{kind}");
+        let router_bias = match spec.biases {
+            true => Some(ld.vector(&name("ffn_gate_inp", "bias"), n)?),
             false => None,
         };
+        let selection_bias = match spec.selection_bias {
+            true => Some(ld.host_vector(&name("exp_probs_b", "bias"), n)?),
+            false => None,
+        };
+        let shared = match spec.shared_ff {
+            Some(sff) => Some([
+                ld.weight(&name("ffn_gate_shexp", "weight"), d, sff)?,
+                ld.weight(&name("ffn_up_shexp", "weight"), d, sff)?,
+                ld.weight(&name("ffn_down_shexp", "weight"), sff, d)?,
+            ]),
+            None => None,
+        };
         Ok(MoeFfn {
-            norm: ld.vector(&format!("blk.{il}.{norm}.weight"), d)?,
-            router: ld.weight(&format!("blk.{il}.ffn_gate_inp.weight"), d, n)?,
+            norm: ld.vector(&name(spec.norm, "weight"), d)?,
+            router: ld.weight(&name("ffn_gate_inp", "weight"), d, n)?,
             router_bias,
-            experts: Experts::load(ld, il, [d, ff, n], act, biases)?,
+            selection_bias,
+            experts: Experts::load(ld, il, [d, ff, n], spec.act, spec.biases)?,
+            shared,
             stats: RoutingStats::new(n),
         })
     }
@@ -219,8 +282,13 @@ impl<B: Backend> MoeFfn<B> {
         if let Some(bias) = &self.router_bias {
             b.add_bias(&mut logits, bias);
         }
-        let routes = routing.route(&b.take_to_host(logits));
+        let routes = routing.route(&b.take_to_host(logits), self.selection_bias.as_deref());
         let mut out = self.experts.forward(b, &h, &routes, &self.stats); // [n × d]
+        if let Some([gate, up, down]) = &self.shared {
+            let [mut g, u] = b.matmuls([gate, up], &h); // [n × ff_shared]
+            b.swiglu(&mut g, &u);
+            b.add(&mut out, &b.matmul(down, &g));
+        }
         b.all_reduce_sum(&mut out);
         out
     }
@@ -258,13 +326,35 @@ mod tests {
     use super::*;
 
     fn routing(normalize: bool) -> Routing {
-        Routing { n_expert: 4, n_used: 2, gating: Gating::Softmax, normalize, scale: 1.0 }
+        Routing { n_expert: 4, n_used: 2, gating: Gating::Softmax, normalize, scale: 1.0, groups: None }
+    }
+
+    #[test]
+    fn sigmoid_gating_chooses_by_biased_score_weighs_by_unbiased_and_limits_groups() {
+        let r = Routing {
+            n_expert: 8,
+            n_used: 2,
+            gating: Gating::Sigmoid,
+            normalize: true,
+            scale: 2.5,
+            groups: Some((4, 2)),
+        };
+        // Groups {0,1} {2,3} {4,5} {6,7}: sums of scores make groups 1 and 3 the best two
+        // once expert 7's bias lifts group 3 above group 0.
+        let logits = [2.0, 1.0, 3.0, 2.5, -1.0, -1.0, 0.0, 0.5];
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0];
+        let routes = r.route(&logits, Some(&bias));
+        assert_eq!(routes.experts, vec![7, 2], "expert 0 is out with its group");
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let (a, b) = (sig(0.5), sig(3.0));
+        let want = [a / (a + b) * 2.5, b / (a + b) * 2.5];
+        assert!(routes.weights.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-6), "{:?}", routes.weights);
     }
 
     #[test]
     fn softmax_over_selected_weighs_only_the_chosen_logits() {
         let r = Routing { gating: Gating::SoftmaxOverSelected, ..routing(false) };
-        let routes = r.route(&[1.0, 4.0, 3.0, -2.0]);
+        let routes = r.route(&[1.0, 4.0, 3.0, -2.0], None);
         assert_eq!(routes.experts, vec![1, 2]);
         let w = softmax(&[4.0, 3.0]);
         assert_eq!(routes.weights, w);
@@ -274,7 +364,7 @@ mod tests {
     #[test]
     fn picks_the_top_k_experts_best_first() {
         let logits = [0.0, 3.0, 1.0, 2.0, /* token 1 */ 5.0, 0.0, 0.0, 4.0];
-        let r = routing(false).route(&logits);
+        let r = routing(false).route(&logits, None);
         assert_eq!(r.experts, vec![1, 3, 0, 3]);
         let p = softmax(&logits[..4]);
         assert_eq!(r.weights[..2], [p[1], p[3]]);
@@ -283,7 +373,7 @@ mod tests {
 
     #[test]
     fn normalized_weights_sum_to_one() {
-        let r = routing(true).route(&[0.3, -1.0, 2.0, 0.1]);
+        let r = routing(true).route(&[0.3, -1.0, 2.0, 0.1], None);
         assert_eq!(r.experts, vec![2, 0]);
         assert!((r.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         let p = softmax(&[0.3, -1.0, 2.0, 0.1]);

@@ -8,7 +8,7 @@
 //! shared expert.
 
 use super::decoder::{Decoder, DecoderConfig, Layers};
-use super::moe::{Activation, Gating, MoeFfn, Routing};
+use super::moe::{Activation, Gating, MoeFfn, MoeSpec, Routing};
 use super::qwen3::Attention;
 use super::{required, Batch};
 use crate::backend::Backend;
@@ -27,8 +27,15 @@ pub struct Qwen3MoeLayers<B: Backend> {
 pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen3Moe<B>, EngineError> {
     Decoder::load(backend, file, "qwen3moe", |ld, cfg| {
         let (routing, n_ff_exp) = read_routing(file, cfg)?;
-        let dims = [cfg.n_embd, n_ff_exp];
-        let load_ffn = |il| MoeFfn::load(ld, il, "ffn_norm", dims, &routing, Activation::SwiGlu, false);
+        let spec = MoeSpec {
+            norm: "ffn_norm",
+            dims: [cfg.n_embd, n_ff_exp],
+            act: Activation::SwiGlu,
+            biases: false,
+            selection_bias: false,
+            shared_ff: None,
+        };
+        let load_ffn = |il| MoeFfn::load(ld, il, spec, &routing);
         Ok(Qwen3MoeLayers {
             attention: (0..cfg.n_layers).map(|il| Attention::load(ld, cfg, il)).collect::<Result<_, _>>()?,
             ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
@@ -60,7 +67,7 @@ fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize), Engin
             why: "must be > 0",
         });
     }
-    let routing = Routing { n_expert, n_used, gating: Gating::Softmax, normalize: true, scale: 1.0 };
+    let routing = Routing { n_expert, n_used, gating: Gating::Softmax, normalize: true, scale: 1.0, groups: None };
     Ok((routing, n_ff_exp))
 }
 
