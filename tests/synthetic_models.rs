@@ -170,6 +170,29 @@ fn deepseek2_q8_0() {
     quantized_model_stays_close_to_llama_cpp("deepseek2", "q8_0");
 }
 
+/// Each model's tokenizer gives llama.cpp's ids on llama.cpp's tokenizer test corpus:
+/// Llama 3's pre-tokenizer (llama), Qwen2's (qwen2, qwen3, qwen3moe), o200k (gpt-oss)
+/// and DeepSeek-V3's (deepseek2), each over its family's vocabulary.
+fn tokenizes_like_llama_cpp(arch: &str) {
+    let fx = fixture(&format!("synthetic/{arch}.json"));
+    let m = model(&format!("{arch}-f32.gguf"));
+    let texts = fx["corpus"].as_array().expect("corpus");
+    let want = fx["corpus_ids"].as_array().expect("corpus_ids");
+    assert_eq!(texts.len(), want.len());
+    assert!(texts.len() >= 30, "{} texts", texts.len());
+    for (text, want) in texts.iter().zip(want) {
+        let text = text.as_str().expect("text");
+        assert_eq!(m.tokenizer.encode(text, true, true), ids(want), "{arch}: {text:?}");
+    }
+}
+
+#[test]
+fn tokenizers_match_llama_cpp() {
+    for arch in ["llama", "qwen2", "gpt-oss", "deepseek2"] {
+        tokenizes_like_llama_cpp(arch);
+    }
+}
+
 /// Every token of the teacher-forced sequence reaches k experts in every layer, and the
 /// router spreads them: no expert of the 16 is left out of all 48 × 4 choices.
 #[test]

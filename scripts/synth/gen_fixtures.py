@@ -47,15 +47,37 @@ def logits(dump, model, ids, env):
         return np.fromfile(outf, dtype=np.float32).reshape(len(ids), -1)
 
 
+def write_records(path, texts):
+    with open(path, "wb") as f:
+        for t in texts:
+            b = t.encode()
+            f.write(f"{len(b)}\n".encode() + b + b"\n")
+
+
 def greedy(dump, model, env):
     with tempfile.TemporaryDirectory() as tmp:
         rec = os.path.join(tmp, "records")
-        with open(rec, "wb") as f:
-            for p in PROMPTS:
-                b = p.encode()
-                f.write(f"{len(b)}\n".encode() + b + b"\n")
+        write_records(rec, PROMPTS)
         out = subprocess.run([dump, "greedy", model, rec, str(N_GREEDY)], check=True, env=env, capture_output=True, text=True)
         return [[int(t) for t in line.split()] for line in out.stdout.splitlines()]
+
+
+def corpus():
+    """llama.cpp's tokenizer test inputs (whitespace runs, digits, accents, CJK, emoji,
+    code, contractions), from the vocabularies scripts/fetch-vocabs.sh fetches."""
+    vocabs = os.environ.get("TURBINE_VOCABS", os.path.expanduser("~/.cache/turbine-vocabs"))
+    with open(os.path.join(vocabs, "ggml-vocab-llama-bpe.gguf.inp"), encoding="utf-8") as f:
+        return [t for t in f.read().split("\n__ggml_vocab_test__\n") if t] + PROMPTS
+
+
+def tokenize(dump, model, texts):
+    """llama.cpp's ids for each text (special tokens added as the vocabulary says)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = os.path.join(tmp, "records")
+        write_records(rec, texts)
+        out = subprocess.run([dump, "tokenize", model, rec], check=True, capture_output=True, text=True)
+        lines = out.stdout.split("\n")[: len(texts)]
+        return [[int(t) for t in line.split()] for line in lines]
 
 
 def record(dump, model, ids, probes, env):
@@ -90,7 +112,17 @@ def fixture(dump, models, arch):
     f32 = record(dump, os.path.join(models, f"{arch}-f32.gguf"), ids, probes, dict(env, LLAMA_REF_KV_F32="1"))
     quant = ARCHS[arch].get("quant", "q8_0")
     quantized = record(dump, os.path.join(models, f"{arch}-{quant}.gguf"), ids, probes, env)
-    return {"prompts": PROMPTS, "ids": ids, "probe_ids": probes, "f32": f32, quant: quantized}
+    model = os.path.join(models, f"{arch}-f32.gguf")
+    texts = corpus()
+    return {
+        "prompts": PROMPTS,
+        "ids": ids,
+        "probe_ids": probes,
+        "f32": f32,
+        quant: quantized,
+        "corpus": texts,
+        "corpus_ids": tokenize(dump, model, texts),
+    }
 
 
 def main():

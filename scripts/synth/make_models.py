@@ -24,7 +24,7 @@ bytes on every run (numpy's PCG64).
             32 + 16 RoPE query/key dims, values of 32), YaRN RoPE with log multiplier,
             one leading dense layer, then 16 experts in 4 groups (2 kept), top-4 by
             sigmoid with a selection bias, renormalized and scaled 2.5, one shared expert;
-            DeepSeek LLM's vocabulary
+            DeepSeek LLM's vocabulary with the DeepSeek-V3 pre-tokenizer
 """
 import os
 import sys
@@ -48,7 +48,7 @@ ARCHS = {
                     rope_base=150000.0, tied=False, qkv_bias=True, out_bias=True, sinks=True,
                     sliding_window=16, yarn=(32.0, 4096), experts=8, experts_used=4, expert_ff=32,
                     expert_bias=True, router_bias=True, post_attention_norm=True, quant="mxfp4"),
-    "deepseek2": dict(vocab="deepseek-llm", embd=64, head=4, head_kv=1, head_dim=64 + 16, ff=96, layers=3,
+    "deepseek2": dict(vocab="deepseek-llm", pre="deepseek-v3", embd=64, head=4, head_kv=1, head_dim=64 + 16, ff=96, layers=3,
                       rope_base=10000.0, tied=False, yarn=(4.0, 128), yarn_log_mul=0.1,
                       mla=dict(q_rank=32, kv_rank=64, nope=32, rope=16, v_head=32), dense_lead=1,
                       experts=16, experts_used=4, expert_ff=32, expert_groups=(4, 2), shared_experts=1,

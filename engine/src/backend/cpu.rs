@@ -459,6 +459,10 @@ impl Backend for CpuBackend {
         out
     }
 
+    fn run_all<T: Send, R: Send>(&self, jobs: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
+        jobs.into_par_iter().map(f).collect()
+    }
+
     fn select_rows(&self, x: &CpuAct, rows: &[usize]) -> CpuAct {
         let mut out = self.zeros(rows.len(), x.cols);
         for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {

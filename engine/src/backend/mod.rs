@@ -51,7 +51,7 @@ pub struct AttnShape {
 /// token of the batch.
 pub trait Backend: Send + Sync {
     /// An f32 activation matrix resident where the backend computes.
-    type Act: Send;
+    type Act: Send + Sync;
     /// A weight matrix in its storage type: quantized weights stay quantized.
     type Weight: Send + Sync;
     /// A small f32 vector (norm weights).
@@ -130,6 +130,11 @@ pub trait Backend: Send + Sync {
     fn gather_cols(&self, x: &Self::Act, spans: &[(usize, usize)]) -> Self::Act;
     /// The matrices side by side, row by row: [n × Σ cols].
     fn concat_cols(&self, parts: &[&Self::Act]) -> Self::Act;
+    /// f over independent jobs (a layer's experts), in parallel where the backend can;
+    /// results in job order.
+    fn run_all<T: Send, R: Send>(&self, jobs: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
+        jobs.into_iter().map(f).collect()
+    }
     /// The given rows, in order.
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
     /// Sums partial results across tensor-parallel shards (identity on one device).

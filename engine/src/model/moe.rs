@@ -185,29 +185,36 @@ impl<B: Backend> Experts<B> {
     /// Runs every token through its experts: x [n × d] → [n × d].
     pub fn forward(&self, b: &B, x: &B::Act, routes: &Routes, stats: &RoutingStats) -> B::Act {
         let n_tokens = routes.experts.len() / routes.k.max(1);
+        let groups = routes.by_expert(self.gate.len());
+        let busy: Vec<usize> = (0..groups.len()).filter(|&e| !groups[e].0.is_empty()).collect();
+        // The experts run side by side; their outputs are combined in expert order, so the
+        // result does not depend on which finishes first.
+        let outputs = b.run_all(busy.clone(), |e| self.expert(b, e, &b.select_rows(x, &groups[e].0)));
         let mut out = b.zeros(n_tokens, self.d);
-        for (e, (rows, weights)) in routes.by_expert(self.gate.len()).iter().enumerate() {
-            if rows.is_empty() {
-                continue;
-            }
+        for (e, y) in busy.into_iter().zip(outputs) {
+            let (rows, weights) = &groups[e];
             stats.count(e, rows.len());
-            let xe = b.select_rows(x, rows); // [m × d]
-            let [mut g, mut u] = b.matmuls([&self.gate[e], &self.up[e]], &xe); // [m × ff]
-            if let Some([bg, bu, _]) = &self.biases {
-                b.add_bias(&mut g, &bg[e]);
-                b.add_bias(&mut u, &bu[e]);
-            }
-            match self.act {
-                Activation::SwiGlu => b.swiglu(&mut g, &u),
-                Activation::SwiGluOai { alpha, limit } => b.swiglu_oai(&mut g, &u, alpha, limit),
-            }
-            let mut y = b.matmul(&self.down[e], &g); // [m × d]
-            if let Some([_, _, bd]) = &self.biases {
-                b.add_bias(&mut y, &bd[e]);
-            }
             b.add_scaled_rows(&mut out, &y, rows, weights);
         }
         out
+    }
+
+    /// Expert `e` on its tokens: x [m × d] → [m × d].
+    fn expert(&self, b: &B, e: usize, x: &B::Act) -> B::Act {
+        let [mut g, mut u] = b.matmuls([&self.gate[e], &self.up[e]], x); // [m × ff]
+        if let Some([bg, bu, _]) = &self.biases {
+            b.add_bias(&mut g, &bg[e]);
+            b.add_bias(&mut u, &bu[e]);
+        }
+        match self.act {
+            Activation::SwiGlu => b.swiglu(&mut g, &u),
+            Activation::SwiGluOai { alpha, limit } => b.swiglu_oai(&mut g, &u, alpha, limit),
+        }
+        let mut y = b.matmul(&self.down[e], &g); // [m × d]
+        if let Some([_, _, bd]) = &self.biases {
+            b.add_bias(&mut y, &bd[e]);
+        }
+        y
     }
 }
 
