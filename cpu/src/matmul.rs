@@ -85,14 +85,18 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
     if out.is_empty() {
         return;
     }
-    let chunk = rows_per_task(w.rows);
     if n == 1 {
-        // One token: out is already indexed by weight row, so tasks write it directly.
+        // One token: out is already indexed by weight row, so tasks write it directly. No
+        // weight row is read twice, so tasks need not fit a cache: a few per thread keep
+        // the load balanced without paying for thousands of tiny tasks (a 128k-row output
+        // projection of short rows).
+        let chunk = w.rows.div_ceil(4 * rayon::current_num_threads()).max(1);
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, dst)| {
             rows_times_tokens(isa, w, acts, c * chunk, &mut [dst]);
         });
         return;
     }
+    let chunk = rows_per_task(w.rows);
     // Several tokens: task c takes weight rows c·chunk.. and writes them for every token,
     // into its piece of each token's output row (disjoint pieces, no scratch or
     // transpose).
