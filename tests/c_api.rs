@@ -87,6 +87,7 @@ fn cli_greedy(prompt: &str, n: usize) -> String {
         sampler: SamplerParams::greedy(),
         stop: Vec::new(),
         logprobs: None,
+        render_special: false,
     };
     let mut out = String::new();
     Session::new(&model, num_ctx)

@@ -18,7 +18,14 @@ fn model() -> Arc<LoadedModel<CpuBackend>> {
 }
 
 fn options(num_predict: usize, sampler: SamplerParams) -> GenerateOptions {
-    GenerateOptions { num_predict: Some(num_predict), num_ctx: 4096, sampler, stop: Vec::new(), logprobs: None }
+    GenerateOptions {
+        num_predict: Some(num_predict),
+        num_ctx: 4096,
+        sampler,
+        stop: Vec::new(),
+        logprobs: None,
+        render_special: false,
+    }
 }
 
 /// Submits a request; the receiver yields its text pieces, then its stats or an error.

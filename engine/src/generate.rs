@@ -113,6 +113,9 @@ pub struct GenerateOptions {
     /// Report each generated token's log-probability and this many most likely
     /// alternatives (None: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// Output control tokens as their text (gpt-oss's harmony channels are tokens the
+    /// server parses).
+    pub render_special: bool,
 }
 
 /// A generated token's log-probability under the model (log-softmax of the raw logits,
@@ -244,7 +247,7 @@ impl<'t> Generation<'t> {
         self.sampler.accept(next);
         self.generated.push(next);
         self.logprob = self.opts.logprobs.map(|k| TokenLogprob::of(logits, next, k));
-        let piece = self.decoder.push(&self.tok.token_to_piece(next));
+        let piece = self.decoder.push(&self.tok.token_to_piece_with(next, self.opts.render_special));
         let (text, stopped) = self.out.push(&piece);
         if stopped {
             return Step::Finished { reason: DoneReason::Stop, text };

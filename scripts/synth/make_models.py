@@ -13,7 +13,8 @@ bytes on every run (numpy's PCG64).
 
   llama     Llama 3: grouped-query attention, SwiGLU, untied output, RoPE with rope_freqs
   qwen2     Qwen2.5: Q/K/V biases, NEOX RoPE, tied output, ChatML template
-  qwen3     Qwen3: QK-norm, head size 32 with q width 128 != n_embd 64, NEOX RoPE, tied
+  qwen3     Qwen3: QK-norm, head size 32 with q width 128 != n_embd 64, NEOX RoPE, tied;
+            a thinking chat template (QWEN3_THINKING_TEMPLATE)
   qwen3moe  Qwen3-MoE: Qwen3's attention, 16 experts of width 32, top-4, renormalized
   gpt-oss   gpt-oss: Q/K/V/O biases, attention sinks, a 16-token sliding window on even
             layers (128 in the real models; 16 here so the tests' sequences reach past
@@ -35,13 +36,22 @@ import gguf
 VOCABS = os.environ.get("TURBINE_VOCABS", os.path.expanduser("~/.cache/turbine-vocabs"))
 SEED = 20261125
 
+# ChatML as Qwen3's thinking models render it: the generation prompt opens the reasoning
+# (`<think>`), or closes an empty one when `enable_thinking` is false.
+QWEN3_THINKING_TEMPLATE = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}"
+    "{%- else %}{{ '<think>\n' }}{%- endif %}{%- endif %}"
+)
+
 ARCHS = {
     "llama": dict(vocab="llama-bpe", embd=64, head=4, head_kv=2, head_dim=16, ff=160, layers=2,
                   rope_base=500000.0, tied=False, rope_freqs=True),
     "qwen2": dict(vocab="qwen2", embd=64, head=4, head_kv=2, head_dim=16, ff=160, layers=2,
                   rope_base=1000000.0, tied=True, qkv_bias=True),
     "qwen3": dict(vocab="qwen2", embd=64, head=4, head_kv=2, head_dim=32, ff=160, layers=2,
-                  rope_base=1000000.0, tied=True, qk_norm=True),
+                  rope_base=1000000.0, tied=True, qk_norm=True, template=QWEN3_THINKING_TEMPLATE),
     "qwen3moe": dict(vocab="qwen2", embd=64, head=4, head_kv=2, head_dim=32, ff=96, layers=2,
                      rope_base=1000000.0, tied=True, qk_norm=True, experts=16, experts_used=4, expert_ff=32),
     "gpt-oss": dict(vocab="llama-bpe", pre="gpt-4o", embd=64, head=4, head_kv=2, head_dim=32, ff=32, layers=3,
@@ -259,8 +269,8 @@ def write(path, arch, quant):
     w.add_eos_token_id(v["eos"])
     if arch.startswith("qwen"):
         w.add_add_bos_token(False)
-    if v["template"]:
-        w.add_chat_template(v["template"])
+    if a.get("template", v["template"]):
+        w.add_chat_template(a.get("template", v["template"]))
     # llama keeps the seed of the first version of this script (its fixtures came first).
     seed = SEED if arch == "llama" else SEED + sum(map(ord, arch))
     for name, data in tensors(a, len(v["tokens"]), seed).items():

@@ -266,6 +266,7 @@ fn generate(args: GenerateArgs) -> Result<(), EngineError> {
         },
         stop: args.stop,
         logprobs: None,
+        render_special: false,
     };
     let mut session = Session::new(&model, num_ctx);
     let mut stdout = std::io::stdout().lock();

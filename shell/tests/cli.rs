@@ -40,6 +40,7 @@ fn greedy_generate_prints_the_engines_greedy_text() {
         sampler: SamplerParams::greedy(),
         stop: vec![],
         logprobs: None,
+        render_special: false,
     };
     let mut want = String::new();
     Session::new(&model, 64)

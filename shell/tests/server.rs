@@ -52,6 +52,7 @@ fn engine_greedy(text: &str, n: usize) -> (Vec<u32>, String) {
         sampler: SamplerParams::greedy(),
         stop: vec![],
         logprobs: None,
+        render_special: false,
     };
     let mut out = String::new();
     Session::new(&model, 4096)
@@ -319,7 +320,10 @@ fn errors_as_ollama_gives_them() {
     );
     assert_eq!(err(s.post("/api/generate", &json!({ "model": MODEL, "prompt": "x", "keep_alive": "soon" }))).0, 400);
     assert_eq!(
-        err(s.post("/api/chat", &json!({ "model": MODEL, "messages": [], "think": true }))),
+        err(s.post(
+            "/api/chat",
+            &json!({ "model": MODEL, "messages": [{ "role": "user", "content": "hi" }], "think": true })
+        )),
         (400, "\"gemma3:270m\" does not support thinking".into())
     );
     assert_eq!(

@@ -174,6 +174,7 @@ fn generate(
         sampler: params,
         stop: Vec::new(),
         logprobs: None,
+        render_special: false,
     };
     ctx.clear();
     let stats = turbine_engine::generate::generate(ctx, &model.tokenizer, &prompt, &opts, on_text)?;

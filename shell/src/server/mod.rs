@@ -18,6 +18,7 @@ pub mod options;
 pub mod ratelimit;
 mod routes;
 pub mod template;
+pub mod thinking;
 pub mod worker;
 
 pub use front::{Front, Head, ListenArgs, Service};

@@ -5,7 +5,7 @@ use super::catalog::{self, Entry};
 use super::host::{self, KeepAlive};
 use super::metrics::ModelGauges;
 use super::options::{self, Options};
-use super::template::{ChatTemplate, Message};
+use super::template::{ChatTemplate, Message, Think};
 use super::worker::{Done, Event, Events, JobInput, JobOptions};
 use super::{Cx, Reply, State};
 use serde_json::{json, Map, Value};
@@ -184,17 +184,25 @@ fn no_images(m: &Body, name: &str) -> Result<(), Reply> {
     }
 }
 
-/// Capabilities the served models lack (text completion only for now): `think` and
-/// `tools` are refused as Ollama refuses them for a model without those capabilities.
-fn completion_only(m: &Body, name: &str) -> Result<(), Reply> {
-    let thinks = match m.get("think") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Bool(true)) | Some(Value::String(_)) => true,
-        Some(_) => return Err(type_error("think", "bool or string")),
-    };
-    if thinks {
-        return Err(Reply::error(400, format!("\"{name}\" does not support thinking")));
+/// `think`: a bool or a reasoning effort. Whether the model can think is the worker's
+/// check (it has the model's template).
+fn think_field(m: &Body) -> Result<Think, Reply> {
+    match m.get("think") {
+        None | Some(Value::Null) => Ok(Think::Unset),
+        Some(Value::Bool(b)) => Ok(if *b { Think::On } else { Think::Off }),
+        Some(Value::String(s)) if matches!(s.as_str(), "low" | "medium" | "high" | "max") => {
+            Ok(Think::Level(s.clone()))
+        }
+        Some(Value::String(s)) => Err(Reply::error(
+            400,
+            format!("invalid think value: {s:?} (expected true, false, \"low\", \"medium\" or \"high\")"),
+        )),
+        Some(_) => Err(type_error("think", "bool or string")),
     }
+}
+
+/// Tools are not served yet: refused as Ollama refuses them for a model without them.
+fn no_tools(m: &Body, name: &str) -> Result<(), Reply> {
     if matches!(m.get("tools"), Some(Value::Array(a)) if !a.is_empty()) {
         return Err(Reply::error(400, format!("\"{name}\" does not support tools")));
     }
@@ -278,6 +286,9 @@ fn show(body: &[u8]) -> R {
         modelfile.push_str(&format!("PARAMETER {k} {v}\n"));
     }
     let mut capabilities = vec!["completion"];
+    if template.think_format().is_some() {
+        capabilities.push("thinking");
+    }
     if template.supports_insert() {
         capabilities.push("insert");
     }
@@ -322,7 +333,7 @@ fn wait_for_done(mut rx: Events) -> Result<Done, Reply> {
     loop {
         match rx.recv() {
             Ok(Event::Done(d)) => return Ok(d),
-            Ok(Event::Text(_) | Event::Logprob(_)) => continue,
+            Ok(Event::Text(_) | Event::Thinking(_) | Event::Logprob(_)) => continue,
             Ok(Event::Error { status, message }) => return Err(Reply::error(status, message)),
             Err(_) => return Err(Reply::error(500, "model runner stopped unexpectedly")),
         }
@@ -407,6 +418,7 @@ fn generate(cx: &Cx, body: &[u8]) -> R {
     let suffix = str_field(&m, "suffix")?.unwrap_or_default();
     let raw = bool_field(&m, "raw")?.unwrap_or(false);
     let stream = bool_field(&m, "stream")?.unwrap_or(true);
+    let think = think_field(&m)?;
     let context: Vec<u32> = match m.get("context") {
         None | Some(Value::Null) => vec![],
         Some(v) => serde_json::from_value(v.clone()).map_err(|_| type_error("context", "[]int"))?,
@@ -416,16 +428,16 @@ fn generate(cx: &Cx, body: &[u8]) -> R {
         return Err(Reply::error(400, "raw mode does not support template, system, or context"));
     }
     no_images(&m, &name)?;
-    completion_only(&m, &name)?;
+    no_tools(&m, &name)?;
     let keep_alive = keep_alive_field(&m)?;
     let opts = job_options(&m, model_options(&entry)?, keep_alive)?;
     if prompt.is_empty() && system.is_empty() && context.is_empty() {
         return load_only(cx, &name, &entry, keep_alive, false);
     }
-    let input = generate_input(&name, &entry, GenerateText { prompt, system, template, suffix, raw }, context)?;
+    let input = generate_input(&name, &entry, GenerateText { prompt, system, template, suffix, raw, think }, context)?;
     let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
     let rx = worker.submit(input, opts, &cx.meter);
-    let framer = Box::new(OllamaFramer { model: name, chat: false, start, logprobs: Vec::new() });
+    let framer = Box::new(OllamaFramer::new(name, false, start));
     respond(cx, rx, stream, keep_alive, framer)
 }
 
@@ -436,6 +448,7 @@ struct GenerateText {
     template: String,
     suffix: String,
     raw: bool,
+    think: Think,
 }
 
 /// What a generate request asks the worker for: the prompt as it is (raw), rendered by
@@ -465,20 +478,21 @@ fn generate_input(name: &str, entry: &Entry, t: GenerateText, context: Vec<u32>)
         }
         (false, None) => (t.prompt, Some(msgs), t.suffix),
     };
-    Ok(JobInput::Generate { prompt, context, messages, suffix })
+    Ok(JobInput::Generate { prompt, context, messages, suffix, think: t.think })
 }
 
 /// A chat job: the messages through the model's template, with its SYSTEM when they
 /// bring none.
-fn chat_input(entry: &Entry, messages: Vec<Message>) -> JobInput {
+fn chat_input(entry: &Entry, messages: Vec<Message>, think: Think) -> JobInput {
     let messages = Some(with_model_system(entry, messages));
-    JobInput::Generate { prompt: String::new(), context: vec![], messages, suffix: String::new() }
+    JobInput::Generate { prompt: String::new(), context: vec![], messages, suffix: String::new(), think }
 }
 
 fn chat(cx: &Cx, body: &[u8]) -> R {
     let start = Instant::now();
     let m = parse_body(body)?;
     let stream = bool_field(&m, "stream")?.unwrap_or(true);
+    let think = think_field(&m)?;
     let messages = parse_messages(m.get("messages"), false)?;
     let (name, entry) = model_field(&m)?;
     if let Some(Value::Array(msgs)) = m.get("messages") {
@@ -488,15 +502,15 @@ fn chat(cx: &Cx, body: &[u8]) -> R {
             }
         }
     }
-    completion_only(&m, &name)?;
+    no_tools(&m, &name)?;
     let keep_alive = keep_alive_field(&m)?;
     let opts = job_options(&m, model_options(&entry)?, keep_alive)?;
     if messages.is_empty() {
         return load_only(cx, &name, &entry, keep_alive, true);
     }
     let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-    let rx = worker.submit(chat_input(&entry, messages), opts, &cx.meter);
-    let framer = Box::new(OllamaFramer { model: name, chat: true, start, logprobs: Vec::new() });
+    let rx = worker.submit(chat_input(&entry, messages, think), opts, &cx.meter);
+    let framer = Box::new(OllamaFramer::new(name, true, start));
     respond(cx, rx, stream, keep_alive, framer)
 }
 
@@ -533,6 +547,11 @@ trait Framer: Send {
     /// A generated token's log-probability, to go out with the next text (or the end).
     fn add_logprob(&mut self, _logprob: Value) {}
     fn text(&mut self, text: &str) -> Vec<u8>;
+    /// Reasoning of a thinking model: a frame of its own when streaming, else kept for
+    /// `whole` (dropped by formats without a place for it).
+    fn thinking(&mut self, _text: &str, _stream: bool) -> Vec<u8> {
+        Vec::new()
+    }
     fn done(&mut self, done: &Done) -> Vec<u8>;
     fn error(&mut self, message: &str) -> Vec<u8>;
     /// The one-object answer of `stream: false`.
@@ -560,6 +579,7 @@ fn respond(cx: &Cx, mut rx: Events, stream: bool, keep_alive: KeepAlive, mut fra
         loop {
             match ev {
                 Event::Text(t) => text.push_str(&t),
+                Event::Thinking(t) => drop(framer.thinking(&t, false)),
                 Event::Logprob(v) => framer.add_logprob(v),
                 Event::Done(d) => {
                     after.run();
@@ -613,6 +633,7 @@ impl Iterator for EventFrames {
         };
         Some(match ev {
             Event::Text(t) => self.framer.text(&t),
+            Event::Thinking(t) => self.framer.thinking(&t, true),
             Event::Logprob(v) => {
                 self.framer.add_logprob(v);
                 Vec::new() // nothing to write yet (empty frames are skipped)
@@ -639,15 +660,28 @@ struct OllamaFramer {
     start: Instant,
     /// Log-probabilities of tokens whose text has not gone out yet.
     logprobs: Vec<Value>,
+    /// Reasoning gathered for a `stream: false` answer.
+    thinking: String,
 }
 
 impl OllamaFramer {
+    fn new(model: String, chat: bool, start: Instant) -> OllamaFramer {
+        OllamaFramer { model, chat, start, logprobs: Vec::new(), thinking: String::new() }
+    }
+
     fn chunk(&mut self, text: &str) -> Value {
         let mut v = json!({ "model": self.model, "created_at": now() });
+        let thinking = std::mem::take(&mut self.thinking);
         if self.chat {
             v["message"] = json!({ "role": "assistant", "content": text });
+            if !thinking.is_empty() {
+                v["message"]["thinking"] = json!(thinking);
+            }
         } else {
             v["response"] = json!(text);
+            if !thinking.is_empty() {
+                v["thinking"] = json!(thinking);
+            }
         }
         v["done"] = json!(false);
         if !self.logprobs.is_empty() {
@@ -685,6 +719,14 @@ impl Framer for OllamaFramer {
     }
     fn text(&mut self, text: &str) -> Vec<u8> {
         ndjson(&self.chunk(text))
+    }
+    fn thinking(&mut self, text: &str, stream: bool) -> Vec<u8> {
+        self.thinking.push_str(text);
+        if stream {
+            ndjson(&self.chunk(""))
+        } else {
+            Vec::new()
+        }
     }
     fn done(&mut self, d: &Done) -> Vec<u8> {
         ndjson(&self.last("", d))
@@ -827,7 +869,7 @@ mod openai {
             keep_alive,
         };
         let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-        let rx = worker.submit(chat_input(&entry, messages), opts, &cx.meter);
+        let rx = worker.submit(chat_input(&entry, messages, Think::Unset), opts, &cx.meter);
         let created = unix(SystemTime::now());
         let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() % 1000);
         let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });

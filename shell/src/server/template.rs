@@ -7,6 +7,7 @@
 //! with neither get their messages joined by newlines.
 
 use super::gotemplate::Template;
+use super::thinking::ThinkFormat;
 use serde_json::{json, Value};
 use turbine::engine::gguf::Gguf;
 
@@ -35,6 +36,24 @@ pub const GEMMA_GO_TEMPLATE: &str = r#"{{- range $i, $_ := .Messages }}
 {{ end }}
 {{- end }}
 {{- end }}"#;
+
+/// A request's `think`: unset, false, true, or a reasoning effort (gpt-oss's
+/// "low"/"medium"/"high").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Think {
+    #[default]
+    Unset,
+    Off,
+    On,
+    Level(String),
+}
+
+impl Think {
+    /// Whether the reasoning goes back to the client.
+    pub fn wanted(&self) -> bool {
+        matches!(self, Think::On | Think::Level(_))
+    }
+}
 
 #[derive(Clone, Debug)]
 pub enum ChatTemplate {
@@ -97,30 +116,51 @@ impl ChatTemplate {
         }
     }
 
+    /// How the model marks its reasoning, judged from its template: harmony channels
+    /// (gpt-oss) or `<think>` tags (Qwen3, DeepSeek-R1, DeepSeek-V3.1); None when it does
+    /// not think.
+    pub fn think_format(&self) -> Option<ThinkFormat> {
+        let source = match self {
+            ChatTemplate::Jinja { source, .. } | ChatTemplate::Go { source, .. } => source,
+            ChatTemplate::Gemma | ChatTemplate::Plain => return None,
+        };
+        if source.contains("<|channel|>") {
+            Some(ThinkFormat::Harmony)
+        } else if source.contains("<think>") || source.contains("</think>") {
+            Some(ThinkFormat::Tags)
+        } else {
+            None
+        }
+    }
+
     /// Whether the template can fill in between a prompt and a suffix (`.Suffix`).
     pub fn supports_insert(&self) -> bool {
         matches!(self, ChatTemplate::Go { template, .. } if template.uses("Suffix"))
     }
 
     /// Renders the messages into a prompt that ends where the model should continue.
+    #[cfg(test)] // the server renders with the request's `think` (render_with)
     /// The built-in formats leave BOS out (the tokenizer adds it); a Jinja template may
     /// write it itself (see `starts_with_bos`). Errors are the template's own (a
     /// `raise_exception` call, or a syntax error in the file).
     pub fn render(&self, messages: &[Message]) -> Result<String, String> {
+        self.render_with(messages, "", &Think::Unset)
+    }
+
+    /// `render` for a request's `think` (Jinja templates read `enable_thinking` and
+    /// `reasoning_effort`), filling in before `suffix` where the template can.
+    pub fn render_with(&self, messages: &[Message], suffix: &str, think: &Think) -> Result<String, String> {
         match self {
             ChatTemplate::Gemma => Ok(render_gemma(messages)),
-            ChatTemplate::Jinja { source, bos, eos } => render_jinja(source, bos, eos, messages),
+            ChatTemplate::Jinja { source, bos, eos } => render_jinja(source, bos, eos, messages, think),
             ChatTemplate::Plain => Ok(messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")),
-            ChatTemplate::Go { template, .. } => render_go(template, messages, ""),
+            ChatTemplate::Go { template, .. } => render_go(template, messages, suffix),
         }
     }
 
     /// `render`, with a suffix to fill in before (only Go templates with `.Suffix`).
     pub fn render_insert(&self, messages: &[Message], suffix: &str) -> Result<String, String> {
-        match self {
-            ChatTemplate::Go { template, .. } => render_go(template, messages, suffix),
-            _ => self.render(messages),
-        }
+        self.render_with(messages, suffix, &Think::Unset)
     }
 
     /// Whether a rendered prompt already begins with the BOS text (then the tokenizer must
@@ -171,7 +211,7 @@ fn render_go(t: &Template, messages: &[Message], suffix: &str) -> Result<String,
     Ok(out)
 }
 
-fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[Message]) -> Result<String, String> {
+fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[Message], think: &Think) -> Result<String, String> {
     use minijinja::{context, Environment, Error, ErrorKind};
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -182,11 +222,22 @@ fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[Message]) -> Res
     env.add_template("chat", source).map_err(|e| format!("invalid chat template: {e}"))?;
     let msgs: Vec<_> = messages.iter().map(|m| context! { role => m.role, content => m.content }).collect();
     let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+    // Qwen3's templates read `enable_thinking`, gpt-oss's `reasoning_effort`.
+    let enable_thinking = match think {
+        Think::Unset => None,
+        t => Some(*t != Think::Off),
+    };
+    let reasoning_effort = match think {
+        Think::Level(level) => level.as_str(),
+        _ => "medium",
+    };
     tmpl.render(context! {
         messages => msgs,
         add_generation_prompt => true,
         bos_token => bos,
         eos_token => eos,
+        enable_thinking => enable_thinking,
+        reasoning_effort => reasoning_effort,
     })
     .map_err(|e| format!("chat template: {e}"))
 }
@@ -223,6 +274,31 @@ fn render_gemma(messages: &[Message]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thinking_templates_are_recognized_and_told_whether_to_think() {
+        let jinja =
+            |source: &str| ChatTemplate::Jinja { source: source.into(), bos: String::new(), eos: String::new() };
+        let qwen3 = jinja(
+            "{% for m in messages %}{{ m.content }}{% endfor %}\
+             {% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>{% endif %}",
+        );
+        assert_eq!(qwen3.think_format(), Some(ThinkFormat::Tags));
+        let hi = [Message::new("user", "Hi")];
+        assert_eq!(qwen3.render_with(&hi, "", &Think::Off).unwrap(), "Hi<think>\n\n</think>");
+        assert_eq!(qwen3.render_with(&hi, "", &Think::On).unwrap(), "Hi");
+        assert_eq!(qwen3.render_with(&hi, "", &Think::Unset).unwrap(), "Hi");
+        let harmony = jinja(
+            "<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% for m in messages %}\
+             {% if m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>\
+             {% endif %}{% endfor %}<|start|>assistant",
+        );
+        assert_eq!(harmony.think_format(), Some(ThinkFormat::Harmony));
+        let prompt = harmony.render_with(&hi, "", &Think::Level("high".into())).unwrap();
+        assert!(prompt.contains("Reasoning: high"), "{prompt}");
+        assert_eq!(ChatTemplate::Gemma.think_format(), None);
+        assert_eq!(jinja("{{ messages[0].content }}").think_format(), None);
+    }
 
     #[test]
     fn gemma_turns_as_ollama_renders_them() {

@@ -6,7 +6,8 @@ use super::catalog::Entry;
 use super::host::KeepAlive;
 use super::metrics::Metrics;
 use super::ratelimit::Limiter;
-use super::template::ChatTemplate;
+use super::template::{ChatTemplate, Think};
+use super::thinking::{ThinkFormat, ThinkingParser};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,8 +26,15 @@ pub enum JobInput {
     /// Only make sure the model is loaded.
     Load,
     /// Continue `prompt` (templated already), after the `context` token ids if any; or
-    /// `messages` through the model's template, filling in before `suffix` if not empty.
-    Generate { prompt: String, context: Vec<u32>, messages: Option<Vec<super::template::Message>>, suffix: String },
+    /// `messages` through the model's template, filling in before `suffix` if not empty,
+    /// with the request's `think`.
+    Generate {
+        prompt: String,
+        context: Vec<u32>,
+        messages: Option<Vec<super::template::Message>>,
+        suffix: String,
+        think: Think,
+    },
     /// One normalized embedding per input text.
     Embed { inputs: Vec<String> },
 }
@@ -164,6 +172,8 @@ pub struct Done {
 
 pub enum Event {
     Text(String),
+    /// Reasoning of a thinking model, when the request asked for it (`think`).
+    Thinking(String),
     /// A generated token's log-probability as Ollama and OpenAI shape it, before its text.
     Logprob(serde_json::Value),
     Done(Done),
@@ -309,9 +319,10 @@ impl ModelWorker {
             scheduler_stats: Mutex::new(None),
         });
         let (path, template, st) = (entry.blob.clone(), entry.template.clone(), state.clone());
+        let name = entry.name.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("engine:{}", entry.name))
-            .spawn(move || worker_loop(&path, template.as_deref(), rx, &st, &limits));
+            .spawn(move || worker_loop(&path, &name, template.as_deref(), rx, &st, &limits));
         if let Err(e) = spawned {
             eprintln!("turbine serve: cannot start an engine thread: {e}");
         }
@@ -386,6 +397,7 @@ impl Drop for JobGuard {
 
 fn worker_loop(
     path: &std::path::Path,
+    name: &str,
     template: Option<&str>,
     rx: Receiver<Job>,
     state: &Arc<WorkerState>,
@@ -446,8 +458,8 @@ fn worker_loop(
             load_duration = Duration::ZERO;
             continue;
         }
-        let prepared = catch_unwind(AssertUnwindSafe(|| prepare(&model, &template, &job, num_ctx)));
-        let (ids, opts) = match prepared {
+        let prepared = catch_unwind(AssertUnwindSafe(|| prepare(&model, name, &template, &job, num_ctx)));
+        let (ids, opts, thinking) = match prepared {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => {
                 job.finish(Event::Done(Done { done_reason: "load", load_duration, ..Done::default() }));
@@ -468,7 +480,7 @@ fn worker_loop(
         let request = Request {
             prompt: ids.clone(),
             opts,
-            events: stream_events(events.clone(), ids, load_duration, guard, counts, model.clone()),
+            events: stream_events(events.clone(), ids, load_duration, guard, counts, model.clone(), thinking),
             cancel,
         };
         load_duration = Duration::ZERO;
@@ -491,6 +503,7 @@ fn stream_events(
     guard: JobGuard,
     counts: Arc<TokenCounts>,
     model: Arc<LoadedModel<CpuBackend>>,
+    mut thinking: Option<Thinking>,
 ) -> Box<dyn FnMut(SeqEvent) -> bool + Send> {
     // Held until the request's last event (or until the request is dropped unanswered).
     let mut guard = Some(guard);
@@ -498,12 +511,27 @@ fn stream_events(
         if matches!(e, SeqEvent::Done(_) | SeqEvent::Error(_)) {
             guard.take();
         }
-        let event = match e {
-            SeqEvent::Text(t) => {
-                // About one token per piece of text; the exact count comes with Done.
-                counts.generated.fetch_add(1, Ordering::SeqCst);
-                Event::Text(t)
+        if matches!(e, SeqEvent::Text(_)) {
+            // About one token per piece of text; the exact count comes with Done.
+            counts.generated.fetch_add(1, Ordering::SeqCst);
+        }
+        // A thinking model's text is split into reasoning and answer first.
+        let split = match (&e, thinking.as_mut()) {
+            (SeqEvent::Text(t), Some(th)) => Some(th.parser.push(t)),
+            (SeqEvent::Done(_), Some(th)) => Some(th.parser.finish()),
+            _ => None,
+        };
+        if let (Some((reasoning, answer)), Some(th)) = (split, thinking.as_ref()) {
+            if th.wanted && !reasoning.is_empty() && events.send(Event::Thinking(reasoning)).is_err() {
+                return false;
             }
+            if !answer.is_empty() && events.send(Event::Text(answer)).is_err() {
+                return false;
+            }
+        }
+        let event = match e {
+            SeqEvent::Text(_) if thinking.is_some() => return true, // sent above
+            SeqEvent::Text(t) => Event::Text(t),
             SeqEvent::Logprob(lp) => Event::Logprob(logprob_json(&model, &lp)),
             SeqEvent::Error(e) => {
                 let status = match e {
@@ -598,28 +626,41 @@ fn logprob_json(model: &LoadedModel<CpuBackend>, lp: &TokenLogprob) -> serde_jso
     v
 }
 
-/// A job's prompt as token ids and its generation options.
-type Prepared = (Vec<u32>, GenerateOptions);
+/// How a thinking model's output is split, and whether the reasoning is sent.
+struct Thinking {
+    parser: ThinkingParser,
+    wanted: bool,
+}
+
+/// A job's prompt as token ids, its generation options, and how to split its output.
+type Prepared = (Vec<u32>, GenerateOptions, Option<Thinking>);
 
 /// A job's prompt and options; None for a load-only job.
 fn prepare(
     model: &LoadedModel<CpuBackend>,
+    name: &str,
     template: &ChatTemplate,
     job: &Job,
     num_ctx: usize,
 ) -> Result<Option<Prepared>, (u16, String)> {
-    let (prompt, context, messages, suffix) = match &job.input {
+    let (prompt, context, messages, suffix, think) = match &job.input {
         JobInput::Load | JobInput::Embed { .. } => return Ok(None),
-        JobInput::Generate { prompt, context, messages, suffix } => (prompt, context, messages, suffix),
+        JobInput::Generate { prompt, context, messages, suffix, think } => (prompt, context, messages, suffix, think),
     };
     let rendered;
     let (text, add_bos) = match messages {
         Some(m) => {
-            rendered = template.render_insert(m, suffix).map_err(|e| (400, e))?;
+            rendered = template.render_with(m, suffix, think).map_err(|e| (400, e))?;
             (&rendered, !template.starts_with_bos(&rendered))
         }
         None => (prompt, true),
     };
+    // Only output that follows the model's own template is parsed for reasoning.
+    let format = template.think_format().filter(|_| messages.is_some());
+    if think.wanted() && format.is_none() {
+        return Err((400, format!("\"{name}\" does not support thinking")));
+    }
+    let thinking = format.map(|f| Thinking { parser: ThinkingParser::new(f, text), wanted: think.wanted() });
     let tok = &model.tokenizer;
     if context.iter().any(|&t| t as usize >= tok.n_vocab()) {
         return Err((400, "context holds token ids outside the model's vocabulary".into()));
@@ -645,8 +686,9 @@ fn prepare(
         sampler: job.opts.sampler.clone(),
         stop: job.opts.stop.clone(),
         logprobs: job.opts.logprobs,
+        render_special: format == Some(ThinkFormat::Harmony),
     };
-    Ok(Some((ids, opts)))
+    Ok(Some((ids, opts, thinking)))
 }
 
 /// The loaded (or loading) models by display name.
