@@ -129,10 +129,12 @@ fn cp_and_rm() {
 #[test]
 fn run_one_shot_and_piped() {
     let s = Server::start();
+    // The default model is a base model sampled at Ollama's temperature 0.8 with a random
+    // seed: its answer may be whitespace (seen once in CI), so the check is that one came.
     let out = ok(&s.cli(&["run", MODEL, "Why", "is", "the", "sky", "blue?"], ""));
-    assert!(out.ends_with('\n') && !out.trim().is_empty(), "{out:?}");
+    assert!(out.ends_with('\n') && out.len() > 1, "{out:?}");
     let out = ok(&s.cli(&["run", MODEL], "Why is the sky blue?\n"));
-    assert!(!out.trim().is_empty(), "{out:?}");
+    assert!(out.len() > 1, "{out:?}");
 }
 
 #[test]

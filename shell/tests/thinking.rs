@@ -79,10 +79,10 @@ fn think_splits_reasoning_from_the_answer() {
     assert!(m.get("thinking").is_none(), "{m}");
     assert!(!m["content"].as_str().unwrap_or("").is_empty(), "{m}");
 
-    // Unset: the reasoning is parsed out of the answer, and not returned.
+    // Unset is the model's default: it thinks, and the reasoning comes back split out.
     let r = post(port, "/api/chat", &chat(Value::Null, false));
     let m = &r.json()["message"];
-    assert!(m.get("thinking").is_none(), "{m}");
+    assert!(!m["thinking"].as_str().unwrap_or("").is_empty(), "{m}");
     assert_eq!(m["content"], "", "{m}");
 
     // /api/generate carries it in `thinking`.

@@ -49,8 +49,9 @@ pub enum Think {
 }
 
 impl Think {
-    /// Whether the reasoning goes back to the client.
-    pub fn wanted(&self) -> bool {
+    /// Whether the request explicitly asks for reasoning (a model that cannot think then
+    /// refuses it).
+    pub fn asked(&self) -> bool {
         matches!(self, Think::On | Think::Level(_))
     }
 }

@@ -657,10 +657,11 @@ fn prepare(
     };
     // Only output that follows the model's own template is parsed for reasoning.
     let format = template.think_format().filter(|_| messages.is_some());
-    if think.wanted() && format.is_none() {
+    if think.asked() && format.is_none() {
         return Err((400, format!("\"{name}\" does not support thinking")));
     }
-    let thinking = format.map(|f| Thinking { parser: ThinkingParser::new(f, text), wanted: think.wanted() });
+    // Unset is the model's default, as in Ollama: a thinking model thinks, and says so.
+    let thinking = format.map(|f| Thinking { parser: ThinkingParser::new(f, text), wanted: *think != Think::Off });
     let tok = &model.tokenizer;
     if context.iter().any(|&t| t as usize >= tok.n_vocab()) {
         return Err((400, "context holds token ids outside the model's vocabulary".into()));
