@@ -91,6 +91,29 @@ fn think_splits_reasoning_from_the_answer() {
     let g = post(port, "/api/generate", &body).json();
     assert!(!g["thinking"].as_str().unwrap_or("").is_empty(), "{g}");
 
+    // OpenAI's compatibility layer: reasoning_effort in, `reasoning` out.
+    let mut body = json!({ "model": "thinker", "messages": [{ "role": "user", "content": "2 + 2?" }],
+                       "reasoning_effort": "low", "temperature": 0, "max_tokens": 6 });
+    let r = post(port, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = &r.json()["choices"][0]["message"];
+    assert!(!m["reasoning"].as_str().unwrap_or("").is_empty(), "{m}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = post(port, "/v1/chat/completions", &streamed);
+    let events: Vec<Value> = r
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).expect("json"))
+        .collect();
+    let reasoning: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["reasoning"].as_str()).collect();
+    assert_eq!(reasoning, m["reasoning"].as_str().unwrap_or(""));
+    body["reasoning_effort"] = json!("extreme");
+    let r = post(port, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 400, "{}", r.text());
+
     // A model that does not think, and a think value that is not one.
     let mut body = chat(json!(true), false);
     body["model"] = json!("plain");

@@ -869,12 +869,39 @@ mod openai {
             keep_alive,
         };
         let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-        let rx = worker.submit(chat_input(&entry, messages, Think::Unset), opts, &cx.meter);
+        let think = if chat { reasoning_effort(&m)? } else { Think::Unset };
+        let rx = worker.submit(chat_input(&entry, messages, think), opts, &cx.meter);
         let created = unix(SystemTime::now());
         let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() % 1000);
         let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
-        let framer = Box::new(SseFramer { id, model: name, created, include_usage, chat, logprobs: Vec::new() });
+        let framer = Box::new(SseFramer {
+            id,
+            model: name,
+            created,
+            include_usage,
+            chat,
+            logprobs: Vec::new(),
+            reasoning: String::new(),
+        });
         respond(cx, rx, stream, keep_alive, framer)
+    }
+
+    /// OpenAI's `reasoning_effort` ("none", "low", "medium", "high"), or `reasoning.effort`,
+    /// as a `think`.
+    fn reasoning_effort(m: &Body) -> Result<Think, Reply> {
+        let effort = match (m.get("reasoning_effort"), m.get("reasoning").and_then(|r| r.get("effort"))) {
+            (Some(Value::String(s)), _) | (None, Some(Value::String(s))) => s.as_str(),
+            (None | Some(Value::Null), None | Some(Value::Null)) => return Ok(Think::Unset),
+            _ => return Err(type_error("reasoning_effort", "string")),
+        };
+        match effort {
+            "none" => Ok(Think::Off),
+            "low" | "medium" | "high" => Ok(Think::Level(effort.to_string())),
+            other => Err(Reply::error(
+                400,
+                format!("invalid reasoning_effort: {other:?} (expected \"none\", \"low\", \"medium\" or \"high\")"),
+            )),
+        }
     }
 
     struct SseFramer {
@@ -886,6 +913,8 @@ mod openai {
         chat: bool,
         /// Log-probabilities of tokens whose text has not gone out yet (chat only).
         logprobs: Vec<Value>,
+        /// Reasoning gathered for a `stream: false` chat answer.
+        reasoning: String,
     }
 
     fn sse(v: &Value) -> Vec<u8> {
@@ -945,6 +974,20 @@ mod openai {
         fn text(&mut self, text: &str) -> Vec<u8> {
             sse(&self.chunk(text, Value::Null))
         }
+        /// Chat only, as Ollama's compatibility layer: `delta.reasoning` when streaming,
+        /// `message.reasoning` in a whole answer.
+        fn thinking(&mut self, text: &str, stream: bool) -> Vec<u8> {
+            if !self.chat {
+                return Vec::new();
+            }
+            if !stream {
+                self.reasoning.push_str(text);
+                return Vec::new();
+            }
+            let mut v = self.chunk("", Value::Null);
+            v["choices"][0]["delta"]["reasoning"] = json!(text);
+            sse(&v)
+        }
         fn done(&mut self, d: &Done) -> Vec<u8> {
             let mut out = sse(&self.chunk("", json!(finish_reason(d))));
             if self.include_usage {
@@ -969,6 +1012,9 @@ mod openai {
             } else {
                 json!({ "index": 0, "text": text, "finish_reason": finish_reason(d) })
             };
+            if self.chat && !self.reasoning.is_empty() {
+                choice["message"]["reasoning"] = json!(std::mem::take(&mut self.reasoning));
+            }
             if let Some(lp) = self.take_logprobs() {
                 choice["logprobs"] = lp;
             }
