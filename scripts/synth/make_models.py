@@ -36,10 +36,16 @@ import gguf
 VOCABS = os.environ.get("TURBINE_VOCABS", os.path.expanduser("~/.cache/turbine-vocabs"))
 SEED = 20261125
 
-# ChatML as Qwen3's thinking models render it: the generation prompt opens the reasoning
+# ChatML as Qwen3's thinking models render it: offered tools listed in a system turn,
+# an assistant's calls as <tool_call> JSON; the generation prompt opens the reasoning
 # (`<think>`), or closes an empty one when `enable_thinking` is false.
 QWEN3_THINKING_TEMPLATE = (
-    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if tools %}{{ '<|im_start|>system\n# Tools\n' }}{%- for t in tools %}"
+    "{{ t.function.name + ': ' + (t.function.description or '') + '\n' }}{%- endfor %}"
+    "{{ '<|im_end|>\n' }}{%- endif %}"
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content }}"
+    "{%- for c in m.tool_calls or [] %}{{ '<tool_call>\n{\"name\": \"' + c.function.name + '\", \"arguments\": ' }}"
+    "{{- c.function.arguments | tojson }}{{ '}\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}"
     "{%- else %}{{ '<think>\n' }}{%- endif %}{%- endif %}"

@@ -27,7 +27,9 @@ fn post(port: u16, path: &str, body: &Value) -> Resp {
 /// A server with an empty store of its own, and the synthetic Qwen3 (`thinker`) and Llama
 /// (`plain`, no chat template) created in it.
 fn serve() -> ServeProcess {
-    let store = std::env::temp_dir().join(format!("turbine-thinking-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let store = std::env::temp_dir().join(format!("turbine-thinking-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store);
     std::fs::create_dir_all(&store).expect("store");
     let server = ServeProcess::start(&[("OLLAMA_MODELS", store.to_str().expect("utf-8"))]);
@@ -123,4 +125,64 @@ fn think_splits_reasoning_from_the_answer() {
     let r = post(port, "/api/chat", &chat(json!("deep"), false));
     assert_eq!(r.status, 400);
     assert!(r.json()["error"].as_str().unwrap_or("").contains("invalid think value"), "{}", r.text());
+}
+
+/// Tools reach the template (the prompt grows by their listing), an assistant's earlier
+/// calls and tool results are accepted and rendered, and a model whose template has no
+/// tools refuses them. Whether the model then calls one is its own business (the synthetic
+/// model's random weights never do; the parsing of calls is checked on text in
+/// `server::thinking`).
+#[test]
+fn tools_are_offered_through_the_template() {
+    let server = serve();
+    let port = server.port;
+    let show = post(port, "/api/show", &json!({ "model": "thinker" })).json();
+    assert!(show["capabilities"].as_array().expect("capabilities").contains(&json!("tools")), "{show}");
+
+    let tools = json!([{ "type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": { "type": "object", "properties": { "city": { "type": "string" } } } } }]);
+    let ask = |body: Value| -> Value {
+        let r = post(port, "/api/chat", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let question = json!([{ "role": "user", "content": "Weather in Paris?" }]);
+    let base = json!({ "model": "thinker", "messages": question, "stream": false,
+                       "options": { "temperature": 0, "num_predict": 2 } });
+    let plain = ask(base.clone())["prompt_eval_count"].as_u64().expect("count");
+    let mut with_tools = base.clone();
+    with_tools["tools"] = tools.clone();
+    let offered = ask(with_tools.clone())["prompt_eval_count"].as_u64().expect("count");
+    assert!(offered > plain + 5, "the tools are in the prompt: {offered} vs {plain} tokens");
+
+    // A follow-up after a call: the assistant's call and the tool's result are rendered.
+    let mut follow = with_tools.clone();
+    follow["messages"] = json!([
+        { "role": "user", "content": "Weather in Paris?" },
+        { "role": "assistant", "content": "", "tool_calls": [
+            { "function": { "name": "get_weather", "arguments": { "city": "Paris" } } }] },
+        { "role": "tool", "tool_name": "get_weather", "content": "18 degrees, sunny" },
+    ]);
+    let after = ask(follow)["prompt_eval_count"].as_u64().expect("count");
+    assert!(after > offered + 10, "call and result are in the prompt: {after} vs {offered} tokens");
+
+    // OpenAI's shape works too (arguments as a JSON string).
+    let body = json!({ "model": "thinker", "tools": tools, "max_tokens": 2, "messages": [
+        { "role": "user", "content": "Weather in Paris?" },
+        { "role": "assistant", "content": null, "tool_calls": [{ "id": "call_1", "type": "function",
+            "function": { "name": "get_weather", "arguments": "{\"city\": \"Paris\"}" } }] },
+        { "role": "tool", "tool_call_id": "call_1", "content": "18 degrees" },
+    ] });
+    let r = post(port, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let mut refused = with_tools.clone();
+    refused["model"] = json!("plain");
+    let r = post(port, "/api/chat", &refused);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "\"plain:latest\" does not support tools");
+    let mut nameless = with_tools;
+    nameless["tools"] = json!([{ "type": "function", "function": {} }]);
+    assert_eq!(post(port, "/api/chat", &nameless).status, 400);
 }

@@ -289,6 +289,9 @@ fn show(body: &[u8]) -> R {
     if template.think_format().is_some() {
         capabilities.push("thinking");
     }
+    if template.supports_tools() {
+        capabilities.push("tools");
+    }
     if template.supports_insert() {
         capabilities.push("insert");
     }
@@ -333,7 +336,7 @@ fn wait_for_done(mut rx: Events) -> Result<Done, Reply> {
     loop {
         match rx.recv() {
             Ok(Event::Done(d)) => return Ok(d),
-            Ok(Event::Text(_) | Event::Thinking(_) | Event::Logprob(_)) => continue,
+            Ok(Event::Text(_) | Event::Thinking(_) | Event::ToolCall(_) | Event::Logprob(_)) => continue,
             Ok(Event::Error { status, message }) => return Err(Reply::error(status, message)),
             Err(_) => return Err(Reply::error(500, "model runner stopped unexpectedly")),
         }
@@ -478,14 +481,31 @@ fn generate_input(name: &str, entry: &Entry, t: GenerateText, context: Vec<u32>)
         }
         (false, None) => (t.prompt, Some(msgs), t.suffix),
     };
-    Ok(JobInput::Generate { prompt, context, messages, suffix, think: t.think })
+    Ok(JobInput::Generate { prompt, context, messages, suffix, think: t.think, tools: None })
 }
 
 /// A chat job: the messages through the model's template, with its SYSTEM when they
 /// bring none.
-fn chat_input(entry: &Entry, messages: Vec<Message>, think: Think) -> JobInput {
+fn chat_input(entry: &Entry, messages: Vec<Message>, think: Think, tools: Option<Value>) -> JobInput {
     let messages = Some(with_model_system(entry, messages));
-    JobInput::Generate { prompt: String::new(), context: vec![], messages, suffix: String::new(), think }
+    JobInput::Generate { prompt: String::new(), context: vec![], messages, suffix: String::new(), think, tools }
+}
+
+/// `tools`: the functions a chat offers the model, `[{"type": "function", "function":
+/// {"name", "description", "parameters"}}]`, passed to its template as they are.
+fn tools_field(m: &Body) -> Result<Option<Value>, Reply> {
+    match m.get("tools") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) if a.is_empty() => Ok(None),
+        Some(Value::Array(a)) => {
+            let named = |t: &Value| t.get("function").and_then(|f| f.get("name")).is_some_and(Value::is_string);
+            match a.iter().all(named) {
+                true => Ok(Some(Value::Array(a.clone()))),
+                false => Err(Reply::error(400, "each tool needs a function with a name")),
+            }
+        }
+        Some(_) => Err(type_error("tools", "[]api.Tool")),
+    }
 }
 
 fn chat(cx: &Cx, body: &[u8]) -> R {
@@ -502,14 +522,14 @@ fn chat(cx: &Cx, body: &[u8]) -> R {
             }
         }
     }
-    no_tools(&m, &name)?;
+    let tools = tools_field(&m)?;
     let keep_alive = keep_alive_field(&m)?;
     let opts = job_options(&m, model_options(&entry)?, keep_alive)?;
     if messages.is_empty() {
         return load_only(cx, &name, &entry, keep_alive, true);
     }
     let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-    let rx = worker.submit(chat_input(&entry, messages, think), opts, &cx.meter);
+    let rx = worker.submit(chat_input(&entry, messages, think, tools), opts, &cx.meter);
     let framer = Box::new(OllamaFramer::new(name, true, start));
     respond(cx, rx, stream, keep_alive, framer)
 }
@@ -537,9 +557,27 @@ fn parse_messages(v: Option<&Value>, parts: bool) -> Result<Vec<Message>, Reply>
                 .join("\n"),
             Some(_) => return Err(type_error("messages.content", "string")),
         };
-        out.push(Message { role, content });
+        // An assistant's calls: Ollama sends arguments as an object, OpenAI as a string.
+        let tool_calls = match o.get("tool_calls") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(calls)) => Some(Value::Array(calls.iter().map(call_with_object_arguments).collect())),
+            Some(_) => return Err(type_error("messages.tool_calls", "[]api.ToolCall")),
+        };
+        let tool_name = str_field(o, "tool_name")?.or(str_field(o, "name")?);
+        out.push(Message { role, content, tool_calls, tool_name });
     }
     Ok(out)
+}
+
+/// A call whose `function.arguments` is a JSON string gets the object it holds.
+fn call_with_object_arguments(call: &Value) -> Value {
+    let mut call = call.clone();
+    if let Some(args) = call.pointer_mut("/function/arguments") {
+        if let Some(parsed) = args.as_str().and_then(|s| serde_json::from_str::<Value>(s).ok()) {
+            *args = parsed;
+        }
+    }
+    call
 }
 
 /// Turns a job's events into the frames of one API's stream.
@@ -552,6 +590,8 @@ trait Framer: Send {
     fn thinking(&mut self, _text: &str, _stream: bool) -> Vec<u8> {
         Vec::new()
     }
+    /// A tool call: a frame of its own when streaming, else kept for `whole`.
+    fn tool_call(&mut self, call: Value, stream: bool) -> Vec<u8>;
     fn done(&mut self, done: &Done) -> Vec<u8>;
     fn error(&mut self, message: &str) -> Vec<u8>;
     /// The one-object answer of `stream: false`.
@@ -580,6 +620,7 @@ fn respond(cx: &Cx, mut rx: Events, stream: bool, keep_alive: KeepAlive, mut fra
             match ev {
                 Event::Text(t) => text.push_str(&t),
                 Event::Thinking(t) => drop(framer.thinking(&t, false)),
+                Event::ToolCall(c) => drop(framer.tool_call(c, false)),
                 Event::Logprob(v) => framer.add_logprob(v),
                 Event::Done(d) => {
                     after.run();
@@ -634,6 +675,7 @@ impl Iterator for EventFrames {
         Some(match ev {
             Event::Text(t) => self.framer.text(&t),
             Event::Thinking(t) => self.framer.thinking(&t, true),
+            Event::ToolCall(c) => self.framer.tool_call(c, true),
             Event::Logprob(v) => {
                 self.framer.add_logprob(v);
                 Vec::new() // nothing to write yet (empty frames are skipped)
@@ -660,13 +702,14 @@ struct OllamaFramer {
     start: Instant,
     /// Log-probabilities of tokens whose text has not gone out yet.
     logprobs: Vec<Value>,
-    /// Reasoning gathered for a `stream: false` answer.
+    /// Reasoning and tool calls gathered for a `stream: false` answer.
     thinking: String,
+    tool_calls: Vec<Value>,
 }
 
 impl OllamaFramer {
     fn new(model: String, chat: bool, start: Instant) -> OllamaFramer {
-        OllamaFramer { model, chat, start, logprobs: Vec::new(), thinking: String::new() }
+        OllamaFramer { model, chat, start, logprobs: Vec::new(), thinking: String::new(), tool_calls: Vec::new() }
     }
 
     fn chunk(&mut self, text: &str) -> Value {
@@ -676,6 +719,9 @@ impl OllamaFramer {
             v["message"] = json!({ "role": "assistant", "content": text });
             if !thinking.is_empty() {
                 v["message"]["thinking"] = json!(thinking);
+            }
+            if !self.tool_calls.is_empty() {
+                v["message"]["tool_calls"] = Value::Array(std::mem::take(&mut self.tool_calls));
             }
         } else {
             v["response"] = json!(text);
@@ -722,6 +768,14 @@ impl Framer for OllamaFramer {
     }
     fn thinking(&mut self, text: &str, stream: bool) -> Vec<u8> {
         self.thinking.push_str(text);
+        if stream {
+            ndjson(&self.chunk(""))
+        } else {
+            Vec::new()
+        }
+    }
+    fn tool_call(&mut self, call: Value, stream: bool) -> Vec<u8> {
+        self.tool_calls.push(call);
         if stream {
             ndjson(&self.chunk(""))
         } else {
@@ -869,8 +923,8 @@ mod openai {
             keep_alive,
         };
         let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
-        let think = if chat { reasoning_effort(&m)? } else { Think::Unset };
-        let rx = worker.submit(chat_input(&entry, messages, think), opts, &cx.meter);
+        let (think, tools) = if chat { (reasoning_effort(&m)?, tools_field(&m)?) } else { (Think::Unset, None) };
+        let rx = worker.submit(chat_input(&entry, messages, think, tools), opts, &cx.meter);
         let created = unix(SystemTime::now());
         let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() % 1000);
         let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
@@ -882,6 +936,7 @@ mod openai {
             chat,
             logprobs: Vec::new(),
             reasoning: String::new(),
+            tool_calls: Vec::new(),
         });
         respond(cx, rx, stream, keep_alive, framer)
     }
@@ -915,17 +970,31 @@ mod openai {
         logprobs: Vec<Value>,
         /// Reasoning gathered for a `stream: false` chat answer.
         reasoning: String,
+        /// Tool calls so far, in OpenAI's shape (their count gives each its index).
+        tool_calls: Vec<Value>,
+    }
+
+    /// An Ollama-shaped call as OpenAI sends it: an id, and the arguments as a string.
+    fn openai_call(call: &Value, index: usize) -> Value {
+        let f = &call["function"];
+        let arguments = match &f["arguments"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        json!({ "index": index, "id": format!("call_{n:08x}{index}"), "type": "function",
+                "function": { "name": f["name"], "arguments": arguments } })
     }
 
     fn sse(v: &Value) -> Vec<u8> {
         format!("data: {v}\n\n").into_bytes()
     }
 
-    fn finish_reason(d: &Done) -> &'static str {
-        if d.done_reason == "length" {
-            "length"
-        } else {
-            "stop"
+    fn finish_reason(d: &Done, called: bool) -> &'static str {
+        match (d.done_reason, called) {
+            ("length", _) => "length",
+            (_, true) => "tool_calls",
+            _ => "stop",
         }
     }
 
@@ -988,8 +1057,18 @@ mod openai {
             v["choices"][0]["delta"]["reasoning"] = json!(text);
             sse(&v)
         }
+        fn tool_call(&mut self, call: Value, stream: bool) -> Vec<u8> {
+            let call = openai_call(&call, self.tool_calls.len());
+            self.tool_calls.push(call.clone());
+            if !stream || !self.chat {
+                return Vec::new();
+            }
+            let mut v = self.chunk("", Value::Null);
+            v["choices"][0]["delta"] = json!({ "role": "assistant", "tool_calls": [call] });
+            sse(&v)
+        }
         fn done(&mut self, d: &Done) -> Vec<u8> {
-            let mut out = sse(&self.chunk("", json!(finish_reason(d))));
+            let mut out = sse(&self.chunk("", json!(finish_reason(d, !self.tool_calls.is_empty()))));
             if self.include_usage {
                 out.extend(sse(&json!({
                     "id": self.id, "object": self.object(true), "created": self.created,
@@ -1006,14 +1085,17 @@ mod openai {
             out
         }
         fn whole(&mut self, text: &str, d: &Done) -> Value {
+            let reason = finish_reason(d, !self.tool_calls.is_empty());
             let mut choice = if self.chat {
-                json!({ "index": 0, "message": { "role": "assistant", "content": text },
-                        "finish_reason": finish_reason(d) })
+                json!({ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": reason })
             } else {
-                json!({ "index": 0, "text": text, "finish_reason": finish_reason(d) })
+                json!({ "index": 0, "text": text, "finish_reason": reason })
             };
             if self.chat && !self.reasoning.is_empty() {
                 choice["message"]["reasoning"] = json!(std::mem::take(&mut self.reasoning));
+            }
+            if self.chat && !self.tool_calls.is_empty() {
+                choice["message"]["tool_calls"] = Value::Array(std::mem::take(&mut self.tool_calls));
             }
             if let Some(lp) = self.take_logprobs() {
                 choice["logprobs"] = lp;

@@ -16,11 +16,28 @@ use turbine::engine::gguf::Gguf;
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant's calls, `[{"function": {"name", "arguments": {…}}}]`.
+    pub tool_calls: Option<Value>,
+    /// A tool result's tool.
+    pub tool_name: Option<String>,
 }
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message { role: role.to_string(), content: content.to_string(), tool_calls: None, tool_name: None }
+    }
+
+    /// The message as chat templates read it (Hugging Face's names, Ollama's too).
+    fn to_json(&self) -> Value {
+        let mut m = json!({ "role": self.role, "content": self.content });
+        if let Some(calls) = &self.tool_calls {
+            m["tool_calls"] = calls.clone();
+        }
+        if let Some(name) = &self.tool_name {
+            m["tool_name"] = json!(name);
+            m["name"] = json!(name);
+        }
+        m
     }
 }
 
@@ -134,6 +151,12 @@ impl ChatTemplate {
         }
     }
 
+    /// Whether the template renders the tools a request offers (a GGUF template that
+    /// reads `tools`; Go TEMPLATEs get no `.Tools` yet).
+    pub fn supports_tools(&self) -> bool {
+        matches!(self, ChatTemplate::Jinja { source, .. } if source.contains("tools"))
+    }
+
     /// Whether the template can fill in between a prompt and a suffix (`.Suffix`).
     pub fn supports_insert(&self) -> bool {
         matches!(self, ChatTemplate::Go { template, .. } if template.uses("Suffix"))
@@ -145,15 +168,21 @@ impl ChatTemplate {
     /// write it itself (see `starts_with_bos`). Errors are the template's own (a
     /// `raise_exception` call, or a syntax error in the file).
     pub fn render(&self, messages: &[Message]) -> Result<String, String> {
-        self.render_with(messages, "", &Think::Unset)
+        self.render_with(messages, "", &Think::Unset, None)
     }
 
     /// `render` for a request's `think` (Jinja templates read `enable_thinking` and
-    /// `reasoning_effort`), filling in before `suffix` where the template can.
-    pub fn render_with(&self, messages: &[Message], suffix: &str, think: &Think) -> Result<String, String> {
+    /// `reasoning_effort`) and `tools`, filling in before `suffix` where the template can.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        suffix: &str,
+        think: &Think,
+        tools: Option<&Value>,
+    ) -> Result<String, String> {
         match self {
             ChatTemplate::Gemma => Ok(render_gemma(messages)),
-            ChatTemplate::Jinja { source, bos, eos } => render_jinja(source, bos, eos, messages, think),
+            ChatTemplate::Jinja { source, bos, eos } => render_jinja(source, [bos, eos], messages, think, tools),
             ChatTemplate::Plain => Ok(messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")),
             ChatTemplate::Go { template, .. } => render_go(template, messages, suffix),
         }
@@ -161,7 +190,7 @@ impl ChatTemplate {
 
     /// `render`, with a suffix to fill in before (only Go templates with `.Suffix`).
     pub fn render_insert(&self, messages: &[Message], suffix: &str) -> Result<String, String> {
-        self.render_with(messages, suffix, &Think::Unset)
+        self.render_with(messages, suffix, &Think::Unset, None)
     }
 
     /// Whether a rendered prompt already begins with the BOS text (then the tokenizer must
@@ -212,7 +241,13 @@ fn render_go(t: &Template, messages: &[Message], suffix: &str) -> Result<String,
     Ok(out)
 }
 
-fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[Message], think: &Think) -> Result<String, String> {
+fn render_jinja(
+    source: &str,
+    [bos, eos]: [&String; 2],
+    messages: &[Message],
+    think: &Think,
+    tools: Option<&Value>,
+) -> Result<String, String> {
     use minijinja::{context, Environment, Error, ErrorKind};
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -221,7 +256,7 @@ fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[Message], think:
     });
     env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
     env.add_template("chat", source).map_err(|e| format!("invalid chat template: {e}"))?;
-    let msgs: Vec<_> = messages.iter().map(|m| context! { role => m.role, content => m.content }).collect();
+    let msgs: Vec<Value> = messages.iter().map(Message::to_json).collect();
     let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
     // Qwen3's templates read `enable_thinking`, gpt-oss's `reasoning_effort`.
     let enable_thinking = match think {
@@ -239,6 +274,7 @@ fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[Message], think:
         eos_token => eos,
         enable_thinking => enable_thinking,
         reasoning_effort => reasoning_effort,
+        tools => tools,
     })
     .map_err(|e| format!("chat template: {e}"))
 }
@@ -286,16 +322,16 @@ mod tests {
         );
         assert_eq!(qwen3.think_format(), Some(ThinkFormat::Tags));
         let hi = [Message::new("user", "Hi")];
-        assert_eq!(qwen3.render_with(&hi, "", &Think::Off).unwrap(), "Hi<think>\n\n</think>");
-        assert_eq!(qwen3.render_with(&hi, "", &Think::On).unwrap(), "Hi");
-        assert_eq!(qwen3.render_with(&hi, "", &Think::Unset).unwrap(), "Hi");
+        assert_eq!(qwen3.render_with(&hi, "", &Think::Off, None).unwrap(), "Hi<think>\n\n</think>");
+        assert_eq!(qwen3.render_with(&hi, "", &Think::On, None).unwrap(), "Hi");
+        assert_eq!(qwen3.render_with(&hi, "", &Think::Unset, None).unwrap(), "Hi");
         let harmony = jinja(
             "<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% for m in messages %}\
              {% if m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>\
              {% endif %}{% endfor %}<|start|>assistant",
         );
         assert_eq!(harmony.think_format(), Some(ThinkFormat::Harmony));
-        let prompt = harmony.render_with(&hi, "", &Think::Level("high".into())).unwrap();
+        let prompt = harmony.render_with(&hi, "", &Think::Level("high".into()), None).unwrap();
         assert!(prompt.contains("Reasoning: high"), "{prompt}");
         assert_eq!(ChatTemplate::Gemma.think_format(), None);
         assert_eq!(jinja("{{ messages[0].content }}").think_format(), None);

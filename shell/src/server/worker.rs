@@ -34,6 +34,8 @@ pub enum JobInput {
         messages: Option<Vec<super::template::Message>>,
         suffix: String,
         think: Think,
+        /// The tools a chat request offers (`[{"type": "function", "function": {…}}]`).
+        tools: Option<serde_json::Value>,
     },
     /// One normalized embedding per input text.
     Embed { inputs: Vec<String> },
@@ -174,6 +176,8 @@ pub enum Event {
     Text(String),
     /// Reasoning of a thinking model, when the request asked for it (`think`).
     Thinking(String),
+    /// A tool call, `{"function": {"name", "arguments": {…}}}`.
+    ToolCall(serde_json::Value),
     /// A generated token's log-probability as Ollama and OpenAI shape it, before its text.
     Logprob(serde_json::Value),
     Done(Done),
@@ -521,11 +525,16 @@ fn stream_events(
             (SeqEvent::Done(_), Some(th)) => Some(th.parser.finish()),
             _ => None,
         };
-        if let (Some((reasoning, answer)), Some(th)) = (split, thinking.as_ref()) {
-            if th.wanted && !reasoning.is_empty() && events.send(Event::Thinking(reasoning)).is_err() {
-                return false;
+        if let (Some(split), Some(th)) = (split, thinking.as_ref()) {
+            let mut out = Vec::new();
+            if th.wanted && !split.thinking.is_empty() {
+                out.push(Event::Thinking(split.thinking));
             }
-            if !answer.is_empty() && events.send(Event::Text(answer)).is_err() {
+            if !split.content.is_empty() {
+                out.push(Event::Text(split.content));
+            }
+            out.extend(split.calls.into_iter().map(Event::ToolCall));
+            if out.into_iter().any(|ev| events.send(ev).is_err()) {
                 return false;
             }
         }
@@ -643,25 +652,33 @@ fn prepare(
     job: &Job,
     num_ctx: usize,
 ) -> Result<Option<Prepared>, (u16, String)> {
-    let (prompt, context, messages, suffix, think) = match &job.input {
+    let (prompt, context, messages, suffix, think, tools) = match &job.input {
         JobInput::Load | JobInput::Embed { .. } => return Ok(None),
-        JobInput::Generate { prompt, context, messages, suffix, think } => (prompt, context, messages, suffix, think),
+        JobInput::Generate { prompt, context, messages, suffix, think, tools } => {
+            (prompt, context, messages, suffix, think, tools)
+        }
     };
     let rendered;
     let (text, add_bos) = match messages {
         Some(m) => {
-            rendered = template.render_with(m, suffix, think).map_err(|e| (400, e))?;
+            rendered = template.render_with(m, suffix, think, tools.as_ref()).map_err(|e| (400, e))?;
             (&rendered, !template.starts_with_bos(&rendered))
         }
         None => (prompt, true),
     };
-    // Only output that follows the model's own template is parsed for reasoning.
+    // Only output that follows the model's own template is parsed for reasoning and calls.
     let format = template.think_format().filter(|_| messages.is_some());
     if think.asked() && format.is_none() {
         return Err((400, format!("\"{name}\" does not support thinking")));
     }
+    let offers_tools = tools.as_ref().and_then(|t| t.as_array()).is_some_and(|t| !t.is_empty());
+    if offers_tools && !template.supports_tools() {
+        return Err((400, format!("\"{name}\" does not support tools")));
+    }
     // Unset is the model's default, as in Ollama: a thinking model thinks, and says so.
-    let thinking = format.map(|f| Thinking { parser: ThinkingParser::new(f, text), wanted: *think != Think::Off });
+    let wanted = *think != Think::Off;
+    let parsed = format.or(offers_tools.then_some(ThinkFormat::Tags));
+    let thinking = parsed.map(|f| Thinking { parser: ThinkingParser::new(f, offers_tools, text), wanted });
     let tok = &model.tokenizer;
     if context.iter().any(|&t| t as usize >= tok.n_vocab()) {
         return Err((400, "context holds token ids outside the model's vocabulary".into()));
