@@ -109,6 +109,12 @@ enum Command {
         /// Print timings (token counts and rates) after each answer, on stderr.
         #[arg(long)]
         verbose: bool,
+        /// Ask a thinking model to think: --think, --think=false, --think=low/medium/high.
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "LEVEL")]
+        think: Option<String>,
+        /// Do not print a thinking model's reasoning.
+        #[arg(long)]
+        hidethinking: bool,
         /// Chat interactively even when stdin is not a terminal.
         #[arg(long, hide = true)]
         interactive: bool,
@@ -329,8 +335,9 @@ fn main() -> ExitCode {
         Command::Create { model, file } => return client_main(|t| client::create(t, &model, &file)),
         Command::Cp { source, destination } => return client_main(|t| client::copy(t, &source, &destination)),
         Command::Rm { models } => return client_main(|t| client::remove(t, &models)),
-        Command::Run { model, prompt, keep_alive, verbose, interactive } => {
-            let args = client::RunArgs { model, prompt, keep_alive, verbose, interactive };
+        Command::Run { model, prompt, keep_alive, verbose, think, hidethinking, interactive } => {
+            let args =
+                client::RunArgs { model, prompt, keep_alive, verbose, think, hide_thinking: hidethinking, interactive };
             return client_main(|t| client::run(t, args));
         }
         Command::Gateway { nodes, config, listen } => {

@@ -186,3 +186,27 @@ fn tools_are_offered_through_the_template() {
     nameless["tools"] = json!([{ "type": "function", "function": {} }]);
     assert_eq!(post(port, "/api/chat", &nameless).status, 400);
 }
+
+/// `turbine run --think` prints the reasoning framed as Ollama's CLI frames it;
+/// `--hidethinking` leaves it out.
+#[test]
+fn run_prints_or_hides_the_reasoning() {
+    let server = serve();
+    let host = format!("127.0.0.1:{}", server.port);
+    let run = |extra: &[&str]| -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_turbine"))
+            .args(["run", "thinker"])
+            .args(extra)
+            .arg("What is 2 + 2?")
+            .env("OLLAMA_HOST", &host)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("turbine run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let shown = run(&["--think"]);
+    assert!(shown.starts_with("Thinking...\n") && shown.len() > "Thinking...\n".len() + 1, "{shown:?}");
+    let hidden = run(&["--think=high", "--hidethinking"]);
+    assert!(!hidden.contains("Thinking..."), "{hidden:?}");
+}

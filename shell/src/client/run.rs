@@ -12,6 +12,10 @@ pub struct RunArgs {
     pub prompt: Vec<String>,
     pub keep_alive: Option<String>,
     pub verbose: bool,
+    /// `think` for the requests: "true", "false" or a level; None leaves it unset.
+    pub think: Option<String>,
+    /// Leave a thinking model's reasoning out of the output.
+    pub hide_thinking: bool,
     /// Run the interactive chat even when stdin is not a terminal (for scripts and tests).
     pub interactive: bool,
 }
@@ -54,6 +58,12 @@ impl<'a> Chat<'a> {
         if let Some(k) = &self.args.keep_alive {
             body["keep_alive"] = Value::String(k.clone());
         }
+        match self.args.think.as_deref() {
+            None => {}
+            Some("true") => body["think"] = json!(true),
+            Some("false") => body["think"] = json!(false),
+            Some(level) => body["think"] = json!(level),
+        }
         body
     }
 
@@ -64,10 +74,25 @@ impl<'a> Chat<'a> {
         let mut answer = String::new();
         let mut last = Value::Null;
         let mut out = std::io::stdout().lock();
+        // A thinking model's reasoning comes first, framed as Ollama's CLI frames it.
+        let mut thinking = false;
+        let hide = self.args.hide_thinking;
         let result = t.stream("/api/chat", &body, |v| {
-            if let Some(text) = v["message"]["content"].as_str() {
+            let mut write =
+                |s: &str| out.write_all(s.as_bytes()).and_then(|_| out.flush()).map_err(|e| format!("stdout: {e}"));
+            if let Some(text) = v["message"]["thinking"].as_str().filter(|t| !hide && !t.is_empty()) {
+                if !thinking {
+                    write("Thinking...\n")?;
+                    thinking = true;
+                }
+                write(text)?;
+            }
+            if let Some(text) = v["message"]["content"].as_str().filter(|t| !t.is_empty()) {
+                if std::mem::take(&mut thinking) {
+                    write("\n...done thinking.\n\n")?;
+                }
                 answer.push_str(text);
-                out.write_all(text.as_bytes()).and_then(|_| out.flush()).map_err(|e| format!("stdout: {e}"))?;
+                write(text)?;
             }
             if v["done"] == json!(true) {
                 last = v.clone();
