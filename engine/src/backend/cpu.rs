@@ -257,14 +257,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope_neox(&self, x: &mut CpuAct, positions: &[u32], head_dim: usize, base: f32, freq_scale: f32) {
-        let rope_row = |(row, &p): (&mut [f32], &u32)| {
-            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_neox(h, p, base, freq_scale));
-        };
-        if x.data.len() < PARALLEL_MIN_ELEMENTS {
-            x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
-        } else {
-            x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
-        }
+        rope_rows(x, positions, head_dim, |h, p| ops::rope_neox(h, p, base, freq_scale));
     }
 
     fn rope_norm(
@@ -277,36 +270,15 @@ impl Backend for CpuBackend {
         factors: Option<&Vec<f32>>,
     ) {
         let factors = factors.map(Vec::as_slice);
-        let rope_row = |(row, &p): (&mut [f32], &u32)| {
-            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_norm(h, p, base, freq_scale, factors));
-        };
-        if x.data.len() < PARALLEL_MIN_ELEMENTS {
-            x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
-        } else {
-            x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
-        }
+        rope_rows(x, positions, head_dim, |h, p| ops::rope_norm(h, p, base, freq_scale, factors));
     }
 
     fn rope_neox_yarn(&self, x: &mut CpuAct, positions: &[u32], head_dim: usize, base: f32, yarn: &Yarn) {
-        let rope_row = |(row, &p): (&mut [f32], &u32)| {
-            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_neox_yarn(h, p, base, yarn));
-        };
-        if x.data.len() < PARALLEL_MIN_ELEMENTS {
-            x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
-        } else {
-            x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
-        }
+        rope_rows(x, positions, head_dim, |h, p| ops::rope_neox_yarn(h, p, base, yarn));
     }
 
     fn rope_norm_yarn(&self, x: &mut CpuAct, positions: &[u32], head_dim: usize, base: f32, yarn: &Yarn) {
-        let rope_row = |(row, &p): (&mut [f32], &u32)| {
-            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_norm_yarn(h, p, base, yarn));
-        };
-        if x.data.len() < PARALLEL_MIN_ELEMENTS {
-            x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
-        } else {
-            x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
-        }
+        rope_rows(x, positions, head_dim, |h, p| ops::rope_norm_yarn(h, p, base, yarn));
     }
 
     fn scale(&self, x: &mut CpuAct, s: f32) {
@@ -484,6 +456,17 @@ impl Backend for CpuBackend {
 /// costs more than it saves (a decode step's norms and activations are a few thousand
 /// floats).
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// `rope` on every `head_dim` segment of row i at positions[i], rows in parallel when
+/// there are enough of them.
+fn rope_rows(x: &mut CpuAct, positions: &[u32], head_dim: usize, rope: impl Fn(&mut [f32], u32) + Sync) {
+    let rope_row = |(row, &p): (&mut [f32], &u32)| row.chunks_exact_mut(head_dim).for_each(|h| rope(h, p));
+    if x.data.len() < PARALLEL_MIN_ELEMENTS {
+        x.data.chunks_mut(x.cols).zip(positions).for_each(rope_row);
+    } else {
+        x.data.par_chunks_mut(x.cols).zip(positions).for_each(rope_row);
+    }
+}
 
 /// `f` on every `chunk`-long piece of `data`, in parallel when there is enough of it.
 fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync + Send) {

@@ -17,7 +17,7 @@
 //! weights and `expert_weights_scale`.
 
 use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
-use super::moe::{Activation, Gating, MoeFfn, MoeSpec, Routing};
+use super::moe::{expert_counts, Activation, Gating, MoeFfn, MoeSpec, Routing};
 use super::{required, Batch, Loader};
 use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
@@ -153,17 +153,9 @@ fn rope_and_scale(g: &Gguf, cfg: &DecoderConfig, mla: &Mla) -> Result<(Yarn, f32
 
 /// Routing, expert width and the number of shared experts.
 fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize, usize), EngineError> {
-    let get = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&cfg.key(k)), &cfg.key(k))? as usize) };
     let opt = |k: &str| -> Result<usize, EngineError> { Ok(g.get_u32(&cfg.key(k))?.unwrap_or(0) as usize) };
-    let (n_expert, n_used, n_ff_exp) =
-        (get("expert_count")?, get("expert_used_count")?, get("expert_feed_forward_length")?);
-    if n_expert == 0 || n_used == 0 || n_used > n_expert || n_ff_exp == 0 {
-        return Err(EngineError::BadValue {
-            key: cfg.key("expert_used_count"),
-            value: format!("{n_used} of {n_expert} experts of width {n_ff_exp}"),
-            why: "need 1 to expert_count experts per token, of width > 0",
-        });
-    }
+    let missing = |_| Err(EngineError::MissingKey(cfg.key("expert_feed_forward_length")));
+    let [n_expert, n_used, n_ff_exp] = expert_counts(g, cfg, missing)?;
     let gating = match g.get_u32(&cfg.key("expert_gating_func"))? {
         None | Some(0) | Some(1) => Gating::Softmax,
         Some(2) => Gating::Sigmoid,

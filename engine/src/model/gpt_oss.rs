@@ -9,7 +9,7 @@
 //! weights MXFP4 in released files. The output projection is untied.
 
 use super::decoder::{swa_pattern, Decoder, DecoderConfig, Layers};
-use super::moe::{Activation, Gating, MoeFfn, MoeSpec, Routing};
+use super::moe::{expert_counts, Activation, Gating, MoeFfn, MoeSpec, Routing};
 use super::{qwen2, required, Batch, Loader};
 use crate::backend::{Backend, Yarn};
 use crate::gguf::Gguf;
@@ -83,16 +83,8 @@ fn load_attention<B: Backend>(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) ->
 
 /// Expert count, experts per token and the expert FFN width.
 fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize), EngineError> {
-    let get = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&cfg.key(k)), &cfg.key(k))? as usize) };
-    let (n_expert, n_used, n_ff_exp) =
-        (get("expert_count")?, get("expert_used_count")?, get("expert_feed_forward_length")?);
-    if n_expert == 0 || n_used == 0 || n_used > n_expert || n_ff_exp == 0 {
-        return Err(EngineError::BadValue {
-            key: cfg.key("expert_used_count"),
-            value: format!("{n_used} of {n_expert} experts of width {n_ff_exp}"),
-            why: "need 1 to expert_count experts per token, of width > 0",
-        });
-    }
+    let missing = |_| Err(EngineError::MissingKey(cfg.key("expert_feed_forward_length")));
+    let [n_expert, n_used, n_ff_exp] = expert_counts(g, cfg, missing)?;
     let routing =
         Routing { n_expert, n_used, gating: Gating::SoftmaxOverSelected, normalize: false, scale: 1.0, groups: None };
     Ok((routing, n_ff_exp))

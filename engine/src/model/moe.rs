@@ -5,8 +5,10 @@
 //! once per step over all the tokens routed to it (never once per token), and every
 //! token's output is the weighted sum of its experts' outputs.
 
-use super::Loader;
+use super::decoder::DecoderConfig;
+use super::{required, Loader};
 use crate::backend::Backend;
+use crate::gguf::Gguf;
 use crate::EngineError;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,6 +37,31 @@ pub struct Routing {
     /// Group-limited routing (DeepSeek-V3): (groups, groups kept). The experts form equal
     /// groups scored by the sum of their two best; only the best groups' experts compete.
     pub groups: Option<(usize, usize)>,
+}
+
+/// `{arch}.expert_count`, `expert_used_count` and `expert_feed_forward_length` (else
+/// `ff_fallback`, Qwen3-MoE's feed_forward_length / expert_used_count), checked: 1 to
+/// expert_count experts per token, of width > 0.
+pub(crate) fn expert_counts(
+    g: &Gguf,
+    cfg: &DecoderConfig,
+    ff_fallback: impl Fn(usize) -> Result<usize, EngineError>,
+) -> Result<[usize; 3], EngineError> {
+    let get = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&cfg.key(k)), &cfg.key(k))? as usize) };
+    let (n_expert, n_used) = (get("expert_count")?, get("expert_used_count")?);
+    let n_ff_exp = match g.get_u32(&cfg.key("expert_feed_forward_length"))? {
+        Some(v) => v as usize,
+        None if n_used > 0 => ff_fallback(n_used)?,
+        None => 0,
+    };
+    if n_expert == 0 || n_used == 0 || n_used > n_expert || n_ff_exp == 0 {
+        return Err(EngineError::BadValue {
+            key: cfg.key("expert_used_count"),
+            value: format!("{n_used} of {n_expert} experts of width {n_ff_exp}"),
+            why: "need 1 to expert_count experts per token, of width > 0",
+        });
+    }
+    Ok([n_expert, n_used, n_ff_exp])
 }
 
 /// Each token's chosen experts, best first, and their weights: [n_tokens × k] each.

@@ -8,9 +8,9 @@
 //! shared expert.
 
 use super::decoder::{Decoder, DecoderConfig, Layers};
-use super::moe::{Activation, Gating, MoeFfn, MoeSpec, Routing};
+use super::moe::{expert_counts, Activation, Gating, MoeFfn, MoeSpec, Routing};
 use super::qwen3::Attention;
-use super::{required, Batch};
+use super::Batch;
 use crate::backend::Backend;
 use crate::gguf::Gguf;
 use crate::EngineError;
@@ -47,26 +47,7 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen3Moe<B>, En
 /// Expert count, experts per token and the expert FFN width
 /// (`expert_feed_forward_length`, else `feed_forward_length / expert_used_count`).
 fn read_routing(g: &Gguf, cfg: &DecoderConfig) -> Result<(Routing, usize), EngineError> {
-    let get = |k: &str| -> Result<usize, EngineError> { Ok(required(g.get_u32(&cfg.key(k)), &cfg.key(k))? as usize) };
-    let (n_expert, n_used) = (get("expert_count")?, get("expert_used_count")?);
-    if n_expert == 0 || n_used == 0 || n_used > n_expert {
-        return Err(EngineError::BadValue {
-            key: cfg.key("expert_used_count"),
-            value: format!("{n_used} of {n_expert}"),
-            why: "must be between 1 and expert_count",
-        });
-    }
-    let n_ff_exp = match g.get_u32(&cfg.key("expert_feed_forward_length"))? {
-        Some(v) => v as usize,
-        None => cfg.dense_ff()? / n_used,
-    };
-    if n_ff_exp == 0 {
-        return Err(EngineError::BadValue {
-            key: cfg.key("expert_feed_forward_length"),
-            value: "0".into(),
-            why: "must be > 0",
-        });
-    }
+    let [n_expert, n_used, n_ff_exp] = expert_counts(g, cfg, |n_used| Ok(cfg.dense_ff()? / n_used))?;
     let routing = Routing { n_expert, n_used, gating: Gating::Softmax, normalize: true, scale: 1.0, groups: None };
     Ok((routing, n_ff_exp))
 }
