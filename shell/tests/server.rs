@@ -731,4 +731,36 @@ fn logprobs_of_generated_tokens() {
     let content = o["choices"][0]["logprobs"]["content"].as_array().expect("logprobs.content");
     assert_eq!(content.len() as u64, o["usage"]["completion_tokens"].as_u64().unwrap());
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
+
+    // OpenAI text completions: the legacy shape, whole and streamed.
+    let body = json!({ "model": MODEL, "prompt": "Once upon a", "logprobs": 3, "max_tokens": 5, "temperature": 0 });
+    let o = s.post("/v1/completions", &body).json();
+    let lp = &o["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"].as_array().expect("tokens").iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.len() as u64, o["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(tokens.concat(), o["choices"][0]["text"].as_str().unwrap(), "the tokens spell the text");
+    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(offsets[0], 0);
+    assert_eq!(offsets[1], tokens[0].chars().count() as u64);
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().expect("token → logprob");
+        assert!(!top.is_empty() && top.len() <= 3, "{top:?}");
+        // Greedy: the chosen token is the most likely one.
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert!((lp["token_logprobs"][i].as_f64().unwrap() - best).abs() < 1e-6);
+    }
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = s.post("/v1/completions", &streamed);
+    let n: usize = r
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|e| e["choices"][0]["logprobs"]["tokens"].as_array().map(Vec::len))
+        .sum();
+    assert_eq!(n, tokens.len());
+    let bad = s.post("/v1/completions", &json!({ "model": MODEL, "prompt": "Hi", "logprobs": 99 }));
+    assert_eq!(bad.status, 400);
 }

@@ -916,9 +916,9 @@ mod openai {
             num_ctx: o.num_ctx,
             sampler: o.sampler,
             stop: o.stop,
-            // Chat takes OpenAI's `logprobs` (bool) and `top_logprobs`; text completions'
-            // integer `logprobs` is not supported and is ignored, as unknown fields are.
-            logprobs: if chat { logprobs_fields(&m)? } else { None },
+            // Chat takes OpenAI's `logprobs` (bool) and `top_logprobs`; text completions
+            // the legacy integer `logprobs` (that many alternatives per token).
+            logprobs: if chat { logprobs_fields(&m)? } else { legacy_logprobs(&m)? },
             truncate: true,
             keep_alive,
         };
@@ -937,6 +937,7 @@ mod openai {
             logprobs: Vec::new(),
             reasoning: String::new(),
             tool_calls: Vec::new(),
+            text_offset: 0,
         });
         respond(cx, rx, stream, keep_alive, framer)
     }
@@ -972,6 +973,20 @@ mod openai {
         reasoning: String,
         /// Tool calls so far, in OpenAI's shape (their count gives each its index).
         tool_calls: Vec<Value>,
+        /// Characters of completion text before the next token (legacy logprobs).
+        text_offset: usize,
+    }
+
+    /// Text completions' `logprobs`: an integer, how many alternatives to report per
+    /// token (0 reports only the chosen token's); None when absent.
+    fn legacy_logprobs(m: &Body) -> Result<Option<usize>, Reply> {
+        match m.get("logprobs") {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= MAX_TOP_LOGPROBS => Ok(Some(n as usize)),
+                _ => Err(Reply::error(400, format!("logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}"))),
+            },
+        }
     }
 
     /// An Ollama-shaped call as OpenAI sends it: an id, and the arguments as a string.
@@ -1016,8 +1031,40 @@ mod openai {
         }
 
         /// `{"content": [...]}` of the pending log-probabilities, if any.
+        /// The pending log-probabilities: chat's `{"content": [...]}`, or text completions'
+        /// legacy `{tokens, token_logprobs, top_logprobs, text_offset}`.
         fn take_logprobs(&mut self) -> Option<Value> {
-            (!self.logprobs.is_empty()).then(|| json!({ "content": std::mem::take(&mut self.logprobs) }))
+            if self.logprobs.is_empty() {
+                return None;
+            }
+            let entries = std::mem::take(&mut self.logprobs);
+            if self.chat {
+                return Some(json!({ "content": entries }));
+            }
+            let mut legacy = json!({ "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [] });
+            for e in entries {
+                let token = e["token"].as_str().unwrap_or("").to_string();
+                let top: serde_json::Map<String, Value> = e["top_logprobs"]
+                    .as_array()
+                    .map(|alts| {
+                        alts.iter()
+                            .map(|a| (a["token"].as_str().unwrap_or("").to_string(), a["logprob"].clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for (key, v) in [
+                    ("tokens", json!(token)),
+                    ("token_logprobs", e["logprob"].clone()),
+                    ("top_logprobs", Value::Object(top)),
+                    ("text_offset", json!(self.text_offset)),
+                ] {
+                    if let Some(a) = legacy[key].as_array_mut() {
+                        a.push(v);
+                    }
+                }
+                self.text_offset += token.chars().count();
+            }
+            Some(legacy)
         }
 
         fn chunk(&mut self, text: &str, finish: Value) -> Value {
