@@ -210,3 +210,27 @@ fn qwen3moe_routes_every_token_to_k_experts() {
         assert!(layer.iter().all(|&c| c > 0), "{layer:?}");
     }
 }
+
+/// Batched vs one token at a time: a prompt fed whole (each expert's matmuls over all the
+/// tokens routed to it, the experts side by side) gives the logits of the same tokens fed
+/// one by one (one token per expert call), bit for bit, for the MoE and latent-attention
+/// models.
+#[test]
+fn moe_batches_match_one_token_at_a_time() {
+    for name in ["qwen3moe-q8_0.gguf", "gpt-oss-mxfp4.gguf", "deepseek2-q8_0.gguf"] {
+        let m = model(name);
+        let tokens: Vec<u32> = (0..24u32).map(|i| 1000 + i * 37).collect();
+        let mut whole = Session::new(&m, 32);
+        let batched = whole.feed(&tokens, true).expect("batch");
+        let mut single = Session::new(&m, 32);
+        let mut max_d = 0.0f32;
+        for (p, &t) in tokens.iter().enumerate() {
+            let one = single.feed(&[t], false).expect("token");
+            let (a, b) = (batched.row(p), one.row(0));
+            assert_eq!(argmax(a), argmax(b), "{name}: position {p}");
+            max_d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(max_d, f32::max);
+        }
+        println!("{name}: batched vs one at a time, max |Δlogit| {max_d}");
+        assert_eq!(max_d, 0.0, "{name}: batched and one-at-a-time logits differ");
+    }
+}

@@ -540,3 +540,94 @@ fn attend_online_f16<'a>(
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     out.iter_mut().for_each(|o| *o *= inv);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvLayout;
+    use crate::model::Batch;
+
+    /// Deterministic values in [-1, 1), rounded to f16 so both caches hold the same keys.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                f16::from_f32((x % 2000) as f32 / 1000.0 - 1.0).to_f32()
+            })
+            .collect()
+    }
+
+    /// The plain reference: softmax over (scale·q·k, then the sink) of each value row.
+    fn reference(q: &[f32], keys: &[&[f32]], vals: &[&[f32]], scale: f32, sink: Option<f32>) -> Vec<f32> {
+        let s: Vec<f64> = keys
+            .iter()
+            .map(|k| k.iter().zip(q).map(|(a, b)| f64::from(a * b)).sum::<f64>() * f64::from(scale))
+            .collect();
+        let max = s.iter().copied().chain(sink.map(f64::from)).fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+        let sum = w.iter().sum::<f64>() + sink.map_or(0.0, |x| (f64::from(x) - max).exp());
+        (0..vals[0].len())
+            .map(|d| (w.iter().zip(vals).map(|(w, v)| w * f64::from(v[d])).sum::<f64>() / sum) as f32)
+            .collect()
+    }
+
+    /// The f16 online kernel (decode, short prompts) and the f32 one agree with the
+    /// plain softmax, with and without a sink, within f16 rounding.
+    #[test]
+    fn attention_kernels_match_the_plain_softmax() {
+        let (n, d) = (40, 16);
+        let q = values(d, 1);
+        let (k, v) = (values(n * d, 2), values(n * d, 3));
+        let rows: Vec<(&[f32], &[f32])> = k.chunks(d).zip(v.chunks(d)).collect();
+        let (k16, v16): (Vec<f16>, Vec<f16>) =
+            (k.iter().map(|&x| f16::from_f32(x)).collect(), v.iter().map(|&x| f16::from_f32(x)).collect());
+        let rows16: Vec<(&[f16], &[f16])> = k16.chunks(d).zip(v16.chunks(d)).collect();
+        for sink in [None, Some(-0.5), Some(4.0)] {
+            let keys: Vec<&[f32]> = rows.iter().map(|r| r.0).collect();
+            let vals: Vec<&[f32]> = rows.iter().map(|r| r.1).collect();
+            let want = reference(&q, &keys, &vals, 0.7, sink);
+            let (mut a, mut b) = (vec![0.0; d], vec![0.0; d]);
+            attend_f32(&q, rows.iter().copied(), 0.7, sink, &mut a);
+            attend_online_f16(&q, rows16.iter().copied(), 0.7, sink, &mut b);
+            for ((x, y), w) in a.iter().zip(&b).zip(&want) {
+                assert!((x - w).abs() < 1e-5, "f32 kernel {x} vs {w} (sink {sink:?})");
+                assert!((y - w).abs() < 2e-3, "f16 kernel {y} vs {w} (sink {sink:?})");
+            }
+        }
+    }
+
+    /// Multi-head latent attention's cache: values are the leading part of each key, and
+    /// the f16 and f32 caches give the plain result.
+    #[test]
+    fn shared_values_are_read_from_the_keys() {
+        let (n_heads, hd, vd, n) = (2, 6, 4, 5);
+        let layout = KvLayout { kv_dim: hd, windows: vec![None], shared_v: true };
+        let shape = AttnShape { n_heads, n_kv_heads: 1, head_dim: hd, v_head_dim: vd, window: None, scale: 0.5 };
+        let (q, k) = (values(n * n_heads * hd, 4), values(n * hd, 5));
+        let want: Vec<f32> = (0..n)
+            .flat_map(|t| {
+                let keys: Vec<&[f32]> = k.chunks(hd).take(t + 1).collect();
+                let vals: Vec<&[f32]> = keys.iter().map(|r| &r[..vd]).collect();
+                let q = &q;
+                (0..n_heads).flat_map(move |h| reference(&q[(t * n_heads + h) * hd..][..hd], &keys, &vals, 0.5, None))
+            })
+            .collect();
+        for dtype in [KvType::F32, KvType::F16] {
+            let spec = KvSpec::for_sequences(&layout, 64, 1, 64).with_type(dtype);
+            assert_eq!(spec.pool_bytes(), 4 * 16 * hd * dtype.bytes_per_value(), "keys only");
+            let mut kv = CpuKv::new(&spec);
+            let batch = Batch::for_sequence(0, 0, &vec![0; n], true);
+            kv.blocks_mut().begin_batch(&batch).expect("blocks");
+            let act = |rows: usize, data: &[f32]| CpuAct { rows, cols: data.len() / rows, data: data.to_vec() };
+            let (qa, ka) = (act(n, &q), act(n, &k));
+            let out = CpuBackend.attention(&mut kv, 0, &batch.layout, &qa, &ka, &ka, shape, None);
+            assert_eq!((out.rows, out.cols), (n, n_heads * vd));
+            for (x, w) in out.data.iter().zip(&want) {
+                assert!((x - w).abs() < 2e-3, "{dtype:?}: {x} vs {w}");
+            }
+        }
+    }
+}
