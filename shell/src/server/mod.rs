@@ -15,10 +15,10 @@ pub mod host;
 pub mod keys;
 pub mod metrics;
 pub mod options;
+pub mod output;
 pub mod ratelimit;
 mod routes;
 pub mod template;
-pub mod thinking;
 pub mod worker;
 
 pub use front::{Front, Head, ListenArgs, Service};

@@ -7,7 +7,7 @@
 //! with neither get their messages joined by newlines.
 
 use super::gotemplate::Template;
-use super::thinking::ThinkFormat;
+use super::output::ThinkFormat;
 use serde_json::{json, Value};
 use turbine::engine::gguf::Gguf;
 

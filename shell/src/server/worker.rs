@@ -5,9 +5,9 @@
 use super::catalog::Entry;
 use super::host::KeepAlive;
 use super::metrics::Metrics;
+use super::output::{OutputParser, ThinkFormat};
 use super::ratelimit::Limiter;
 use super::template::{ChatTemplate, Think};
-use super::thinking::{ThinkFormat, ThinkingParser};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -463,7 +463,7 @@ fn worker_loop(
             continue;
         }
         let prepared = catch_unwind(AssertUnwindSafe(|| prepare(&model, name, &template, &job, num_ctx)));
-        let (ids, opts, thinking) = match prepared {
+        let (ids, opts, parsing) = match prepared {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => {
                 job.finish(Event::Done(Done { done_reason: "load", load_duration, ..Done::default() }));
@@ -484,7 +484,7 @@ fn worker_loop(
         let request = Request {
             prompt: ids.clone(),
             opts,
-            events: stream_events(events.clone(), ids, load_duration, guard, counts, model.clone(), thinking),
+            events: stream_events(events.clone(), ids, load_duration, guard, counts, model.clone(), parsing),
             cancel,
         };
         load_duration = Duration::ZERO;
@@ -507,7 +507,7 @@ fn stream_events(
     guard: JobGuard,
     counts: Arc<TokenCounts>,
     model: Arc<LoadedModel<CpuBackend>>,
-    mut thinking: Option<Thinking>,
+    mut parsing: Option<Parsing>,
 ) -> Box<dyn FnMut(SeqEvent) -> bool + Send> {
     // Held until the request's last event (or until the request is dropped unanswered).
     let mut guard = Some(guard);
@@ -519,15 +519,15 @@ fn stream_events(
             // About one token per piece of text; the exact count comes with Done.
             counts.generated.fetch_add(1, Ordering::SeqCst);
         }
-        // A thinking model's text is split into reasoning and answer first.
-        let split = match (&e, thinking.as_mut()) {
-            (SeqEvent::Text(t), Some(th)) => Some(th.parser.push(t)),
-            (SeqEvent::Done(_), Some(th)) => Some(th.parser.finish()),
+        // A parsed model's text is split into reasoning, answer and tool calls first.
+        let split = match (&e, parsing.as_mut()) {
+            (SeqEvent::Text(t), Some(p)) => Some(p.parser.push(t)),
+            (SeqEvent::Done(_), Some(p)) => Some(p.parser.finish()),
             _ => None,
         };
-        if let (Some(split), Some(th)) = (split, thinking.as_ref()) {
+        if let (Some(split), Some(p)) = (split, parsing.as_ref()) {
             let mut out = Vec::new();
-            if th.wanted && !split.thinking.is_empty() {
+            if p.wanted && !split.thinking.is_empty() {
                 out.push(Event::Thinking(split.thinking));
             }
             if !split.content.is_empty() {
@@ -539,7 +539,7 @@ fn stream_events(
             }
         }
         let event = match e {
-            SeqEvent::Text(_) if thinking.is_some() => return true, // sent above
+            SeqEvent::Text(_) if parsing.is_some() => return true, // sent above
             SeqEvent::Text(t) => Event::Text(t),
             SeqEvent::Logprob(lp) => Event::Logprob(logprob_json(&model, &lp)),
             SeqEvent::Error(e) => {
@@ -635,14 +635,15 @@ fn logprob_json(model: &LoadedModel<CpuBackend>, lp: &TokenLogprob) -> serde_jso
     v
 }
 
-/// How a thinking model's output is split, and whether the reasoning is sent.
-struct Thinking {
-    parser: ThinkingParser,
+/// How a model's output is split into reasoning, answer and tool calls, and whether the
+/// reasoning is sent.
+struct Parsing {
+    parser: OutputParser,
     wanted: bool,
 }
 
 /// A job's prompt as token ids, its generation options, and how to split its output.
-type Prepared = (Vec<u32>, GenerateOptions, Option<Thinking>);
+type Prepared = (Vec<u32>, GenerateOptions, Option<Parsing>);
 
 /// A job's prompt and options; None for a load-only job.
 fn prepare(
@@ -678,7 +679,7 @@ fn prepare(
     // Unset is the model's default, as in Ollama: a thinking model thinks, and says so.
     let wanted = *think != Think::Off;
     let parsed = format.or(offers_tools.then_some(ThinkFormat::Tags));
-    let thinking = parsed.map(|f| Thinking { parser: ThinkingParser::new(f, offers_tools, text), wanted });
+    let parsing = parsed.map(|f| Parsing { parser: OutputParser::new(f, offers_tools, text), wanted });
     let tok = &model.tokenizer;
     if context.iter().any(|&t| t as usize >= tok.n_vocab()) {
         return Err((400, "context holds token ids outside the model's vocabulary".into()));
@@ -706,7 +707,7 @@ fn prepare(
         logprobs: job.opts.logprobs,
         render_special: format == Some(ThinkFormat::Harmony),
     };
-    Ok(Some((ids, opts, thinking)))
+    Ok(Some((ids, opts, parsing)))
 }
 
 /// The loaded (or loading) models by display name.

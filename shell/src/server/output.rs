@@ -51,7 +51,7 @@ pub struct Split {
     pub calls: Vec<Value>,
 }
 
-pub struct ThinkingParser {
+pub struct OutputParser {
     format: ThinkFormat,
     /// Tags: whether `<tool_call>` blocks are parsed (the request offered tools).
     tool_tags: bool,
@@ -62,10 +62,10 @@ pub struct ThinkingParser {
     trim_answer: bool,
 }
 
-impl ThinkingParser {
+impl OutputParser {
     /// A parser for output that follows `prompt`: with tags, a prompt ending in an open
     /// `<think>` means the output starts inside the reasoning.
-    pub fn new(format: ThinkFormat, tool_tags: bool, prompt: &str) -> ThinkingParser {
+    pub fn new(format: ThinkFormat, tool_tags: bool, prompt: &str) -> OutputParser {
         let state = match format {
             ThinkFormat::Tags if prompt.trim_end().ends_with(OPEN) => State::Thinking,
             ThinkFormat::Tags => State::Start,
@@ -73,7 +73,7 @@ impl ThinkingParser {
             ThinkFormat::Harmony => State::Header,
         };
         let trim_answer = state == State::Thinking;
-        ThinkingParser { format, tool_tags, state, pending: String::new(), trim_answer }
+        OutputParser { format, tool_tags, state, pending: String::new(), trim_answer }
     }
 
     /// Routes a piece of output.
@@ -263,7 +263,7 @@ mod tests {
 
     /// Feeds `pieces` one by one and gathers everything.
     fn run(format: ThinkFormat, tools: bool, prompt: &str, pieces: &[&str]) -> Split {
-        let mut p = ThinkingParser::new(format, tools, prompt);
+        let mut p = OutputParser::new(format, tools, prompt);
         let mut parts: Vec<Split> = pieces.iter().map(|piece| p.push(piece)).collect();
         parts.push(p.finish());
         let mut all = Split::default();
