@@ -4,6 +4,7 @@
 //! Every kernel has a plain scalar version that is the test oracle for the SIMD ones.
 
 pub mod act;
+pub mod attention;
 pub mod dequant;
 pub mod dot;
 pub mod half_ops;

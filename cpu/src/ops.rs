@@ -291,7 +291,7 @@ fn weighted_sum_avx512<'a>(out: &mut [f32], weights: &[f32], rows: impl Iterator
 
 /// Lanes of independent accumulators: four AVX registers, so consecutive FMAs do not
 /// wait on each other's latency.
-const LANES: usize = 32;
+pub(crate) const LANES: usize = 32;
 
 /// The reference dot product: 32 accumulator lanes, then their pairwise sum, then the
 /// tail.
@@ -342,7 +342,7 @@ fn dot_f32_fma(a: &[f32], b: &[f32]) -> f32 {
             *acc = _mm256_fmadd_ps(xv, yv, *acc);
         }
     }
-    let tail: f32 = ac.1.iter().zip(bc.1).map(|(x, y)| x * y).sum();
+    let tail = dot_tail(ac.1, bc.1);
     let s8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
     sum8_pairwise(s8) + tail
 }
@@ -373,11 +373,27 @@ fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
             *acc = _mm512_fmadd_ps(xv, yv, *acc);
         }
     }
-    let tail: f32 = ac.1.iter().zip(bc.1).map(|(x, y)| x * y).sum();
+    reduce_dot_avx512(acc) + dot_tail(ac.1, bc.1)
+}
+
+/// The products of the elements after the last whole chunk of [`LANES`], summed in order
+/// (the tail of every dot product here).
+#[inline(always)]
+pub(crate) fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The 32 accumulator lanes of [`dot_f32_avx512`] (lanes 0..16, 16..32) summed in the
+/// pairwise tree of [`dot_f32_portable`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) fn reduce_dot_avx512(acc: [std::arch::x86_64::__m512; 2]) -> f32 {
+    use std::arch::x86_64::*;
     let s16 = _mm512_add_ps(acc[0], acc[1]);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s16)));
     let s8 = _mm256_add_ps(_mm512_castps512_ps256(s16), hi);
-    sum8_pairwise(s8) + tail
+    sum8_pairwise(s8)
 }
 
 #[inline(always)]

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use turbine_cpu::act::QuantizedActs;
+use turbine_cpu::attention::{self, QueryRow};
 use turbine_cpu::matmul::{self, WeightView};
 use turbine_cpu::{half_ops, ops, GgmlType, Isa};
 
@@ -366,38 +367,51 @@ impl Backend for CpuBackend {
             .collect();
         let cells = &kv.layers[layer];
         let (d, shared_v) = (kv.blocks.spec().kv_dim, kv.blocks.spec().shared_v);
-        out.data.par_chunks_mut(vd).enumerate().for_each(|(i, o)| {
-            let (t, h) = (i / shape.n_heads, i % shape.n_heads);
-            let (seq, pos) = (batch.seqs[t], batch.positions[t] as usize);
-            let qh = &q.row(t)[h * hd..(h + 1) * hd];
-            let lo = first_key(pos);
-            // Grouped-query: query head h reads KV head h / (n_heads / n_kv_heads).
-            let kvh = h / (shape.n_heads / shape.n_kv_heads);
-            let sink = sinks.and_then(|s| s.get(h)).copied();
-            // Within a token's row: this KV head's key, and its value (shared values: the
-            // key's leading part).
-            let head = kvh * hd..(kvh + 1) * hd;
-            let vhead = if shared_v { head.start..head.start + vd } else { kvh * vd..(kvh + 1) * vd };
+        // Within a token's row: KV head h's key, and its value (shared values: the key's
+        // leading part).
+        let khead = |h: usize| h * hd..(h + 1) * hd;
+        let vhead = |h: usize| if shared_v { h * hd..h * hd + vd } else { h * vd..(h + 1) * vd };
+        let query = |t: usize, h: usize| {
+            let (lo, pos) = (first_key(batch.positions[t] as usize), batch.positions[t] as usize);
+            QueryRow {
+                q: &q.row(t)[h * hd..(h + 1) * hd],
+                keys: lo..pos + 1,
+                sink: sinks.and_then(|s| s.get(h)).copied(),
+            }
+        };
+        let jobs = attention_jobs(batch, shape, |seq| widened.contains_key(&seq) || matches!(cells, Cells::F32 { .. }));
+        let mut slots: Vec<Option<&mut [f32]>> = out.data.chunks_mut(vd).map(Some).collect();
+        let jobs: Vec<(AttnJob, Vec<&mut [f32]>)> = jobs
+            .into_iter()
+            .map(|job| {
+                let outs = job.rows().filter_map(|(t, h)| slots[t * shape.n_heads + h].take()).collect();
+                (job, outs)
+            })
+            .collect();
+        jobs.into_par_iter().for_each(|(job, mut outs)| {
+            let (seq, kvh) = (job.seq, job.kv_head);
+            let rows: Vec<QueryRow> = job.rows().map(|(t, h)| query(t, h)).collect();
+            let (kh, vh) = (khead(kvh), vhead(kvh));
             let at = kv.locator(layer, seq);
-            let (krow, vrow) =
-                (|p: usize| at(p) + head.start..at(p) + head.end, |p: usize| at(p) + vhead.start..at(p) + vhead.end);
             match (widened.get(&seq), cells) {
                 (Some((from, keys, values)), _) => {
-                    let krow = |p: usize| (p - from) * d + head.start..(p - from) * d + head.end;
-                    let vrow = |p: usize| (p - from) * d + vhead.start..(p - from) * d + vhead.end;
-                    let rows = (lo..=pos).map(|p| (&keys[krow(p)], &values[vrow(p)]));
-                    attend_f32(qh, rows, shape.scale, sink, o);
+                    let key = |p: usize| &keys[(p - from) * d..][kh.clone()];
+                    let value = |p: usize| &values[(p - from) * d..][vh.clone()];
+                    attention::attend_rows(&rows, key, value, shape.scale, &mut outs);
                 }
                 (None, Cells::F32 { keys, values }) => {
                     let values = if shared_v { keys } else { values };
-                    let rows = (lo..=pos).map(|p| (&keys[krow(p)], &values[vrow(p)]));
-                    attend_f32(qh, rows, shape.scale, sink, o);
+                    let key = |p: usize| &keys[at(p)..][kh.clone()];
+                    let value = |p: usize| &values[at(p)..][vh.clone()];
+                    attention::attend_rows(&rows, key, value, shape.scale, &mut outs);
                 }
                 (None, Cells::F16 { keys, values }) => {
                     let values = if shared_v { keys } else { values };
                     let (keys, values): (&[f16], &[f16]) = (keys.reinterpret_cast(), values.reinterpret_cast());
-                    let rows = (lo..=pos).map(|p| (&keys[krow(p)], &values[vrow(p)]));
-                    attend_online_f16(qh, rows, shape.scale, sink, o);
+                    for (row, o) in rows.iter().zip(outs.iter_mut()) {
+                        let kv = row.keys.clone().map(|p| (&keys[at(p)..][kh.clone()], &values[at(p)..][vh.clone()]));
+                        attend_online_f16(row.q, kv, shape.scale, row.sink, o);
+                    }
                 }
             }
         });
@@ -477,29 +491,66 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync 
     }
 }
 
+/// Query tokens per attention job on the tiled f32 path: with a group's heads, enough
+/// rows to fill the kernel's tiles; small enough to spread a prompt over the threads.
+const TILE_TOKENS: usize = 4;
+
+/// A piece of a layer's attention: query rows (token, head) of one sequence that read
+/// the same KV head.
+struct AttnJob {
+    seq: usize,
+    kv_head: usize,
+    /// Batch rows.
+    tokens: Vec<usize>,
+    heads: std::ops::Range<usize>,
+}
+
+impl AttnJob {
+    /// The job's (batch row, head) pairs, tokens outer: a tile of rows then shares its
+    /// tokens' key ranges.
+    fn rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.tokens.iter().flat_map(move |&t| self.heads.clone().map(move |h| (t, h)))
+    }
+}
+
+/// The batch's attention split into jobs. Sequences on the tiled path (`tiled(seq)`) get
+/// jobs of [`TILE_TOKENS`] tokens × a KV head's query heads; the others one job per
+/// (token, head), for the one-row f16 kernel.
+fn attention_jobs(batch: &BatchLayout, shape: AttnShape, tiled: impl Fn(usize) -> bool) -> Vec<AttnJob> {
+    let group = shape.n_heads / shape.n_kv_heads;
+    let mut per_seq: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (t, &seq) in batch.seqs.iter().enumerate() {
+        match per_seq.iter_mut().find(|(s, _)| *s == seq) {
+            Some((_, rows)) => rows.push(t),
+            None => per_seq.push((seq, vec![t])),
+        }
+    }
+    let mut jobs = Vec::new();
+    for (seq, rows) in per_seq {
+        if tiled(seq) {
+            for tokens in rows.chunks(TILE_TOKENS) {
+                for kv_head in 0..shape.n_kv_heads {
+                    let heads = kv_head * group..(kv_head + 1) * group;
+                    jobs.push(AttnJob { seq, kv_head, tokens: tokens.to_vec(), heads });
+                }
+            }
+        } else {
+            for &t in &rows {
+                for h in 0..shape.n_heads {
+                    jobs.push(AttnJob { seq, kv_head: h / group, tokens: vec![t], heads: h..h + 1 });
+                }
+            }
+        }
+    }
+    jobs
+}
+
 /// Sequences with fewer query rows than this in a batch run attention the way llama.cpp's
 /// CPU flash-attention does for small batches and decode: Q rounded to f16 and the weighted
 /// sum of V accumulated in f16 with an online softmax. Longer runs accumulate in f32,
 /// as llama.cpp's tiled kernel does. Matching its rounding keeps our logits within the
 /// noise of llama.cpp's own, which the reference fixtures check.
 const F32_ATTENTION_MIN_QUERIES: usize = 64;
-
-/// Softmax(q·K)·V over one head's keys and values (positions in the window, in order),
-/// with scores, weights and sums in f32; a sink joins the softmax's normalization.
-fn attend_f32<'a>(
-    q: &[f32],
-    kv: impl Iterator<Item = (&'a [f32], &'a [f32])> + Clone,
-    scale: f32,
-    sink: Option<f32>,
-    out: &mut [f32],
-) {
-    let mut scores: Vec<f32> = kv.clone().map(|(k, _)| ops::dot_f32(q, k) * scale).collect();
-    match sink {
-        Some(s) => ops::softmax_with_sink(&mut scores, s),
-        None => ops::softmax(&mut scores),
-    }
-    ops::weighted_sum(out, &scores, kv.map(|(_, v)| v));
-}
 
 /// Online-softmax attention with Q in f16 and the V accumulator in f16 (rescaled when
 /// a new maximum score appears), as ggml's `flash_attn_ext_f16_one_chunk`; a sink is
@@ -590,7 +641,8 @@ mod tests {
             let vals: Vec<&[f32]> = rows.iter().map(|r| r.1).collect();
             let want = reference(&q, &keys, &vals, 0.7, sink);
             let (mut a, mut b) = (vec![0.0; d], vec![0.0; d]);
-            attend_f32(&q, rows.iter().copied(), 0.7, sink, &mut a);
+            let row = QueryRow { q: &q, keys: 0..n, sink };
+            attention::attend_one(&row, |p| rows[p].0, |p| rows[p].1, 0.7, &mut a);
             attend_online_f16(&q, rows16.iter().copied(), 0.7, sink, &mut b);
             for ((x, y), w) in a.iter().zip(&b).zip(&want) {
                 assert!((x - w).abs() < 1e-5, "f32 kernel {x} vs {w} (sink {sink:?})");
