@@ -8,6 +8,7 @@ pub mod attention;
 pub mod dequant;
 pub mod dot;
 pub mod half_ops;
+pub mod interleaved;
 pub mod matmul;
 pub mod ops;
 pub mod simd;

@@ -9,8 +9,9 @@ use rayon::prelude::*;
 use crate::act::QuantizedActs;
 use crate::dequant::dequantize_row;
 use crate::dot::{vec_dot, vec_dot_rows};
+use crate::interleaved::{ActSums, Interleaved, GROUP_ROWS};
 use crate::simd::{self, dot_row_tokens, dot_rows_packed, PackedActs, ROW_TOKENS};
-use crate::{GgmlType, Isa};
+use crate::{ActType, GgmlType, Isa};
 
 /// A row-major weight matrix of `rows` rows of `cols` elements stored as `ty`, each row
 /// `ty.row_bytes(cols)` bytes (a GGUF tensor with ne0 = cols, ne1 = rows).
@@ -111,6 +112,92 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
         Some(p) => rows_times_packed_tokens(w, acts, p, c * chunk, &mut outs),
         None => rows_times_tokens(isa, w, acts, c * chunk, &mut outs),
     });
+}
+
+/// [`matmul_quantized`] for a weight whose whole groups of 16 rows are also held
+/// interleaved (`il`, made by `Interleaved::new(w)`): those rows go through the
+/// interleaved kernels, any rows after them through the row kernels. The interleaved
+/// kernels give the same results for one token as for many.
+///
+/// Panics when `il` is not `w`'s, or on the shape mismatches [`matmul_quantized`] panics on.
+pub fn matmul_interleaved(w: &WeightView<'_>, il: &Interleaved, acts: &QuantizedActs, out: &mut [f32]) {
+    assert!(il.ty == w.ty && il.cols == w.cols && il.rows() <= w.rows, "matmul: interleaved copy of another weight");
+    assert_eq!(acts.ty, ActType::Q8_0, "matmul: {} weights need Q8_0 activations", w.ty);
+    assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
+    let n = acts.rows;
+    assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
+    if out.is_empty() {
+        return;
+    }
+    let sums = ActSums::new(w.ty, acts);
+    let head = il.rows();
+    let groups_per_task = il.groups.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let chunk = groups_per_task * GROUP_ROWS;
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..head.div_ceil(chunk)).map(|_| Vec::with_capacity(n)).collect();
+    for token_out in out.chunks_mut(w.rows) {
+        for (task, piece) in tasks.iter_mut().zip(token_out[..head].chunks_mut(chunk)) {
+            task.push(piece);
+        }
+    }
+    tasks.into_par_iter().enumerate().for_each(|(c, mut outs)| {
+        for g in c * groups_per_task..(c * groups_per_task + groups_per_task).min(il.groups) {
+            group_times_tokens(il, g, acts, &sums, (g - c * groups_per_task) * GROUP_ROWS, &mut outs);
+        }
+    });
+    if head < w.rows {
+        let rb = w.row_bytes();
+        let tail = WeightView { rows: w.rows - head, data: &w.data[head * rb..], ..*w };
+        let mut tail_out = vec![0.0f32; n * tail.rows];
+        matmul_quantized(Isa::best(), &tail, acts, &mut tail_out);
+        for (dst, src) in out.chunks_mut(w.rows).zip(tail_out.chunks(tail.rows)) {
+            dst[head..].copy_from_slice(src);
+        }
+    }
+}
+
+/// Group g of `il` times every token, into `outs[t][at..at + 16]`.
+fn group_times_tokens(
+    il: &Interleaved,
+    g: usize,
+    acts: &QuantizedActs,
+    sums: &ActSums,
+    at: usize,
+    outs: &mut [&mut [f32]],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::simd::interleaved::{group_tokens, sums_rows, MAX_TOKENS};
+        let group = il.group(g);
+        simd::prefetch(group, 0, group.len());
+        let mut t = 0;
+        while t < acts.rows {
+            let left = acts.rows - t;
+            macro_rules! tile {
+                ($T:expr) => {{
+                    let a: [&[u8]; $T] = std::array::from_fn(|k| acts.quant_row(t + k));
+                    // SAFETY: `Interleaved` exists only where `Interleaved::supports` found
+                    // the AVX-512 VNNI kernels usable on this CPU.
+                    let r = unsafe { group_tokens::<$T>(il.ty, group, a, sums_rows::<$T>(sums, t)) };
+                    for (k, r) in r.iter().enumerate() {
+                        outs[t + k][at..at + GROUP_ROWS].copy_from_slice(r);
+                    }
+                    $T
+                }};
+            }
+            t += match left {
+                _ if left >= MAX_TOKENS => tile!(MAX_TOKENS),
+                _ if left >= 8 => tile!(8),
+                _ if left >= 4 => tile!(4),
+                _ if left >= 2 => tile!(2),
+                _ => tile!(1),
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (il, g, acts, sums, at, outs);
+        unreachable!("interleaved weights exist only on x86-64");
+    }
 }
 
 /// Weight rows per rayon task: enough tasks (4 per thread) to balance the load, but at

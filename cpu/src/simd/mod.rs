@@ -14,6 +14,8 @@
 //!   offset corrections from them instead of from the quants).
 
 mod common;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod interleaved;
 mod packed;
 
 pub use packed::{PackedActs, PackedPair};
@@ -235,7 +237,7 @@ unsafe fn packed_rows<const T: usize>(
 /// that a wrong `isa` cannot run instructions the CPU lacks. The kernels also use F16C to
 /// convert f16 scales and weights: `Isa` does not promise it, but every CPU with AVX2
 /// has it.
-fn isa_usable(isa: Isa) -> bool {
+pub(crate) fn isa_usable(isa: Isa) -> bool {
     let supported = match isa {
         Isa::Scalar => false,
         Isa::Avx2 => Isa::best() != Isa::Scalar,

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use turbine_cpu::act::QuantizedActs;
 use turbine_cpu::attention::{self, QueryRow};
+use turbine_cpu::interleaved::Interleaved;
 use turbine_cpu::matmul::{self, WeightView};
 use turbine_cpu::{half_ops, ops, GgmlType, Isa};
 
@@ -32,13 +33,15 @@ impl CpuAct {
     }
 }
 
-/// A weight matrix living in the memory-mapped GGUF file.
+/// A weight matrix living in the memory-mapped GGUF file, and, for the types that have
+/// one on this CPU, its interleaved copy (16 rows read together), which matmuls use.
 pub struct CpuWeight {
     file: Arc<Gguf>,
     tensor: TensorInfo,
     ty: GgmlType,
     rows: usize,
     cols: usize,
+    interleaved: Option<Interleaved>,
 }
 
 impl CpuWeight {
@@ -192,7 +195,14 @@ impl Backend for CpuBackend {
             [c, r] => (c as usize, r as usize),
             _ => return Err(EngineError::shape(&tensor.name, "2 dimensions", &tensor.dims)),
         };
-        Ok(CpuWeight { file: file.clone(), tensor: tensor.clone(), ty: tensor.ty, rows, cols })
+        let mut weight =
+            CpuWeight { file: file.clone(), tensor: tensor.clone(), ty: tensor.ty, rows, cols, interleaved: None };
+        if Interleaved::supports(weight.ty) {
+            let view = WeightView::new(weight.ty, rows, cols, file.tensor_data(tensor))
+                .ok_or_else(|| EngineError::shape(&tensor.name, "whole blocks", &tensor.dims))?;
+            weight.interleaved = Interleaved::new(&view);
+        }
+        Ok(weight)
     }
 
     fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Vec<f32>, EngineError> {
@@ -226,7 +236,13 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, w: &CpuWeight, x: &CpuAct) -> CpuAct {
         let mut out = self.zeros(x.rows, w.rows);
-        matmul::matmul(&w.view(), &x.data, x.rows, &mut out.data);
+        match &w.interleaved {
+            Some(il) if x.rows > 0 && x.cols == w.cols => {
+                let acts = QuantizedActs::new(w.ty.act_type(), &x.data, x.cols);
+                matmul::matmul_interleaved(&w.view(), il, &acts, &mut out.data);
+            }
+            _ => matmul::matmul(&w.view(), &x.data, x.rows, &mut out.data),
+        }
         out
     }
 
@@ -246,7 +262,10 @@ impl Backend for CpuBackend {
                 }
             };
             let mut out = self.zeros(x.rows, w.rows);
-            matmul::matmul_quantized(Isa::best(), &w.view(), &quantized[i], &mut out.data);
+            match &w.interleaved {
+                Some(il) => matmul::matmul_interleaved(&w.view(), il, &quantized[i], &mut out.data),
+                None => matmul::matmul_quantized(Isa::best(), &w.view(), &quantized[i], &mut out.data),
+            }
             out
         })
     }
