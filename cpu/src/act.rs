@@ -18,6 +18,14 @@ pub fn quantize_row(ty: ActType, x: &[f32], dst: &mut [u8]) {
     assert_eq!(x.len() % ty.block_size(), 0, "quantize_row: {} floats is not a whole number of {ty:?} blocks", x.len());
     assert_eq!(dst.len(), ty.row_bytes(x.len()), "quantize_row: wrong {ty:?} output size");
     #[cfg(target_arch = "x86_64")]
+    if ty == ActType::Q8_K && crate::Isa::best() == crate::Isa::Avx512 {
+        for (x, y) in x.chunks_exact(QK_K).zip(dst.chunks_exact_mut(ty.type_size())) {
+            // SAFETY: Isa::best() is Avx512 only when the CPU has AVX-512 F, BW and AVX2.
+            unsafe { block_q8_k_avx512(x, y) };
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::Isa::best() != crate::Isa::Scalar {
         // SAFETY: Isa::best() is Avx2 or better only when the CPU has AVX2 and FMA.
         return unsafe { quantize_row_avx2(ty, x, dst) };
@@ -114,6 +122,54 @@ fn block_q8_k(x: &[f32], y: &mut [u8]) {
     for (sum, qs) in bsums.chunks_exact_mut(2).zip(head[4..].chunks_exact(16)) {
         let s: i32 = qs.iter().map(|&q| i32::from(q as i8)).sum();
         sum.copy_from_slice(&(s as i16).to_le_bytes());
+    }
+    head[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+}
+
+/// [`block_q8_k`] 16 elements at a time, the same bytes for finite inputs: the same
+/// largest magnitude and first value having it, `vcvtps2dq`'s rounding (half to even,
+/// the default mode) for `round_half_even`, and each 16-element sum from one vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+fn block_q8_k_avx512(x: &[f32], y: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let x: &[f32; QK_K] = x.try_into().expect("block_q8_k: one block");
+    let y: &mut [u8; 4 + QK_K + 32] = y.try_into().expect("block_q8_k: one block");
+    let (chunks, _) = x.as_chunks::<16>();
+    // SAFETY (each `_mm512_loadu_ps` below): reads one 16-element chunk. A function, not
+    // a closure: closures do not inherit the target features.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn load(c: &[f32; 16]) -> __m512 {
+        unsafe { _mm512_loadu_ps(c.as_ptr()) }
+    }
+    let mut m = _mm512_setzero_ps();
+    for c in chunks {
+        m = _mm512_max_ps(m, _mm512_abs_ps(load(c)));
+    }
+    let amax = _mm512_reduce_max_ps(m);
+    if amax == 0.0 {
+        y.fill(0);
+        return;
+    }
+    let mut max = 0.0;
+    for c in chunks {
+        let hits = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(load(c)), _mm512_set1_ps(amax));
+        if hits != 0 {
+            max = c[hits.trailing_zeros() as usize];
+            break;
+        }
+    }
+    let iscale = -127.0 / max;
+    let (head, bsums) = y.split_at_mut(4 + QK_K);
+    for (i, c) in chunks.iter().enumerate() {
+        let q = _mm512_min_epi32(
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_set1_ps(iscale), load(c))),
+            _mm512_set1_epi32(127),
+        );
+        // SAFETY: writes the 16 bytes of this chunk's quants.
+        unsafe { _mm_storeu_si128(head[4 + 16 * i..].as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
+        bsums[2 * i..2 * i + 2].copy_from_slice(&(_mm512_reduce_add_epi32(q) as i16).to_le_bytes());
     }
     head[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
 }
@@ -216,7 +272,14 @@ mod tests {
             for row in 0..40 {
                 let n = 2 * ActType::Q8_K.block_size();
                 let scale = [0.0f32, 1e-6, 1.0, 37.0, 3e4][row % 5];
-                let x: Vec<f32> = (0..n).map(|_| ((next() % 20_001) as f32 / 10_000.0 - 1.0) * scale).collect();
+                let mut x: Vec<f32> = (0..n).map(|_| ((next() % 20_001) as f32 / 10_000.0 - 1.0) * scale).collect();
+                if row % 7 == 3 {
+                    // Ties for the largest magnitude, either sign first, and values that
+                    // land halfway between two quants.
+                    let (i, j) = ((next() % 256) as usize, (next() % 256) as usize);
+                    (x[i], x[j]) = (-2.0 * scale, 2.0 * scale);
+                    x[(i + 1) % 256] = 2.0 * scale * 0.5 / 127.0;
+                }
                 let (mut fast, mut portable) = (vec![0u8; ty.row_bytes(n)], vec![0u8; ty.row_bytes(n)]);
                 quantize_row(ty, &x, &mut fast);
                 quantize_blocks(ty, &x, &mut portable);

@@ -137,13 +137,25 @@ fn dots_avx512<const R: usize, const K: usize>(q: [&[f32]; R], k: [&[f32]; K]) -
     const LANES: usize = ops::LANES;
     let d = q[0].len();
     assert!(q.iter().all(|q| q.len() == d) && k.iter().all(|k| k.len() == d), "dots: rows differ in length");
-    let qc = q.map(|q| q.as_chunks::<LANES>());
-    let kc = k.map(|k| k.as_chunks::<LANES>());
+    let empty: (&[[f32; LANES]], &[f32]) = (&[], &[]);
+    let (mut qc, mut kc) = ([empty; R], [empty; K]);
+    for r in 0..R {
+        qc[r] = q[r].as_chunks::<LANES>();
+    }
+    for j in 0..K {
+        kc[j] = k[j].as_chunks::<LANES>();
+    }
     let mut acc = [[[_mm512_setzero_ps(); 2]; K]; R];
     for c in 0..d / LANES {
-        // SAFETY: each load reads 16 floats of a 32-float chunk.
-        let kv: [[__m512; 2]; K] =
-            std::array::from_fn(|j| std::array::from_fn(|h| unsafe { _mm512_loadu_ps(kc[j].0[c][16 * h..].as_ptr()) }));
+        // Loops rather than `array::from_fn`, whose closures would not inherit the target
+        // features and so would not be inlined.
+        let mut kv = [[_mm512_setzero_ps(); 2]; K];
+        for j in 0..K {
+            for h in 0..2 {
+                // SAFETY: reads 16 floats of a 32-float chunk.
+                kv[j][h] = unsafe { _mm512_loadu_ps(kc[j].0[c][16 * h..].as_ptr()) };
+            }
+        }
         for r in 0..R {
             for h in 0..2 {
                 // SAFETY: as above.
@@ -154,9 +166,13 @@ fn dots_avx512<const R: usize, const K: usize>(q: [&[f32]; R], k: [&[f32]; K]) -
             }
         }
     }
-    std::array::from_fn(|r| {
-        std::array::from_fn(|j| ops::reduce_dot_avx512(acc[r][j]) + ops::dot_tail(qc[r].1, kc[j].1))
-    })
+    let mut out = [[0.0f32; K]; R];
+    for r in 0..R {
+        for j in 0..K {
+            out[r][j] = ops::reduce_dot_avx512(acc[r][j]) + ops::dot_tail(qc[r].1, kc[j].1);
+        }
+    }
+    out
 }
 
 /// [`weighted_sums`] for R rows, 64 columns at a time: per column the same chain of fused

@@ -20,6 +20,8 @@ pub struct LoadedModel<B: Backend> {
     pub arch: Box<dyn Architecture<B>>,
     pub backend: B,
     pub load_time: Duration,
+    /// Last, so that dropping a model gives its freed memory back after its weights go.
+    pub release: crate::memory::ReleaseOnDrop,
 }
 
 impl LoadedModel<CpuBackend> {
@@ -37,7 +39,7 @@ impl LoadedModel<CpuBackend> {
                 why: "more tokens than the embedding matrix has rows",
             });
         }
-        Ok(LoadedModel { file, tokenizer, arch, backend, load_time: start.elapsed() })
+        Ok(LoadedModel { file, tokenizer, arch, backend, load_time: start.elapsed(), release: Default::default() })
     }
 }
 

@@ -11,6 +11,7 @@ pub mod file_type;
 pub mod generate;
 pub mod gguf;
 pub mod kv;
+pub mod memory;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;

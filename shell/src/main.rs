@@ -317,6 +317,7 @@ fn client_main(f: impl FnOnce(&client::Target) -> Result<(), String>) -> ExitCod
 }
 
 fn main() -> ExitCode {
+    turbine::engine::memory::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel } => {
