@@ -12,23 +12,35 @@
 //! unsigned by signed bytes): the type's quant plus `offset`, corrected by starting each
 //! block's sum at `-offset · Σ activation quants`.
 //!
-//! Per group and block (`group_block_bytes`, 16 times the type's block size, so the
-//! interleaved copy is exactly as large as the original):
+//! The K-quants (Q4_K, Q6_K; Q8_K activations) work the same way per sub-block (32 or
+//! 16 elements): the sub-block's exact sums for 16 rows are multiplied by the 16 rows'
+//! integer sub-block scales and summed in integers over the block, then scaled once.
+//!
+//! Per group and block (`group_block_bytes`; 16 times the type's block size, Q4_K 64
+//! bytes more):
 //! * Q8_0: 8 × 64 quant bytes (quant + 128), then 16 f16 scales;
 //! * Q4_0: 4 × 64 bytes, lane i = row i's `qs[4j..4j + 4]` (low nibbles are elements
 //!   4j.., high nibbles 16 + 4j..), then the scales;
 //! * Q5_0: as Q4_0, then 8 × u64 masks of the fifth bits (bit 4i + k of mask j: element
-//!   4j + k of row i), then the scales.
+//!   4j + k of row i), then the scales;
+//! * Q4_K: 32 × 64 bytes (vector 8c + j, lane i = row i's `qs[32c + 4j..+4]`: low nibbles
+//!   are sub-block 2c, high nibbles 2c + 1), 8 × 16 sub-block scales (sub-block-major),
+//!   4 × 32 bytes of mins (pair p: row i's mins 2p and 2p + 1), 16 f16 d, 16 f16 dmin;
+//! * Q6_K: 32 × 64 bytes of low nibbles (vector j: instructions j and j + 32), 16 × 64
+//!   bytes of top bits (vector k: instructions k + 16m at bits 2m), 16 × 16 signed
+//!   sub-block scales, 16 f16 d. Instruction j covers elements 4j..4j + 4.
 //!
-//! Every output is `Σ_b (isum_b as f32) · (d_w,b · d_a,b)` accumulated in block order
-//! with fused multiply-adds, whatever the number of tokens, so one token and many give
-//! bit-identical results; [`reference`] computes the same in scalar code.
+//! Every output is a sum over blocks, in block order, of fused multiply-adds of the
+//! block's exact integer sum with `d_w · d_a`, whatever the number of tokens, so one
+//! token and many give bit-identical results; [`reference`] computes the same in scalar
+//! code.
 
 use rayon::prelude::*;
 
 use crate::act::QuantizedActs;
+use crate::dequant::{k4_scale_min, q6k_values};
 use crate::matmul::WeightView;
-use crate::{ActType, GgmlType, Isa, QK};
+use crate::{ActType, GgmlType, Isa, QK_K};
 
 /// Rows per interleaved group (one 512-bit vector of i32 lanes).
 pub const GROUP_ROWS: usize = 16;
@@ -51,15 +63,18 @@ pub(crate) fn offset(ty: GgmlType) -> i32 {
     }
 }
 
-/// Bytes of one group's block: 16 original blocks' worth.
+/// Bytes of one group's block.
 pub fn group_block_bytes(ty: GgmlType) -> usize {
-    GROUP_ROWS * ty.type_size()
+    match ty {
+        GgmlType::Q4_K => 2048 + 128 + 128 + 64,
+        _ => GROUP_ROWS * ty.type_size(),
+    }
 }
 
 impl Interleaved {
     /// Whether `ty` has an interleaved form and this CPU has its kernels.
     pub fn supports(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_0)
+        matches!(ty, GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q6_K)
             && Isa::best() == Isa::Avx512
             && crate::simd::isa_usable(Isa::Avx512)
     }
@@ -71,7 +86,7 @@ impl Interleaved {
         if !Self::supports(w.ty) || groups == 0 {
             return None;
         }
-        let blocks = w.cols / QK;
+        let blocks = w.cols / w.ty.block_size();
         let gbb = group_block_bytes(w.ty);
         let mut data = vec![0u8; groups.checked_mul(blocks)?.checked_mul(gbb)?];
         let (rb, bb) = (w.row_bytes(), w.ty.type_size());
@@ -94,7 +109,7 @@ impl Interleaved {
 
     /// Blocks per row.
     pub fn blocks(&self) -> usize {
-        self.cols / QK
+        self.cols / self.ty.block_size()
     }
 
     /// Group g's blocks, back to back.
@@ -106,6 +121,61 @@ impl Interleaved {
 
 /// 16 rows' blocks (each `ty.type_size()` bytes) into one group block.
 fn repack_block(ty: GgmlType, rows: [&[u8]; GROUP_ROWS], dst: &mut [u8]) {
+    match ty {
+        GgmlType::Q4_K => repack_q4_k(rows, dst),
+        GgmlType::Q6_K => repack_q6_k(rows, dst),
+        _ => repack_32(ty, rows, dst),
+    }
+}
+
+/// `bytes[i]` (4 bytes for each of the 16 rows) into the 64 bytes of one vector.
+fn put_lanes(dst: &mut [u8], bytes: impl Fn(usize, usize) -> u8) {
+    for i in 0..GROUP_ROWS {
+        for k in 0..4 {
+            dst[4 * i + k] = bytes(i, k);
+        }
+    }
+}
+
+/// Q4_K `{d, dmin, scales[12], qs[128]}`.
+fn repack_q4_k(rows: [&[u8]; GROUP_ROWS], dst: &mut [u8]) {
+    for v in 0..32 {
+        put_lanes(&mut dst[64 * v..64 * v + 64], |i, k| rows[i][16 + 4 * v + k]);
+    }
+    for (i, row) in rows.iter().enumerate() {
+        for s in 0..8 {
+            let (sc, m) = k4_scale_min(s, &row[4..16]);
+            dst[2048 + 16 * s + i] = sc;
+            dst[2048 + 128 + 32 * (s / 2) + 2 * i + s % 2] = m;
+        }
+        dst[2304 + 2 * i..2304 + 2 * i + 2].copy_from_slice(&row[0..2]);
+        dst[2336 + 2 * i..2336 + 2 * i + 2].copy_from_slice(&row[2..4]);
+    }
+}
+
+/// Q6_K `{ql[128], qh[64], scales[16], d}`: quants decoded (0..64), then split into
+/// nibbles and top bits.
+fn repack_q6_k(rows: [&[u8]; GROUP_ROWS], dst: &mut [u8]) {
+    let u: [[u8; QK_K]; GROUP_ROWS] =
+        std::array::from_fn(|i| q6k_values(&rows[i][0..128], &rows[i][128..192]).map(|q| (q + 32) as u8));
+    for j in 0..32 {
+        put_lanes(&mut dst[64 * j..64 * j + 64], |i, k| (u[i][4 * j + k] & 0xf) | (u[i][4 * (j + 32) + k] & 0xf) << 4);
+    }
+    for v in 0..16 {
+        put_lanes(&mut dst[2048 + 64 * v..2048 + 64 * v + 64], |i, k| {
+            (0..4).map(|m| (u[i][4 * (v + 16 * m) + k] >> 4) << (2 * m)).fold(0, |a, b| a | b)
+        });
+    }
+    for (i, row) in rows.iter().enumerate() {
+        for s in 0..16 {
+            dst[3072 + 16 * s + i] = row[192 + s];
+        }
+        dst[3328 + 2 * i..3328 + 2 * i + 2].copy_from_slice(&row[208..210]);
+    }
+}
+
+/// Q8_0, Q5_0, Q4_0.
+fn repack_32(ty: GgmlType, rows: [&[u8]; GROUP_ROWS], dst: &mut [u8]) {
     let quant_bytes = match ty {
         GgmlType::Q8_0 => 512,
         _ => 256,
@@ -141,32 +211,59 @@ fn repack_block(ty: GgmlType, rows: [&[u8]; GROUP_ROWS], dst: &mut [u8]) {
     }
 }
 
-/// Per token and block of Q8_0 activations: the scale as f32 and the offset correction
-/// `-offset · Σ q` for weights of one type.
+/// What the kernels need of each token's activation blocks besides the quants: the
+/// block scale as f32 and, per block, the integers that start or finish its sums:
+/// * Q8_0, Q5_0, Q4_0 (Q8_0 activations): `-offset · Σ q`, one per block;
+/// * Q4_K: the sums of the 8 sub-blocks of 32 quants, two i16 per i32 (pair p: sub-blocks
+///   2p, 2p + 1), for the mins;
+/// * Q6_K: `-32 · Σ q` of the 16 sub-blocks of 16 (Q8_K's `bsums`), for the offset.
 pub struct ActSums {
     pub blocks: usize,
+    /// Integers per block.
+    pub per_block: usize,
     pub d: Vec<f32>,
-    pub corr: Vec<i32>,
+    pub ints: Vec<i32>,
 }
 
 impl ActSums {
     pub fn new(ty: GgmlType, acts: &QuantizedActs) -> ActSums {
-        assert_eq!(acts.ty, ActType::Q8_0, "interleaved weights take Q8_0 activations");
-        let blocks = acts.cols / QK;
-        let off = offset(ty);
-        let (mut d, mut corr) = (Vec::with_capacity(acts.rows * blocks), Vec::with_capacity(acts.rows * blocks));
+        assert_eq!(acts.ty, ty.act_type(), "interleaved {ty} weights take {:?} activations", ty.act_type());
+        let blocks = acts.cols / ty.block_size();
+        let per_block = match ty {
+            GgmlType::Q4_K => 4,
+            GgmlType::Q6_K => 16,
+            _ => 1,
+        };
+        let mut d = Vec::with_capacity(acts.rows * blocks);
+        let mut ints = Vec::with_capacity(acts.rows * blocks * per_block);
         for t in 0..acts.rows {
-            for b in acts.quant_row(t).chunks_exact(ActType::Q8_0.type_size()) {
-                d.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
-                corr.push(-off * b[2..34].iter().map(|&q| i32::from(q as i8)).sum::<i32>());
+            for b in acts.quant_row(t).chunks_exact(acts.ty.type_size()) {
+                if acts.ty == ActType::Q8_K {
+                    d.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    let bsums: Vec<i32> =
+                        b[260..292].chunks_exact(2).map(|s| i32::from(i16::from_le_bytes([s[0], s[1]]))).collect();
+                    if ty == GgmlType::Q4_K {
+                        for p in 0..4 {
+                            let lo = (bsums[4 * p] + bsums[4 * p + 1]) as u16;
+                            let hi = (bsums[4 * p + 2] + bsums[4 * p + 3]) as u16;
+                            ints.push((u32::from(lo) | u32::from(hi) << 16) as i32);
+                        }
+                    } else {
+                        ints.extend(bsums.iter().map(|s| -32 * s));
+                    }
+                } else {
+                    d.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+                    ints.push(-offset(ty) * b[2..34].iter().map(|&q| i32::from(q as i8)).sum::<i32>());
+                }
             }
         }
-        ActSums { blocks, d, corr }
+        ActSums { blocks, per_block, d, ints }
     }
 
+    /// Token t's block scales and integers.
     pub fn row(&self, t: usize) -> (&[f32], &[i32]) {
-        let r = t * self.blocks..(t + 1) * self.blocks;
-        (&self.d[r.clone()], &self.corr[r])
+        let n = self.blocks * self.per_block;
+        (&self.d[t * self.blocks..(t + 1) * self.blocks], &self.ints[t * n..(t + 1) * n])
     }
 }
 
@@ -187,19 +284,58 @@ fn quant(ty: GgmlType, block: &[u8], k: usize) -> i32 {
 /// `out[t * w.rows + r]` for every row of `w` (the test oracle).
 pub fn reference(w: &WeightView<'_>, acts: &QuantizedActs, out: &mut [f32]) {
     let sums = ActSums::new(w.ty, acts);
-    let (bb, ab) = (w.ty.type_size(), ActType::Q8_0.type_size());
+    let (bb, ab) = (w.ty.type_size(), acts.ty.type_size());
     for t in 0..acts.rows {
         let (a, (ds, _)) = (acts.quant_row(t), sums.row(t));
         for r in 0..w.rows {
             let mut acc = 0.0f32;
             for b in 0..sums.blocks {
-                let x = &w.row(r)[b * bb..(b + 1) * bb];
-                let y = &a[b * ab..(b + 1) * ab];
-                let isum = (0..QK).map(|k| quant(w.ty, x, k) * i32::from(y[2 + k] as i8)).sum::<i32>();
-                let dw = half::f16::from_le_bytes([x[0], x[1]]).to_f32();
-                acc = (isum as f32).mul_add(dw * ds[b], acc);
+                let (x, y) = (&w.row(r)[b * bb..(b + 1) * bb], &a[b * ab..(b + 1) * ab]);
+                acc = match w.ty {
+                    GgmlType::Q4_K => reference_q4_k(x, y, acc),
+                    GgmlType::Q6_K => reference_q6_k(x, y, acc),
+                    _ => {
+                        let isum = (0..32).map(|k| quant(w.ty, x, k) * i32::from(y[2 + k] as i8)).sum::<i32>();
+                        let dw = half::f16::from_le_bytes([x[0], x[1]]).to_f32();
+                        (isum as f32).mul_add(dw * ds[b], acc)
+                    }
+                };
             }
             out[t * w.rows + r] = acc;
         }
     }
+}
+
+/// Q8_K block `y`: its scale and signed quants.
+fn q8k(y: &[u8]) -> (f32, impl Fn(usize) -> i32 + '_) {
+    (f32::from_le_bytes([y[0], y[1], y[2], y[3]]), move |k: usize| i32::from(y[4 + k] as i8))
+}
+
+/// One Q4_K block: Σ_s sc_s · Σ q·y, then the mins Σ_s m_s · Σ y, each scaled once.
+fn reference_q4_k(x: &[u8], y: &[u8], acc: f32) -> f32 {
+    let (dy, yq) = q8k(y);
+    let q = |k: usize| {
+        let (c, l) = (k / 64, k % 64);
+        let byte = x[16 + 32 * c + l % 32];
+        i32::from(if l < 32 { byte & 0xf } else { byte >> 4 })
+    };
+    let (mut tot, mut mins) = (0i32, 0i32);
+    for s in 0..8 {
+        let (sc, m) = k4_scale_min(s, &x[4..16]);
+        tot += i32::from(sc) * (32 * s..32 * s + 32).map(|k| q(k) * yq(k)).sum::<i32>();
+        mins += i32::from(m) * (32 * s..32 * s + 32).map(&yq).sum::<i32>();
+    }
+    let (d, dmin) = (half::f16::from_le_bytes([x[0], x[1]]).to_f32(), half::f16::from_le_bytes([x[2], x[3]]).to_f32());
+    let acc = (tot as f32).mul_add(d * dy, acc);
+    (mins as f32).mul_add(dmin * -dy, acc)
+}
+
+/// One Q6_K block: Σ_s sc_s · Σ (q - 32)·y, scaled once.
+fn reference_q6_k(x: &[u8], y: &[u8], acc: f32) -> f32 {
+    let (dy, yq) = q8k(y);
+    let v = q6k_values(&x[0..128], &x[128..192]);
+    let tot: i32 = (0..16)
+        .map(|s| i32::from(x[192 + s] as i8) * (16 * s..16 * s + 16).map(|k| i32::from(v[k]) * yq(k)).sum::<i32>())
+        .sum();
+    (tot as f32).mul_add(half::f16::from_le_bytes([x[208], x[209]]).to_f32() * dy, acc)
 }

@@ -11,7 +11,7 @@ use crate::dequant::dequantize_row;
 use crate::dot::{vec_dot, vec_dot_rows};
 use crate::interleaved::{ActSums, Interleaved, GROUP_ROWS};
 use crate::simd::{self, dot_row_tokens, dot_rows_packed, PackedActs, ROW_TOKENS};
-use crate::{ActType, GgmlType, Isa};
+use crate::{GgmlType, Isa};
 
 /// A row-major weight matrix of `rows` rows of `cols` elements stored as `ty`, each row
 /// `ty.row_bytes(cols)` bytes (a GGUF tensor with ne0 = cols, ne1 = rows).
@@ -122,7 +122,7 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
 /// Panics when `il` is not `w`'s, or on the shape mismatches [`matmul_quantized`] panics on.
 pub fn matmul_interleaved(w: &WeightView<'_>, il: &Interleaved, acts: &QuantizedActs, out: &mut [f32]) {
     assert!(il.ty == w.ty && il.cols == w.cols && il.rows() <= w.rows, "matmul: interleaved copy of another weight");
-    assert_eq!(acts.ty, ActType::Q8_0, "matmul: {} weights need Q8_0 activations", w.ty);
+    assert_eq!(acts.ty, w.ty.act_type(), "matmul: {} weights need {:?} activations", w.ty, w.ty.act_type());
     assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
     let n = acts.rows;
     assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
@@ -166,18 +166,28 @@ fn group_times_tokens(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        use crate::simd::interleaved::{group_tokens, sums_rows, MAX_TOKENS};
+        use crate::simd::interleaved::{
+            group_tokens, group_tokens_q4_k, group_tokens_q6_k, sums_rows, MAX_K_TOKENS, MAX_TOKENS,
+        };
         let group = il.group(g);
         simd::prefetch(group, 0, group.len());
+        let most = if matches!(il.ty, GgmlType::Q4_K | GgmlType::Q6_K) { MAX_K_TOKENS } else { MAX_TOKENS };
         let mut t = 0;
         while t < acts.rows {
             let left = acts.rows - t;
             macro_rules! tile {
                 ($T:expr) => {{
                     let a: [&[u8]; $T] = std::array::from_fn(|k| acts.quant_row(t + k));
+                    let s = sums_rows::<$T>(sums, t);
                     // SAFETY: `Interleaved` exists only where `Interleaved::supports` found
                     // the AVX-512 VNNI kernels usable on this CPU.
-                    let r = unsafe { group_tokens::<$T>(il.ty, group, a, sums_rows::<$T>(sums, t)) };
+                    let r = unsafe {
+                        match il.ty {
+                            GgmlType::Q4_K => group_tokens_q4_k::<$T>(group, a, s),
+                            GgmlType::Q6_K => group_tokens_q6_k::<$T>(group, a, s),
+                            ty => group_tokens::<$T>(ty, group, a, s),
+                        }
+                    };
                     for (k, r) in r.iter().enumerate() {
                         outs[t + k][at..at + GROUP_ROWS].copy_from_slice(r);
                     }
@@ -185,7 +195,7 @@ fn group_times_tokens(
                 }};
             }
             t += match left {
-                _ if left >= MAX_TOKENS => tile!(MAX_TOKENS),
+                _ if left >= MAX_TOKENS && most >= MAX_TOKENS => tile!(MAX_TOKENS),
                 _ if left >= 8 => tile!(8),
                 _ if left >= 4 => tile!(4),
                 _ if left >= 2 => tile!(2),

@@ -7,7 +7,7 @@ use turbine_cpu::act::QuantizedActs;
 use turbine_cpu::dot::vec_dot_scalar;
 use turbine_cpu::interleaved::{reference, Interleaved};
 use turbine_cpu::matmul::{matmul_interleaved, matmul_quantized, WeightView};
-use turbine_cpu::{ActType, GgmlType, Isa};
+use turbine_cpu::{GgmlType, Isa};
 
 fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -22,7 +22,11 @@ fn random_weights(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> 
     let mut data: Vec<u8> = (0..rows * ty.row_bytes(cols).unwrap()).map(|_| xorshift(&mut s) as u8).collect();
     for block in data.chunks_mut(ty.type_size()) {
         let d = 0.01 + (xorshift(&mut s) % 100) as f32 / 1e4;
-        block[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        let at = if ty == GgmlType::Q6_K { 208 } else { 0 };
+        block[at..at + 2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        if ty == GgmlType::Q4_K {
+            block[2..4].copy_from_slice(&half::f16::from_f32(d / 3.0).to_le_bytes());
+        }
     }
     data
 }
@@ -32,7 +36,7 @@ fn random_acts(n: usize, cols: usize, seed: u64) -> Vec<f32> {
     (0..n * cols).map(|_| (xorshift(&mut s) % 20001) as f32 / 10000.0 - 1.0).collect()
 }
 
-const TYPES: [GgmlType; 3] = [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0];
+const TYPES: [GgmlType; 5] = [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K];
 
 #[test]
 fn interleaved_kernels_match_the_reference_bit_for_bit() {
@@ -41,14 +45,15 @@ fn interleaved_kernels_match_the_reference_bit_for_bit() {
         return;
     }
     for ty in TYPES {
-        for (rows, cols) in [(16, 32), (48, 640), (37, 96), (256, 64)] {
+        let k = ty.block_size();
+        for (rows, cols) in [(16, k), (48, if k == 32 { 640 } else { 1024 }), (37, 3 * k), (256, 2 * k)] {
             let data = random_weights(ty, rows, cols, rows as u64 * 31 + cols as u64);
             let w = WeightView::new(ty, rows, cols, &data).unwrap();
             let il = Interleaved::new(&w).unwrap();
             assert_eq!(il.rows(), rows / 16 * 16);
             for n in [1usize, 2, 5, 16, 17, 40] {
                 let x = random_acts(n, cols, n as u64 + 7);
-                let acts = QuantizedActs::new(ActType::Q8_0, &x, cols);
+                let acts = QuantizedActs::new(ty.act_type(), &x, cols);
                 let mut got = vec![f32::NAN; n * rows];
                 matmul_interleaved(&w, &il, &acts, &mut got);
                 let mut want = vec![f32::NAN; n * rows];
@@ -69,7 +74,7 @@ fn interleaved_kernels_match_the_reference_bit_for_bit() {
                 }
                 // One token alone gives what it gives among many.
                 for t in [0, n - 1] {
-                    let one = QuantizedActs::new(ActType::Q8_0, &x[t * cols..(t + 1) * cols], cols);
+                    let one = QuantizedActs::new(ty.act_type(), &x[t * cols..(t + 1) * cols], cols);
                     let mut alone = vec![f32::NAN; rows];
                     matmul_interleaved(&w, &il, &one, &mut alone);
                     assert_eq!(
@@ -85,8 +90,8 @@ fn interleaved_kernels_match_the_reference_bit_for_bit() {
 
 #[test]
 fn types_without_an_interleaved_form_and_short_matrices_are_refused() {
-    let data = random_weights(GgmlType::Q4_K, 32, 256, 1);
-    assert!(Interleaved::new(&WeightView::new(GgmlType::Q4_K, 32, 256, &data).unwrap()).is_none());
+    let data = random_weights(GgmlType::Q5_K, 32, 256, 1);
+    assert!(Interleaved::new(&WeightView::new(GgmlType::Q5_K, 32, 256, &data).unwrap()).is_none());
     let data = random_weights(GgmlType::Q8_0, 15, 64, 2);
     assert!(Interleaved::new(&WeightView::new(GgmlType::Q8_0, 15, 64, &data).unwrap()).is_none());
 }

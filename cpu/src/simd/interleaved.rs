@@ -1,5 +1,6 @@
 //! AVX-512 VNNI kernels for interleaved weights (`crate::interleaved`): one group of 16
-//! rows times up to [`MAX_TOKENS`] activation rows per call.
+//! rows times up to [`MAX_TOKENS`] activation rows per call (the K-quants: up to
+//! [`MAX_K_TOKENS`]).
 
 use std::arch::x86_64::*;
 
@@ -9,7 +10,11 @@ use crate::GgmlType;
 /// Tokens per call: one accumulator register each, beside the 8 weight vectors.
 pub const MAX_TOKENS: usize = 16;
 
+/// Tokens per K-quant call: a float and an integer accumulator each.
+pub const MAX_K_TOKENS: usize = 8;
+
 const Q8_0_BLOCK: usize = 34;
+const Q8_K_BLOCK: usize = 292;
 
 /// The 8 unsigned weight vectors of one group block (instruction j's in `w[j]`) and the
 /// 16 rows' scales. Written without closures, which would not inherit the target
@@ -79,15 +84,167 @@ pub(crate) unsafe fn group_tokens<const T: usize>(
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
         }
     }
+    store_rows(acc)
+}
+
+/// `sums` of `ActSums` rows t0..t0 + T.
+pub(crate) fn sums_rows<const T: usize>(sums: &ActSums, t0: usize) -> [(&[f32], &[i32]); T] {
+    std::array::from_fn(|k| sums.row(t0 + k))
+}
+
+/// Four activation bytes broadcast to every lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn broadcast4(y: &[u8], at: usize) -> __m512i {
+    _mm512_set1_epi32(i32::from_le_bytes([y[at], y[at + 1], y[at + 2], y[at + 3]]))
+}
+
+/// 64 bytes of `gb` from `at` as a vector.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn load64(gb: &[u8], at: usize) -> __m512i {
+    // SAFETY: the slice holds exactly the 64 bytes read.
+    unsafe { _mm512_loadu_si512(gb[at..at + 64].as_ptr().cast()) }
+}
+
+/// 16 f16 of `gb` from `at` as floats.
+#[inline]
+#[target_feature(enable = "avx512f,f16c")]
+fn load_f16x16(gb: &[u8], at: usize) -> __m512 {
+    // SAFETY: the slice holds exactly the 32 bytes read.
+    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(gb[at..at + 32].as_ptr().cast()) })
+}
+
+/// 16 bytes of `gb` from `at`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn load16(gb: &[u8], at: usize) -> __m128i {
+    // SAFETY: the slice holds exactly the 16 bytes read.
+    unsafe { _mm_loadu_si128(gb[at..at + 16].as_ptr().cast()) }
+}
+
+/// [`group_tokens`] for Q4_K weights and Q8_K activations: per block, per sub-block of
+/// 32, eight `dpbusd` give the 16 rows' exact sums, multiplied by the rows' scales and
+/// summed over the block in integers; the mins' sums come from `dpwssd` of the rows'
+/// mins with the sub-block sums of the activations (`sums`: 4 pairs per block).
+///
+/// # Safety
+/// As [`group_tokens`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn group_tokens_q4_k<const T: usize>(
+    group: &[u8],
+    acts: [&[u8]; T],
+    sums: [(&[f32], &[i32]); T],
+) -> [[f32; GROUP_ROWS]; T] {
+    let gbb = group_block_bytes(GgmlType::Q4_K);
+    let blocks = group.len() / gbb;
+    assert!(acts.iter().all(|a| a.len() == blocks * Q8_K_BLOCK), "interleaved: activation rows do not fit");
+    assert!(sums.iter().all(|(d, c)| d.len() == blocks && c.len() == 4 * blocks), "interleaved: sums do not fit");
+    let low4 = _mm512_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for (b, gb) in group.chunks_exact(gbb).enumerate() {
+        let mut tot = [_mm512_setzero_si512(); T];
+        for s in 0..8 {
+            // Sub-block s: chunk s / 2's bytes, low nibbles for even s, high for odd.
+            let mut w = [_mm512_setzero_si512(); 8];
+            for (j, w) in w.iter_mut().enumerate() {
+                let bytes = load64(gb, 64 * (8 * (s / 2) + j));
+                *w = if s % 2 == 0 { bytes } else { _mm512_srli_epi16::<4>(bytes) };
+                *w = _mm512_and_si512(*w, low4);
+            }
+            let sc = _mm512_cvtepu8_epi32(load16(gb, 2048 + 16 * s));
+            for t in 0..T {
+                let y = &acts[t][b * Q8_K_BLOCK + 4 + 32 * s..b * Q8_K_BLOCK + 4 + 32 * s + 32];
+                let mut isum = _mm512_setzero_si512();
+                for (j, w) in w.iter().enumerate() {
+                    isum = _mm512_dpbusd_epi32(isum, *w, broadcast4(y, 4 * j));
+                }
+                tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(isum, sc));
+            }
+        }
+        let mut mins = [_mm512_setzero_si512(); 4];
+        for (p, m) in mins.iter_mut().enumerate() {
+            // SAFETY: reads the 32 bytes of pair p's mins.
+            *m = _mm512_cvtepu8_epi16(unsafe { _mm256_loadu_si256(gb[2176 + 32 * p..2208 + 32 * p].as_ptr().cast()) });
+        }
+        let (d, dmin) = (load_f16x16(gb, 2304), load_f16x16(gb, 2336));
+        for t in 0..T {
+            let mut msum = _mm512_setzero_si512();
+            for (p, m) in mins.iter().enumerate() {
+                msum = _mm512_dpwssd_epi32(msum, *m, _mm512_set1_epi32(sums[t].1[4 * b + p]));
+            }
+            let dy = sums[t].0[b];
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(d, _mm512_set1_ps(dy)), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, _mm512_set1_ps(-dy)), acc[t]);
+        }
+    }
+    store_rows(acc)
+}
+
+/// [`group_tokens`] for Q6_K weights and Q8_K activations: per sub-block of 16, four
+/// `dpbusd` starting from `-32 · Σ y` (`sums`: 16 per block) give the 16 rows' exact
+/// sums of (q - 32)·y, multiplied by the rows' signed scales and summed over the block.
+///
+/// # Safety
+/// As [`group_tokens`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn group_tokens_q6_k<const T: usize>(
+    group: &[u8],
+    acts: [&[u8]; T],
+    sums: [(&[f32], &[i32]); T],
+) -> [[f32; GROUP_ROWS]; T] {
+    let gbb = group_block_bytes(GgmlType::Q6_K);
+    let blocks = group.len() / gbb;
+    assert!(acts.iter().all(|a| a.len() == blocks * Q8_K_BLOCK), "interleaved: activation rows do not fit");
+    assert!(sums.iter().all(|(d, c)| d.len() == blocks && c.len() == 16 * blocks), "interleaved: sums do not fit");
+    let (low4, top2) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+    let mut acc = [_mm512_setzero_ps(); T];
+    for (b, gb) in group.chunks_exact(gbb).enumerate() {
+        let mut tot = [_mm512_setzero_si512(); T];
+        for s in 0..16 {
+            let mut w = [_mm512_setzero_si512(); 4];
+            for (q, w) in w.iter_mut().enumerate() {
+                let j = 4 * s + q;
+                let nib = load64(gb, 64 * (j % 32));
+                let low = if j < 32 { nib } else { _mm512_srli_epi16::<4>(nib) };
+                // Instruction j's top bits sit at bits 2m of vector j % 16 (m = j / 16):
+                // moved to bits 4..6 (a 16-bit shift only brings in bits that `top2` drops).
+                let h = load64(gb, 2048 + 64 * (j % 16));
+                let high = match j / 16 {
+                    0 => _mm512_slli_epi16::<4>(h),
+                    1 => _mm512_slli_epi16::<2>(h),
+                    2 => h,
+                    _ => _mm512_srli_epi16::<2>(h),
+                };
+                *w = _mm512_or_si512(_mm512_and_si512(low, low4), _mm512_and_si512(high, top2));
+            }
+            let sc = _mm512_cvtepi8_epi32(load16(gb, 3072 + 16 * s));
+            for t in 0..T {
+                let y = &acts[t][b * Q8_K_BLOCK + 4 + 16 * s..b * Q8_K_BLOCK + 4 + 16 * s + 16];
+                let mut isum = _mm512_set1_epi32(sums[t].1[16 * b + s]);
+                for (q, w) in w.iter().enumerate() {
+                    isum = _mm512_dpbusd_epi32(isum, *w, broadcast4(y, 4 * q));
+                }
+                tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(isum, sc));
+            }
+        }
+        let d = load_f16x16(gb, 3328);
+        for t in 0..T {
+            let dy = sums[t].0[b];
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(d, _mm512_set1_ps(dy)), acc[t]);
+        }
+    }
+    store_rows(acc)
+}
+
+/// The accumulators' 16 lanes as arrays.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn store_rows<const T: usize>(acc: [__m512; T]) -> [[f32; GROUP_ROWS]; T] {
     let mut out = [[0.0f32; GROUP_ROWS]; T];
     for (o, a) in out.iter_mut().zip(acc) {
         // SAFETY: writes exactly the 16 floats of `o`.
         unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
     }
     out
-}
-
-/// `sums` of `ActSums` rows t0..t0 + T.
-pub(crate) fn sums_rows<const T: usize>(sums: &ActSums, t0: usize) -> [(&[f32], &[i32]); T] {
-    std::array::from_fn(|k| sums.row(t0 + k))
 }
