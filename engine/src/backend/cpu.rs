@@ -6,7 +6,7 @@ use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
 use crate::EngineError;
 use half::f16;
-use half::slice::HalfBitsSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -581,7 +581,12 @@ fn attend_online_f16<'a>(
     sink: Option<f32>,
     out: &mut [f32],
 ) {
-    let q16: Vec<f32> = q.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+    // Q rounded to f16 and back, whole slices at a time (F16C, not a call per element).
+    let mut q16 = vec![f16::ZERO; q.len()];
+    q16.convert_from_f32_slice(q);
+    let mut q16_f32 = vec![0.0f32; q.len()];
+    q16.convert_to_f32_slice(&mut q16_f32);
+    let q16 = q16_f32;
     let mut acc = vec![f16::ZERO; out.len()];
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
     for (k, v) in kv {
@@ -597,7 +602,7 @@ fn attend_online_f16<'a>(
         half_ops::mad_f16(&mut acc, v, vs);
         sum = sum * ms + vs;
     }
-    out.iter_mut().zip(&acc).for_each(|(o, a)| *o = a.to_f32());
+    acc.convert_to_f32_slice(out);
     if let Some(s) = sink {
         if s > max {
             let ms = (max - s).exp();
