@@ -79,10 +79,7 @@ pub fn matmul_with(isa: Isa, w: &WeightView<'_>, x: &[f32], n: usize, out: &mut 
 ///
 /// Panics when `acts` has another format or width, or `out` is not `acts.rows * w.rows`.
 pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out: &mut [f32]) {
-    assert_eq!(acts.ty, w.ty.act_type(), "matmul: {} weights need {:?} activations", w.ty, w.ty.act_type());
-    assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
-    let n = acts.rows;
-    assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
+    let n = check_shapes(w, acts, out);
     if out.is_empty() {
         return;
     }
@@ -114,6 +111,16 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
     });
 }
 
+/// Panics unless `acts` are in `w`'s activation format and width and `out` holds one
+/// output row per activation row; returns the number of activation rows.
+fn check_shapes(w: &WeightView<'_>, acts: &QuantizedActs, out: &[f32]) -> usize {
+    assert_eq!(acts.ty, w.ty.act_type(), "matmul: {} weights need {:?} activations", w.ty, w.ty.act_type());
+    assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
+    let n = acts.rows;
+    assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
+    n
+}
+
 /// [`matmul_quantized`] for a weight whose whole groups of 16 rows are also held
 /// interleaved (`il`, made by `Interleaved::new(w)`): those rows go through the
 /// interleaved kernels, any rows after them through the row kernels. The interleaved
@@ -122,10 +129,7 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
 /// Panics when `il` is not `w`'s, or on the shape mismatches [`matmul_quantized`] panics on.
 pub fn matmul_interleaved(w: &WeightView<'_>, il: &Interleaved, acts: &QuantizedActs, out: &mut [f32]) {
     assert!(il.ty == w.ty && il.cols == w.cols && il.rows() <= w.rows, "matmul: interleaved copy of another weight");
-    assert_eq!(acts.ty, w.ty.act_type(), "matmul: {} weights need {:?} activations", w.ty, w.ty.act_type());
-    assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
-    let n = acts.rows;
-    assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
+    let n = check_shapes(w, acts, out);
     if out.is_empty() {
         return;
     }
