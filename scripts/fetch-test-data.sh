@@ -19,3 +19,16 @@ if [ "$(cat "$synth/models.stamp" 2>/dev/null)" != "$stamp" ] || [ ! -s "$synth/
   echo "$stamp" > "$synth/models.stamp"
   echo "synthetic models in $synth"
 fi
+# NVRTC 13.0 (PyPI's nvidia-cuda-nvrtc wheel, unpacked; no GPU needed) for the CUDA kernels'
+# compile check (cuda/tests/compile.rs).
+nvrtc=${TURBINE_NVRTC_HOME:-$HOME/.cache/turbine-nvrtc}
+if [ ! -s "$nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  venv=${TURBINE_SYNTH_VENV:-$HOME/.cache/turbine-synth-venv}
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+  tmp=$(mktemp -d)
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps -d "$tmp" "nvidia-cuda-nvrtc==13.0.88"
+  mkdir -p "$nvrtc"
+  python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$tmp"/nvidia_cuda_nvrtc-*.whl "$nvrtc"
+  rm -rf "$tmp"
+  echo "NVRTC in $nvrtc/nvidia/cu13/lib"
+fi

@@ -5,6 +5,8 @@
 //! that `include/turbine.h` declares ([`capi`]).
 
 pub use turbine_cpu as cpu;
+#[cfg(feature = "cuda")]
+pub use turbine_cuda as cuda;
 pub use turbine_engine as engine;
 
 pub mod capi;

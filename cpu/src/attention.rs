@@ -150,10 +150,10 @@ fn dots_avx512<const R: usize, const K: usize>(q: [&[f32]; R], k: [&[f32]; K]) -
         // Loops rather than `array::from_fn`, whose closures would not inherit the target
         // features and so would not be inlined.
         let mut kv = [[_mm512_setzero_ps(); 2]; K];
-        for j in 0..K {
-            for h in 0..2 {
+        for (kv, kc) in kv.iter_mut().zip(&kc) {
+            for (h, kv) in kv.iter_mut().enumerate() {
                 // SAFETY: reads 16 floats of a 32-float chunk.
-                kv[j][h] = unsafe { _mm512_loadu_ps(kc[j].0[c][16 * h..].as_ptr()) };
+                *kv = unsafe { _mm512_loadu_ps(kc.0[c][16 * h..].as_ptr()) };
             }
         }
         for r in 0..R {

@@ -1,0 +1,52 @@
+//! The CUDA side of Turbine: kernels written in CUDA C (`kernels/*.cu`), embedded in the
+//! binary, compiled at run time by NVRTC for the GPU found (CUBIN for sm_80 or sm_90a,
+//! cached on disk), and run through cudarc. Both the driver and NVRTC are loaded
+//! dynamically, so this crate builds and its checks run on machines without CUDA; a
+//! missing driver, GPU or NVRTC is a [`CudaError`], never a panic.
+//!
+//! What exists so far: the kernels of the decode path (activation quantization, the
+//! quantized matrix-vector products, RMSNorm, RoPE, the gated activations, softmax and the
+//! embedding gather), their compile check (`tests/compile.rs`, run in CI against NVRTC
+//! 13.0 from PyPI) and the device probe. The backend behind the engine's seam is next.
+
+pub mod device;
+pub mod kernels;
+pub mod nvrtc;
+
+pub use device::Gpu;
+
+/// Why something CUDA could not be done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaError {
+    /// libcuda (the driver) could not be loaded: no NVIDIA driver on this machine.
+    NoDriver,
+    /// libnvrtc could not be loaded (install the CUDA 13 NVRTC, or put it on
+    /// LD_LIBRARY_PATH).
+    NoNvrtc,
+    /// The driver answered with an error (no GPU with this ordinal, out of memory...).
+    Driver(String),
+    /// A kernel source did not compile; `log` is NVRTC's.
+    Compile { kernel: String, arch: String, log: String },
+    /// A kernel compiled but spills registers to local memory.
+    Spill { kernel: String, arch: String, detail: String },
+}
+
+impl std::fmt::Display for CudaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CudaError::NoDriver => write!(f, "no CUDA driver (libcuda) found on this machine"),
+            CudaError::NoNvrtc => {
+                write!(f, "NVRTC (libnvrtc.so.13) not found: install CUDA 13's NVRTC or add it to LD_LIBRARY_PATH")
+            }
+            CudaError::Driver(e) => write!(f, "CUDA driver error: {e}"),
+            CudaError::Compile { kernel, arch, log } => {
+                write!(f, "kernel {kernel} does not compile for {arch}:\n{log}")
+            }
+            CudaError::Spill { kernel, arch, detail } => {
+                write!(f, "kernel {kernel} spills registers on {arch}: {detail}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for CudaError {}
