@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod kv;
 pub mod memory;
 pub mod model;
+pub mod parallel;
 pub mod sampler;
 pub mod scheduler;
 pub mod store;

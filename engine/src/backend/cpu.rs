@@ -4,6 +4,7 @@
 use super::{AttnShape, Backend, BatchLayout, KvCache, Yarn};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
+use crate::parallel::{shard_bytes, Shard};
 use crate::EngineError;
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -33,20 +34,54 @@ impl CpuAct {
     }
 }
 
-/// A weight matrix living in the memory-mapped GGUF file, and, for the types that have
-/// one on this CPU, its interleaved copy (16 rows read together), which matmuls use.
+/// A weight matrix: in the memory-mapped GGUF file, or, for a tensor-parallel shard, its
+/// own copy of its part; and, for the types that have one on this CPU, its interleaved
+/// copy (16 rows read together), which matmuls use.
 pub struct CpuWeight {
-    file: Arc<Gguf>,
-    tensor: TensorInfo,
+    bytes: WeightBytes,
     ty: GgmlType,
     rows: usize,
     cols: usize,
     interleaved: Option<Interleaved>,
 }
 
+enum WeightBytes {
+    Mapped { file: Arc<Gguf>, tensor: TensorInfo },
+    Owned(Vec<u8>),
+}
+
 impl CpuWeight {
     pub fn view(&self) -> WeightView<'_> {
-        WeightView { ty: self.ty, rows: self.rows, cols: self.cols, data: self.file.tensor_data(&self.tensor) }
+        let data = match &self.bytes {
+            WeightBytes::Mapped { file, tensor } => file.tensor_data(tensor),
+            WeightBytes::Owned(bytes) => bytes,
+        };
+        WeightView { ty: self.ty, rows: self.rows, cols: self.cols, data }
+    }
+
+    /// A weight over `bytes` (`rows` rows of `cols` elements of `ty`), checked.
+    fn new(name: &str, bytes: WeightBytes, ty: GgmlType, rows: usize, cols: usize) -> Result<CpuWeight, EngineError> {
+        let mut weight = CpuWeight { bytes, ty, rows, cols, interleaved: None };
+        let view = WeightView::new(ty, rows, cols, weight.view().data).ok_or_else(|| EngineError::BadValue {
+            key: name.into(),
+            value: format!("{rows}x{cols} {ty}"),
+            why: "the data is not that many whole rows",
+        })?;
+        if Interleaved::supports(ty) {
+            weight.interleaved = Interleaved::new(&view);
+        }
+        Ok(weight)
+    }
+
+    /// A weight that owns its bytes (a shard, or one made in memory).
+    pub fn from_bytes(
+        name: &str,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<CpuWeight, EngineError> {
+        CpuWeight::new(name, WeightBytes::Owned(bytes), ty, rows, cols)
     }
 
     pub fn rows(&self) -> usize {
@@ -191,18 +226,15 @@ impl Backend for CpuBackend {
     }
 
     fn weight(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<CpuWeight, EngineError> {
-        let (cols, rows) = match tensor.dims[..] {
-            [c, r] => (c as usize, r as usize),
-            _ => return Err(EngineError::shape(&tensor.name, "2 dimensions", &tensor.dims)),
-        };
-        let mut weight =
-            CpuWeight { file: file.clone(), tensor: tensor.clone(), ty: tensor.ty, rows, cols, interleaved: None };
-        if Interleaved::supports(weight.ty) {
-            let view = WeightView::new(weight.ty, rows, cols, file.tensor_data(tensor))
-                .ok_or_else(|| EngineError::shape(&tensor.name, "whole blocks", &tensor.dims))?;
-            weight.interleaved = Interleaved::new(&view);
-        }
-        Ok(weight)
+        let (cols, rows) = matrix_shape(tensor)?;
+        let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone() };
+        CpuWeight::new(&tensor.name, bytes, tensor.ty, rows, cols)
+    }
+
+    fn weight_shard(&self, file: &Arc<Gguf>, tensor: &TensorInfo, shard: Shard) -> Result<CpuWeight, EngineError> {
+        let (cols, rows) = matrix_shape(tensor)?;
+        let (rows, cols, bytes) = shard_bytes(&tensor.name, tensor.ty, rows, cols, file.tensor_data(tensor), shard)?;
+        CpuWeight::from_bytes(&tensor.name, tensor.ty, rows, cols, bytes)
     }
 
     fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Vec<f32>, EngineError> {
@@ -485,6 +517,14 @@ impl Backend for CpuBackend {
     }
 }
 
+/// (ne0, ne1) of a 2-D tensor: columns and rows.
+fn matrix_shape(tensor: &TensorInfo) -> Result<(usize, usize), EngineError> {
+    match tensor.dims[..] {
+        [c, r] => Ok((c as usize, r as usize)),
+        _ => Err(EngineError::shape(&tensor.name, "2 dimensions", &tensor.dims)),
+    }
+}
+
 /// Element-wise work below this size runs on the calling thread: handing it to the pool
 /// costs more than it saves (a decode step's norms and activations are a few thousand
 /// floats).
@@ -671,6 +711,89 @@ mod tests {
             for ((x, y), w) in a.iter().zip(&b).zip(&want) {
                 assert!((x - w).abs() < 1e-5, "f32 kernel {x} vs {w} (sink {sink:?})");
                 assert!((y - w).abs() < 2e-3, "f16 kernel {y} vs {w} (sink {sink:?})");
+            }
+        }
+    }
+
+    /// Random well-formed blocks of `ty` (small finite scales).
+    fn random_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        if ty == GgmlType::F32 {
+            return values(rows * cols, seed as u32).iter().flat_map(|v| v.to_le_bytes()).collect();
+        }
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut data: Vec<u8> = (0..rows * ty.row_bytes(cols).expect("whole blocks")).map(|_| next() as u8).collect();
+        for block in data.chunks_mut(ty.type_size()) {
+            let d = f16::from_f32(0.01 + (next() % 100) as f32 / 1e4).to_le_bytes();
+            let at = if ty == GgmlType::Q6_K { 208 } else { 0 };
+            block[at..at + 2].copy_from_slice(&d);
+            if ty == GgmlType::Q4_K {
+                block[2..4].copy_from_slice(&f16::from_f32(0.002).to_le_bytes());
+            }
+        }
+        data
+    }
+
+    /// Column-parallel shards give exactly the unsharded rows; row-parallel shards, summed
+    /// by the in-process all-reduce, give the unsharded products within float rounding,
+    /// the same bits on every rank.
+    #[test]
+    fn sharded_matmuls_equal_the_unsharded_one() {
+        use crate::parallel::{shard_bytes, Communicator, InProcess, Shard, Split};
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F32] {
+            let (rows, cols, tokens) = (64, 1024, 3);
+            let data = random_matrix(ty, rows, cols, 7);
+            let full = CpuWeight::from_bytes("w", ty, rows, cols, data.clone()).expect("weight");
+            let x = CpuAct { rows: tokens, cols, data: values(tokens * cols, 9) };
+            let want = CpuBackend.matmul(&full, &x);
+            for ranks in [1, 2, 4] {
+                let part = |split, rank| {
+                    let (r, c, bytes) =
+                        shard_bytes("w", ty, rows, cols, &data, Shard { split, rank, ranks }).expect("shard");
+                    CpuWeight::from_bytes("w", ty, r, c, bytes).expect("weight")
+                };
+                // By rows: each rank's outputs are the full product's columns r·rows/n...
+                let per = rows / ranks;
+                for rank in 0..ranks {
+                    let got = CpuBackend.matmul(&part(Split::Rows, rank), &x);
+                    for t in 0..tokens {
+                        let w = &want.row(t)[rank * per..(rank + 1) * per];
+                        assert_eq!(got.row(t), w, "{ty} rows, {ranks} ranks, rank {rank}");
+                    }
+                }
+                // By columns: partial products, summed.
+                let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = InProcess::group(ranks)
+                        .into_iter()
+                        .map(|comm| {
+                            let (x, part) = (&x, &part);
+                            s.spawn(move || {
+                                let w = part(Split::Cols, comm.rank());
+                                let c = cols / ranks;
+                                let xs: Vec<f32> =
+                                    x.data.chunks(cols).flat_map(|r| r[comm.rank() * c..][..c].to_vec()).collect();
+                                let mut y = CpuBackend.matmul(&w, &CpuAct { rows: tokens, cols: c, data: xs });
+                                comm.all_reduce_sum(&mut y.data).expect("all-reduce");
+                                y.data
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().expect("rank")).collect()
+                });
+                for got in &sums {
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        sums[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
+                    for (g, w) in got.iter().zip(&want.data) {
+                        assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{ty} cols, {ranks} ranks: {g} vs {w}");
+                    }
+                }
             }
         }
     }

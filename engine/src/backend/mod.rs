@@ -63,6 +63,14 @@ pub trait Backend: Send + Sync {
 
     /// Makes a 2-D GGUF tensor usable as a weight matrix ([rows × cols], rows = dims[1]).
     fn weight(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Weight, EngineError>;
+    /// One rank's part of a 2-D weight split for tensor parallelism: its own copy of its
+    /// rows or columns, so a rank holds about 1/N of the sharded weights.
+    fn weight_shard(
+        &self,
+        file: &Arc<Gguf>,
+        tensor: &TensorInfo,
+        shard: crate::parallel::Shard,
+    ) -> Result<Self::Weight, EngineError>;
     /// Reads a 1-D F32 tensor.
     fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Vector, EngineError>;
     fn new_kv(&self, spec: &KvSpec) -> Self::Kv;

@@ -1,0 +1,338 @@
+//! Tensor parallelism's building blocks: a communicator between the ranks of a group and
+//! the sharding of weights (Megatron style).
+//!
+//! A column-parallel weight (Q, K, V, gate, up, the output projection) is split by output
+//! rows: each rank computes its slice of the outputs, and the slices are gathered. A
+//! row-parallel weight (attention output, down) is split by input columns: each rank
+//! multiplies its slice of the input, and the partial sums are added by an all-reduce.
+//!
+//! [`InProcess`] is the communicator for N ranks as threads of one process. Every rank gets
+//! the same bits from a collective: sums are taken in rank order by one thread. A rank that
+//! leaves (its communicator dropped, e.g. while its thread unwinds from a panic) ends the
+//! group: the others' collectives return [`CommError::RankLost`] instead of waiting.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::EngineError;
+use turbine_cpu::GgmlType;
+
+/// Why a collective failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommError {
+    /// A rank left the group (its thread ended or failed).
+    RankLost { rank: usize },
+    /// Ranks called different collectives, or with different lengths, at the same step.
+    Mismatch(String),
+}
+
+impl std::fmt::Display for CommError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommError::RankLost { rank } => write!(f, "tensor-parallel rank {rank} left the group"),
+            CommError::Mismatch(what) => write!(f, "tensor-parallel ranks disagree: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for CommError {}
+
+/// Collectives between the ranks of a group. Every rank calls the same collectives in the
+/// same order.
+pub trait Communicator: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// `buf` = the element-wise sum of every rank's `buf`, the same on every rank.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError>;
+    /// Every rank's `local`, concatenated in rank order.
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Sum,
+    Gather,
+}
+
+struct State {
+    /// Completed collectives.
+    generation: u64,
+    /// What each rank brought to the current one.
+    slots: Vec<Option<(Op, Vec<f32>)>>,
+    /// The last completed collective's result.
+    result: Result<Arc<Vec<f32>>, CommError>,
+    lost: Option<usize>,
+}
+
+struct Group {
+    state: Mutex<State>,
+    done: Condvar,
+}
+
+/// One rank of a group of threads in this process.
+pub struct InProcess {
+    rank: usize,
+    size: usize,
+    group: Arc<Group>,
+}
+
+impl InProcess {
+    /// The `size` ranks of a new group, rank i at index i.
+    pub fn group(size: usize) -> Vec<InProcess> {
+        let state = State { generation: 0, slots: vec![None; size], result: Ok(Arc::new(Vec::new())), lost: None };
+        let group = Arc::new(Group { state: Mutex::new(state), done: Condvar::new() });
+        (0..size).map(|rank| InProcess { rank, size, group: group.clone() }).collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.group.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings `local` to the current collective and returns its result.
+    fn collective(&self, op: Op, local: Vec<f32>) -> Result<Arc<Vec<f32>>, CommError> {
+        let mut st = self.lock();
+        if let Some(rank) = st.lost {
+            return Err(CommError::RankLost { rank });
+        }
+        let generation = st.generation;
+        st.slots[self.rank] = Some((op, local));
+        if st.slots.iter().all(Option::is_some) {
+            let slots: Vec<(Op, Vec<f32>)> = st.slots.iter_mut().filter_map(Option::take).collect();
+            st.result = combine(&slots).map(Arc::new);
+            st.generation += 1;
+            self.group.done.notify_all();
+            return st.result.clone();
+        }
+        while st.generation == generation {
+            if let Some(rank) = st.lost {
+                return Err(CommError::RankLost { rank });
+            }
+            st = self.group.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.result.clone()
+    }
+}
+
+/// The result of one collective from every rank's contribution, in rank order.
+fn combine(slots: &[(Op, Vec<f32>)]) -> Result<Vec<f32>, CommError> {
+    let (op, first) = (&slots[0].0, &slots[0].1);
+    if let Some((r, (o, v))) =
+        slots.iter().enumerate().find(|(_, (o, v))| o != op || (*op == Op::Sum && v.len() != first.len()))
+    {
+        return Err(CommError::Mismatch(format!(
+            "rank 0 called {op:?} with {} values, rank {r} {o:?} with {}",
+            first.len(),
+            v.len()
+        )));
+    }
+    Ok(match op {
+        Op::Sum => {
+            let mut sum = first.clone();
+            for (_, v) in &slots[1..] {
+                sum.iter_mut().zip(v).for_each(|(s, x)| *s += x);
+            }
+            sum
+        }
+        Op::Gather => slots.iter().flat_map(|(_, v)| v.iter().copied()).collect(),
+    })
+}
+
+impl Communicator for InProcess {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        let sum = self.collective(Op::Sum, buf.to_vec())?;
+        buf.copy_from_slice(&sum);
+        Ok(())
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        if self.size == 1 {
+            return Ok(local.to_vec());
+        }
+        Ok(self.collective(Op::Gather, local.to_vec())?.to_vec())
+    }
+}
+
+impl Drop for InProcess {
+    /// Leaving ends the group for the others (a rank done with its work leaves only after
+    /// its last collective, which the others have then completed too).
+    fn drop(&mut self) {
+        let mut st = self.lock();
+        if st.lost.is_none() && self.size > 1 {
+            st.lost = Some(self.rank);
+        }
+        self.group.done.notify_all();
+    }
+}
+
+/// How a weight matrix (`rows` outputs × `cols` inputs) is split over the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// By output rows (column-parallel): rank r has rows r·rows/n...
+    Rows,
+    /// By input columns, at block boundaries (row-parallel): rank r has columns
+    /// r·cols/n... of every row.
+    Cols,
+}
+
+/// Rank `rank` of `ranks`'s part of a weight split as `split`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub split: Split,
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+/// The bytes of `shard`'s part of a `rows` × `cols` matrix of `ty` (GGUF layout), with its
+/// shape (rows, cols). The split must be even: rows divisible by the ranks, or columns by
+/// ranks × the type's block size.
+pub fn shard_bytes(
+    name: &str,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    shard: Shard,
+) -> Result<(usize, usize, Vec<u8>), EngineError> {
+    let Shard { split, rank, ranks } = shard;
+    let bad = |why: &'static str| EngineError::BadValue {
+        key: name.into(),
+        value: format!("{rows}x{cols} {ty} over {ranks} ranks"),
+        why,
+    };
+    let row_bytes = ty.row_bytes(cols).ok_or_else(|| bad("columns are not whole blocks"))?;
+    if ranks == 0 || rank >= ranks || Some(data.len()) != row_bytes.checked_mul(rows) {
+        return Err(bad("no such rank, or the data is not the matrix"));
+    }
+    match split {
+        Split::Rows => {
+            if rows % ranks != 0 {
+                return Err(bad("rows do not split evenly over the ranks"));
+            }
+            let per = rows / ranks;
+            Ok((per, cols, data[rank * per * row_bytes..(rank + 1) * per * row_bytes].to_vec()))
+        }
+        Split::Cols => {
+            let blocks = cols / ty.block_size();
+            if blocks % ranks != 0 {
+                return Err(bad("columns do not split into whole blocks per rank"));
+            }
+            let per = blocks / ranks * ty.type_size();
+            let mut out = Vec::with_capacity(rows * per);
+            for row in data.chunks_exact(row_bytes) {
+                out.extend_from_slice(&row[rank * per..(rank + 1) * per]);
+            }
+            Ok((rows, cols / ranks, out))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_group<T: Send>(n: usize, f: impl Fn(InProcess) -> T + Sync) -> Vec<T> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = InProcess::group(n).into_iter().map(|c| s.spawn(|| f(c))).collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        })
+    }
+
+    #[test]
+    fn every_rank_gets_the_same_sum_and_gather() {
+        for n in [1, 2, 4] {
+            let results = run_group(n, |c| {
+                let mut buf: Vec<f32> = (0..37).map(|i| (i * (c.rank() + 1)) as f32 * 0.1).collect();
+                let mut outs = Vec::new();
+                for step in 0..50 {
+                    buf.iter_mut().for_each(|v| *v += step as f32);
+                    c.all_reduce_sum(&mut buf).expect("sum");
+                    let g = c.all_gather(&[c.rank() as f32, step as f32]).expect("gather");
+                    outs.push((buf.clone(), g));
+                }
+                outs
+            });
+            for r in &results[1..] {
+                assert_eq!(
+                    r.iter().map(|(b, _)| b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                    results[0]
+                        .iter()
+                        .map(|(b, _)| b.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                        .collect::<Vec<_>>()
+                );
+            }
+            let (first, gathered) = &results[0][0];
+            let want: Vec<f32> = (0..37).map(|i| (0..n).map(|r| (i * (r + 1)) as f32 * 0.1).sum()).collect();
+            assert_eq!(first, &want, "{n} ranks");
+            assert_eq!(gathered, &(0..n).flat_map(|r| [r as f32, 0.0]).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_rank_that_leaves_ends_the_others_collectives() {
+        let results = run_group(3, |c| {
+            if c.rank() == 1 {
+                drop(c); // its thread is gone before the first collective
+                return Ok(());
+            }
+            let mut buf = vec![1.0f32; 4];
+            c.all_reduce_sum(&mut buf)
+        });
+        assert_eq!(results[1], Ok(()));
+        for r in [0, 2] {
+            assert_eq!(results[r], Err(CommError::RankLost { rank: 1 }), "rank {r}");
+        }
+    }
+
+    #[test]
+    fn ranks_calling_different_collectives_get_an_error() {
+        let results = run_group(2, |c| {
+            if c.rank() == 0 {
+                c.all_reduce_sum(&mut [1.0; 3]).map(|_| ())
+            } else {
+                c.all_gather(&[1.0]).map(|_| ())
+            }
+        });
+        assert!(results.iter().all(|r| matches!(r, Err(CommError::Mismatch(_)))), "{results:?}");
+    }
+
+    #[test]
+    fn shards_cover_the_matrix_and_uneven_splits_are_refused() {
+        let (rows, cols, ty) = (8, 128, GgmlType::Q8_0);
+        let data: Vec<u8> = (0..rows * ty.row_bytes(cols).unwrap()).map(|i| i as u8).collect();
+        let rb = ty.row_bytes(cols).unwrap();
+        for ranks in [1, 2, 4] {
+            let parts: Vec<_> = (0..ranks)
+                .map(|rank| shard_bytes("w", ty, rows, cols, &data, Shard { split: Split::Cols, rank, ranks }).unwrap())
+                .collect();
+            for r in 0..rows {
+                let joined: Vec<u8> = parts
+                    .iter()
+                    .flat_map(|(_, c, d)| {
+                        d[r * ty.row_bytes(*c).unwrap()..(r + 1) * ty.row_bytes(*c).unwrap()].to_vec()
+                    })
+                    .collect();
+                assert_eq!(joined, data[r * rb..(r + 1) * rb], "row {r}, {ranks} ranks");
+            }
+            let rows_parts: Vec<u8> = (0..ranks)
+                .flat_map(|rank| {
+                    shard_bytes("w", ty, rows, cols, &data, Shard { split: Split::Rows, rank, ranks }).unwrap().2
+                })
+                .collect();
+            assert_eq!(rows_parts, data);
+        }
+        let cols_by_8 = shard_bytes("w", ty, rows, cols, &data, Shard { split: Split::Cols, rank: 0, ranks: 8 });
+        assert!(matches!(cols_by_8, Err(EngineError::BadValue { .. })), "4 blocks over 8 ranks");
+        let rows_by_3 = shard_bytes("w", ty, rows, cols, &data, Shard { split: Split::Rows, rank: 0, ranks: 3 });
+        assert!(matches!(rows_by_3, Err(EngineError::BadValue { .. })));
+    }
+}
