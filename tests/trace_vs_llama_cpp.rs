@@ -49,7 +49,7 @@ fn trace_vs_llama_cpp() {
     let reference = read_trace(&trace);
     let tokens: Vec<u32> = ids.split_whitespace().map(|t| t.parse().unwrap()).collect();
     let file = Arc::new(Gguf::open(&common::default_model_path()).unwrap());
-    let b = CpuBackend;
+    let b = CpuBackend::default();
     let model = Gemma3::load(&b, &file).unwrap();
     let mut kv = b.new_kv(&model.kv_spec(tokens.len(), 1));
     let batch = Batch::for_sequence(0, 0, &tokens, true);

@@ -34,6 +34,8 @@ pub enum EngineError {
     },
     /// A batch whose positions or sequence slots do not fit the KV cache.
     BadBatch(String),
+    /// A tensor-parallel collective failed (a rank left the group, or ranks disagreed).
+    TensorParallel(String),
     /// The KV cache's block pool has too few free blocks for a batch.
     KvCacheFull {
         group: usize,
@@ -79,6 +81,7 @@ impl fmt::Display for EngineError {
                 write!(f, "context full: {needed} tokens needed, context length is {limit}")
             }
             EngineError::BadBatch(why) => write!(f, "invalid batch: {why}"),
+            EngineError::TensorParallel(why) => write!(f, "tensor parallelism failed: {why}"),
             EngineError::KvCacheFull { group, needed, free } => {
                 write!(f, "KV cache full: {needed} blocks needed in layer group {group}, {free} free")
             }

@@ -30,7 +30,7 @@ impl LoadedModel<CpuBackend> {
         let start = Instant::now();
         let file = Arc::new(Gguf::open(path)?);
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let backend = CpuBackend;
+        let backend = CpuBackend::default();
         let arch = model::load(&backend, &file)?;
         if tokenizer.n_vocab() > arch.info().n_vocab {
             return Err(EngineError::BadValue {

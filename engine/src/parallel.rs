@@ -11,6 +11,7 @@
 //! leaves (its communicator dropped, e.g. while its thread unwinds from a panic) ends the
 //! group: the others' collectives return [`CommError::RankLost`] instead of waiting.
 
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::EngineError;
@@ -174,64 +175,84 @@ impl Drop for InProcess {
     }
 }
 
-/// How a weight matrix (`rows` outputs × `cols` inputs) is split over the ranks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    /// By output rows (column-parallel): rank r has rows r·rows/n...
-    Rows,
-    /// By input columns, at block boundaries (row-parallel): rank r has columns
-    /// r·cols/n... of every row.
-    Cols,
+/// A rank's part of a weight matrix (`rows` outputs × `cols` inputs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Output rows (column-parallel: Q, K, V, gate, up, the vocabulary of the head).
+    Rows(Range<usize>),
+    /// Input columns, at block boundaries (row-parallel: attention output, down).
+    Cols(Range<usize>),
 }
 
-/// Rank `rank` of `ranks`'s part of a weight split as `split`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shard {
-    pub split: Split,
-    pub rank: usize,
-    pub ranks: usize,
+/// Rank `rank` of `ranks`'s share of `units` things of `unit` elements each (heads of
+/// head_dim, blocks of 32): units r·units/ranks.. up to (r+1)·units/ranks, in elements.
+pub fn even_range(units: usize, unit: usize, rank: usize, ranks: usize) -> Range<usize> {
+    (rank * units / ranks) * unit..((rank + 1) * units / ranks) * unit
 }
 
-/// The bytes of `shard`'s part of a `rows` × `cols` matrix of `ty` (GGUF layout), with its
-/// shape (rows, cols). The split must be even: rows divisible by the ranks, or columns by
-/// ranks × the type's block size.
+/// A rank's attention heads: query heads `q` and the KV heads they read, `kv` (indices).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub q: Range<usize>,
+    pub kv: Range<usize>,
+}
+
+/// Rank `rank` of `ranks`'s heads: an even share of the query heads, and the KV heads they
+/// read (shared by several ranks when there are fewer KV heads than ranks). The split must
+/// keep each rank's query heads on whole KV heads (grouped-query attention).
+pub fn split_heads(n_heads: usize, n_kv_heads: usize, rank: usize, ranks: usize) -> Result<Heads, EngineError> {
+    let group = n_heads / n_kv_heads.max(1);
+    let per = n_heads / ranks.max(1);
+    let whole_groups = group > 0 && (per.is_multiple_of(group) || group.is_multiple_of(per));
+    if ranks == 0 || per == 0 || !n_heads.is_multiple_of(ranks) || !whole_groups {
+        return Err(EngineError::BadValue {
+            key: "tensor parallelism".into(),
+            value: format!("{n_heads} heads ({n_kv_heads} KV heads) over {ranks} ranks"),
+            why: "the heads do not split evenly over the ranks",
+        });
+    }
+    let q = rank * per..(rank + 1) * per;
+    let kv = q.start / group..(q.end - 1) / group + 1;
+    Ok(Heads { q, kv })
+}
+
+/// The bytes of `part` of a `rows` × `cols` matrix of `ty` (GGUF layout), with its shape
+/// (rows, cols).
 pub fn shard_bytes(
     name: &str,
     ty: GgmlType,
     rows: usize,
     cols: usize,
     data: &[u8],
-    shard: Shard,
+    part: Part,
 ) -> Result<(usize, usize, Vec<u8>), EngineError> {
-    let Shard { split, rank, ranks } = shard;
     let bad = |why: &'static str| EngineError::BadValue {
         key: name.into(),
-        value: format!("{rows}x{cols} {ty} over {ranks} ranks"),
+        value: format!("{part:?} of {rows}x{cols} {ty}"),
         why,
     };
     let row_bytes = ty.row_bytes(cols).ok_or_else(|| bad("columns are not whole blocks"))?;
-    if ranks == 0 || rank >= ranks || Some(data.len()) != row_bytes.checked_mul(rows) {
-        return Err(bad("no such rank, or the data is not the matrix"));
+    if Some(data.len()) != row_bytes.checked_mul(rows) {
+        return Err(bad("the data is not the matrix"));
     }
-    match split {
-        Split::Rows => {
-            if rows % ranks != 0 {
-                return Err(bad("rows do not split evenly over the ranks"));
+    match &part {
+        Part::Rows(r) => {
+            if r.is_empty() || r.end > rows {
+                return Err(bad("rows out of range"));
             }
-            let per = rows / ranks;
-            Ok((per, cols, data[rank * per * row_bytes..(rank + 1) * per * row_bytes].to_vec()))
+            Ok((r.len(), cols, data[r.start * row_bytes..r.end * row_bytes].to_vec()))
         }
-        Split::Cols => {
-            let blocks = cols / ty.block_size();
-            if blocks % ranks != 0 {
-                return Err(bad("columns do not split into whole blocks per rank"));
+        Part::Cols(c) => {
+            let bs = ty.block_size();
+            if c.is_empty() || c.end > cols || c.start % bs != 0 || c.end % bs != 0 {
+                return Err(bad("columns out of range or not at block boundaries"));
             }
-            let per = blocks / ranks * ty.type_size();
-            let mut out = Vec::with_capacity(rows * per);
+            let (from, to) = (c.start / bs * ty.type_size(), c.end / bs * ty.type_size());
+            let mut out = Vec::with_capacity(rows * (to - from));
             for row in data.chunks_exact(row_bytes) {
-                out.extend_from_slice(&row[rank * per..(rank + 1) * per]);
+                out.extend_from_slice(&row[from..to]);
             }
-            Ok((rows, cols / ranks, out))
+            Ok((rows, c.len(), out))
         }
     }
 }
@@ -306,33 +327,49 @@ mod tests {
     }
 
     #[test]
-    fn shards_cover_the_matrix_and_uneven_splits_are_refused() {
+    fn heads_split_by_rank_with_their_kv_heads() {
+        let h = |n, kv, r, ranks| split_heads(n, kv, r, ranks).map(|h| (h.q, h.kv)).map_err(|e| e.to_string());
+        assert_eq!(h(4, 1, 1, 2), Ok((2..4, 0..1)), "one KV head: every rank reads it");
+        assert_eq!(h(4, 1, 3, 4), Ok((3..4, 0..1)));
+        assert_eq!(h(32, 8, 1, 4), Ok((8..16, 2..4)));
+        assert_eq!(h(32, 8, 5, 16), Ok((10..12, 2..3)));
+        assert!(h(6, 2, 0, 4).is_err(), "6 heads over 4 ranks");
+        assert!(h(0, 0, 0, 2).is_err() && h(2, 1, 0, 4).is_err() && h(4, 1, 0, 0).is_err(), "degenerate");
+        assert_eq!(h(12, 2, 1, 4), Ok((3..6, 0..1)), "3 heads per rank within groups of 6");
+        assert!(h(12, 4, 0, 6).is_err(), "2 heads per rank straddle groups of 3");
+    }
+
+    #[test]
+    fn parts_cover_the_matrix_and_misaligned_ones_are_refused() {
         let (rows, cols, ty) = (8, 128, GgmlType::Q8_0);
         let data: Vec<u8> = (0..rows * ty.row_bytes(cols).unwrap()).map(|i| i as u8).collect();
         let rb = ty.row_bytes(cols).unwrap();
         for ranks in [1, 2, 4] {
             let parts: Vec<_> = (0..ranks)
-                .map(|rank| shard_bytes("w", ty, rows, cols, &data, Shard { split: Split::Cols, rank, ranks }).unwrap())
+                .map(|rank| {
+                    shard_bytes("w", ty, rows, cols, &data, Part::Cols(even_range(cols / 32, 32, rank, ranks))).unwrap()
+                })
                 .collect();
             for r in 0..rows {
                 let joined: Vec<u8> = parts
                     .iter()
                     .flat_map(|(_, c, d)| {
-                        d[r * ty.row_bytes(*c).unwrap()..(r + 1) * ty.row_bytes(*c).unwrap()].to_vec()
+                        let b = ty.row_bytes(*c).unwrap();
+                        d[r * b..(r + 1) * b].to_vec()
                     })
                     .collect();
                 assert_eq!(joined, data[r * rb..(r + 1) * rb], "row {r}, {ranks} ranks");
             }
-            let rows_parts: Vec<u8> = (0..ranks)
+            let by_rows: Vec<u8> = (0..ranks)
                 .flat_map(|rank| {
-                    shard_bytes("w", ty, rows, cols, &data, Shard { split: Split::Rows, rank, ranks }).unwrap().2
+                    shard_bytes("w", ty, rows, cols, &data, Part::Rows(even_range(rows, 1, rank, ranks))).unwrap().2
                 })
                 .collect();
-            assert_eq!(rows_parts, data);
+            assert_eq!(by_rows, data);
         }
-        let cols_by_8 = shard_bytes("w", ty, rows, cols, &data, Shard { split: Split::Cols, rank: 0, ranks: 8 });
-        assert!(matches!(cols_by_8, Err(EngineError::BadValue { .. })), "4 blocks over 8 ranks");
-        let rows_by_3 = shard_bytes("w", ty, rows, cols, &data, Shard { split: Split::Rows, rank: 0, ranks: 3 });
-        assert!(matches!(rows_by_3, Err(EngineError::BadValue { .. })));
+        for part in [Part::Cols(0..16), Part::Cols(32..160), Part::Rows(4..9), Part::Rows(3..3)] {
+            let r = shard_bytes("w", ty, rows, cols, &data, part.clone());
+            assert!(matches!(r, Err(EngineError::BadValue { .. })), "{part:?}");
+        }
     }
 }

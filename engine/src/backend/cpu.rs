@@ -4,7 +4,7 @@
 use super::{AttnShape, Backend, BatchLayout, KvCache, Yarn};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
-use crate::parallel::{shard_bytes, Shard};
+use crate::parallel::{shard_bytes, CommError, Communicator, InProcess, Part};
 use crate::EngineError;
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -17,8 +17,34 @@ use turbine_cpu::interleaved::Interleaved;
 use turbine_cpu::matmul::{self, WeightView};
 use turbine_cpu::{half_ops, ops, GgmlType, Isa};
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+/// The CPU backend; for one rank of an in-process tensor-parallel group, with that rank's
+/// communicator.
+#[derive(Clone, Default)]
+pub struct CpuBackend {
+    tp: Option<Arc<TpRank>>,
+}
+
+/// A rank's communicator and the first collective error it met (the forward pass runs to
+/// its end, then reports it).
+struct TpRank {
+    comm: InProcess,
+    error: std::sync::Mutex<Option<CommError>>,
+}
+
+impl TpRank {
+    fn record(&self, r: Result<(), CommError>) {
+        if let Err(e) = r {
+            self.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
+    }
+}
+
+impl CpuBackend {
+    /// The backend of one rank of a tensor-parallel group.
+    pub fn tensor_parallel(comm: InProcess) -> CpuBackend {
+        CpuBackend { tp: Some(Arc::new(TpRank { comm, error: std::sync::Mutex::new(None) })) }
+    }
+}
 
 /// A row-major f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,17 +85,30 @@ impl CpuWeight {
         WeightView { ty: self.ty, rows: self.rows, cols: self.cols, data }
     }
 
-    /// A weight over `bytes` (`rows` rows of `cols` elements of `ty`), checked.
+    /// A weight over `bytes` (`rows` rows of `cols` elements of `ty`), checked, with its
+    /// interleaved copy where the type has one.
     fn new(name: &str, bytes: WeightBytes, ty: GgmlType, rows: usize, cols: usize) -> Result<CpuWeight, EngineError> {
-        let mut weight = CpuWeight { bytes, ty, rows, cols, interleaved: None };
-        let view = WeightView::new(ty, rows, cols, weight.view().data).ok_or_else(|| EngineError::BadValue {
+        let mut weight = CpuWeight::checked(name, bytes, ty, rows, cols)?;
+        if Interleaved::supports(ty) {
+            weight.interleaved = Interleaved::new(&weight.view());
+        }
+        Ok(weight)
+    }
+
+    /// A weight over `bytes`, checked, without an interleaved copy.
+    fn checked(
+        name: &str,
+        bytes: WeightBytes,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CpuWeight, EngineError> {
+        let weight = CpuWeight { bytes, ty, rows, cols, interleaved: None };
+        WeightView::new(ty, rows, cols, weight.view().data).ok_or_else(|| EngineError::BadValue {
             key: name.into(),
             value: format!("{rows}x{cols} {ty}"),
             why: "the data is not that many whole rows",
         })?;
-        if Interleaved::supports(ty) {
-            weight.interleaved = Interleaved::new(&view);
-        }
         Ok(weight)
     }
 
@@ -231,10 +270,62 @@ impl Backend for CpuBackend {
         CpuWeight::new(&tensor.name, bytes, tensor.ty, rows, cols)
     }
 
-    fn weight_shard(&self, file: &Arc<Gguf>, tensor: &TensorInfo, shard: Shard) -> Result<CpuWeight, EngineError> {
+    fn weight_part(&self, file: &Arc<Gguf>, tensor: &TensorInfo, part: Part) -> Result<CpuWeight, EngineError> {
         let (cols, rows) = matrix_shape(tensor)?;
-        let (rows, cols, bytes) = shard_bytes(&tensor.name, tensor.ty, rows, cols, file.tensor_data(tensor), shard)?;
+        let (rows, cols, bytes) = shard_bytes(&tensor.name, tensor.ty, rows, cols, file.tensor_data(tensor), part)?;
         CpuWeight::from_bytes(&tensor.name, tensor.ty, rows, cols, bytes)
+    }
+
+    fn lookup_table(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<CpuWeight, EngineError> {
+        let (cols, rows) = matrix_shape(tensor)?;
+        let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone() };
+        CpuWeight::checked(&tensor.name, bytes, tensor.ty, rows, cols)
+    }
+
+    fn tensor_parallel(&self) -> (usize, usize) {
+        self.tp.as_ref().map_or((0, 1), |t| (t.comm.rank(), t.comm.size()))
+    }
+
+    fn all_reduce_sum(&self, x: &mut CpuAct) {
+        if let Some(tp) = &self.tp {
+            tp.record(tp.comm.all_reduce_sum(&mut x.data));
+        }
+    }
+
+    fn all_gather_cols(&self, x: CpuAct) -> CpuAct {
+        let Some(tp) = &self.tp else { return x };
+        let widths = match tp.comm.all_gather(&[x.cols as f32]) {
+            Ok(w) => w.iter().map(|&c| c as usize).collect::<Vec<_>>(),
+            Err(e) => {
+                tp.record(Err(e));
+                return x;
+            }
+        };
+        let parts = match tp.comm.all_gather(&x.data) {
+            Ok(p) => p,
+            Err(e) => {
+                tp.record(Err(e));
+                return x;
+            }
+        };
+        // Rank-major [rank][row][its columns] to row-major [row][all columns].
+        let cols: usize = widths.iter().sum();
+        let mut out = self.zeros(x.rows, cols);
+        let (mut src, mut at) = (0, 0);
+        for w in widths {
+            for r in 0..x.rows {
+                out.data[r * cols + at..r * cols + at + w].copy_from_slice(&parts[src..src + w]);
+                src += w;
+            }
+            at += w;
+        }
+        out
+    }
+
+    fn take_tp_error(&self) -> Option<EngineError> {
+        let tp = self.tp.as_ref()?;
+        let e = tp.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        e.map(|e| EngineError::TensorParallel(e.to_string()))
     }
 
     fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Vec<f32>, EngineError> {
@@ -744,23 +835,26 @@ mod tests {
     /// the same bits on every rank.
     #[test]
     fn sharded_matmuls_equal_the_unsharded_one() {
-        use crate::parallel::{shard_bytes, Communicator, InProcess, Shard, Split};
+        use crate::parallel::{even_range, shard_bytes, Communicator, InProcess, Part};
         for ty in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F32] {
             let (rows, cols, tokens) = (64, 1024, 3);
             let data = random_matrix(ty, rows, cols, 7);
             let full = CpuWeight::from_bytes("w", ty, rows, cols, data.clone()).expect("weight");
             let x = CpuAct { rows: tokens, cols, data: values(tokens * cols, 9) };
-            let want = CpuBackend.matmul(&full, &x);
+            let want = CpuBackend::default().matmul(&full, &x);
             for ranks in [1, 2, 4] {
-                let part = |split, rank| {
-                    let (r, c, bytes) =
-                        shard_bytes("w", ty, rows, cols, &data, Shard { split, rank, ranks }).expect("shard");
+                let part = |by_rows: bool, rank| {
+                    let part = match by_rows {
+                        true => Part::Rows(even_range(rows, 1, rank, ranks)),
+                        false => Part::Cols(even_range(cols / ty.block_size(), ty.block_size(), rank, ranks)),
+                    };
+                    let (r, c, bytes) = shard_bytes("w", ty, rows, cols, &data, part).expect("shard");
                     CpuWeight::from_bytes("w", ty, r, c, bytes).expect("weight")
                 };
                 // By rows: each rank's outputs are the full product's columns r·rows/n...
                 let per = rows / ranks;
                 for rank in 0..ranks {
-                    let got = CpuBackend.matmul(&part(Split::Rows, rank), &x);
+                    let got = CpuBackend::default().matmul(&part(true, rank), &x);
                     for t in 0..tokens {
                         let w = &want.row(t)[rank * per..(rank + 1) * per];
                         assert_eq!(got.row(t), w, "{ty} rows, {ranks} ranks, rank {rank}");
@@ -773,11 +867,12 @@ mod tests {
                         .map(|comm| {
                             let (x, part) = (&x, &part);
                             s.spawn(move || {
-                                let w = part(Split::Cols, comm.rank());
+                                let w = part(false, comm.rank());
                                 let c = cols / ranks;
                                 let xs: Vec<f32> =
                                     x.data.chunks(cols).flat_map(|r| r[comm.rank() * c..][..c].to_vec()).collect();
-                                let mut y = CpuBackend.matmul(&w, &CpuAct { rows: tokens, cols: c, data: xs });
+                                let mut y =
+                                    CpuBackend::default().matmul(&w, &CpuAct { rows: tokens, cols: c, data: xs });
                                 comm.all_reduce_sum(&mut y.data).expect("all-reduce");
                                 y.data
                             })
@@ -822,7 +917,7 @@ mod tests {
             kv.blocks_mut().begin_batch(&batch).expect("blocks");
             let act = |rows: usize, data: &[f32]| CpuAct { rows, cols: data.len() / rows, data: data.to_vec() };
             let (qa, ka) = (act(n, &q), act(n, &k));
-            let out = CpuBackend.attention(&mut kv, 0, &batch.layout, &qa, &ka, &ka, shape, None);
+            let out = CpuBackend::default().attention(&mut kv, 0, &batch.layout, &qa, &ka, &ka, shape, None);
             assert_eq!((out.rows, out.cols), (n, n_heads * vd));
             for (x, w) in out.data.iter().zip(&want) {
                 assert!((x - w).abs() < 2e-3, "{dtype:?}: {x} vs {w}");

@@ -63,14 +63,22 @@ pub trait Backend: Send + Sync {
 
     /// Makes a 2-D GGUF tensor usable as a weight matrix ([rows × cols], rows = dims[1]).
     fn weight(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Weight, EngineError>;
-    /// One rank's part of a 2-D weight split for tensor parallelism: its own copy of its
+    /// One rank's part of a 2-D weight for tensor parallelism: its own copy of a range of
     /// rows or columns, so a rank holds about 1/N of the sharded weights.
-    fn weight_shard(
+    fn weight_part(
         &self,
         file: &Arc<Gguf>,
         tensor: &TensorInfo,
-        shard: crate::parallel::Shard,
+        part: crate::parallel::Part,
     ) -> Result<Self::Weight, EngineError>;
+    /// A table read only by `embed` (its rows), never multiplied: no repacking for matmuls.
+    fn lookup_table(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Weight, EngineError> {
+        self.weight(file, tensor)
+    }
+    /// (rank, ranks) of this backend's tensor-parallel group; (0, 1) alone.
+    fn tensor_parallel(&self) -> (usize, usize) {
+        (0, 1)
+    }
     /// Reads a 1-D F32 tensor.
     fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Vector, EngineError>;
     fn new_kv(&self, spec: &KvSpec) -> Self::Kv;
@@ -145,8 +153,18 @@ pub trait Backend: Send + Sync {
     }
     /// The given rows, in order.
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
-    /// Sums partial results across tensor-parallel shards (identity on one device).
+    /// Sums partial results across tensor-parallel shards (identity on one device). A
+    /// failed collective is kept for [`Backend::take_tp_error`].
     fn all_reduce_sum(&self, _x: &mut Self::Act) {}
+    /// Every rank's columns of `x` side by side, in rank order (identity on one device).
+    fn all_gather_cols(&self, x: Self::Act) -> Self::Act {
+        x
+    }
+    /// The first failed collective since the last call, if any: the forward pass that
+    /// met it returns it instead of its (meaningless) result.
+    fn take_tp_error(&self) -> Option<EngineError> {
+        None
+    }
     /// Copies an activation matrix to host memory.
     fn to_host(&self, x: &Self::Act) -> Vec<f32>;
     /// Moves an activation matrix to host memory (no copy where it is there already).

@@ -12,8 +12,11 @@ use super::{count_params, Architecture, Batch, Loader, Logits, ModelInfo};
 use crate::backend::{AttnShape, Backend, KvCache};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
+use crate::parallel::{even_range, split_heads, Heads, Part};
 use crate::EngineError;
+use std::ops::Range;
 use std::sync::Arc;
+use turbine_cpu::QK_K;
 
 /// Hyper-parameters read from the GGUF metadata: a decoder's, and Gemma 3's own.
 #[derive(Clone, Debug)]
@@ -83,46 +86,92 @@ struct Layer<B: Backend> {
 }
 
 pub struct Gemma3<B: Backend> {
+    /// The configuration of this rank's share (its heads and FFN width under tensor
+    /// parallelism; the file's otherwise).
     pub cfg: Gemma3Config,
     info: ModelInfo,
     tok_embd: B::Weight,
-    /// `output.weight`, or None when tied to `tok_embd`.
-    output: Option<B::Weight>,
+    /// The output projection (this rank's vocabulary rows under tensor parallelism), or
+    /// None when it is `tok_embd` itself.
+    head: Option<B::Weight>,
     output_norm: B::Vector,
     layers: Vec<Layer<B>>,
 }
 
-fn load_layer<B: Backend>(ld: &Loader<B>, cfg: &Gemma3Config, il: usize) -> Result<Layer<B>, EngineError> {
+/// A rank's share of the model under tensor parallelism (everything, alone).
+struct Plan {
+    heads: Heads,
+    ff: Range<usize>,
+    vocab: Range<usize>,
+}
+
+impl Plan {
+    fn new(cfg: &Gemma3Config, (rank, ranks): (usize, usize)) -> Result<Plan, EngineError> {
+        let heads = split_heads(cfg.base.n_heads, cfg.base.n_kv_heads, rank, ranks)?;
+        // ffn_down is split by columns at block boundaries: whole 256-element blocks.
+        if ranks > 1 && !cfg.n_ff.is_multiple_of(QK_K * ranks) {
+            return Err(EngineError::BadValue {
+                key: cfg.base.key("feed_forward_length"),
+                value: format!("{} over {ranks} ranks", cfg.n_ff),
+                why: "the FFN does not split into whole 256-element blocks per rank",
+            });
+        }
+        let ff = if ranks == 1 { 0..cfg.n_ff } else { even_range(cfg.n_ff / QK_K, QK_K, rank, ranks) };
+        Ok(Plan { heads, ff, vocab: even_range(cfg.base.n_vocab, 1, rank, ranks) })
+    }
+
+    /// Rows of Q (or columns of the output projection) of the rank's query heads.
+    fn q_dims(&self, hd: usize) -> Range<usize> {
+        self.heads.q.start * hd..self.heads.q.end * hd
+    }
+
+    fn kv_dims(&self, hd: usize) -> Range<usize> {
+        self.heads.kv.start * hd..self.heads.kv.end * hd
+    }
+}
+
+fn load_layer<B: Backend>(ld: &Loader<B>, cfg: &Gemma3Config, plan: &Plan, il: usize) -> Result<Layer<B>, EngineError> {
     let n = |s: &str| format!("blk.{il}.{s}.weight");
-    let (d, hd) = (cfg.base.n_embd, cfg.base.head_dim);
+    let (d, hd, ff) = (cfg.base.n_embd, cfg.base.head_dim, cfg.n_ff);
+    let (q_dim, kv_dim) = (cfg.base.q_dim(), cfg.base.kv_dim());
     Ok(Layer {
         attn_norm: ld.vector(&n("attn_norm"), d)?,
-        wq: ld.weight(&n("attn_q"), d, cfg.base.q_dim())?,
-        wk: ld.weight(&n("attn_k"), d, cfg.base.kv_dim())?,
-        wv: ld.weight(&n("attn_v"), d, cfg.base.kv_dim())?,
+        wq: ld.weight_part(&n("attn_q"), d, q_dim, Part::Rows(plan.q_dims(hd)))?,
+        wk: ld.weight_part(&n("attn_k"), d, kv_dim, Part::Rows(plan.kv_dims(hd)))?,
+        wv: ld.weight_part(&n("attn_v"), d, kv_dim, Part::Rows(plan.kv_dims(hd)))?,
         q_norm: ld.vector(&n("attn_q_norm"), hd)?,
         k_norm: ld.vector(&n("attn_k_norm"), hd)?,
-        wo: ld.weight(&n("attn_output"), cfg.base.q_dim(), d)?,
+        wo: ld.weight_part(&n("attn_output"), q_dim, d, Part::Cols(plan.q_dims(hd)))?,
         post_attn_norm: ld.vector(&n("post_attention_norm"), d)?,
         ffn_norm: ld.vector(&n("ffn_norm"), d)?,
-        w_gate: ld.weight(&n("ffn_gate"), d, cfg.n_ff)?,
-        w_up: ld.weight(&n("ffn_up"), d, cfg.n_ff)?,
-        w_down: ld.weight(&n("ffn_down"), cfg.n_ff, d)?,
+        w_gate: ld.weight_part(&n("ffn_gate"), d, ff, Part::Rows(plan.ff.clone()))?,
+        w_up: ld.weight_part(&n("ffn_up"), d, ff, Part::Rows(plan.ff.clone()))?,
+        w_down: ld.weight_part(&n("ffn_down"), ff, d, Part::Cols(plan.ff.clone()))?,
         post_ffn_norm: ld.vector(&n("post_ffw_norm"), d)?,
     })
 }
 
 impl<B: Backend> Gemma3<B> {
     pub fn load(backend: &B, file: &Arc<Gguf>) -> Result<Gemma3<B>, EngineError> {
-        let cfg = Gemma3Config::from_gguf(file)?;
+        let mut cfg = Gemma3Config::from_gguf(file)?;
         let ld = Loader { backend, file };
-        let tok_embd = ld.weight("token_embd.weight", cfg.base.n_embd, cfg.base.n_vocab)?;
-        let output = match file.tensor("output.weight") {
-            Some(_) => Some(ld.weight("output.weight", cfg.base.n_embd, cfg.base.n_vocab)?),
-            None => None,
+        let plan = Plan::new(&cfg, backend.tensor_parallel())?;
+        let (d, n_vocab) = (cfg.base.n_embd, cfg.base.n_vocab);
+        let head_name = if file.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
+        let head = match (head_name, plan.vocab == (0..n_vocab)) {
+            ("token_embd.weight", true) => None,
+            _ => Some(ld.weight_part(head_name, d, n_vocab, Part::Rows(plan.vocab.clone()))?),
         };
-        let output_norm = ld.vector("output_norm.weight", cfg.base.n_embd)?;
-        let layers = (0..cfg.base.n_layers).map(|il| load_layer(&ld, &cfg, il)).collect::<Result<Vec<_>, _>>()?;
+        // The embeddings are multiplied only when they are the whole head.
+        let tok_embd = match head {
+            None => ld.weight("token_embd.weight", d, n_vocab)?,
+            Some(_) => ld.lookup_table("token_embd.weight", d, n_vocab)?,
+        };
+        let output_norm = ld.vector("output_norm.weight", d)?;
+        let layers =
+            (0..cfg.base.n_layers).map(|il| load_layer(&ld, &cfg, &plan, il)).collect::<Result<Vec<_>, _>>()?;
+        // From here on the configuration describes this rank's share.
+        (cfg.base.n_heads, cfg.base.n_kv_heads, cfg.n_ff) = (plan.heads.q.len(), plan.heads.kv.len(), plan.ff.len());
         let info = ModelInfo {
             architecture: "gemma3".into(),
             n_vocab: cfg.base.n_vocab,
@@ -131,7 +180,7 @@ impl<B: Backend> Gemma3<B> {
             context_length: cfg.base.context_length,
             n_params: count_params(file),
         };
-        Ok(Gemma3 { cfg, info, tok_embd, output, output_norm, layers })
+        Ok(Gemma3 { cfg, info, tok_embd, head, output_norm, layers })
     }
 
     /// Attention of layer `il`: x [n × d] → [n × d] (before the post-attention norm).
@@ -229,8 +278,12 @@ impl<B: Backend> Gemma3<B> {
     fn compute_traced(&self, b: &B, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> Result<Logits, EngineError> {
         let cfg = &self.cfg;
         let x = self.hidden(b, batch, kv, tap)?; // [n_out × d]
-        let head = self.output.as_ref().unwrap_or(&self.tok_embd);
-        let mut data = b.take_to_host(b.matmul(head, &x)); // [n_out × n_vocab]
+        let head = self.head.as_ref().unwrap_or(&self.tok_embd);
+        // [n_out × n_vocab]: under tensor parallelism each rank's vocabulary, gathered.
+        let mut data = b.take_to_host(b.all_gather_cols(b.matmul(head, &x)));
+        if let Some(e) = b.take_tp_error() {
+            return Err(e);
+        }
         if let Some(cap) = cfg.final_logit_softcap {
             data.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
         }

@@ -13,6 +13,7 @@ pub mod qwen3moe;
 use crate::backend::{Backend, BatchLayout, KvCache};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{KvLayout, KvSpec};
+use crate::parallel::Part;
 use crate::EngineError;
 use std::sync::Arc;
 use turbine_cpu::GgmlType;
@@ -137,7 +138,15 @@ fn check_tokens(batch: &Batch, n_vocab: usize) -> Result<(), EngineError> {
 
 /// Loads the architecture named by the file's `general.architecture`.
 pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<dyn Architecture<B>>, EngineError> {
-    match file.architecture()? {
+    let arch = file.architecture()?;
+    if backend.tensor_parallel().1 > 1 && arch != "gemma3" {
+        return Err(EngineError::BadValue {
+            key: "general.architecture".into(),
+            value: arch.into(),
+            why: "tensor parallelism is implemented for gemma3 only so far",
+        });
+    }
+    match arch {
         "gemma3" => Ok(Box::new(gemma3::Gemma3::load(backend, file)?)),
         "llama" => Ok(Box::new(llama::load(backend, file)?)),
         "qwen2" => Ok(Box::new(qwen2::load(backend, file)?)),
@@ -163,6 +172,33 @@ impl<B: Backend> Loader<'_, B> {
             return Err(EngineError::shape(name, &format!("[{cols}, {rows}]"), &t.dims));
         }
         self.backend.weight(self.file, t)
+    }
+
+    /// A [cols, rows] table only looked up by row (embeddings whose output projection is
+    /// elsewhere).
+    pub fn lookup_table(&self, name: &str, cols: usize, rows: usize) -> Result<B::Weight, EngineError> {
+        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(EngineError::shape(name, &format!("[{cols}, {rows}]"), &t.dims));
+        }
+        self.backend.lookup_table(self.file, t)
+    }
+
+    /// [`Loader::weight`], or only `part` of it (a tensor-parallel rank's share); the
+    /// whole matrix when `part` covers it.
+    pub fn weight_part(&self, name: &str, cols: usize, rows: usize, part: Part) -> Result<B::Weight, EngineError> {
+        let whole = match &part {
+            Part::Rows(r) => *r == (0..rows),
+            Part::Cols(c) => *c == (0..cols),
+        };
+        if whole {
+            return self.weight(name, cols, rows);
+        }
+        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(EngineError::shape(name, &format!("[{cols}, {rows}]"), &t.dims));
+        }
+        self.backend.weight_part(self.file, t, part)
     }
 
     /// The `n` experts of a [cols, rows, n] tensor, each a [rows × cols] weight matrix
