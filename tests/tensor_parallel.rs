@@ -1,11 +1,10 @@
 //! Tensor parallelism in one process: the default model split over 2 and 4 ranks (threads,
-//! each with its own thread pool, weights and KV cache). Every rank ends with the same
-//! logits, bit for bit; the greedy continuation is the unsplit model's; the logits are
-//! close to the unsplit model's but not within the 1e-4 issue #9 asks for (measured: a
-//! normalized squared error of 3e-4 with 2 ranks, 2e-3 with 4; the row-parallel sums round
-//! differently, and from layer 14 on the 8-bit activation quantization turns that into
-//! larger differences). A rank that leaves ends the others' forward pass with an error
-//! instead of a hang. Other architectures refuse to load split.
+//! each with its own thread pool, weights and KV cache) gives the unsplit model's logits
+//! within 1e-4 of the largest (in fact the same bits: the row-parallel sums are exact until
+//! one rounding after the all-reduce), the same on every rank, and the same greedy
+//! continuation. The unsplit reference is a group of one rank, which sums the same way
+//! (alone, without a group, the model keeps its f32 sums: equal within rounding). A rank that leaves ends the others' forward pass with an error instead of
+//! a hang. Other architectures refuse to load split.
 
 #[allow(dead_code)] // each test binary uses part of the shared helpers
 mod common;
@@ -83,9 +82,7 @@ fn split_over_2_and_4_ranks_agrees_with_the_unsplit_model() {
             let worst = logits.iter().zip(&alone.0).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             let nse = logits.iter().zip(&alone.0).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>()
                 / alone.0.iter().map(|b| f64::from(*b).powi(2)).sum::<f64>();
-            // A bound for gross errors (a wrong shard gives an error near 1), not issue #9's
-            // 1e-4: see the module comment.
-            assert!(nse < 1e-2, "{ranks} ranks, rank {rank}: normalized squared error {nse:.2e}");
+            assert!(worst <= 1e-4 * scale, "{ranks} ranks, rank {rank}: logits differ by {worst} (largest {scale})");
             println!(
                 "{ranks} ranks, rank {rank}: nse {nse:.2e}, largest difference {worst:.3} (largest logit {scale:.1})"
             );

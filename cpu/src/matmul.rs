@@ -128,8 +128,50 @@ fn check_shapes(w: &WeightView<'_>, acts: &QuantizedActs, out: &[f32]) -> usize 
 ///
 /// Panics when `il` is not `w`'s, or on the shape mismatches [`matmul_quantized`] panics on.
 pub fn matmul_interleaved(w: &WeightView<'_>, il: &Interleaved, acts: &QuantizedActs, out: &mut [f32]) {
+    interleaved_into(w, il, acts, out);
+}
+
+/// [`matmul_interleaved`] with each output summed in f64 from exact block products (see
+/// `simd::interleaved::Accs`): the column shards of a tensor-parallel row-parallel matmul
+/// add up, in f64, to what the whole matrix gives, before one rounding to f32. Rows after
+/// the last whole group come from the row kernels' f32 results.
+pub fn matmul_interleaved_wide(w: &WeightView<'_>, il: &Interleaved, acts: &QuantizedActs, out: &mut [f64]) {
+    interleaved_into(w, il, acts, out);
+}
+
+/// The element an interleaved matmul writes: f32, or f64 for wide sums.
+pub trait Output: Copy + Send + Sync + Default {
+    const WIDE: bool;
+    fn from_f32(x: f32) -> Self;
+    fn from_f64(x: f64) -> Self;
+}
+
+impl Output for f32 {
+    const WIDE: bool = false;
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+}
+
+impl Output for f64 {
+    const WIDE: bool = true;
+    fn from_f32(x: f32) -> f64 {
+        f64::from(x)
+    }
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+}
+
+fn interleaved_into<O: Output>(w: &WeightView<'_>, il: &Interleaved, acts: &QuantizedActs, out: &mut [O]) {
     assert!(il.ty == w.ty && il.cols == w.cols && il.rows() <= w.rows, "matmul: interleaved copy of another weight");
-    let n = check_shapes(w, acts, out);
+    assert_eq!(acts.ty, w.ty.act_type(), "matmul: {} weights need {:?} activations", w.ty, w.ty.act_type());
+    assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
+    let n = acts.rows;
+    assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
     if out.is_empty() {
         return;
     }
@@ -137,7 +179,7 @@ pub fn matmul_interleaved(w: &WeightView<'_>, il: &Interleaved, acts: &Quantized
     let head = il.rows();
     let groups_per_task = il.groups.div_ceil(4 * rayon::current_num_threads()).max(1);
     let chunk = groups_per_task * GROUP_ROWS;
-    let mut tasks: Vec<Vec<&mut [f32]>> = (0..head.div_ceil(chunk)).map(|_| Vec::with_capacity(n)).collect();
+    let mut tasks: Vec<Vec<&mut [O]>> = (0..head.div_ceil(chunk)).map(|_| Vec::with_capacity(n)).collect();
     for token_out in out.chunks_mut(w.rows) {
         for (task, piece) in tasks.iter_mut().zip(token_out[..head].chunks_mut(chunk)) {
             task.push(piece);
@@ -154,19 +196,19 @@ pub fn matmul_interleaved(w: &WeightView<'_>, il: &Interleaved, acts: &Quantized
         let mut tail_out = vec![0.0f32; n * tail.rows];
         matmul_quantized(Isa::best(), &tail, acts, &mut tail_out);
         for (dst, src) in out.chunks_mut(w.rows).zip(tail_out.chunks(tail.rows)) {
-            dst[head..].copy_from_slice(src);
+            dst[head..].iter_mut().zip(src).for_each(|(d, &s)| *d = O::from_f32(s));
         }
     }
 }
 
 /// Group g of `il` times every token, into `outs[t][at..at + 16]`.
-fn group_times_tokens(
+fn group_times_tokens<O: Output>(
     il: &Interleaved,
     g: usize,
     acts: &QuantizedActs,
     sums: &ActSums,
     at: usize,
-    outs: &mut [&mut [f32]],
+    outs: &mut [&mut [O]],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -175,25 +217,38 @@ fn group_times_tokens(
         };
         let group = il.group(g);
         simd::prefetch(group, 0, group.len());
-        let most = if matches!(il.ty, GgmlType::Q4_K | GgmlType::Q6_K) { MAX_K_TOKENS } else { MAX_TOKENS };
+        // Wide sums take two registers per token.
+        let most = if O::WIDE || matches!(il.ty, GgmlType::Q4_K | GgmlType::Q6_K) { MAX_K_TOKENS } else { MAX_TOKENS };
         let mut t = 0;
         while t < acts.rows {
             let left = acts.rows - t;
+            // Expanded inside `unsafe` blocks: `Interleaved` exists only where
+            // `Interleaved::supports` found the AVX-512 VNNI kernels usable on this CPU.
+            macro_rules! kernel {
+                ($T:expr, $wide:expr, $a:expr, $s:expr) => {
+                    match il.ty {
+                        GgmlType::Q4_K => group_tokens_q4_k::<$T, $wide>(group, $a, $s),
+                        GgmlType::Q6_K => group_tokens_q6_k::<$T, $wide>(group, $a, $s),
+                        ty => group_tokens::<$T, $wide>(ty, group, $a, $s),
+                    }
+                };
+            }
             macro_rules! tile {
                 ($T:expr) => {{
                     let a: [&[u8]; $T] = std::array::from_fn(|k| acts.quant_row(t + k));
                     let s = sums_rows::<$T>(sums, t);
-                    // SAFETY: `Interleaved` exists only where `Interleaved::supports` found
-                    // the AVX-512 VNNI kernels usable on this CPU.
-                    let r = unsafe {
-                        match il.ty {
-                            GgmlType::Q4_K => group_tokens_q4_k::<$T>(group, a, s),
-                            GgmlType::Q6_K => group_tokens_q6_k::<$T>(group, a, s),
-                            ty => group_tokens::<$T>(ty, group, a, s),
+                    if O::WIDE {
+                        // SAFETY: see `kernel!`.
+                        let r = unsafe { kernel!($T, true, a, s).wide() };
+                        for (k, r) in r.iter().enumerate() {
+                            outs[t + k][at..at + GROUP_ROWS].iter_mut().zip(r).for_each(|(o, &v)| *o = O::from_f64(v));
                         }
-                    };
-                    for (k, r) in r.iter().enumerate() {
-                        outs[t + k][at..at + GROUP_ROWS].copy_from_slice(r);
+                    } else {
+                        // SAFETY: see `kernel!`.
+                        let r = unsafe { kernel!($T, false, a, s).narrow() };
+                        for (k, r) in r.iter().enumerate() {
+                            outs[t + k][at..at + GROUP_ROWS].iter_mut().zip(r).for_each(|(o, &v)| *o = O::from_f32(v));
+                        }
                     }
                     $T
                 }};

@@ -95,3 +95,53 @@ fn types_without_an_interleaved_form_and_short_matrices_are_refused() {
     let data = random_weights(GgmlType::Q8_0, 15, 64, 2);
     assert!(Interleaved::new(&WeightView::new(GgmlType::Q8_0, 15, 64, &data).unwrap()).is_none());
 }
+
+/// Wide (f64) sums: the column shards of a matrix, summed in f64 and rounded once, give the
+/// whole matrix's wide result rounded once, bit for bit; and that is the f32 result within
+/// rounding.
+#[test]
+fn wide_sums_of_column_shards_round_to_the_whole_rows_sums() {
+    if !Interleaved::supports(GgmlType::Q8_0) {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI, so no interleaved kernels");
+        return;
+    }
+    for ty in TYPES {
+        let (rows, k) = (48, ty.block_size());
+        let cols = 8 * k;
+        let data = random_weights(ty, rows, cols, 99);
+        let w = WeightView::new(ty, rows, cols, &data).unwrap();
+        let il = Interleaved::new(&w).unwrap();
+        let n = 5;
+        let x = random_acts(n, cols, 3);
+        let acts = QuantizedActs::new(ty.act_type(), &x, cols);
+        let mut whole = vec![0.0f64; n * rows];
+        turbine_cpu::matmul::matmul_interleaved_wide(&w, &il, &acts, &mut whole);
+        let mut narrow = vec![0.0f32; n * rows];
+        matmul_interleaved(&w, &il, &acts, &mut narrow);
+        for ranks in [2usize, 4] {
+            let mut sum = vec![0.0f64; n * rows];
+            let (rb, per) = (w.row_bytes(), ty.row_bytes(cols / ranks).unwrap());
+            for r in 0..ranks {
+                let part: Vec<u8> = data.chunks(rb).flat_map(|row| row[r * per..(r + 1) * per].to_vec()).collect();
+                let pw = WeightView::new(ty, rows, cols / ranks, &part).unwrap();
+                let pil = Interleaved::new(&pw).unwrap();
+                let c = cols / ranks;
+                let px: Vec<f32> = x.chunks(cols).flat_map(|row| row[r * c..(r + 1) * c].to_vec()).collect();
+                let pacts = QuantizedActs::new(ty.act_type(), &px, c);
+                let mut out = vec![0.0f64; n * rows];
+                turbine_cpu::matmul::matmul_interleaved_wide(&pw, &pil, &pacts, &mut out);
+                sum.iter_mut().zip(&out).for_each(|(s, o)| *s += o);
+            }
+            for (i, (s, w)) in sum.iter().zip(&whole).enumerate() {
+                assert_eq!(
+                    (*s as f32).to_bits(),
+                    (*w as f32).to_bits(),
+                    "{ty}, {ranks} shards, output {i}: {s} vs {w}"
+                );
+            }
+        }
+        for (wide, f) in whole.iter().zip(&narrow) {
+            assert!((*wide as f32 - f).abs() <= 1e-5 * (1.0 + f.abs()), "{ty}: wide {wide} vs {f}");
+        }
+    }
+}

@@ -44,6 +44,8 @@ pub trait Communicator: Send + Sync {
     fn size(&self) -> usize;
     /// `buf` = the element-wise sum of every rank's `buf`, the same on every rank.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError>;
+    /// [`Communicator::all_reduce_sum`] in f64 (wide partial sums, rounded by the caller).
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CommError>;
     /// Every rank's `local`, concatenated in rank order.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
 }
@@ -57,10 +59,10 @@ enum Op {
 struct State {
     /// Completed collectives.
     generation: u64,
-    /// What each rank brought to the current one.
-    slots: Vec<Option<(Op, Vec<f32>)>>,
+    /// What each rank brought to the current one (f32 contributions widened, exactly).
+    slots: Vec<Option<(Op, Vec<f64>)>>,
     /// The last completed collective's result.
-    result: Result<Arc<Vec<f32>>, CommError>,
+    result: Result<Arc<Vec<f64>>, CommError>,
     lost: Option<usize>,
 }
 
@@ -89,7 +91,7 @@ impl InProcess {
     }
 
     /// Brings `local` to the current collective and returns its result.
-    fn collective(&self, op: Op, local: Vec<f32>) -> Result<Arc<Vec<f32>>, CommError> {
+    fn collective(&self, op: Op, local: Vec<f64>) -> Result<Arc<Vec<f64>>, CommError> {
         let mut st = self.lock();
         if let Some(rank) = st.lost {
             return Err(CommError::RankLost { rank });
@@ -97,7 +99,7 @@ impl InProcess {
         let generation = st.generation;
         st.slots[self.rank] = Some((op, local));
         if st.slots.iter().all(Option::is_some) {
-            let slots: Vec<(Op, Vec<f32>)> = st.slots.iter_mut().filter_map(Option::take).collect();
+            let slots: Vec<(Op, Vec<f64>)> = st.slots.iter_mut().filter_map(Option::take).collect();
             st.result = combine(&slots).map(Arc::new);
             st.generation += 1;
             self.group.done.notify_all();
@@ -114,7 +116,7 @@ impl InProcess {
 }
 
 /// The result of one collective from every rank's contribution, in rank order.
-fn combine(slots: &[(Op, Vec<f32>)]) -> Result<Vec<f32>, CommError> {
+fn combine(slots: &[(Op, Vec<f64>)]) -> Result<Vec<f64>, CommError> {
     let (op, first) = (&slots[0].0, &slots[0].1);
     if let Some((r, (o, v))) =
         slots.iter().enumerate().find(|(_, (o, v))| o != op || (*op == Op::Sum && v.len() != first.len()))
@@ -146,7 +148,17 @@ impl Communicator for InProcess {
         self.size
     }
 
+    /// Summed in f64 in rank order, then rounded once.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        let sum = self.collective(Op::Sum, buf.iter().map(|&x| f64::from(x)).collect())?;
+        buf.iter_mut().zip(sum.iter()).for_each(|(b, &s)| *b = s as f32);
+        Ok(())
+    }
+
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CommError> {
         if self.size == 1 {
             return Ok(());
         }
@@ -159,7 +171,11 @@ impl Communicator for InProcess {
         if self.size == 1 {
             return Ok(local.to_vec());
         }
-        Ok(self.collective(Op::Gather, local.to_vec())?.to_vec())
+        Ok(self
+            .collective(Op::Gather, local.iter().map(|&x| f64::from(x)).collect())?
+            .iter()
+            .map(|&x| x as f32)
+            .collect())
     }
 }
 
@@ -292,7 +308,9 @@ mod tests {
                 );
             }
             let (first, gathered) = &results[0][0];
-            let want: Vec<f32> = (0..37).map(|i| (0..n).map(|r| (i * (r + 1)) as f32 * 0.1).sum()).collect();
+            // Summed in f64, rounded once.
+            let want: Vec<f32> =
+                (0..37).map(|i| (0..n).map(|r| f64::from((i * (r + 1)) as f32 * 0.1)).sum::<f64>() as f32).collect();
             assert_eq!(first, &want, "{n} ranks");
             assert_eq!(gathered, &(0..n).flat_map(|r| [r as f32, 0.0]).collect::<Vec<_>>());
         }

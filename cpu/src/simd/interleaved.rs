@@ -60,17 +60,17 @@ fn decode(ty: GgmlType, gb: &[u8]) -> ([__m512i; 8], __m512) {
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and VNNI and F16C. Lengths are checked.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(crate) unsafe fn group_tokens<const T: usize>(
+pub(crate) unsafe fn group_tokens<const T: usize, const WIDE: bool>(
     ty: GgmlType,
     group: &[u8],
     acts: [&[u8]; T],
     sums: [(&[f32], &[i32]); T],
-) -> [[f32; GROUP_ROWS]; T] {
+) -> Accs<T, WIDE> {
     let gbb = group_block_bytes(ty);
     let blocks = group.len() / gbb;
     assert!(acts.iter().all(|a| a.len() == blocks * Q8_0_BLOCK), "interleaved: activation rows do not fit");
     assert!(sums.iter().all(|(d, c)| d.len() == blocks && c.len() == blocks), "interleaved: sums do not fit");
-    let mut acc = [_mm512_setzero_ps(); T];
+    let mut acc = Accs::<T, WIDE>::new();
     for (b, gb) in group.chunks_exact(gbb).enumerate() {
         let (w, dw) = decode(ty, gb);
         for t in 0..T {
@@ -81,10 +81,10 @@ pub(crate) unsafe fn group_tokens<const T: usize>(
                 isum = _mm512_dpbusd_epi32(isum, *w, _mm512_set1_epi32(four));
             }
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(sums[t].0[b]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
+            acc.add(t, isum, scale);
         }
     }
-    store_rows(acc)
+    acc
 }
 
 /// `sums` of `ActSums` rows t0..t0 + T.
@@ -131,17 +131,17 @@ fn load16(gb: &[u8], at: usize) -> __m128i {
 /// # Safety
 /// As [`group_tokens`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(crate) unsafe fn group_tokens_q4_k<const T: usize>(
+pub(crate) unsafe fn group_tokens_q4_k<const T: usize, const WIDE: bool>(
     group: &[u8],
     acts: [&[u8]; T],
     sums: [(&[f32], &[i32]); T],
-) -> [[f32; GROUP_ROWS]; T] {
+) -> Accs<T, WIDE> {
     let gbb = group_block_bytes(GgmlType::Q4_K);
     let blocks = group.len() / gbb;
     assert!(acts.iter().all(|a| a.len() == blocks * Q8_K_BLOCK), "interleaved: activation rows do not fit");
     assert!(sums.iter().all(|(d, c)| d.len() == blocks && c.len() == 4 * blocks), "interleaved: sums do not fit");
     let low4 = _mm512_set1_epi8(0x0f);
-    let mut acc = [_mm512_setzero_ps(); T];
+    let mut acc = Accs::<T, WIDE>::new();
     for (b, gb) in group.chunks_exact(gbb).enumerate() {
         let mut tot = [_mm512_setzero_si512(); T];
         for s in 0..8 {
@@ -174,11 +174,11 @@ pub(crate) unsafe fn group_tokens_q4_k<const T: usize>(
                 msum = _mm512_dpwssd_epi32(msum, *m, _mm512_set1_epi32(sums[t].1[4 * b + p]));
             }
             let dy = sums[t].0[b];
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(d, _mm512_set1_ps(dy)), acc[t]);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, _mm512_set1_ps(-dy)), acc[t]);
+            acc.add(t, tot[t], _mm512_mul_ps(d, _mm512_set1_ps(dy)));
+            acc.add(t, msum, _mm512_mul_ps(dmin, _mm512_set1_ps(-dy)));
         }
     }
-    store_rows(acc)
+    acc
 }
 
 /// [`group_tokens`] for Q6_K weights and Q8_K activations: per sub-block of 16, four
@@ -188,17 +188,17 @@ pub(crate) unsafe fn group_tokens_q4_k<const T: usize>(
 /// # Safety
 /// As [`group_tokens`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(crate) unsafe fn group_tokens_q6_k<const T: usize>(
+pub(crate) unsafe fn group_tokens_q6_k<const T: usize, const WIDE: bool>(
     group: &[u8],
     acts: [&[u8]; T],
     sums: [(&[f32], &[i32]); T],
-) -> [[f32; GROUP_ROWS]; T] {
+) -> Accs<T, WIDE> {
     let gbb = group_block_bytes(GgmlType::Q6_K);
     let blocks = group.len() / gbb;
     assert!(acts.iter().all(|a| a.len() == blocks * Q8_K_BLOCK), "interleaved: activation rows do not fit");
     assert!(sums.iter().all(|(d, c)| d.len() == blocks && c.len() == 16 * blocks), "interleaved: sums do not fit");
     let (low4, top2) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
-    let mut acc = [_mm512_setzero_ps(); T];
+    let mut acc = Accs::<T, WIDE>::new();
     for (b, gb) in group.chunks_exact(gbb).enumerate() {
         let mut tot = [_mm512_setzero_si512(); T];
         for s in 0..16 {
@@ -231,20 +231,69 @@ pub(crate) unsafe fn group_tokens_q6_k<const T: usize>(
         let d = load_f16x16(gb, 3328);
         for t in 0..T {
             let dy = sums[t].0[b];
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(d, _mm512_set1_ps(dy)), acc[t]);
+            acc.add(t, tot[t], _mm512_mul_ps(d, _mm512_set1_ps(dy)));
         }
     }
-    store_rows(acc)
+    acc
 }
 
-/// The accumulators' 16 lanes as arrays.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn store_rows<const T: usize>(acc: [__m512; T]) -> [[f32; GROUP_ROWS]; T] {
-    let mut out = [[0.0f32; GROUP_ROWS]; T];
-    for (o, a) in out.iter_mut().zip(acc) {
-        // SAFETY: writes exactly the 16 floats of `o`.
-        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+/// Per token, the 16 rows' sums over blocks of `isum · scale`: f32 fused multiply-adds,
+/// or (`WIDE`) f64 ones, in which each block's product is exact (a 32-bit integer times an
+/// f32), so only the additions round, at f64 precision. Wide sums of parts of a row (the
+/// column shards of tensor parallelism) then add up to the whole row's sum rounded the same
+/// way, once they are rounded to f32 after their all-reduce.
+pub(crate) struct Accs<const T: usize, const WIDE: bool> {
+    narrow: [__m512; T],
+    wide: [[__m512d; 2]; T],
+}
+
+impl<const T: usize, const WIDE: bool> Accs<T, WIDE> {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn new() -> Self {
+        Accs { narrow: [_mm512_setzero_ps(); T], wide: [[_mm512_setzero_pd(); 2]; T] }
     }
-    out
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn add(&mut self, t: usize, isum: __m512i, scale: __m512) {
+        if WIDE {
+            let halves = [_mm512_castsi512_si256(isum), _mm512_extracti64x4_epi64::<1>(isum)];
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(scale)));
+            let scales = [_mm512_castps512_ps256(scale), high];
+            for h in 0..2 {
+                let x = _mm512_cvtepi32_pd(halves[h]);
+                self.wide[t][h] = _mm512_fmadd_pd(x, _mm512_cvtps_pd(scales[h]), self.wide[t][h]);
+            }
+        } else {
+            self.narrow[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, self.narrow[t]);
+        }
+    }
+
+    /// The f32 sums (narrow accumulators).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn narrow(&self) -> [[f32; GROUP_ROWS]; T] {
+        let mut out = [[0.0f32; GROUP_ROWS]; T];
+        for (o, a) in out.iter_mut().zip(self.narrow) {
+            // SAFETY: writes exactly the 16 floats of `o`.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+        }
+        out
+    }
+
+    /// The f64 sums (wide accumulators).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn wide(&self) -> [[f64; GROUP_ROWS]; T] {
+        let mut out = [[0.0f64; GROUP_ROWS]; T];
+        for (o, a) in out.iter_mut().zip(self.wide) {
+            // SAFETY: each store writes 8 of the 16 doubles of `o`.
+            unsafe {
+                _mm512_storeu_pd(o.as_mut_ptr(), a[0]);
+                _mm512_storeu_pd(o[8..].as_mut_ptr(), a[1]);
+            }
+        }
+        out
+    }
 }

@@ -292,6 +292,25 @@ impl Backend for CpuBackend {
         }
     }
 
+    /// Under tensor parallelism (a group of one included, the reference for larger ones),
+    /// interleaved weights sum in f64 until after the all-reduce; alone, the f32 kernels
+    /// (3% faster prompt processing) do.
+    fn matmul_reduced(&self, w: &CpuWeight, x: &CpuAct) -> CpuAct {
+        let il = w.interleaved.as_ref().filter(|_| self.tp.is_some() && x.rows > 0 && x.cols == w.cols);
+        let Some(il) = il else {
+            let mut y = self.matmul(w, x);
+            self.all_reduce_sum(&mut y);
+            return y;
+        };
+        let acts = QuantizedActs::new(w.ty.act_type(), &x.data, x.cols);
+        let mut wide = vec![0.0f64; x.rows * w.rows];
+        matmul::matmul_interleaved_wide(&w.view(), il, &acts, &mut wide);
+        if let Some(tp) = &self.tp {
+            tp.record(tp.comm.all_reduce_sum_f64(&mut wide));
+        }
+        CpuAct { rows: x.rows, cols: w.rows, data: wide.iter().map(|&v| v as f32).collect() }
+    }
+
     fn all_gather_cols(&self, x: CpuAct) -> CpuAct {
         let Some(tp) = &self.tp else { return x };
         let widths = match tp.comm.all_gather(&[x.cols as f32]) {

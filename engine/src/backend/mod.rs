@@ -156,6 +156,15 @@ pub trait Backend: Send + Sync {
     /// Sums partial results across tensor-parallel shards (identity on one device). A
     /// failed collective is kept for [`Backend::take_tp_error`].
     fn all_reduce_sum(&self, _x: &mut Self::Act) {}
+    /// A row-parallel product (attention output, down): `w·x`, summed over the ranks'
+    /// column shards. Where the backend can, each rank's partial sums stay exact until the
+    /// all-reduce and are rounded once after it, so a split model computes what the whole
+    /// one does.
+    fn matmul_reduced(&self, w: &Self::Weight, x: &Self::Act) -> Self::Act {
+        let mut y = self.matmul(w, x);
+        self.all_reduce_sum(&mut y);
+        y
+    }
     /// Every rank's columns of `x` side by side, in rank order (identity on one device).
     fn all_gather_cols(&self, x: Self::Act) -> Self::Act {
         x

@@ -215,9 +215,7 @@ impl<B: Backend> Gemma3<B> {
         };
         let a = b.attention(kv, il, &batch.layout, &q, &k, &v, shape, None); // [n × n_heads·hd]
         tap("kqv_out", il, &a);
-        let mut o = b.matmul(&l.wo, &a); // [n × d]
-        b.all_reduce_sum(&mut o);
-        o
+        b.matmul_reduced(&l.wo, &a) // [n × d]
     }
 
     /// GeGLU feed-forward of layer `il`: x [n × d] → [n × d] (before the post-FFN norm).
@@ -230,9 +228,7 @@ impl<B: Backend> Gemma3<B> {
         tap("ffn_up", il, &up);
         b.geglu(&mut gate, &up);
         tap("ffn_geglu", il, &gate);
-        let mut out = b.matmul(&l.w_down, &gate); // [n × d]
-        b.all_reduce_sum(&mut out);
-        out
+        b.matmul_reduced(&l.w_down, &gate) // [n × d]
     }
 }
 
