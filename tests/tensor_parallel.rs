@@ -117,3 +117,23 @@ fn other_architectures_refuse_to_load_split() {
         other => panic!("llama loaded split: {}", other.is_ok()),
     }
 }
+
+/// The group the CLI uses (`turbine bench --tp N`): rank threads driven by commands give the
+/// same logits as ranks run by hand.
+#[test]
+fn a_tp_group_runs_commands_on_every_rank() {
+    use turbine::engine::parallel::TpGroup;
+    let file = Arc::new(Gguf::open(&common::default_model_path()).expect("default model"));
+    let prompt = [2u32, 818, 5279, 529, 7001];
+    let by_hand = run(&file, 1, &prompt, 0, None).remove(0).expect("one rank").0;
+    let group = TpGroup::load(&file, 2, 1).expect("group");
+    assert_eq!(group.info().map(|i| i.n_vocab), Some(262144));
+    assert!(
+        matches!(group.forward(&Batch::for_sequence(0, 0, &prompt, true)), Err(EngineError::BadBatch(_))),
+        "no cache yet"
+    );
+    group.reset_kv(16, 1).expect("kv");
+    let logits = group.forward(&Batch::for_sequence(0, 0, &prompt, true)).expect("forward");
+    assert!(logits.data.iter().zip(&by_hand).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(group.collective_time() > std::time::Duration::ZERO);
+}

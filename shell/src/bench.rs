@@ -12,6 +12,7 @@ use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::backend::Backend;
 use turbine::engine::generate::{LoadedModel, Session};
 use turbine::engine::model::Batch;
+use turbine::engine::parallel::TpGroup;
 use turbine::engine::sampler::Rng;
 use turbine::engine::EngineError;
 
@@ -29,6 +30,15 @@ pub struct BenchArgs {
     pub format: Format,
     /// Sequences decoding together in the tg test.
     pub parallel: usize,
+    /// Tensor-parallel ranks (threads of this process), `threads / tp` threads each.
+    pub tp: usize,
+}
+
+/// What runs the forward passes: the loaded model, or a tensor-parallel group of it.
+#[derive(Clone, Copy)]
+enum Runner<'a> {
+    Local(&'a LoadedModel<CpuBackend>),
+    Split(&'a TpGroup),
 }
 
 /// One test's timings.
@@ -38,6 +48,8 @@ struct TestResult {
     /// Sequences decoding together (tg).
     n_parallel: usize,
     samples_ns: Vec<u64>,
+    /// Tensor parallelism: rank 0's time in collectives per repetition.
+    collective_ns: u64,
 }
 
 impl TestResult {
@@ -76,45 +88,79 @@ fn random_tokens(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Ve
 }
 
 /// Time of one prompt-processing run of `n` tokens, in ns.
-fn run_prompt(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Result<u64, EngineError> {
+fn run_prompt(model: &LoadedModel<CpuBackend>, runner: Runner, rng: &mut Rng, n: usize) -> Result<u64, EngineError> {
     let tokens = random_tokens(model, rng, n);
-    let mut session = Session::new(model, n + 1);
-    let start = Instant::now();
-    session.feed(&tokens, false)?;
-    Ok(start.elapsed().as_nanos() as u64)
+    match runner {
+        Runner::Local(model) => {
+            let mut session = Session::new(model, n + 1);
+            let start = Instant::now();
+            session.feed(&tokens, false)?;
+            Ok(start.elapsed().as_nanos() as u64)
+        }
+        Runner::Split(group) => {
+            group.reset_kv(n + 1, 1)?;
+            let start = Instant::now();
+            group.forward(&Batch::for_sequence(0, 0, &tokens, false))?;
+            Ok(start.elapsed().as_nanos() as u64)
+        }
+    }
 }
 
-/// Time of one generation run of `n` single-token steps, in ns.
-/// `n` decode steps of `parallel` sequences, each step one batch with a token (and its
-/// logits) per sequence.
-fn run_gen(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize, parallel: usize) -> Result<u64, EngineError> {
+/// Time of `n` decode steps of `parallel` sequences, each step one batch with a token
+/// (and its logits) per sequence, in ns.
+fn run_gen(
+    model: &LoadedModel<CpuBackend>,
+    runner: Runner,
+    rng: &mut Rng,
+    n: usize,
+    parallel: usize,
+) -> Result<u64, EngineError> {
     let tokens: Vec<Vec<u32>> = (0..parallel).map(|_| random_tokens(model, rng, n)).collect();
-    let mut kv = model.backend.new_kv(&model.arch.kv_spec(n + 1, parallel));
-    let start = Instant::now();
-    for step in 0..n {
+    let batch = |step: usize| {
         let mut batch = Batch::default();
         for (seq, t) in tokens.iter().enumerate() {
             batch.push(seq, step as u32, t[step], true);
         }
-        model.arch.forward(&model.backend, &batch, &mut kv)?;
+        batch
+    };
+    match runner {
+        Runner::Local(model) => {
+            let mut kv = model.backend.new_kv(&model.arch.kv_spec(n + 1, parallel));
+            let start = Instant::now();
+            for step in 0..n {
+                model.arch.forward(&model.backend, &batch(step), &mut kv)?;
+            }
+            Ok(start.elapsed().as_nanos() as u64)
+        }
+        Runner::Split(group) => {
+            group.reset_kv(n + 1, parallel)?;
+            let start = Instant::now();
+            for step in 0..n {
+                group.forward(&batch(step))?;
+            }
+            Ok(start.elapsed().as_nanos() as u64)
+        }
     }
-    Ok(start.elapsed().as_nanos() as u64)
 }
 
 fn run_test(
     model: &LoadedModel<CpuBackend>,
+    runner: Runner,
     n_prompt: usize,
     (n_gen, n_parallel): (usize, usize),
     reps: usize,
 ) -> Result<TestResult, EngineError> {
     let mut rng = Rng::new(0x5eed);
     let run = |rng: &mut Rng| match n_gen {
-        0 => run_prompt(model, rng, n_prompt),
-        _ => run_gen(model, rng, n_gen, n_parallel),
+        0 => run_prompt(model, runner, rng, n_prompt),
+        _ => run_gen(model, runner, rng, n_gen, n_parallel),
     };
     run(&mut rng)?; // warm-up
+    let collectives = |r: Runner| if let Runner::Split(g) = r { g.collective_time() } else { Default::default() };
+    let before = collectives(runner);
     let samples_ns = (0..reps).map(|_| run(&mut rng)).collect::<Result<Vec<_>, _>>()?;
-    Ok(TestResult { n_prompt, n_gen, n_parallel, samples_ns })
+    let collective_ns = (collectives(runner) - before).as_nanos() as u64 / reps.max(1) as u64;
+    Ok(TestResult { n_prompt, n_gen, n_parallel, samples_ns, collective_ns })
 }
 
 /// Runs the tests and prints the table or JSON on stdout.
@@ -130,16 +176,35 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
             value: args.threads.to_string(),
             why: "cannot start a thread pool of that size",
         })?;
+    let group = match args.tp {
+        1 => None,
+        tp => Some(TpGroup::load(&model.file, tp, (args.threads / tp).max(1))?),
+    };
+    let runner = group.as_ref().map_or(Runner::Local(model), Runner::Split);
     let mut results = Vec::new();
     pool.install(|| -> Result<(), EngineError> {
         if args.n_prompt > 0 {
-            results.push(run_test(model, args.n_prompt, (0, 1), args.reps)?);
+            results.push(run_test(model, runner, args.n_prompt, (0, 1), args.reps)?);
         }
         if args.n_gen > 0 {
-            results.push(run_test(model, 0, (args.n_gen, args.parallel), args.reps)?);
+            results.push(run_test(model, runner, 0, (args.n_gen, args.parallel), args.reps)?);
         }
         Ok(())
     })?;
+    if args.tp > 1 {
+        for r in &results {
+            let (runs, steps) = (r.samples_ns.len().max(1), r.n_gen.max(1));
+            let step_ms = r.samples_ns.iter().sum::<u64>() as f64 / runs as f64 / steps as f64 / 1e6;
+            let coll_ms = r.collective_ns as f64 / steps as f64 / 1e6;
+            eprintln!(
+                "{}: {} ranks × {} threads: {step_ms:.2} ms per {}, rank 0 in collectives {coll_ms:.2} ms of it",
+                r.name(),
+                args.tp,
+                (args.threads / args.tp).max(1),
+                if r.n_gen == 0 { "run" } else { "step" }
+            );
+        }
+    }
     let info = ModelSummary::of(model_arg, model);
     match args.format {
         Format::Md => print_markdown(&info, args.threads, &results),

@@ -47,6 +47,10 @@ enum Command {
         /// server batches concurrent requests); t/s counts the tokens of all of them.
         #[arg(long = "parallel", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         parallel: u16,
+        /// Tensor-parallel ranks (threads of this process, each with threads / tp
+        /// threads and its share of the weights; gemma3 models so far).
+        #[arg(long = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        tp: u16,
     },
     /// Serve Ollama's HTTP API (and OpenAI's chat completions) on OLLAMA_HOST
     /// (default 127.0.0.1:11434) for the models in the store.
@@ -320,11 +324,18 @@ fn main() -> ExitCode {
     turbine::engine::memory::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel } => {
+        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp } => {
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
-            let args =
-                bench::BenchArgs { n_prompt, n_gen, threads, reps: reps.into(), format, parallel: parallel.into() };
+            let args = bench::BenchArgs {
+                n_prompt,
+                n_gen,
+                threads,
+                reps: reps.into(),
+                format,
+                parallel: parallel.into(),
+                tp: tp.into(),
+            };
             load(&model).and_then(|m| bench::bench(&model, &m, &args))
         }
         Command::Generate(args) => generate(args),
