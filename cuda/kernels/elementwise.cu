@@ -24,26 +24,34 @@ __device__ __forceinline__ void rotate(float* a, float* b, float theta) {
     *b = x0 * s + x1 * c;
 }
 
+// Pair i of the rows' heads: its head's start, and (in k) the pair's index in the head.
+__device__ __forceinline__ float* rope_pair(float* x, int i, int cols, int head_dim, int* k) {
+    int half = head_dim / 2, pairs_per_row = cols / 2;
+    int r = i / pairs_per_row, h = (i % pairs_per_row) / half;
+    *k = i % half;
+    return x + (size_t)r * cols + h * head_dim;
+}
+
+// The angle of pair i (index k in its head): its row's position times the pair's frequency.
+__device__ __forceinline__ float rope_angle(const int* pos, int i, int cols, int head_dim, float base, float freq_scale,
+                                            int k) {
+    return (float)pos[i / (cols / 2)] * freq_scale * powf(base, -2.0f * (float)k / (float)head_dim);
+}
+
 extern "C" __global__ void rope_neox(float* __restrict__ x, const int* __restrict__ pos, int cols, int head_dim,
                                      float base, float freq_scale, int n_pairs) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int i = blockIdx.x * blockDim.x + threadIdx.x, k;
     if (i >= n_pairs) return;
-    int half = head_dim / 2, pairs_per_row = cols / 2;
-    int r = i / pairs_per_row, h = (i % pairs_per_row) / half, k = i % half;
-    float* head = x + (size_t)r * cols + h * head_dim;
-    float theta = (float)pos[r] * freq_scale * powf(base, -2.0f * (float)k / (float)head_dim);
-    rotate(head + k, head + k + half, theta);
+    float* head = rope_pair(x, i, cols, head_dim, &k);
+    rotate(head + k, head + k + head_dim / 2, rope_angle(pos, i, cols, head_dim, base, freq_scale, k));
 }
 
 extern "C" __global__ void rope_norm(float* __restrict__ x, const int* __restrict__ pos, int cols, int head_dim,
                                      float base, float freq_scale, int n_pairs) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int i = blockIdx.x * blockDim.x + threadIdx.x, k;
     if (i >= n_pairs) return;
-    int half = head_dim / 2, pairs_per_row = cols / 2;
-    int r = i / pairs_per_row, h = (i % pairs_per_row) / half, k = i % half;
-    float* head = x + (size_t)r * cols + h * head_dim;
-    float theta = (float)pos[r] * freq_scale * powf(base, -2.0f * (float)k / (float)head_dim);
-    rotate(head + 2 * k, head + 2 * k + 1, theta);
+    float* head = rope_pair(x, i, cols, head_dim, &k);
+    rotate(head + 2 * k, head + 2 * k + 1, rope_angle(pos, i, cols, head_dim, base, freq_scale, k));
 }
 
 // Gated activations in place: gate = act(gate) · up.
