@@ -178,7 +178,15 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
         })?;
     let group = match args.tp {
         1 => None,
-        tp => Some(TpGroup::load(&model.file, tp, (args.threads / tp).max(1))?),
+        tp => {
+            let before = rss_anon_bytes();
+            let group = TpGroup::load(&model.file, tp, (args.threads / tp).max(1))?;
+            if let (Some(b), Some(a)) = (before, rss_anon_bytes()) {
+                let mib = a.saturating_sub(b) as f64 / (1 << 20) as f64;
+                eprintln!("{tp} ranks: {mib:.1} MiB of anonymous memory at load ({:.1} MiB per rank)", mib / tp as f64);
+            }
+            Some(group)
+        }
     };
     let runner = group.as_ref().map_or(Runner::Local(model), Runner::Split);
     let mut results = Vec::new();
@@ -285,4 +293,12 @@ fn print_json(m: &ModelSummary, threads: usize, results: &[TestResult]) {
         })
         .collect();
     println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+}
+
+/// The process's resident anonymous memory (weights' copies, caches), from /proc on Linux.
+pub fn rss_anon_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

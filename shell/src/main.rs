@@ -336,7 +336,16 @@ fn main() -> ExitCode {
                 parallel: parallel.into(),
                 tp: tp.into(),
             };
-            load(&model).and_then(|m| bench::bench(&model, &m, &args))
+            let before = bench::rss_anon_bytes();
+            load(&model).and_then(|m| {
+                if let (Some(b), Some(a)) = (before, bench::rss_anon_bytes()) {
+                    eprintln!(
+                        "model: {:.1} MiB of anonymous memory at load",
+                        a.saturating_sub(b) as f64 / (1 << 20) as f64
+                    );
+                }
+                bench::bench(&model, &m, &args)
+            })
         }
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text } => tokenize(&model, &text),

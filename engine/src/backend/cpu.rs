@@ -72,14 +72,21 @@ pub struct CpuWeight {
 }
 
 enum WeightBytes {
-    Mapped { file: Arc<Gguf>, tensor: TensorInfo },
+    /// The tensor's bytes in the mapped file, or the part of them from `start`, `len` long
+    /// (a tensor-parallel share of whole rows: no copy).
+    Mapped {
+        file: Arc<Gguf>,
+        tensor: TensorInfo,
+        start: usize,
+        len: usize,
+    },
     Owned(Vec<u8>),
 }
 
 impl CpuWeight {
     pub fn view(&self) -> WeightView<'_> {
         let data = match &self.bytes {
-            WeightBytes::Mapped { file, tensor } => file.tensor_data(tensor),
+            WeightBytes::Mapped { file, tensor, start, len } => &file.tensor_data(tensor)[*start..*start + *len],
             WeightBytes::Owned(bytes) => bytes,
         };
         WeightView { ty: self.ty, rows: self.rows, cols: self.cols, data }
@@ -266,19 +273,39 @@ impl Backend for CpuBackend {
 
     fn weight(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<CpuWeight, EngineError> {
         let (cols, rows) = matrix_shape(tensor)?;
-        let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone() };
+        let len = file.tensor_data(tensor).len();
+        let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone(), start: 0, len };
         CpuWeight::new(&tensor.name, bytes, tensor.ty, rows, cols)
     }
 
+    /// Rows are a range of the mapped file (no copy); columns, the rank's own copy.
     fn weight_part(&self, file: &Arc<Gguf>, tensor: &TensorInfo, part: Part) -> Result<CpuWeight, EngineError> {
         let (cols, rows) = matrix_shape(tensor)?;
+        if let Part::Rows(r) = &part {
+            let row_bytes = tensor.ty.row_bytes(cols).unwrap_or(0);
+            if r.is_empty() || r.end > rows || row_bytes == 0 {
+                return Err(EngineError::BadValue {
+                    key: tensor.name.clone(),
+                    value: format!("rows {r:?} of {rows}"),
+                    why: "rows out of range",
+                });
+            }
+            let bytes = WeightBytes::Mapped {
+                file: file.clone(),
+                tensor: tensor.clone(),
+                start: r.start * row_bytes,
+                len: r.len() * row_bytes,
+            };
+            return CpuWeight::new(&tensor.name, bytes, tensor.ty, r.len(), cols);
+        }
         let (rows, cols, bytes) = shard_bytes(&tensor.name, tensor.ty, rows, cols, file.tensor_data(tensor), part)?;
         CpuWeight::from_bytes(&tensor.name, tensor.ty, rows, cols, bytes)
     }
 
     fn lookup_table(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<CpuWeight, EngineError> {
         let (cols, rows) = matrix_shape(tensor)?;
-        let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone() };
+        let len = file.tensor_data(tensor).len();
+        let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone(), start: 0, len };
         CpuWeight::checked(&tensor.name, bytes, tensor.ty, rows, cols)
     }
 
