@@ -32,6 +32,8 @@ pub struct BenchArgs {
     pub parallel: usize,
     /// Tensor-parallel ranks (threads of this process), `threads / tp` threads each.
     pub tp: usize,
+    /// The anonymous memory loading the model took, reported after the results.
+    pub load_anon_bytes: Option<u64>,
 }
 
 /// What runs the forward passes: the loaded model, or a tensor-parallel group of it.
@@ -176,15 +178,13 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
             value: args.threads.to_string(),
             why: "cannot start a thread pool of that size",
         })?;
+    let mut group_anon_bytes = None;
     let group = match args.tp {
         1 => None,
         tp => {
             let before = rss_anon_bytes();
             let group = TpGroup::load(&model.file, tp, (args.threads / tp).max(1))?;
-            if let (Some(b), Some(a)) = (before, rss_anon_bytes()) {
-                let mib = a.saturating_sub(b) as f64 / (1 << 20) as f64;
-                eprintln!("{tp} ranks: {mib:.1} MiB of anonymous memory at load ({:.1} MiB per rank)", mib / tp as f64);
-            }
+            group_anon_bytes = before.zip(rss_anon_bytes()).map(|(b, a)| a.saturating_sub(b));
             Some(group)
         }
     };
@@ -199,6 +199,14 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
         }
         Ok(())
     })?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    if let Some(b) = args.load_anon_bytes {
+        eprintln!("model: {:.1} MiB of anonymous memory at load", mib(b));
+    }
+    if let Some(b) = group_anon_bytes {
+        let per_rank = mib(b) / args.tp as f64;
+        eprintln!("{} ranks: {:.1} MiB of anonymous memory at load ({per_rank:.1} MiB per rank)", args.tp, mib(b));
+    }
     if args.tp > 1 {
         for r in &results {
             let (runs, steps) = (r.samples_ns.len().max(1), r.n_gen.max(1));

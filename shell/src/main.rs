@@ -335,16 +335,12 @@ fn main() -> ExitCode {
                 format,
                 parallel: parallel.into(),
                 tp: tp.into(),
+                load_anon_bytes: None,
             };
             let before = bench::rss_anon_bytes();
             load(&model).and_then(|m| {
-                if let (Some(b), Some(a)) = (before, bench::rss_anon_bytes()) {
-                    eprintln!(
-                        "model: {:.1} MiB of anonymous memory at load",
-                        a.saturating_sub(b) as f64 / (1 << 20) as f64
-                    );
-                }
-                bench::bench(&model, &m, &args)
+                let loaded = before.zip(bench::rss_anon_bytes()).map(|(b, a)| a.saturating_sub(b));
+                bench::bench(&model, &m, &bench::BenchArgs { load_anon_bytes: loaded, ..args })
             })
         }
         Command::Generate(args) => generate(args),
