@@ -240,8 +240,11 @@ impl ActSums {
             for b in acts.quant_row(t).chunks_exact(acts.ty.type_size()) {
                 if acts.ty == ActType::Q8_K {
                     d.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                    let bsums: Vec<i32> =
-                        b[260..292].chunks_exact(2).map(|s| i32::from(i16::from_le_bytes([s[0], s[1]]))).collect();
+                    // The 16 sums of 16 quants (a fixed array: this runs per block per token).
+                    let mut bsums = [0i32; 16];
+                    for (s, v) in bsums.iter_mut().zip(b[260..292].chunks_exact(2)) {
+                        *s = i32::from(i16::from_le_bytes([v[0], v[1]]));
+                    }
                     if ty == GgmlType::Q4_K {
                         for p in 0..4 {
                             let lo = (bsums[4 * p] + bsums[4 * p + 1]) as u16;

@@ -113,7 +113,7 @@ pub fn matmul_quantized(isa: Isa, w: &WeightView<'_>, acts: &QuantizedActs, out:
 
 /// Panics unless `acts` are in `w`'s activation format and width and `out` holds one
 /// output row per activation row; returns the number of activation rows.
-fn check_shapes(w: &WeightView<'_>, acts: &QuantizedActs, out: &[f32]) -> usize {
+fn check_shapes<O>(w: &WeightView<'_>, acts: &QuantizedActs, out: &[O]) -> usize {
     assert_eq!(acts.ty, w.ty.act_type(), "matmul: {} weights need {:?} activations", w.ty, w.ty.act_type());
     assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
     let n = acts.rows;
@@ -168,10 +168,7 @@ impl Output for f64 {
 
 fn interleaved_into<O: Output>(w: &WeightView<'_>, il: &Interleaved, acts: &QuantizedActs, out: &mut [O]) {
     assert!(il.ty == w.ty && il.cols == w.cols && il.rows() <= w.rows, "matmul: interleaved copy of another weight");
-    assert_eq!(acts.ty, w.ty.act_type(), "matmul: {} weights need {:?} activations", w.ty, w.ty.act_type());
-    assert_eq!(acts.cols, w.cols, "matmul: activations have {} columns, weights {}", acts.cols, w.cols);
-    let n = acts.rows;
-    assert_eq!(out.len(), n * w.rows, "matmul: output is not {n} rows of {} floats", w.rows);
+    let n = check_shapes(w, acts, out);
     if out.is_empty() {
         return;
     }

@@ -13,7 +13,7 @@ __device__ __forceinline__ int act_word(const i8* xq, int block, int word) {
 }
 
 // Q8_0 {d: f16, qs: i8[32]}, 34 bytes.
-__device__ __forceinline__ float piece_q8_0(const u8* row, int b, const i8* xq, const float* xd) {
+__device__ __forceinline__ float piece_q8_0(const u8* row, int b, int, const i8* xq, const float* xd) {
     const u8* blk = row + 34 * b;
     int isum = 0;
 #pragma unroll
@@ -22,7 +22,7 @@ __device__ __forceinline__ float piece_q8_0(const u8* row, int b, const i8* xq, 
 }
 
 // Q4_0 {d, qs[16]}: element k < 16 is the low nibble of qs[k], k + 16 the high one; q - 8.
-__device__ __forceinline__ float piece_q4_0(const u8* row, int b, const i8* xq, const float* xd) {
+__device__ __forceinline__ float piece_q4_0(const u8* row, int b, int, const i8* xq, const float* xd) {
     const u8* blk = row + 18 * b;
     int isum = 0;
 #pragma unroll
@@ -40,7 +40,7 @@ __device__ __forceinline__ u32 spread_bit4(u32 h) {
 }
 
 // Q5_0 {d, qh: u32, qs[16]}: the nibbles plus bit k of qh as bit 4; q - 16.
-__device__ __forceinline__ float piece_q5_0(const u8* row, int b, const i8* xq, const float* xd) {
+__device__ __forceinline__ float piece_q5_0(const u8* row, int b, int, const i8* xq, const float* xd) {
     const u8* blk = row + 22 * b;
     u32 qh = ld_u32_2(blk + 2);
     int isum = 0;
@@ -71,7 +71,7 @@ __device__ __forceinline__ u32 mxfp4_word(const u8* qs, int shift) {
     return v;
 }
 
-__device__ __forceinline__ float piece_mxfp4(const u8* row, int b, const i8* xq, const float* xd) {
+__device__ __forceinline__ float piece_mxfp4(const u8* row, int b, int, const i8* xq, const float* xd) {
     const u8* blk = row + 17 * b;
     int isum = 0;
 #pragma unroll
@@ -132,41 +132,26 @@ __device__ __forceinline__ float piece_q6_k(const u8* row, int b, int p, const i
     return xd[a] * f16_to_f32(ld_u16(blk + 208)) * (float)(sc[0] * isum[0] + sc[1] * isum[1]);
 }
 
-// One warp per row: lane l takes pieces l, l + 32, ...; `pieces` per row, `per_block` per
-// weight block.
-#define MATVEC_32(NAME, PIECE)                                                                         \
+// One warp per row: lane l takes pieces l, l + 32, ... of the row, PIECES per weight block
+// (a piece is one activation block of 32), and the warp sums them.
+#define MATVEC(NAME, PIECE, PIECES)                                                                    \
     extern "C" __global__ void NAME(const u8* __restrict__ w, const i8* __restrict__ xq,               \
                                     const float* __restrict__ xd, float* __restrict__ y, int rows,     \
                                     int blocks, int row_bytes) {                                       \
         int r = blockIdx.x * ROWS_PER_BLOCK + threadIdx.y, t = blockIdx.y;                             \
         if (r >= rows) return;                                                                         \
         const u8* row = w + (size_t)r * row_bytes;                                                     \
-        const i8* x = xq + (size_t)t * blocks * 32;                                                    \
-        const float* d = xd + (size_t)t * blocks;                                                      \
+        const i8* x = xq + (size_t)t * blocks * PIECES * 32;                                           \
+        const float* d = xd + (size_t)t * blocks * PIECES;                                             \
         float acc = 0.0f;                                                                              \
-        for (int b = threadIdx.x; b < blocks; b += 32) acc += PIECE(row, b, x, d);                     \
+        for (int i = threadIdx.x; i < PIECES * blocks; i += 32) acc += PIECE(row, i / PIECES, i % PIECES, x, d); \
         acc = warp_sum(acc);                                                                           \
         if (threadIdx.x == 0) y[(size_t)t * rows + r] = acc;                                           \
     }
 
-#define MATVEC_K(NAME, PIECE)                                                                          \
-    extern "C" __global__ void NAME(const u8* __restrict__ w, const i8* __restrict__ xq,               \
-                                    const float* __restrict__ xd, float* __restrict__ y, int rows,     \
-                                    int blocks, int row_bytes) {                                       \
-        int r = blockIdx.x * ROWS_PER_BLOCK + threadIdx.y, t = blockIdx.y;                             \
-        if (r >= rows) return;                                                                         \
-        const u8* row = w + (size_t)r * row_bytes;                                                     \
-        const i8* x = xq + (size_t)t * blocks * 256;                                                   \
-        const float* d = xd + (size_t)t * blocks * 8;                                                  \
-        float acc = 0.0f;                                                                              \
-        for (int i = threadIdx.x; i < 8 * blocks; i += 32) acc += PIECE(row, i / 8, i % 8, x, d);      \
-        acc = warp_sum(acc);                                                                           \
-        if (threadIdx.x == 0) y[(size_t)t * rows + r] = acc;                                           \
-    }
-
-MATVEC_32(matvec_q8_0, piece_q8_0)
-MATVEC_32(matvec_q4_0, piece_q4_0)
-MATVEC_32(matvec_q5_0, piece_q5_0)
-MATVEC_32(matvec_mxfp4, piece_mxfp4)
-MATVEC_K(matvec_q4_k, piece_q4_k)
-MATVEC_K(matvec_q6_k, piece_q6_k)
+MATVEC(matvec_q8_0, piece_q8_0, 1)
+MATVEC(matvec_q4_0, piece_q4_0, 1)
+MATVEC(matvec_q5_0, piece_q5_0, 1)
+MATVEC(matvec_mxfp4, piece_mxfp4, 1)
+MATVEC(matvec_q4_k, piece_q4_k, 8)
+MATVEC(matvec_q6_k, piece_q6_k, 8)

@@ -20,14 +20,14 @@ pub fn full_source(source: &str) -> String {
 }
 
 /// The entry points (`extern "C" __global__` functions) a source defines, for checks and
-/// for loading: those written out and those a `MATVEC_*(name, ...)` line instantiates
+/// for loading: those written out and those a `MATVEC(name, ...)` line instantiates
 /// (the macros' own definitions, continued with `\`, are skipped).
 pub fn entry_points(source: &str) -> Vec<String> {
     let mut names = Vec::new();
     for line in source.lines().map(str::trim).filter(|l| !l.ends_with('\\')) {
         let name = if let Some(rest) = line.strip_prefix("extern \"C\" __global__ void ") {
             rest.split('(').next()
-        } else if line.starts_with("MATVEC_") && !line.starts_with("MATVEC_K(NAME") {
+        } else if line.starts_with("MATVEC(") {
             line.split('(').nth(1).and_then(|r| r.split(',').next())
         } else {
             None

@@ -277,8 +277,12 @@ impl TpGroup {
 
     /// Every rank's answer to its last command; the first error, if any.
     fn replies(&self) -> Result<Vec<Reply>, EngineError> {
-        let receivers: Vec<_> = self.ranks.iter().map(|r| r.rx.lock().unwrap_or_else(|e| e.into_inner())).collect();
-        Self::collect(&receivers)
+        Self::collect(&self.lock_receivers())
+    }
+
+    /// The ranks' reply channels, locked in rank order for a whole round trip.
+    fn lock_receivers(&self) -> Vec<MutexGuard<'_, Receiver<Result<Reply, EngineError>>>> {
+        self.ranks.iter().map(|r| r.rx.lock().unwrap_or_else(|e| e.into_inner())).collect()
     }
 
     fn collect(receivers: &[MutexGuard<'_, Receiver<Result<Reply, EngineError>>>]) -> Result<Vec<Reply>, EngineError> {
@@ -291,8 +295,8 @@ impl TpGroup {
 
     /// `command` to every rank, then every rank's answer.
     fn send(&self, command: impl Fn() -> Command) -> Result<Vec<Reply>, EngineError> {
-        // Receivers locked in rank order for the round trip: one command at a time.
-        let receivers: Vec<_> = self.ranks.iter().map(|r| r.rx.lock().unwrap_or_else(|e| e.into_inner())).collect();
+        // One command at a time.
+        let receivers = self.lock_receivers();
         for r in &self.ranks {
             if let Some(tx) = &r.tx {
                 tx.send(command()).map_err(|_| EngineError::TensorParallel("a rank thread ended".into()))?;
@@ -418,6 +422,26 @@ pub fn split_heads(n_heads: usize, n_kv_heads: usize, rank: usize, ranks: usize)
     Ok(Heads { q, kv })
 }
 
+/// The byte range of rows `r` of a `rows` × `cols` matrix of `ty` (GGUF layout), checked.
+pub fn row_bytes_of(
+    name: &str,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    r: &Range<usize>,
+) -> Result<Range<usize>, EngineError> {
+    let bad = |why: &'static str| EngineError::BadValue {
+        key: name.into(),
+        value: format!("rows {r:?} of {rows}x{cols} {ty}"),
+        why,
+    };
+    let row_bytes = ty.row_bytes(cols).ok_or_else(|| bad("columns are not whole blocks"))?;
+    if r.is_empty() || r.end > rows {
+        return Err(bad("rows out of range"));
+    }
+    Ok(r.start * row_bytes..r.end * row_bytes)
+}
+
 /// The bytes of `part` of a `rows` × `cols` matrix of `ty` (GGUF layout), with its shape
 /// (rows, cols).
 pub fn shard_bytes(
@@ -439,10 +463,8 @@ pub fn shard_bytes(
     }
     match &part {
         Part::Rows(r) => {
-            if r.is_empty() || r.end > rows {
-                return Err(bad("rows out of range"));
-            }
-            Ok((r.len(), cols, data[r.start * row_bytes..r.end * row_bytes].to_vec()))
+            let bytes = row_bytes_of(name, ty, rows, cols, r)?;
+            Ok((r.len(), cols, data[bytes].to_vec()))
         }
         Part::Cols(c) => {
             let bs = ty.block_size();

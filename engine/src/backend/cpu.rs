@@ -4,7 +4,7 @@
 use super::{AttnShape, Backend, BatchLayout, KvCache, Yarn};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
-use crate::parallel::{shard_bytes, CommError, Communicator, InProcess, Part};
+use crate::parallel::{row_bytes_of, shard_bytes, CommError, Communicator, InProcess, Part};
 use crate::EngineError;
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -282,19 +282,12 @@ impl Backend for CpuBackend {
     fn weight_part(&self, file: &Arc<Gguf>, tensor: &TensorInfo, part: Part) -> Result<CpuWeight, EngineError> {
         let (cols, rows) = matrix_shape(tensor)?;
         if let Part::Rows(r) = &part {
-            let row_bytes = tensor.ty.row_bytes(cols).unwrap_or(0);
-            if r.is_empty() || r.end > rows || row_bytes == 0 {
-                return Err(EngineError::BadValue {
-                    key: tensor.name.clone(),
-                    value: format!("rows {r:?} of {rows}"),
-                    why: "rows out of range",
-                });
-            }
+            let range = row_bytes_of(&tensor.name, tensor.ty, rows, cols, r)?;
             let bytes = WeightBytes::Mapped {
                 file: file.clone(),
                 tensor: tensor.clone(),
-                start: r.start * row_bytes,
-                len: r.len() * row_bytes,
+                start: range.start,
+                len: range.len(),
             };
             return CpuWeight::new(&tensor.name, bytes, tensor.ty, r.len(), cols);
         }
@@ -340,6 +333,7 @@ impl Backend for CpuBackend {
 
     fn all_gather_cols(&self, x: CpuAct) -> CpuAct {
         let Some(tp) = &self.tp else { return x };
+        // Each rank's width, exact as an f32 (a vocabulary share is far below 2^24).
         let widths = match tp.comm.all_gather(&[x.cols as f32]) {
             Ok(w) => w.iter().map(|&c| c as usize).collect::<Vec<_>>(),
             Err(e) => {
