@@ -23,12 +23,26 @@ ref=${LLAMA_REF_DIR:-$HOME/.cache/turbine-llama}/src/vendor/llama.cpp/models
 if [ -d "$ref" ]; then
   src=$ref
 else
-  # pip reads an sdist's metadata before saving it, which needs its build backend
-  # (scikit-build-core, as a wheel in a throwaway venv); nothing is built.
-  python3 -m venv "$tmp/venv"
-  "$tmp/venv/bin/pip" install -q --disable-pip-version-check scikit-build-core
-  "$tmp/venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
-    --no-build-isolation -d "$tmp" "llama-cpp-python==$version"
+  # The sdist straight from PyPI's simple index, its sha256 checked: `pip download` would
+  # first prepare its metadata, which needs CMake.
+  python3 - "$version" "$tmp" <<'PY'
+import hashlib, re, sys, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+name = f"llama_cpp_python-{version}.tar.gz"
+with urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/", timeout=60) as r:
+    index = r.read().decode()
+found = re.search(r'href="([^"#]*/' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', index)
+if not found:
+    sys.exit(f"error: {name} is not in PyPI's index")
+url, want = found.groups()
+h = hashlib.sha256()
+with urllib.request.urlopen(url, timeout=600) as r, open(f"{dest}/{name}", "wb") as f:
+    while chunk := r.read(1 << 20):
+        h.update(chunk)
+        f.write(chunk)
+if h.hexdigest() != want:
+    sys.exit(f"error: sha256 of {name} does not match PyPI's")
+PY
   members=()
   for n in $names; do
     for ext in gguf gguf.inp gguf.out; do members+=("llama_cpp_python-$version/vendor/llama.cpp/models/ggml-vocab-$n.$ext"); done
