@@ -23,26 +23,7 @@ ref=${LLAMA_REF_DIR:-$HOME/.cache/turbine-llama}/src/vendor/llama.cpp/models
 if [ -d "$ref" ]; then
   src=$ref
 else
-  # The sdist straight from PyPI's simple index, its sha256 checked: `pip download` would
-  # first prepare its metadata, which needs CMake.
-  python3 - "$version" "$tmp" <<'PY'
-import hashlib, re, sys, urllib.request
-version, dest = sys.argv[1], sys.argv[2]
-name = f"llama_cpp_python-{version}.tar.gz"
-with urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/", timeout=60) as r:
-    index = r.read().decode()
-found = re.search(r'href="([^"#]*/' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', index)
-if not found:
-    sys.exit(f"error: {name} is not in PyPI's index")
-url, want = found.groups()
-h = hashlib.sha256()
-with urllib.request.urlopen(url, timeout=600) as r, open(f"{dest}/{name}", "wb") as f:
-    while chunk := r.read(1 << 20):
-        h.update(chunk)
-        f.write(chunk)
-if h.hexdigest() != want:
-    sys.exit(f"error: sha256 of {name} does not match PyPI's")
-PY
+  bash "$(dirname "$0")/fetch-llama-sdist.sh" "$tmp" >/dev/null
   members=()
   for n in $names; do
     for ext in gguf gguf.inp gguf.out; do members+=("llama_cpp_python-$version/vendor/llama.cpp/models/ggml-vocab-$n.$ext"); done

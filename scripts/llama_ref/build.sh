@@ -11,8 +11,7 @@ ref=${LLAMA_REF_DIR:-$HOME/.cache/turbine-llama}
 version=0.3.36
 mkdir -p "$ref"
 if [ ! -d "$ref/src/vendor/llama.cpp" ]; then
-  python3 -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$ref/dl" "llama-cpp-python==$version" >/dev/null 2>&1 || true
-  tarball=$(ls "$ref"/dl/llama_cpp_python-$version.tar.gz 2>/dev/null || ls "$HOME"/.cache/turbine-dl/sdist/llama_cpp_python-$version.tar.gz)
+  tarball=$(bash "$here/../fetch-llama-sdist.sh" "$ref/dl")
   mkdir -p "$ref/src"
   tar -xzf "$tarball" -C "$ref/src" --strip-components=1 "llama_cpp_python-$version/vendor/llama.cpp"
 fi

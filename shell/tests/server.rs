@@ -354,28 +354,43 @@ fn errors_as_ollama_gives_them() {
     assert_eq!(v.status, 200);
 }
 
+/// With room for one sequence, a client that closes its connection mid-generation, its
+/// answer streamed or not, must free that room at once: the next request would otherwise
+/// wait for the abandoned one's 30 000 tokens.
 #[test]
 fn a_client_that_goes_away_frees_the_model() {
-    let s = Server::start();
-    {
-        let mut c = TcpStream::connect(("127.0.0.1", s.0.port)).unwrap();
-        let body = json!({ "model": MODEL, "prompt": "Count to a thousand:", "raw": true,
-                           "options": { "num_predict": 100000 } })
-        .to_string();
-        write!(c, "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-            .unwrap();
-        let mut first = [0u8; 256];
-        let n = c.read(&mut first).unwrap();
-        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
-    } // dropped: the connection closes mid-stream
-    let start = Instant::now();
-    let r = s.post(
-        "/api/generate",
-        &json!({ "model": MODEL, "prompt": "Hi", "stream": false,
-                                             "options": { "num_predict": 2 } }),
-    );
-    assert_eq!(r.status, 200);
-    assert!(start.elapsed() < Duration::from_secs(30), "the abandoned generation kept the model busy");
+    let log = std::env::temp_dir().join(format!("turbine-gone-{}.log", std::process::id()));
+    let s = Server(common::ServeProcess::start_with(&[("OLLAMA_NUM_PARALLEL", "1")], &[], Some(&log)));
+    for stream in [true, false] {
+        {
+            let mut c = TcpStream::connect(("127.0.0.1", s.0.port)).unwrap();
+            let body = json!({ "model": MODEL, "prompt": "Count to a thousand:", "raw": true, "stream": stream,
+                               "options": { "num_predict": 30000, "num_ctx": 32768 } })
+            .to_string();
+            write!(c, "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                .unwrap();
+            if stream {
+                let mut first = [0u8; 256];
+                let n = c.read(&mut first).unwrap();
+                assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+            } else {
+                std::thread::sleep(Duration::from_secs(2)); // generating, nothing written yet
+            }
+        } // dropped: the connection closes
+        let start = Instant::now();
+        let r = s.post(
+            "/api/generate",
+            &json!({ "model": MODEL, "prompt": "Hi", "stream": false, "options": { "num_predict": 2 } }),
+        );
+        assert_eq!(r.status, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the abandoned generation (stream {stream}) kept the model busy"
+        );
+    }
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(std::env::temp_dir().join(format!("turbine-gone-{}.log", std::process::id())));
+    assert!(log.contains("POST /api/generate 499"), "the non-streamed request was not cut short:\n{log}");
 }
 
 #[test]

@@ -141,6 +141,8 @@ pub struct Head {
     pub host: Option<String>,
     pub origin: Option<String>,
     pub authorization: Option<String>,
+    /// Tells whether the client has closed its connection (None: it cannot be told).
+    pub peer: Option<tiny_http::PeerProbe>,
 }
 
 impl Head {
@@ -154,6 +156,7 @@ impl Head {
             host: get("Host"),
             origin: get("Origin"),
             authorization: get("Authorization"),
+            peer: req.peer_probe(),
         }
     }
 }

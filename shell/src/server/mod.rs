@@ -43,7 +43,7 @@ impl Service for State {
         body: &[u8],
         _: &mut Vec<(String, String)>,
     ) -> Reply {
-        let cx = Cx { state: self.clone(), meter };
+        let cx = Cx { state: self.clone(), meter, peer: head.peer.clone() };
         routes::dispatch(&cx, &head.method, &head.path, body)
     }
 
@@ -60,6 +60,9 @@ impl Service for State {
 pub struct Cx {
     pub state: Arc<State>,
     pub meter: worker::Meter,
+    /// Whether the client has gone away: checked while an answer is being computed and
+    /// nothing is written yet, so that the generation stops with it.
+    pub peer: Option<tiny_http::PeerProbe>,
 }
 
 /// A response, complete or streamed.

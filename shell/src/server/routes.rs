@@ -10,6 +10,7 @@ use super::worker::{Done, Event, Events, JobInput, JobOptions};
 use super::{Cx, Reply, State};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use turbine::engine::gguf::Gguf;
@@ -606,10 +607,11 @@ trait Framer: Send {
 /// streams or gathers the rest.
 fn respond(cx: &Cx, mut rx: Events, stream: bool, keep_alive: KeepAlive, mut framer: Box<dyn Framer>) -> R {
     let stopped = "model runner stopped unexpectedly";
-    let first = match rx.recv() {
+    let first = match next_event(cx, &mut rx) {
         Ok(Event::Error { status, message }) => return Err(framer.error_reply(status, &message)),
         Ok(e) => e,
-        Err(_) => return Err(framer.error_reply(500, stopped)),
+        Err(Waited::ClientGone) => return Err(framer.error_reply(499, CLIENT_GONE)),
+        Err(Waited::Stopped) => return Err(framer.error_reply(500, stopped)),
     };
     let unload = keep_alive == KeepAlive::For(Duration::ZERO);
     let after = Finish { state: cx.state.clone(), unload };
@@ -628,12 +630,47 @@ fn respond(cx: &Cx, mut rx: Events, stream: bool, keep_alive: KeepAlive, mut fra
                 }
                 Event::Error { status, message } => return Err(framer.error_reply(status, &message)),
             }
-            ev = rx.recv().map_err(|_| framer.error_reply(500, stopped))?;
+            ev = next_event(cx, &mut rx).map_err(|w| match w {
+                Waited::ClientGone => framer.error_reply(499, CLIENT_GONE),
+                Waited::Stopped => framer.error_reply(500, stopped),
+            })?;
         }
     }
     let content_type = framer.content_type();
     let frames = EventFrames { first: Some(first), rx, framer, finished: false, after: Some(after) };
     Ok(Reply::Stream { content_type, frames: Box::new(frames) })
+}
+
+/// Why no event came.
+enum Waited {
+    /// The client closed its connection: the caller drops the job's events, which cancels
+    /// it (the scheduler drops the sequence and its cache blocks at its next step).
+    ClientGone,
+    Stopped,
+}
+
+/// The body of the reply nobody reads (nginx's status for a client that closed first).
+const CLIENT_GONE: &str = "client closed the connection";
+
+/// How often a request still waiting for its first event, or gathering a non-streamed
+/// answer, checks that its client is still there.
+const PEER_CHECK: Duration = Duration::from_millis(100);
+
+/// The job's next event, unless its client goes away first (checked at each event and
+/// every [`PEER_CHECK`] between them: a system call, microseconds against a token's
+/// milliseconds).
+fn next_event(cx: &Cx, rx: &mut Events) -> Result<Event, Waited> {
+    let Some(peer) = &cx.peer else { return rx.recv().map_err(|_| Waited::Stopped) };
+    loop {
+        if peer.closed() {
+            return Err(Waited::ClientGone);
+        }
+        match rx.recv_timeout(PEER_CHECK) {
+            Ok(e) => return Ok(e),
+            Err(RecvTimeoutError::Disconnected) => return Err(Waited::Stopped),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
 }
 
 /// Run when a job is done: keep_alive 0 unloads the model.

@@ -104,6 +104,12 @@ impl Events {
         event
     }
 
+    pub fn recv_timeout(&mut self, wait: Duration) -> Result<Event, std::sync::mpsc::RecvTimeoutError> {
+        let event = self.rx.recv_timeout(wait);
+        self.settle();
+        event
+    }
+
     /// Charges new tokens and times them (first token, then the gaps between tokens).
     fn settle(&mut self) {
         let prompt = self.counts.prompt.load(Ordering::SeqCst);

@@ -36,6 +36,10 @@ pub struct ClientConnection {
     // true if the connection goes through SSL
     secure: bool,
 
+    // Patched (see PATCHES.md): a duplicate of the socket, handed to each request so the
+    // server can tell whether its client has gone away.
+    probe: Option<crate::PeerProbe>,
+
     // Patched (see PATCHES.md): most time a request's head may take once its first
     // byte has arrived.
     head_timeout: Option<Duration>,
@@ -89,7 +93,14 @@ impl ClientConnection {
             no_more_requests: false,
             secure,
             head_timeout,
+            probe: None,
         }
+    }
+
+    /// Hands `probe` to every request read from this connection (patched).
+    pub(crate) fn with_peer_probe(mut self, probe: Option<crate::PeerProbe>) -> ClientConnection {
+        self.probe = probe;
+        self
     }
 
     /// true if the connection is HTTPS
@@ -226,7 +237,7 @@ impl ClientConnection {
         })?;
 
         // return the request
-        Ok(request)
+        Ok(request.with_peer_probe(self.probe.clone()))
     }
 }
 

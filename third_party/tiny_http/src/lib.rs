@@ -87,7 +87,7 @@
 //! # let response = tiny_http::Response::from_file(File::open(&Path::new("image.png")).unwrap());
 //! let _ = request.respond(response);
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // patched: forbid, but for the one poll in peer_probe.rs
 #![deny(rust_2018_idioms)]
 #![allow(clippy::match_like_matches_macro)]
 
@@ -112,6 +112,7 @@ use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
+pub use peer_probe::PeerProbe;
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
@@ -119,6 +120,7 @@ pub use test::TestRequest;
 mod client;
 mod common;
 mod connection;
+mod peer_probe;
 mod request;
 mod response;
 mod ssl;
@@ -336,6 +338,7 @@ impl Server {
                 tasks_pool.spawn(Box::new(move || {
                     use util::RefinedTcpStream;
                     let Some(sock) = sock.take() else { return };
+                    let probe = sock.try_clone().ok().map(PeerProbe::new);
                     let (read_closable, write_closable) = match ssl.as_deref() {
                         None => RefinedTcpStream::new(sock),
                         #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -351,7 +354,8 @@ impl Server {
                         write_closable,
                         read_closable,
                         timeouts.read,
-                    );
+                    )
+                    .with_peer_probe(probe);
                     // Synchronization is needed for HTTPS requests to avoid a deadlock
                     if client.secure() {
                         let (sender, receiver) = mpsc::channel();

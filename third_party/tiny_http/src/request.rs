@@ -74,6 +74,9 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // Patched (see PATCHES.md): asks whether the client has closed the connection.
+    peer_probe: Option<crate::PeerProbe>,
 }
 
 struct NotifyOnDrop<R> {
@@ -238,6 +241,7 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        peer_probe: None,
     })
 }
 
@@ -472,6 +476,17 @@ impl Request {
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
         self.notify_when_responded = Some(sender);
         self
+    }
+
+    pub(crate) fn with_peer_probe(mut self, probe: Option<crate::PeerProbe>) -> Self {
+        self.peer_probe = probe;
+        self
+    }
+
+    /// Patched (see PATCHES.md): a probe that tells whether this request's client has
+    /// closed its connection; None for requests that came from no socket.
+    pub fn peer_probe(&self) -> Option<crate::PeerProbe> {
+        self.peer_probe.clone()
     }
 }
 
