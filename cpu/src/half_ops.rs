@@ -48,6 +48,35 @@ pub fn dot_f16_f32(k: &[f16], q: &[f32]) -> f32 {
     dot_f16_f32_portable(k, q)
 }
 
+/// Query rows per call of the grouped kernels: one accumulator register each.
+pub const GROUP_MAX: usize = 4;
+
+/// `out[j] = dot_f16_f32(k, qs[j])` for up to [`GROUP_MAX`] query rows, bit for bit,
+/// each 8 keys converted once for all of them (the query heads that share a KV head).
+pub fn dots_f16_f32(k: &[f16], qs: &[&[f32]], out: &mut [f32]) {
+    assert!(qs.len() <= GROUP_MAX && out.len() == qs.len(), "dots_f16_f32: {} rows", qs.len());
+    assert!(qs.iter().all(|q| q.len() == k.len()), "dots_f16_f32: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if use_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C; lengths are equal.
+        return unsafe { x86::dots_f16_f32(k, qs, out) };
+    }
+    qs.iter().zip(out).for_each(|(q, o)| *o = dot_f16_f32_portable(k, q));
+}
+
+/// `mad_f16(accs[j], v, s[j])` for up to [`GROUP_MAX`] accumulators, bit for bit, each 8
+/// values converted once for all of them.
+pub fn mads_f16(accs: &mut [Vec<f16>], v: &[f16], s: &[f32]) {
+    assert!(accs.len() <= GROUP_MAX && s.len() == accs.len(), "mads_f16: {} rows", accs.len());
+    assert!(accs.iter().all(|a| a.len() == v.len()), "mads_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if use_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C; lengths are equal.
+        return unsafe { x86::mads_f16(accs, v, s) };
+    }
+    accs.iter_mut().zip(s).for_each(|(a, &s)| mad_f16_portable(a, v, s));
+}
+
 pub fn mad_f16_portable(acc: &mut [f16], v: &[f16], s: f32) {
     for (a, x) in acc.iter_mut().zip(v) {
         *a = f16::from_f32(x.to_f32().mul_add(s, a.to_f32()));
@@ -109,6 +138,55 @@ mod x86 {
         super::scale_f16_portable(a8.into_remainder(), s);
     }
 
+    /// 8 floats of `x` from `at`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load_ps(x: &[f32], at: usize) -> __m256 {
+        let x = &x[at..at + 8];
+        // SAFETY: reads the 8 floats of `x`.
+        unsafe { _mm256_loadu_ps(x.as_ptr()) }
+    }
+
+    /// The lanes summed as `dot_f16_f32` sums them, plus the portable tail.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn finish(acc: __m256, tail: f32) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: writes 8 floats into an array of 8.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        lanes.iter().sum::<f32>() + tail
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dots_f16_f32(k: &[f16], qs: &[&[f32]], out: &mut [f32]) {
+        let whole = k.len() / 8 * 8;
+        let mut acc = [_mm256_setzero_ps(); super::GROUP_MAX];
+        for c in (0..whole).step_by(8) {
+            let kv = load_ph(&k[c..]);
+            for (a, q) in acc.iter_mut().zip(qs) {
+                *a = _mm256_fmadd_ps(kv, load_ps(q, c), *a);
+            }
+        }
+        for ((o, a), q) in out.iter_mut().zip(acc).zip(qs) {
+            *o = finish(a, super::dot_f16_f32_portable(&k[whole..], &q[whole..]));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn mads_f16(accs: &mut [Vec<f16>], v: &[f16], s: &[f32]) {
+        let whole = v.len() / 8 * 8;
+        let mut sv = [_mm256_setzero_ps(); super::GROUP_MAX];
+        sv.iter_mut().zip(s).for_each(|(sv, &s)| *sv = _mm256_set1_ps(s));
+        for c in (0..whole).step_by(8) {
+            let x = load_ph(&v[c..]);
+            for (a, sv) in accs.iter_mut().zip(sv) {
+                let r = _mm256_fmadd_ps(x, sv, load_ph(&a[c..]));
+                store_ph(&mut a[c..], r);
+            }
+        }
+        for (a, &s) in accs.iter_mut().zip(s) {
+            super::mad_f16_portable(&mut a[whole..], &v[whole..], s);
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot_f16_f32(k: &[f16], q: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
@@ -119,10 +197,7 @@ mod x86 {
             let bv = unsafe { _mm256_loadu_ps(b.as_ptr()) };
             acc = _mm256_fmadd_ps(load_ph(a), bv, acc);
         }
-        let mut lanes = [0.0f32; 8];
-        // SAFETY: writes 8 floats into an array of 8.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-        lanes.iter().sum::<f32>() + tail
+        finish(acc, tail)
     }
 }
 
@@ -147,6 +222,30 @@ mod tests {
             scale_f16(&mut a, 0.377);
             scale_f16_portable(&mut b, 0.377);
             assert_eq!(a, b, "scale n={n}");
+        }
+    }
+
+    /// The grouped kernels give each row exactly what the one-row kernels give it.
+    #[test]
+    fn grouped_kernels_equal_one_row_bit_for_bit() {
+        for n in [1usize, 8, 13, 256] {
+            for g in 1..=GROUP_MAX {
+                let k = row(n, 5);
+                let qs: Vec<Vec<f32>> =
+                    (0..g).map(|j| (0..n).map(|i| ((i * 7 + j * 3) as f32 * 0.37).sin()).collect()).collect();
+                let q_refs: Vec<&[f32]> = qs.iter().map(Vec::as_slice).collect();
+                let mut dots = vec![0.0; g];
+                dots_f16_f32(&k, &q_refs, &mut dots);
+                for (d, q) in dots.iter().zip(&qs) {
+                    assert_eq!(d.to_bits(), dot_f16_f32(&k, q).to_bits(), "dots n={n} g={g}");
+                }
+                let scales: Vec<f32> = (0..g).map(|j| 0.3 + j as f32 * 0.21).collect();
+                let mut accs: Vec<Vec<f16>> = (0..g).map(|j| row(n, 17 + j as u32)).collect();
+                let mut want = accs.clone();
+                mads_f16(&mut accs, &k, &scales);
+                want.iter_mut().zip(&scales).for_each(|(a, &s)| mad_f16(a, &k, s));
+                assert_eq!(accs, want, "mads n={n} g={g}");
+            }
         }
     }
 

@@ -32,6 +32,8 @@ pub struct BenchArgs {
     pub parallel: usize,
     /// Tensor-parallel ranks (threads of this process), `threads / tp` threads each.
     pub tp: usize,
+    /// Tokens in the cache before each test (untimed).
+    pub depth: usize,
     /// The anonymous memory loading the model took, reported after the results.
     pub load_anon_bytes: Option<u64>,
 }
@@ -49,6 +51,8 @@ struct TestResult {
     n_gen: usize,
     /// Sequences decoding together (tg).
     n_parallel: usize,
+    /// Tokens in the cache before the test.
+    depth: usize,
     samples_ns: Vec<u64>,
     /// Tensor parallelism: rank 0's time in collectives per repetition.
     collective_ns: u64,
@@ -56,10 +60,14 @@ struct TestResult {
 
 impl TestResult {
     fn name(&self) -> String {
-        match (self.n_gen, self.n_parallel) {
+        let test = match (self.n_gen, self.n_parallel) {
             (0, _) => format!("pp{}", self.n_prompt),
             (n, 1) => format!("tg{n}"),
             (n, b) => format!("tg{n} ×{b}"),
+        };
+        match self.depth {
+            0 => test,
+            d => format!("{test} @ d{d}"),
         }
     }
 
@@ -89,45 +97,64 @@ fn random_tokens(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Ve
     tokens
 }
 
-/// Time of one prompt-processing run of `n` tokens, in ns.
-fn run_prompt(model: &LoadedModel<CpuBackend>, runner: Runner, rng: &mut Rng, n: usize) -> Result<u64, EngineError> {
-    let tokens = random_tokens(model, rng, n);
+/// Time of one prompt-processing run of `n` tokens after `depth` untimed ones, in ns.
+fn run_prompt(
+    model: &LoadedModel<CpuBackend>,
+    runner: Runner,
+    rng: &mut Rng,
+    n: usize,
+    depth: usize,
+) -> Result<u64, EngineError> {
+    let context = random_tokens(model, rng, depth + n);
+    let (before, tokens) = context.split_at(depth);
     match runner {
         Runner::Local(model) => {
-            let mut session = Session::new(model, n + 1);
+            let mut session = Session::new(model, depth + n + 1);
+            if depth > 0 {
+                session.feed(before, false)?;
+            }
             let start = Instant::now();
-            session.feed(&tokens, false)?;
+            session.feed(tokens, false)?;
             Ok(start.elapsed().as_nanos() as u64)
         }
         Runner::Split(group) => {
-            group.reset_kv(n + 1, 1)?;
+            group.reset_kv(depth + n + 1, 1)?;
+            if depth > 0 {
+                group.forward(&Batch::for_sequence(0, 0, before, false))?;
+            }
             let start = Instant::now();
-            group.forward(&Batch::for_sequence(0, 0, &tokens, false))?;
+            group.forward(&Batch::for_sequence(0, depth, tokens, false))?;
             Ok(start.elapsed().as_nanos() as u64)
         }
     }
 }
 
 /// Time of `n` decode steps of `parallel` sequences, each step one batch with a token
-/// (and its logits) per sequence, in ns.
+/// (and its logits) per sequence, after `depth` untimed tokens of each, in ns.
 fn run_gen(
     model: &LoadedModel<CpuBackend>,
     runner: Runner,
     rng: &mut Rng,
-    n: usize,
-    parallel: usize,
+    (n, parallel): (usize, usize),
+    depth: usize,
 ) -> Result<u64, EngineError> {
-    let tokens: Vec<Vec<u32>> = (0..parallel).map(|_| random_tokens(model, rng, n)).collect();
+    let tokens: Vec<Vec<u32>> = (0..parallel).map(|_| random_tokens(model, rng, depth + n)).collect();
     let batch = |step: usize| {
         let mut batch = Batch::default();
         for (seq, t) in tokens.iter().enumerate() {
-            batch.push(seq, step as u32, t[step], true);
+            batch.push(seq, (depth + step) as u32, t[depth + step], true);
         }
         batch
     };
+    // The context: each sequence's first `depth` tokens, a sequence per batch.
+    let contexts =
+        || (0..parallel).filter(|_| depth > 0).map(|seq| Batch::for_sequence(seq, 0, &tokens[seq][..depth], false));
     match runner {
         Runner::Local(model) => {
-            let mut kv = model.backend.new_kv(&model.arch.kv_spec(n + 1, parallel));
+            let mut kv = model.backend.new_kv(&model.arch.kv_spec(depth + n + 1, parallel));
+            for context in contexts() {
+                model.arch.forward(&model.backend, &context, &mut kv)?;
+            }
             let start = Instant::now();
             for step in 0..n {
                 model.arch.forward(&model.backend, &batch(step), &mut kv)?;
@@ -135,7 +162,10 @@ fn run_gen(
             Ok(start.elapsed().as_nanos() as u64)
         }
         Runner::Split(group) => {
-            group.reset_kv(n + 1, parallel)?;
+            group.reset_kv(depth + n + 1, parallel)?;
+            for context in contexts() {
+                group.forward(&context)?;
+            }
             let start = Instant::now();
             for step in 0..n {
                 group.forward(&batch(step))?;
@@ -150,27 +180,27 @@ fn run_test(
     runner: Runner,
     n_prompt: usize,
     (n_gen, n_parallel): (usize, usize),
-    reps: usize,
+    (depth, reps): (usize, usize),
 ) -> Result<TestResult, EngineError> {
     let mut rng = Rng::new(0x5eed);
     let run = |rng: &mut Rng| match n_gen {
-        0 => run_prompt(model, runner, rng, n_prompt),
-        _ => run_gen(model, runner, rng, n_gen, n_parallel),
+        0 => run_prompt(model, runner, rng, n_prompt, depth),
+        _ => run_gen(model, runner, rng, (n_gen, n_parallel), depth),
     };
     run(&mut rng)?; // warm-up
     let collectives = |r: Runner| if let Runner::Split(g) = r { g.collective_time() } else { Default::default() };
     let before = collectives(runner);
     let samples_ns = (0..reps).map(|_| run(&mut rng)).collect::<Result<Vec<_>, _>>()?;
     let collective_ns = (collectives(runner) - before).as_nanos() as u64 / reps.max(1) as u64;
-    Ok(TestResult { n_prompt, n_gen, n_parallel, samples_ns, collective_ns })
+    Ok(TestResult { n_prompt, n_gen, n_parallel, depth, samples_ns, collective_ns })
 }
 
 /// Runs the tests and prints the table or JSON on stdout.
 pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs) -> Result<(), EngineError> {
     let limit = model.arch.info().context_length;
-    let longest = args.n_prompt.max(args.n_gen);
+    let longest = args.n_prompt.max(args.n_gen).saturating_add(args.depth);
     if longest >= limit {
-        return Err(EngineError::ContextFull { needed: longest + 1, limit });
+        return Err(EngineError::ContextFull { needed: longest.saturating_add(1), limit });
     }
     let pool =
         rayon::ThreadPoolBuilder::new().num_threads(args.threads).build().map_err(|_| EngineError::BadValue {
@@ -192,10 +222,10 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
     let mut results = Vec::new();
     pool.install(|| -> Result<(), EngineError> {
         if args.n_prompt > 0 {
-            results.push(run_test(model, runner, args.n_prompt, (0, 1), args.reps)?);
+            results.push(run_test(model, runner, args.n_prompt, (0, 1), (args.depth, args.reps))?);
         }
         if args.n_gen > 0 {
-            results.push(run_test(model, runner, 0, (args.n_gen, args.parallel), args.reps)?);
+            results.push(run_test(model, runner, 0, (args.n_gen, args.parallel), (args.depth, args.reps))?);
         }
         Ok(())
     })?;
@@ -291,6 +321,7 @@ fn print_json(m: &ModelSummary, threads: usize, results: &[TestResult]) {
                 "n_prompt": r.n_prompt,
                 "n_gen": r.n_gen,
                 "n_parallel": r.n_parallel,
+                "n_depth": r.depth,
                 "avg_ns": avg_ns as u64,
                 "stddev_ns": stddev_ns as u64,
                 "avg_ts": avg_ts,

@@ -51,6 +51,10 @@ enum Command {
         /// threads and its share of the weights; gemma3 models so far).
         #[arg(long = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         tp: u16,
+        /// Tokens already in the cache (of every sequence) when each test starts, as
+        /// llama-bench's -d: filled untimed, so tg and pp are measured at that depth.
+        #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+        depth: usize,
     },
     /// Serve Ollama's HTTP API (and OpenAI's chat completions) on OLLAMA_HOST
     /// (default 127.0.0.1:11434) for the models in the store.
@@ -324,7 +328,7 @@ fn main() -> ExitCode {
     turbine::engine::memory::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp } => {
+        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp, depth } => {
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
             let args = bench::BenchArgs {
@@ -335,6 +339,7 @@ fn main() -> ExitCode {
                 format,
                 parallel: parallel.into(),
                 tp: tp.into(),
+                depth,
                 load_anon_bytes: None,
             };
             let before = bench::rss_anon_bytes();

@@ -590,9 +590,11 @@ impl Backend for CpuBackend {
                 (None, Cells::F16 { keys, values }) => {
                     let values = if shared_v { keys } else { values };
                     let (keys, values): (&[f16], &[f16]) = (keys.reinterpret_cast(), values.reinterpret_cast());
-                    for (row, o) in rows.iter().zip(outs.iter_mut()) {
-                        let kv = row.keys.clone().map(|p| (&keys[at(p)..][kh.clone()], &values[at(p)..][vh.clone()]));
-                        attend_online_f16(row.q, kv, shape.scale, row.sink, o);
+                    // A one-token job: its heads read the same keys, in lockstep.
+                    for (rows, outs) in rows.chunks(half_ops::GROUP_MAX).zip(outs.chunks_mut(half_ops::GROUP_MAX)) {
+                        let kv =
+                            rows[0].keys.clone().map(|p| (&keys[at(p)..][kh.clone()], &values[at(p)..][vh.clone()]));
+                        attend_online_f16(rows, kv, shape.scale, outs);
                     }
                 }
             }
@@ -705,7 +707,7 @@ impl AttnJob {
 
 /// The batch's attention split into jobs. Sequences on the tiled path (`tiled(seq)`) get
 /// jobs of [`TILE_TOKENS`] tokens × a KV head's query heads; the others one job per
-/// (token, head), for the one-row f16 kernel.
+/// token and KV head (or part of its query heads), for the f16 kernel.
 fn attention_jobs(batch: &BatchLayout, shape: AttnShape, tiled: impl Fn(usize) -> bool) -> Vec<AttnJob> {
     let group = shape.n_heads / shape.n_kv_heads;
     let mut per_seq: Vec<(usize, Vec<usize>)> = Vec::new();
@@ -715,6 +717,13 @@ fn attention_jobs(batch: &BatchLayout, shape: AttnShape, tiled: impl Fn(usize) -
             None => per_seq.push((seq, vec![t])),
         }
     }
+    // One-token jobs take a KV head's query heads together, split when there would be
+    // fewer jobs than threads (a single sequence decoding): a head's result does not
+    // depend on which others share its job.
+    let one_token_jobs: usize =
+        per_seq.iter().filter(|(seq, _)| !tiled(*seq)).map(|(_, rows)| rows.len() * shape.n_kv_heads).sum();
+    let splits = rayon::current_num_threads().div_ceil(one_token_jobs.max(1));
+    let heads_per_job = group.div_ceil(splits).max(1);
     let mut jobs = Vec::new();
     for (seq, rows) in per_seq {
         if tiled(seq) {
@@ -726,8 +735,11 @@ fn attention_jobs(batch: &BatchLayout, shape: AttnShape, tiled: impl Fn(usize) -
             }
         } else {
             for &t in &rows {
-                for h in 0..shape.n_heads {
-                    jobs.push(AttnJob { seq, kv_head: h / group, tokens: vec![t], heads: h..h + 1 });
+                for kv_head in 0..shape.n_kv_heads {
+                    for first in (kv_head * group..(kv_head + 1) * group).step_by(heads_per_job) {
+                        let heads = first..(first + heads_per_job).min((kv_head + 1) * group);
+                        jobs.push(AttnJob { seq, kv_head, tokens: vec![t], heads });
+                    }
                 }
             }
         }
@@ -744,47 +756,63 @@ const F32_ATTENTION_MIN_QUERIES: usize = 64;
 
 /// Online-softmax attention with Q in f16 and the V accumulator in f16 (rescaled when
 /// a new maximum score appears), as ggml's `flash_attn_ext_f16_one_chunk`; a sink is
-/// folded in after the keys, on the f32 result, as there.
+/// folded in after the keys, on the f32 result, as there. Up to `half_ops::GROUP_MAX`
+/// query rows over the same keys run in lockstep, each key and value converted once for
+/// all of them; each row's arithmetic is what it would be alone.
 fn attend_online_f16<'a>(
-    q: &[f32],
+    rows: &[QueryRow],
     kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
     scale: f32,
-    sink: Option<f32>,
-    out: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) {
+    let n = rows.len();
+    debug_assert!(rows.iter().all(|r| r.keys == rows[0].keys), "lockstep rows read other keys");
     // Q rounded to f16 and back, whole slices at a time (F16C, not a call per element).
-    let mut q16 = vec![f16::ZERO; q.len()];
-    q16.convert_from_f32_slice(q);
-    let mut q16_f32 = vec![0.0f32; q.len()];
-    q16.convert_to_f32_slice(&mut q16_f32);
-    let q16 = q16_f32;
-    let mut acc = vec![f16::ZERO; out.len()];
-    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    let q16: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| {
+            let mut h = vec![f16::ZERO; r.q.len()];
+            h.convert_from_f32_slice(r.q);
+            let mut back = vec![0.0f32; r.q.len()];
+            h.convert_to_f32_slice(&mut back);
+            back
+        })
+        .collect();
+    let qs: Vec<&[f32]> = q16.iter().map(Vec::as_slice).collect();
+    let mut accs: Vec<Vec<f16>> = outs.iter().map(|o| vec![f16::ZERO; o.len()]).collect();
+    let (mut max, mut sum) = (vec![f32::NEG_INFINITY; n], vec![0.0f32; n]);
+    let (mut dots, mut vs) = (vec![0.0f32; n], vec![0.0f32; n]);
     for (k, v) in kv {
-        let s = half_ops::dot_f16_f32(k, &q16) * scale;
-        let (mut ms, mut vs) = (1.0f32, 1.0f32);
-        if s > max {
-            ms = (max - s).exp();
-            max = s;
-            half_ops::scale_f16(&mut acc, ms);
-        } else {
-            vs = (s - max).exp();
+        half_ops::dots_f16_f32(k, &qs, &mut dots);
+        for j in 0..n {
+            let s = dots[j] * scale;
+            let mut ms = 1.0f32;
+            vs[j] = 1.0;
+            if s > max[j] {
+                ms = (max[j] - s).exp();
+                max[j] = s;
+                half_ops::scale_f16(&mut accs[j], ms);
+            } else {
+                vs[j] = (s - max[j]).exp();
+            }
+            sum[j] = sum[j] * ms + vs[j];
         }
-        half_ops::mad_f16(&mut acc, v, vs);
-        sum = sum * ms + vs;
+        half_ops::mads_f16(&mut accs, v, &vs);
     }
-    acc.convert_to_f32_slice(out);
-    if let Some(s) = sink {
-        if s > max {
-            let ms = (max - s).exp();
-            out.iter_mut().for_each(|o| *o *= ms);
-            sum = sum * ms + 1.0;
-        } else {
-            sum += (s - max).exp();
+    for (j, out) in outs.iter_mut().enumerate() {
+        accs[j].convert_to_f32_slice(out);
+        if let Some(s) = rows[j].sink {
+            if s > max[j] {
+                let ms = (max[j] - s).exp();
+                out.iter_mut().for_each(|o| *o *= ms);
+                sum[j] = sum[j] * ms + 1.0;
+            } else {
+                sum[j] += (s - max[j]).exp();
+            }
         }
+        let inv = if sum[j] == 0.0 { 0.0 } else { 1.0 / sum[j] };
+        out.iter_mut().for_each(|o| *o *= inv);
     }
-    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    out.iter_mut().for_each(|o| *o *= inv);
 }
 
 #[cfg(test)]
@@ -838,11 +866,33 @@ mod tests {
             let (mut a, mut b) = (vec![0.0; d], vec![0.0; d]);
             let row = QueryRow { q: &q, keys: 0..n, sink };
             attention::attend_one(&row, |p| rows[p].0, |p| rows[p].1, 0.7, &mut a);
-            attend_online_f16(&q, rows16.iter().copied(), 0.7, sink, &mut b);
+            attend_online_f16(&[row.clone()], rows16.iter().copied(), 0.7, &mut [&mut b]);
             for ((x, y), w) in a.iter().zip(&b).zip(&want) {
                 assert!((x - w).abs() < 1e-5, "f32 kernel {x} vs {w} (sink {sink:?})");
                 assert!((y - w).abs() < 2e-3, "f16 kernel {y} vs {w} (sink {sink:?})");
             }
+        }
+    }
+
+    /// Heads run in lockstep give each head exactly what it gets alone.
+    #[test]
+    fn heads_in_lockstep_equal_heads_alone() {
+        let (n, d, g) = (37, 24, 4);
+        let (k, v) = (values(n * d, 12), values(n * d, 13));
+        let (k16, v16): (Vec<f16>, Vec<f16>) =
+            (k.iter().map(|&x| f16::from_f32(x)).collect(), v.iter().map(|&x| f16::from_f32(x)).collect());
+        let kv = || k16.chunks(d).zip(v16.chunks(d));
+        let qs: Vec<Vec<f32>> = (0..g).map(|j| values(d, 20 + j as u32).iter().map(|x| x * 3.0).collect()).collect();
+        let sinks = [None, Some(0.5), Some(9.0), None];
+        let rows: Vec<QueryRow> = (0..g).map(|j| QueryRow { q: &qs[j], keys: 0..n, sink: sinks[j] }).collect();
+        let mut together = vec![vec![0.0f32; d]; g];
+        let mut outs: Vec<&mut [f32]> = together.iter_mut().map(Vec::as_mut_slice).collect();
+        attend_online_f16(&rows, kv(), 0.3, &mut outs);
+        for (j, row) in rows.iter().enumerate() {
+            let mut alone = vec![0.0f32; d];
+            attend_online_f16(std::slice::from_ref(row), kv(), 0.3, &mut [&mut alone]);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&together[j]), bits(&alone), "head {j}");
         }
     }
 
