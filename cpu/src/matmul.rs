@@ -211,9 +211,18 @@ fn group_times_tokens<O: Output>(
     {
         use crate::simd::interleaved::{
             group_tokens, group_tokens_q4_k, group_tokens_q6_k, sums_rows, MAX_K_TOKENS, MAX_TOKENS,
+            PREFETCH_AHEAD_MIN_TOKENS,
         };
         let group = il.group(g);
-        simd::prefetch(group, 0, group.len());
+        // One token or a few: the kernel is quick on each block, so the whole group is
+        // requested at once. More (batched decode): the kernels request each block
+        // AHEAD_BYTES in advance, within the group, and the next group's first bytes are
+        // requested here (requesting a whole group at once stalled on full miss queues).
+        if acts.rows < PREFETCH_AHEAD_MIN_TOKENS {
+            simd::prefetch(group, 0, group.len());
+        } else if g + 1 < il.groups {
+            simd::prefetch(il.group(g + 1), 0, simd::PREFETCH_BYTES);
+        }
         // Wide sums take two registers per token.
         let most = if O::WIDE || matches!(il.ty, GgmlType::Q4_K | GgmlType::Q6_K) { MAX_K_TOKENS } else { MAX_TOKENS };
         let mut t = 0;
