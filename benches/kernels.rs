@@ -64,7 +64,8 @@ fn bench_matmul(c: &mut Criterion) {
         let interleaved = Interleaved::new(&view);
         // Prompt batches over the big matrices are seconds each: fewer tokens there.
         let many = if rows * cols > 50_000_000 { 64 } else { 512 };
-        for n in [1usize, many] {
+        // 8: a decode step of 8 sequences (the server batching concurrent requests).
+        for n in [1usize, 8, many] {
             let x: Vec<f32> = (0..n * cols).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
             let acts = QuantizedActs::new(ty.act_type(), &x, cols);
             let mut out = vec![0.0f32; n * rows];

@@ -88,6 +88,7 @@ fn cli_greedy(prompt: &str, n: usize) -> String {
         stop: Vec::new(),
         logprobs: None,
         render_special: false,
+        format: None,
     };
     let mut out = String::new();
     Session::new(&model, num_ctx)

@@ -25,6 +25,7 @@ fn options(num_predict: usize, sampler: SamplerParams) -> GenerateOptions {
         stop: Vec::new(),
         logprobs: None,
         render_special: false,
+        format: None,
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, KvCache};
 use crate::gguf::Gguf;
+use crate::json_format::{JsonFormat, JsonState};
 use crate::kv::KvType;
 use crate::model::{self, Architecture, Batch};
 use crate::sampler::{Sampler, SamplerParams};
@@ -118,6 +119,9 @@ pub struct GenerateOptions {
     /// Output control tokens as their text (gpt-oss's harmony channels are tokens the
     /// server parses).
     pub render_special: bool,
+    /// Structured output: only tokens that keep the text a prefix of such a JSON
+    /// document are sampled, and generation stops when it is complete.
+    pub format: Option<Arc<JsonFormat>>,
 }
 
 /// A generated token's log-probability under the model (log-softmax of the raw logits,
@@ -205,6 +209,8 @@ pub struct Generation<'t> {
     first_logits: Option<Instant>,
     /// The last generated token's log-probability, until taken.
     logprob: Option<TokenLogprob>,
+    /// The structured output's state (with `opts.format`).
+    json: Option<JsonState>,
 }
 
 impl<'t> Generation<'t> {
@@ -221,6 +227,7 @@ impl<'t> Generation<'t> {
             started: Instant::now(),
             first_logits: None,
             logprob: None,
+            json: opts.format.as_ref().map(|f| f.start()),
         }
     }
 
@@ -238,7 +245,18 @@ impl<'t> Generation<'t> {
     /// including that token.
     pub fn step(&mut self, logits: &[f32], seq_len: usize) -> Step {
         self.first_logits.get_or_insert_with(Instant::now);
-        let next = self.sampler.sample(logits);
+        let next = match &self.json {
+            None => Some(self.sampler.sample(logits)),
+            Some(json) => {
+                let tok = self.tok;
+                self.sampler.sample_allowed(logits, &mut |id| match tok.is_eog(id) {
+                    true => json.may_end(),
+                    false => !tok.is_control(id) && json.accepts(&tok.token_to_piece(id)),
+                })
+            }
+        };
+        // None: no token can continue the structured output (a vocabulary without them).
+        let Some(next) = next else { return self.finish(DoneReason::Stop, String::new()) };
         let limit = self.opts.num_predict.unwrap_or(usize::MAX);
         if self.generated.len() >= limit {
             return self.finish(DoneReason::Length, String::new());
@@ -253,6 +271,12 @@ impl<'t> Generation<'t> {
         let (text, stopped) = self.out.push(&piece);
         if stopped {
             return Step::Finished { reason: DoneReason::Stop, text };
+        }
+        if let Some(json) = &mut self.json {
+            // Checked by `sample_allowed`, so this holds; a complete document ends here.
+            if !json.push_all(&self.tok.token_to_piece(next)) || json.is_complete() {
+                return self.finish(DoneReason::Stop, text);
+            }
         }
         if self.generated.len() >= limit || seq_len >= self.opts.num_ctx {
             return self.finish(DoneReason::Length, text);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod file_type;
 pub mod generate;
 pub mod gguf;
+pub mod json_format;
 pub mod kv;
 pub mod memory;
 pub mod model;

@@ -123,9 +123,38 @@ impl Sampler {
         }
         let mut logits = logits.to_vec();
         self.apply_penalties(&mut logits);
-        let mut c: Vec<Candidate> =
-            logits.iter().enumerate().map(|(i, &l)| Candidate { id: i as u32, logit: l, p: 0.0 }).collect();
+        let mut c = candidates(&logits);
         top_k(&mut c, self.params.top_k);
+        self.draw(c)
+    }
+
+    /// [`Sampler::sample`] among the tokens `allowed` accepts (structured outputs): the
+    /// penalties, then top-k over the allowed tokens only (asked about most likely first,
+    /// so most of the vocabulary is never asked), then the rest as usual; greedy takes
+    /// the most likely allowed token. None when no token is allowed.
+    pub fn sample_allowed(&mut self, logits: &[f32], allowed: &mut dyn FnMut(u32) -> bool) -> Option<u32> {
+        let greedy = self.params.temperature <= 0.0;
+        let mut logits = logits.to_vec();
+        if !greedy {
+            self.apply_penalties(&mut logits);
+        }
+        let c = candidates(&logits);
+        let want = match (greedy, self.params.top_k) {
+            (true, _) => 1,
+            (false, k) if k > 0 => k as usize,
+            _ => usize::MAX,
+        };
+        let c = most_likely_allowed(c, want, allowed);
+        match (c.first(), greedy) {
+            (None, _) => None,
+            (Some(best), true) => Some(best.id),
+            (Some(_), false) => Some(self.draw(c)),
+        }
+    }
+
+    /// Typical-p, top-p, min-p, temperature and the draw over candidates sorted most
+    /// likely first.
+    fn draw(&mut self, mut c: Vec<Candidate>) -> u32 {
         typical_p(&mut c, self.params.typical_p);
         top_p(&mut c, self.params.top_p);
         min_p(&mut c, self.params.min_p);
@@ -176,14 +205,47 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// Every token, by id.
+fn candidates(logits: &[f32]) -> Vec<Candidate> {
+    logits.iter().enumerate().map(|(i, &l)| Candidate { id: i as u32, logit: l, p: 0.0 }).collect()
+}
+
+/// Most likely first; the lowest id first among equals (as [`argmax`]).
+fn rank(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+}
+
+/// The first `want` candidates `allowed` accepts, in rank order, asking in windows of
+/// growing size so that only the likely part of the vocabulary is ranked and asked.
+fn most_likely_allowed(mut c: Vec<Candidate>, want: usize, allowed: &mut dyn FnMut(u32) -> bool) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let (mut start, mut window) = (0, 256usize);
+    while start < c.len() && out.len() < want {
+        let rest = &mut c[start..];
+        let n = window.min(rest.len());
+        if n < rest.len() {
+            rest.select_nth_unstable_by(n - 1, rank);
+        }
+        rest[..n].sort_by(rank);
+        for x in &rest[..n] {
+            if out.len() < want && allowed(x.id) {
+                out.push(*x);
+            }
+        }
+        start += n;
+        window = window.saturating_mul(8);
+    }
+    out
+}
+
 fn sort_desc(c: &mut [Candidate]) {
-    c.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+    c.sort_by(rank);
 }
 
 fn top_k(c: &mut Vec<Candidate>, k: i32) {
     if k > 0 && (k as usize) < c.len() {
         let k = k as usize;
-        c.select_nth_unstable_by(k - 1, |a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+        c.select_nth_unstable_by(k - 1, rank);
         c.truncate(k);
     }
     sort_desc(c);
@@ -355,5 +417,37 @@ mod tests {
         s.accept(5);
         // id 1 left the window: it is not penalized.
         assert_eq!(s.sample(&logits()), 1);
+    }
+
+    /// Constrained sampling takes the most likely allowed token, asks about few tokens
+    /// of a large vocabulary, and keeps top-k among the allowed ones only.
+    #[test]
+    fn sampling_among_allowed_tokens() {
+        let logits: Vec<f32> = (0..100_000).map(|i| ((i * 7919) % 100_000) as f32 / 1000.0).collect();
+        let order = {
+            let mut ids: Vec<u32> = (0..100_000).collect();
+            ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+            ids
+        };
+        let mut asked = 0;
+        let even = &mut |id: u32| {
+            asked += 1;
+            id % 2 == 0
+        };
+        let mut greedy = Sampler::new(SamplerParams::greedy());
+        let best_even = *order.iter().find(|&&id| id % 2 == 0).unwrap();
+        assert_eq!(greedy.sample_allowed(&logits, even), Some(best_even));
+        assert!(asked <= 256, "asked about {asked} tokens");
+        // Sampled with top_k 3: always one of the three most likely even tokens.
+        let top3: Vec<u32> = order.iter().copied().filter(|id| id % 2 == 0).take(3).collect();
+        let mut s = Sampler::new(SamplerParams { top_k: 3, top_p: 1.0, seed: Some(1), ..SamplerParams::default() });
+        for _ in 0..50 {
+            let t = s.sample_allowed(&logits, &mut |id| id % 2 == 0).unwrap();
+            assert!(top3.contains(&t), "{t} not among {top3:?}");
+        }
+        // Allowed tokens deep in the ranking are still found; none allowed gives None.
+        let last = *order.last().unwrap();
+        assert_eq!(greedy.sample_allowed(&logits, &mut |id| id == last), Some(last));
+        assert_eq!(greedy.sample_allowed(&logits, &mut |_| false), None);
     }
 }

@@ -123,6 +123,9 @@ enum Command {
         /// Do not print a thinking model's reasoning.
         #[arg(long)]
         hidethinking: bool,
+        /// Response format: json, or a JSON schema (its text) the answers must follow.
+        #[arg(long)]
+        format: Option<String>,
         /// Chat interactively even when stdin is not a terminal.
         #[arg(long, hide = true)]
         interactive: bool,
@@ -281,6 +284,7 @@ fn generate(args: GenerateArgs) -> Result<(), EngineError> {
         stop: args.stop,
         logprobs: None,
         render_special: false,
+        format: None,
     };
     let mut session = Session::new(&model, num_ctx);
     let mut stdout = std::io::stdout().lock();
@@ -357,9 +361,17 @@ fn main() -> ExitCode {
         Command::Create { model, file } => return client_main(|t| client::create(t, &model, &file)),
         Command::Cp { source, destination } => return client_main(|t| client::copy(t, &source, &destination)),
         Command::Rm { models } => return client_main(|t| client::remove(t, &models)),
-        Command::Run { model, prompt, keep_alive, verbose, think, hidethinking, interactive } => {
-            let args =
-                client::RunArgs { model, prompt, keep_alive, verbose, think, hide_thinking: hidethinking, interactive };
+        Command::Run { model, prompt, keep_alive, verbose, think, hidethinking, format, interactive } => {
+            let args = client::RunArgs {
+                model,
+                prompt,
+                keep_alive,
+                verbose,
+                think,
+                hide_thinking: hidethinking,
+                format,
+                interactive,
+            };
             return client_main(|t| client::run(t, args));
         }
         Command::Gateway { nodes, config, listen } => {

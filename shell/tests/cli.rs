@@ -41,6 +41,7 @@ fn greedy_generate_prints_the_engines_greedy_text() {
         stop: vec![],
         logprobs: None,
         render_special: false,
+        format: None,
     };
     let mut want = String::new();
     Session::new(&model, 64)

@@ -53,6 +53,7 @@ fn engine_greedy(text: &str, n: usize) -> (Vec<u32>, String) {
         stop: vec![],
         logprobs: None,
         render_special: false,
+        format: None,
     };
     let mut out = String::new();
     Session::new(&model, 4096)
@@ -391,6 +392,50 @@ fn a_client_that_goes_away_frees_the_model() {
     let log = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(std::env::temp_dir().join(format!("turbine-gone-{}.log", std::process::id())));
     assert!(log.contains("POST /api/generate 499"), "the non-streamed request was not cut short:\n{log}");
+}
+
+/// `format` and `response_format`: the answer follows the schema and ends when the
+/// document does; a bad format is a 400 naming the problem, on every route.
+#[test]
+fn structured_outputs_follow_the_schema() {
+    let s = Server::start();
+    let schema = json!({ "type": "object", "required": ["ok", "n"],
+                         "properties": { "ok": { "type": "boolean" }, "n": { "type": "integer" } } });
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "Answer:", "stream": false, "format": schema,
+                 "options": { "temperature": 0, "num_predict": 40 } }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let doc: Value = serde_json::from_str(v["response"].as_str().unwrap()).expect("a JSON document");
+    assert!(doc["ok"].is_boolean() && doc["n"].is_i64(), "{doc}");
+    assert_eq!(doc.as_object().unwrap().len(), 2);
+    assert_eq!(v["done_reason"], "stop");
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({ "model": MODEL, "messages": [{ "role": "user", "content": "Answer:" }], "max_tokens": 40,
+                 "temperature": 0, "response_format": { "type": "json_schema", "json_schema": { "schema": schema } } }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let content = r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(serde_json::from_str::<Value>(&content).unwrap()["ok"].is_boolean(), "{content}");
+    for (path, body) in [
+        ("/api/generate", json!({ "model": MODEL, "prompt": "x", "format": "yaml" })),
+        ("/api/chat", json!({ "model": MODEL, "messages": [], "format": { "type": "tuple" } })),
+        ("/api/generate", json!({ "model": MODEL, "prompt": "x", "format": { "$ref": "#/$defs/Missing" } })),
+        (
+            "/v1/chat/completions",
+            json!({ "model": MODEL, "messages": [{ "role": "user", "content": "x" }],
+                                        "response_format": { "type": "xml" } }),
+        ),
+    ] {
+        let r = s.post(path, &body);
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.text());
+        let e = r.json();
+        let message = e["error"].as_str().or(e["error"]["message"].as_str()).unwrap_or_default().to_string();
+        assert!(message.contains("format"), "{path}: {message}");
+    }
 }
 
 #[test]

@@ -175,6 +175,7 @@ fn generate(
         stop: Vec::new(),
         logprobs: None,
         render_special: false,
+        format: None,
     };
     ctx.clear();
     let stats = turbine_engine::generate::generate(ctx, &model.tokenizer, &prompt, &opts, on_text)?;

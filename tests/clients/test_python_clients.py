@@ -8,12 +8,16 @@ runs it: `pytest tests/clients`. The npm test needs `TURBINE_NPM_PREFIX` (a fold
 `npm install --prefix DIR ollama` was run) and is skipped without it.
 """
 
+import enum
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import ollama
 import openai
+import pydantic
 import pytest
 
 from turbine_server import serve
@@ -118,6 +122,60 @@ def test_bad_option_type_is_400(client):
         client.generate(model=MODEL, prompt="hi", options={"temperature": "hot"})
     assert e.value.status_code == 400
     assert "temperature" in e.value.error
+
+
+class Mood(str, enum.Enum):
+    calm = "calm"
+    stormy = "stormy"
+
+
+class Verdict(pydantic.BaseModel):
+    """A pydantic model as users pass it: its schema has an enum, a $ref into $defs and
+    an optional field (anyOf with null). No free text: every field is bounded, so even the
+    base model's answer ends well within num_predict."""
+
+    ok: bool
+    count: int
+    mood: Mood
+    score: Optional[int] = None
+
+
+def test_structured_output_follows_a_pydantic_schema(client):
+    r = client.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is the sky blue? Answer in JSON."}],
+        format=Verdict.model_json_schema(),
+        options={"temperature": 0, "num_predict": 64},
+    )
+    assert r.done_reason == "stop", r.message.content
+    Verdict.model_validate_json(r.message.content)
+
+
+def test_json_format_gives_an_object(client):
+    r = client.generate(model=MODEL, prompt="A cat, as JSON:", format="json", options={"temperature": 0.7, "seed": 1, "num_predict": 48})
+    if r.done_reason == "stop":
+        assert isinstance(json.loads(r.response), dict)
+    else:  # cut at num_predict: still the start of an object
+        assert r.response.lstrip().startswith("{"), r.response
+
+
+def test_bad_format_is_400(client):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model=MODEL, prompt="hi", format={"type": "tuple"})
+    assert e.value.status_code == 400 and "invalid format" in e.value.error
+
+
+def test_openai_response_format(oai):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is water wet?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}},
+        max_tokens=32,
+        temperature=0,
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
 
 
 def test_openai_chat(oai):

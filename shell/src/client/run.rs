@@ -16,6 +16,8 @@ pub struct RunArgs {
     pub think: Option<String>,
     /// Leave a thinking model's reasoning out of the output.
     pub hide_thinking: bool,
+    /// `format` for the requests: "json", or a JSON schema's text.
+    pub format: Option<String>,
     /// Run the interactive chat even when stdin is not a terminal (for scripts and tests).
     pub interactive: bool,
 }
@@ -63,6 +65,11 @@ impl<'a> Chat<'a> {
             Some("true") => body["think"] = json!(true),
             Some("false") => body["think"] = json!(false),
             Some(level) => body["think"] = json!(level),
+        }
+        if let Some(f) = &self.args.format {
+            // A schema goes as the object it is; anything else as the string (the server
+            // says what is wrong with it).
+            body["format"] = serde_json::from_str::<Value>(f).ok().filter(Value::is_object).unwrap_or(json!(f));
         }
         body
     }

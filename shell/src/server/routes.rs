@@ -14,6 +14,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use turbine::engine::gguf::Gguf;
+use turbine::engine::json_format::JsonFormat;
 use turbine::engine::scheduler::SchedulerStats;
 
 /// Early-return plumbing: the error side is the response to send.
@@ -160,7 +161,28 @@ fn job_options(m: &Body, base: Options, keep_alive: KeepAlive) -> Result<JobOpti
         logprobs: logprobs_fields(m)?,
         truncate,
         keep_alive,
+        format: format_field(m.get("format").unwrap_or(&Value::Null))?,
     })
+}
+
+/// Ollama's `format`: `"json"` or a JSON schema; an error names what is wrong with it.
+fn format_field(format: &Value) -> Result<Option<Arc<JsonFormat>>, Reply> {
+    JsonFormat::from_request(format).map(|f| f.map(Arc::new)).map_err(|e| Reply::error(400, e.to_string()))
+}
+
+/// OpenAI's `response_format`: `{"type": "text" | "json_object" | "json_schema",
+/// "json_schema": {"schema": ...}}`.
+fn response_format_field(m: &Body) -> Result<Option<Arc<JsonFormat>>, Reply> {
+    let Some(rf) = m.get("response_format").filter(|v| !v.is_null()) else { return Ok(None) };
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => format_field(&json!("json")),
+        Some("json_schema") => match rf.get("json_schema").and_then(|s| s.get("schema")) {
+            Some(schema) => format_field(schema),
+            None => Err(Reply::error(400, "response_format json_schema needs json_schema.schema")),
+        },
+        _ => Err(Reply::error(400, "response_format type must be \"text\", \"json_object\" or \"json_schema\"")),
+    }
 }
 
 /// Most alternatives `top_logprobs` may ask for (OpenAI's and Ollama's limit).
@@ -401,6 +423,7 @@ fn load_only(cx: &Cx, name: &str, entry: &Entry, keep_alive: KeepAlive, chat: bo
             logprobs: None,
             truncate: true,
             keep_alive,
+            format: None,
         };
         wait_for_done(worker.submit(JobInput::Load, opts, &cx.meter))?;
         v["done_reason"] = json!("load");
@@ -958,6 +981,7 @@ mod openai {
             logprobs: if chat { logprobs_fields(&m)? } else { legacy_logprobs(&m)? },
             truncate: true,
             keep_alive,
+            format: response_format_field(&m)?,
         };
         let worker = cx.state.models.get(&entry).map_err(|m| Reply::error(503, m))?;
         let (think, tools) = if chat { (reasoning_effort(&m)?, tools_field(&m)?) } else { (Think::Unset, None) };

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel, TokenLogprob};
+use turbine::engine::json_format::JsonFormat;
 use turbine::engine::kv::{KvLayout, KvType, BLOCK_TOKENS};
 use turbine::engine::sampler::SamplerParams;
 use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent};
@@ -53,6 +54,8 @@ pub struct JobOptions {
     /// Drop the oldest prompt tokens when the prompt does not fit (else an error).
     pub truncate: bool,
     pub keep_alive: KeepAlive,
+    /// Structured output (`format` / `response_format`).
+    pub format: Option<Arc<JsonFormat>>,
 }
 
 pub struct Job {
@@ -712,6 +715,7 @@ fn prepare(
         stop: job.opts.stop.clone(),
         logprobs: job.opts.logprobs,
         render_special: format == Some(ThinkFormat::Harmony),
+        format: job.opts.format.clone(),
     };
     Ok(Some((ids, opts, parsing)))
 }
