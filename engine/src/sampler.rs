@@ -196,6 +196,22 @@ impl Sampler {
 
 /// Index of the largest value; the lowest index wins ties.
 pub fn argmax(x: &[f32]) -> u32 {
+    // The maximum in 16 independent lanes (a loop the compiler vectorizes; NaN never
+    // wins a comparison, as below), then its first position.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    x.iter().position(|&v| v == max).unwrap_or(0) as u32
+}
+
+/// [`argmax`] as a plain scan: the reference it is tested against.
+#[cfg(test)]
+fn argmax_scan(x: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {
@@ -417,6 +433,20 @@ mod tests {
         s.accept(5);
         // id 1 left the window: it is not penalized.
         assert_eq!(s.sample(&logits()), 1);
+    }
+
+    #[test]
+    fn argmax_equals_the_plain_scan() {
+        let mut cases: Vec<Vec<f32>> = vec![vec![], vec![f32::NAN; 40], vec![f32::NEG_INFINITY; 33], vec![2.0; 37]];
+        for n in [1usize, 15, 16, 17, 100, 1000] {
+            cases.push((0..n).map(|i| ((i * 7919) % 97) as f32 - 48.0).collect());
+            let mut with_nan: Vec<f32> = (0..n).map(|i| (i % 13) as f32).collect();
+            with_nan[n / 2] = f32::NAN;
+            cases.push(with_nan);
+        }
+        for x in &cases {
+            assert_eq!(argmax(x), argmax_scan(x), "{x:?}");
+        }
     }
 
     /// Constrained sampling takes the most likely allowed token, asks about few tokens
