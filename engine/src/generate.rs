@@ -103,6 +103,11 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
+/// Most tokens a structured output's step asks about, most likely first (a valid
+/// continuation is almost always among the first few; a step that finds none by then
+/// ends the generation, and sampling with top_k ≤ 0 draws among those found).
+const MAX_FORMAT_CHECKS: usize = 32_768;
+
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -248,10 +253,15 @@ impl<'t> Generation<'t> {
         let next = match &self.json {
             None => Some(self.sampler.sample(logits)),
             Some(json) => {
-                let tok = self.tok;
-                self.sampler.sample_allowed(logits, &mut |id| match tok.is_eog(id) {
-                    true => json.may_end(),
-                    false => !tok.is_control(id) && json.accepts(&tok.token_to_piece(id)),
+                let (tok, mut asked) = (self.tok, 0);
+                self.sampler.sample_allowed(logits, &mut |id| {
+                    // Bounded work per token, whatever the schema: the batch waits for it.
+                    asked += 1;
+                    asked <= MAX_FORMAT_CHECKS
+                        && match tok.is_eog(id) {
+                            true => json.may_end(),
+                            false => !tok.is_control(id) && json.accepts(&tok.token_to_piece(id)),
+                        }
                 })
             }
         };

@@ -31,6 +31,14 @@ const MAX_DEPTH: usize = 64;
 /// Alternatives followed at once (from `anyOf` and lists of types).
 const MAX_ALTERNATIVES: usize = 64;
 
+/// Most schema nodes one format may expand to (`$ref`s are expanded where they are used,
+/// so a small schema could otherwise describe an enormous tree).
+const MAX_NODES: usize = 10_000;
+
+/// Most frames one byte may visit across all alternatives (nested `anyOf`s that all
+/// reject a byte would otherwise be explored exhaustively).
+const MAX_STEPS_PER_BYTE: usize = 4096;
+
 /// What a value may be.
 #[derive(Debug, PartialEq)]
 enum Node {
@@ -85,7 +93,8 @@ impl JsonFormat {
 
     /// From a JSON schema.
     pub fn schema(schema: &Value) -> Result<JsonFormat, FormatError> {
-        Ok(JsonFormat { root: Arc::new(SchemaReader { doc: schema }.node(schema, 0)?) })
+        let reader = SchemaReader { doc: schema, nodes: std::cell::Cell::new(0) };
+        Ok(JsonFormat { root: Arc::new(reader.node(schema, 0)?) })
     }
 
     /// The state before any output.
@@ -96,12 +105,18 @@ impl JsonFormat {
 
 struct SchemaReader<'a> {
     doc: &'a Value,
+    /// Nodes made so far.
+    nodes: std::cell::Cell<usize>,
 }
 
 impl SchemaReader<'_> {
     fn node(&self, s: &Value, depth: usize) -> Result<Node, FormatError> {
         if depth > MAX_DEPTH {
             return Err(FormatError(format!("the schema nests (or refers) deeper than {MAX_DEPTH} levels")));
+        }
+        self.nodes.set(self.nodes.get() + 1);
+        if self.nodes.get() > MAX_NODES {
+            return Err(FormatError(format!("the schema expands to more than {MAX_NODES} parts")));
         }
         let s = match s {
             Value::Bool(true) => return Ok(Node::Any),
@@ -392,6 +407,7 @@ impl JsonState {
     pub fn push(&mut self, b: u8) -> bool {
         let mut alts = Vec::new();
         let mut ws = Ws::None;
+        let mut budget = MAX_STEPS_PER_BYTE;
         for stack in std::mem::take(&mut self.alts) {
             // Whitespace between tokens follows the whitespace rule; in a string it is text.
             if is_ws(b) && ws_is_between(&stack) {
@@ -400,7 +416,7 @@ impl JsonState {
                     None => continue,
                 }
             }
-            feed(stack, b, &mut alts);
+            feed(stack, b, &mut alts, &mut budget);
         }
         self.alts = alts;
         self.ws = ws;
@@ -414,9 +430,13 @@ fn ws_is_between(stack: &[Frame]) -> bool {
 }
 
 /// One byte through one stack: the stacks it leads to (none when the byte is rejected;
-/// several when a choice opens) go to `out`.
-fn feed(mut stack: Vec<Frame>, b: u8, out: &mut Vec<Vec<Frame>>) {
+/// several when a choice opens) go to `out`, within `budget` frame visits.
+fn feed(mut stack: Vec<Frame>, b: u8, out: &mut Vec<Vec<Frame>>, budget: &mut usize) {
     loop {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
         if let Some(Frame::Value(node)) = stack.last() {
             if let Node::OneOf(options) = &**node {
                 let options = options.clone();
@@ -427,7 +447,7 @@ fn feed(mut stack: Vec<Frame>, b: u8, out: &mut Vec<Vec<Frame>>) {
                     }
                     let mut s = stack.clone();
                     s.push(Frame::Value(o));
-                    feed(s, b, out);
+                    feed(s, b, out, budget);
                 }
                 return;
             }
@@ -747,6 +767,30 @@ mod tests {
         assert_eq!(run(&f, "\"x\""), (true, true));
     }
 
+    /// A schema whose definition i uses definition i + 1 as `make` says, `levels` deep.
+    fn doubling_defs(levels: usize, make: impl Fn(&Value) -> Value) -> Value {
+        let defs: serde_json::Map<String, Value> = (0..levels)
+            .map(|i| (format!("D{i}"), make(&json!({ "$ref": format!("#/$defs/D{}", i + 1) }))))
+            .chain([(format!("D{levels}"), json!({ "type": "integer" }))])
+            .collect();
+        json!({ "$defs": defs, "$ref": "#/$defs/D0" })
+    }
+
+    /// Nested choices (thousands of ways to read a byte) are followed within a budget.
+    #[test]
+    fn nested_choices_stay_bounded() {
+        let f = JsonFormat::schema(&doubling_defs(
+            9,
+            |next| json!({ "anyOf": [next, { "type": "array", "items": next }] }),
+        ))
+        .expect("under the size limit");
+        let start = std::time::Instant::now();
+        let s = f.start();
+        assert!(!s.accepts(b"x"));
+        assert!(s.accepts(b"[[1"));
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
     #[test]
     fn bad_formats_are_errors_naming_the_problem() {
         assert!(JsonFormat::from_request(&json!("yaml")).unwrap_err().0.contains("\"json\""));
@@ -762,6 +806,9 @@ mod tests {
             let e = JsonFormat::schema(&s).unwrap_err();
             assert!(e.to_string().contains(why), "{s}: {e}");
         }
+        // Definitions that each use the next twice: 2^30 nodes if expanded, refused.
+        let e = JsonFormat::schema(&doubling_defs(30, |next| json!({ "anyOf": [next, next] }))).unwrap_err();
+        assert!(e.0.contains("parts"), "{e}");
         // A schema that refers to itself ends at the depth limit, not in a loop.
         let e = JsonFormat::schema(&json!({"$ref": "#"})).unwrap_err();
         assert!(e.0.contains("deeper"), "{e}");
