@@ -103,10 +103,11 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
-/// Most tokens a structured output's step asks about, most likely first (a valid
-/// continuation is almost always among the first few; a step that finds none by then
-/// ends the generation, and sampling with top_k ≤ 0 draws among those found).
-const MAX_FORMAT_CHECKS: usize = 32_768;
+/// Most automaton steps a structured output's token may take over all the candidates it
+/// asks about, most likely first: enough to ask about the whole vocabulary of ordinary
+/// schemas (a few steps per token), while a pathological one cannot stall the batch. A
+/// step that finds nothing allowed within it ends the generation.
+const MAX_FORMAT_WORK: usize = 16 << 20;
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -253,15 +254,11 @@ impl<'t> Generation<'t> {
         let next = match &self.json {
             None => Some(self.sampler.sample(logits)),
             Some(json) => {
-                let (tok, mut asked) = (self.tok, 0);
-                self.sampler.sample_allowed(logits, &mut |id| {
-                    // Bounded work per token, whatever the schema: the batch waits for it.
-                    asked += 1;
-                    asked <= MAX_FORMAT_CHECKS
-                        && match tok.is_eog(id) {
-                            true => json.may_end(),
-                            false => !tok.is_control(id) && json.accepts(&tok.token_to_piece(id)),
-                        }
+                // Bounded work per token, whatever the schema: the batch waits for it.
+                let (tok, mut budget) = (self.tok, MAX_FORMAT_WORK);
+                self.sampler.sample_allowed(logits, &mut |id| match tok.is_eog(id) {
+                    true => json.may_end(),
+                    false => !tok.is_control(id) && json.accepts_within(&tok.token_to_piece(id), &mut budget),
                 })
             }
         };

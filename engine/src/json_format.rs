@@ -382,6 +382,26 @@ impl JsonState {
         bytes.iter().all(|&b| s.push(b))
     }
 
+    /// [`JsonState::accepts`] within `budget` frame visits, which it spends: false once
+    /// the budget is gone. Lets a caller bound its work over many candidates.
+    pub fn accepts_within(&self, bytes: &[u8], budget: &mut usize) -> bool {
+        // The copy costs a visit per frame.
+        let frames: usize = self.alts.iter().map(Vec::len).sum();
+        if *budget <= frames {
+            *budget = 0;
+            return false;
+        }
+        *budget -= frames;
+        let mut s = self.clone();
+        bytes.iter().all(|&b| {
+            let mut left = (*budget).min(MAX_STEPS_PER_BYTE);
+            let before = left;
+            let ok = s.push_counted(b, &mut left);
+            *budget -= before - left;
+            ok
+        })
+    }
+
     /// Appends `bytes`; false (and the state unusable) when they break the document.
     pub fn push_all(&mut self, bytes: &[u8]) -> bool {
         bytes.iter().all(|&b| self.push(b))
@@ -405,9 +425,13 @@ impl JsonState {
 
     /// Appends one byte.
     pub fn push(&mut self, b: u8) -> bool {
+        self.push_counted(b, &mut MAX_STEPS_PER_BYTE.clone())
+    }
+
+    /// Appends one byte within `budget` frame visits (spent).
+    fn push_counted(&mut self, b: u8, budget: &mut usize) -> bool {
         let mut alts = Vec::new();
         let mut ws = Ws::None;
-        let mut budget = MAX_STEPS_PER_BYTE;
         for stack in std::mem::take(&mut self.alts) {
             // Whitespace between tokens follows the whitespace rule; in a string it is text.
             if is_ws(b) && ws_is_between(&stack) {
@@ -416,7 +440,7 @@ impl JsonState {
                     None => continue,
                 }
             }
-            feed(stack, b, &mut alts, &mut budget);
+            feed(stack, b, &mut alts, budget);
         }
         self.alts = alts;
         self.ws = ws;
@@ -774,6 +798,21 @@ mod tests {
             .chain([(format!("D{levels}"), json!({ "type": "integer" }))])
             .collect();
         json!({ "$defs": defs, "$ref": "#/$defs/D0" })
+    }
+
+    /// A caller's budget bounds the work over many candidates, copies included.
+    #[test]
+    fn checks_spend_a_shared_budget() {
+        let f = JsonFormat::any_object();
+        let s = f.start();
+        let mut budget = 1000;
+        let mut accepted = 0;
+        while s.accepts_within(b"{", &mut budget) {
+            accepted += 1;
+        }
+        assert!(accepted > 10 && accepted < 1000, "{accepted}");
+        assert_eq!(budget, 0);
+        assert!(!s.accepts_within(b"{", &mut budget), "an empty budget accepts nothing");
     }
 
     /// Nested choices (thousands of ways to read a byte) are followed within a budget.
