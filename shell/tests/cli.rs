@@ -77,6 +77,20 @@ fn bench_json_has_llama_bench_fields() {
     }
 }
 
+/// `-d`: the tests run after that many tokens of every sequence are in the cache.
+#[test]
+fn bench_at_a_depth() {
+    let args =
+        ["bench", "-m", "gemma3:270m", "-p", "8", "-n", "4", "-d", "16", "--parallel", "2", "-r", "1", "-t", "1"];
+    let rows: serde_json::Value =
+        serde_json::from_str(&stdout(&turbine(&[&args[..], &["-o", "json"]].concat()))).expect("json");
+    let rows = rows.as_array().expect("array");
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["n_depth"] == 16 && r["avg_ts"].as_f64().unwrap() > 0.0), "{rows:?}");
+    let table = stdout(&turbine(&args));
+    assert!(table.contains("pp8 @ d16") && table.contains("tg4 ×2 @ d16"), "{table}");
+}
+
 #[test]
 fn errors_are_reported_not_panics() {
     for args in [
@@ -84,6 +98,7 @@ fn errors_are_reported_not_panics() {
         vec!["generate", "-m", "/nonexistent/file.gguf", "hi"],
         vec!["generate", "-m", "gemma3:270m", "--num-ctx", "3", "a b c d e f g"],
         vec!["bench", "-m", "gemma3:270m", "-p", "100000"],
+        vec!["bench", "-m", "gemma3:270m", "-p", "8", "-d", "40000"],
     ] {
         let o = turbine(&args);
         let err = String::from_utf8_lossy(&o.stderr);
