@@ -234,3 +234,51 @@ fn moe_batches_match_one_token_at_a_time() {
         assert_eq!(max_d, 0.0, "{name}: batched and one-at-a-time logits differ");
     }
 }
+
+/// A structured output behind a reasoning marker: tokens before `</think>` are sampled
+/// freely, the first token after it must begin the document. Logits are made up, so the
+/// choice shows which tokens were allowed.
+#[test]
+fn a_format_after_the_reasoning_starts_with_the_answer() {
+    use std::sync::Arc;
+    use turbine::engine::generate::{GenerateOptions, Generation, Step};
+    use turbine::engine::json_format::JsonFormat;
+    use turbine::engine::sampler::SamplerParams;
+    let m = model("qwen3-q8_0.gguf");
+    let tok = &m.tokenizer;
+    let one = |text: &str| {
+        let ids = tok.encode(text, false, true);
+        assert_eq!(ids.len(), 1, "{text:?} is one token");
+        ids[0]
+    };
+    let (word, brace) = (one("hello"), one("{"));
+    // Several tokens in this vocabulary (one in Qwen3's own).
+    let close = tok.encode("</think>", false, true);
+    let format = JsonFormat::from_request(&serde_json::json!("json")).expect("json").expect("a format");
+    let opts = GenerateOptions {
+        num_predict: Some(16),
+        num_ctx: 64,
+        sampler: SamplerParams::greedy(),
+        stop: vec![],
+        logprobs: None,
+        render_special: true,
+        format: Some(Arc::new(format.after(close.clone()))),
+    };
+    let mut gen = Generation::new(tok, &[one("hi")], &opts);
+    // Most likely `word`, then `brace`, then everything else.
+    let logits = |best: u32| {
+        let mut l = vec![0.0f32; tok.n_vocab()];
+        l[brace as usize] = 5.0;
+        l[best as usize] = 10.0;
+        l
+    };
+    let token = |s: Step| match s {
+        Step::Continue { token, .. } => token,
+        Step::Finished { reason, text } => panic!("finished early: {reason:?} {text:?}"),
+    };
+    assert_eq!(token(gen.step(&logits(word), 2)), word, "reasoning is free text");
+    for (i, &t) in close.iter().enumerate() {
+        assert_eq!(token(gen.step(&logits(t), 3 + i)), t);
+    }
+    assert_eq!(token(gen.step(&logits(word), 3 + close.len())), brace, "after </think> the answer is JSON");
+}

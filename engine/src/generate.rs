@@ -215,7 +215,7 @@ pub struct Generation<'t> {
     first_logits: Option<Instant>,
     /// The last generated token's log-probability, until taken.
     logprob: Option<TokenLogprob>,
-    /// The structured output's state (with `opts.format`).
+    /// The structured output's state (with `opts.format`, once its marker has passed).
     json: Option<JsonState>,
 }
 
@@ -233,7 +233,7 @@ impl<'t> Generation<'t> {
             started: Instant::now(),
             first_logits: None,
             logprob: None,
-            json: opts.format.as_ref().map(|f| f.start()),
+            json: opts.format.as_ref().filter(|f| f.marker().is_empty()).map(|f| f.start()),
         }
     }
 
@@ -287,6 +287,12 @@ impl<'t> Generation<'t> {
         }
         if self.generated.len() >= limit || seq_len >= self.opts.num_ctx {
             return self.finish(DoneReason::Length, text);
+        }
+        // The thinking is over: the document starts with the next token.
+        if let Some(f) = self.opts.format.as_ref().filter(|f| self.json.is_none() && !f.marker().is_empty()) {
+            if self.generated.ends_with(f.marker()) {
+                self.json = Some(f.start());
+            }
         }
         Step::Continue { token: next, text }
     }

@@ -58,10 +58,13 @@ enum Node {
     OneOf(Vec<Arc<Node>>),
 }
 
-/// A parsed `format`: what the whole output must be.
-#[derive(Debug)]
+/// A parsed `format`: what the output must be, from its start or from a marker on.
+#[derive(Clone, Debug)]
 pub struct JsonFormat {
     root: Arc<Node>,
+    /// Tokens after which the document starts (a reasoning model's end of thinking);
+    /// empty: from the first token.
+    after: Vec<u32>,
 }
 
 /// Why a `format` cannot be used.
@@ -77,7 +80,7 @@ impl std::fmt::Display for FormatError {
 impl JsonFormat {
     /// `"json"`: any JSON object.
     pub fn any_object() -> JsonFormat {
-        JsonFormat { root: Arc::new(Node::Object { props: Vec::new(), extra: Arc::new(Node::Any) }) }
+        JsonFormat { root: Arc::new(Node::Object { props: Vec::new(), extra: Arc::new(Node::Any) }), after: Vec::new() }
     }
 
     /// From a request's `format` value: `"json"` or a schema object (null and `""`: none).
@@ -94,7 +97,18 @@ impl JsonFormat {
     /// From a JSON schema.
     pub fn schema(schema: &Value) -> Result<JsonFormat, FormatError> {
         let reader = SchemaReader { doc: schema, nodes: std::cell::Cell::new(0) };
-        Ok(JsonFormat { root: Arc::new(reader.node(schema, 0)?) })
+        Ok(JsonFormat { root: Arc::new(reader.node(schema, 0)?), after: Vec::new() })
+    }
+
+    /// This format, applying only once the generated tokens end with `marker` (the end of
+    /// a reasoning model's thinking): the reasoning before it is sampled freely.
+    pub fn after(&self, marker: Vec<u32>) -> JsonFormat {
+        JsonFormat { after: marker, ..self.clone() }
+    }
+
+    /// The tokens the document follows (empty: it starts at once).
+    pub fn marker(&self) -> &[u32] {
+        &self.after
     }
 
     /// The state before any output.

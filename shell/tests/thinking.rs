@@ -132,6 +132,27 @@ fn think_splits_reasoning_from_the_answer() {
 /// tools refuses them. Whether the model then calls one is its own business (the synthetic
 /// model's random weights never do; the parsing of calls is checked on text in
 /// `server::thinking`).
+/// `format` leaves the reasoning free (this model never closes it, so its reasoning is all
+/// there is) and, with `think: false`, constrains the answer from its first token.
+#[test]
+fn a_format_applies_to_the_answer_not_the_reasoning() {
+    let server = serve();
+    let schema = json!({ "type": "object", "properties": { "a": { "type": "boolean" } }, "required": ["a"] });
+    let mut body = chat(json!(true), false);
+    body["format"] = schema.clone();
+    let r = post(server.port, "/api/chat", &body).json();
+    let thinking = r["message"]["thinking"].as_str().unwrap_or_default();
+    assert!(!thinking.is_empty() && !thinking.trim_start().starts_with('{'), "reasoning constrained: {r}");
+    body = chat(json!(false), false);
+    body["format"] = schema;
+    body["options"]["num_predict"] = json!(64);
+    let r = post(server.port, "/api/chat", &body).json();
+    let content = r["message"]["content"].as_str().expect("content");
+    let doc: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {r}"));
+    assert!(doc["a"].is_boolean(), "{r}");
+    assert_eq!(r["done_reason"], "stop", "{r}");
+}
+
 #[test]
 fn tools_are_offered_through_the_template() {
     let server = serve();

@@ -20,6 +20,7 @@ use turbine::engine::json_format::JsonFormat;
 use turbine::engine::kv::{KvLayout, KvType, BLOCK_TOKENS};
 use turbine::engine::sampler::SamplerParams;
 use turbine::engine::scheduler::{Refused, Request, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent};
+use turbine::engine::tokenizer::Tokenizer;
 use turbine::engine::EngineError;
 
 /// What a job asks of the model.
@@ -715,9 +716,21 @@ fn prepare(
         stop: job.opts.stop.clone(),
         logprobs: job.opts.logprobs,
         render_special: format == Some(ThinkFormat::Harmony),
-        format: job.opts.format.clone(),
+        format: job.opts.format.as_ref().map(|f| after_reasoning(f, tok, format, wanted)),
     };
     Ok(Some((ids, opts, parsing)))
+}
+
+/// A structured output that begins where the reasoning ends: after harmony's
+/// `<|channel|>final<|message|>`, or `</think>` when a tagged model thinks; at once
+/// otherwise.
+fn after_reasoning(f: &Arc<JsonFormat>, tok: &Tokenizer, think: Option<ThinkFormat>, wanted: bool) -> Arc<JsonFormat> {
+    let marker = match (think, wanted) {
+        (Some(ThinkFormat::Harmony), _) => "<|channel|>final<|message|>",
+        (Some(ThinkFormat::Tags), true) => "</think>",
+        _ => return f.clone(),
+    };
+    Arc::new(f.after(tok.encode(marker, false, true)))
 }
 
 /// The loaded (or loading) models by display name.
