@@ -103,10 +103,10 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
-/// Most automaton steps a structured output's token may take over all the candidates it
-/// asks about, most likely first: enough to ask about the whole vocabulary of ordinary
-/// schemas (a few steps per token), while a pathological one cannot stall the batch. A
-/// step that finds nothing allowed within it ends the generation.
+/// Most automaton work (`JsonState::accepts_within` units) a structured output's token may
+/// take over all the candidates it asks about, most likely first: enough to ask about the
+/// whole vocabulary of ordinary schemas (a few units per token), while a pathological one
+/// cannot stall the batch. A step that finds nothing allowed within it ends the generation.
 const MAX_FORMAT_WORK: usize = 16 << 20;
 
 /// What to generate.

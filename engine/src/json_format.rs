@@ -31,13 +31,15 @@ const MAX_DEPTH: usize = 64;
 /// Alternatives followed at once (from `anyOf` and lists of types).
 const MAX_ALTERNATIVES: usize = 64;
 
-/// Most schema nodes one format may expand to (`$ref`s are expanded where they are used,
-/// so a small schema could otherwise describe an enormous tree).
+/// Most schema nodes (an `enum` value counts as one) one format may expand to (`$ref`s are
+/// expanded where they are used, so a small schema could otherwise describe an enormous
+/// tree).
 const MAX_NODES: usize = 10_000;
 
-/// Most frames one byte may visit across all alternatives (nested `anyOf`s that all
-/// reject a byte would otherwise be explored exhaustively).
-const MAX_STEPS_PER_BYTE: usize = 4096;
+/// Most work one byte may take across all alternatives, in [`Frame::weight`] units
+/// (nested `anyOf`s that all reject a byte would otherwise be explored exhaustively).
+/// Above [`MAX_NODES`], so the largest frame a schema can make always fits.
+const MAX_STEPS_PER_BYTE: usize = 1 << 16;
 
 /// What a value may be.
 #[derive(Debug, PartialEq)]
@@ -128,10 +130,7 @@ impl SchemaReader<'_> {
         if depth > MAX_DEPTH {
             return Err(FormatError(format!("the schema nests (or refers) deeper than {MAX_DEPTH} levels")));
         }
-        self.nodes.set(self.nodes.get() + 1);
-        if self.nodes.get() > MAX_NODES {
-            return Err(FormatError(format!("the schema expands to more than {MAX_NODES} parts")));
-        }
+        self.count(1)?;
         let s = match s {
             Value::Bool(true) => return Ok(Node::Any),
             Value::Object(o) => o,
@@ -147,6 +146,7 @@ impl SchemaReader<'_> {
             let Some(values) = e.as_array().filter(|v| !v.is_empty()) else {
                 return Err(FormatError("\"enum\" must be a non-empty array".into()));
             };
+            self.count(values.len())?;
             return Ok(Node::Literals(values.iter().map(literal).collect()));
         }
         for key in ["anyOf", "oneOf"] {
@@ -224,6 +224,15 @@ impl SchemaReader<'_> {
             _ => Arc::new(Node::Any),
         };
         Ok(Node::Object { props, extra })
+    }
+
+    /// Counts `n` more parts of the expanded schema, refusing more than [`MAX_NODES`].
+    fn count(&self, n: usize) -> Result<(), FormatError> {
+        self.nodes.set(self.nodes.get().saturating_add(n));
+        match self.nodes.get() > MAX_NODES {
+            true => Err(FormatError(format!("the schema expands to more than {MAX_NODES} parts"))),
+            false => Ok(()),
+        }
     }
 
     /// The schema a local `$ref` (`#/$defs/Name`, `#/definitions/Name`, `#`) names.
@@ -361,6 +370,31 @@ enum Frame {
     },
 }
 
+impl Frame {
+    /// What copying or stepping this frame costs: one, plus the lists it carries.
+    fn weight(&self) -> usize {
+        match self {
+            Frame::Lit { options, .. } => 1 + options.len(),
+            Frame::Key { names, .. } => 1 + names.len(),
+            _ => 1,
+        }
+    }
+}
+
+fn stack_weight(stack: &[Frame]) -> usize {
+    stack.iter().map(Frame::weight).sum()
+}
+
+/// Takes `cost` from `budget`; false (and the budget emptied) when it is not there.
+fn spend(budget: &mut usize, cost: usize) -> bool {
+    if *budget < cost {
+        *budget = 0;
+        return false;
+    }
+    *budget -= cost;
+    true
+}
+
 /// What a frame did with a byte.
 enum Step {
     Consumed,
@@ -396,16 +430,14 @@ impl JsonState {
         bytes.iter().all(|&b| s.push(b))
     }
 
-    /// [`JsonState::accepts`] within `budget` frame visits, which it spends: false once
-    /// the budget is gone. Lets a caller bound its work over many candidates.
+    /// [`JsonState::accepts`] within `budget` units of work ([`Frame::weight`]), which it
+    /// spends: false once the budget is gone. Lets a caller bound its work over many
+    /// candidates.
     pub fn accepts_within(&self, bytes: &[u8], budget: &mut usize) -> bool {
-        // The copy costs a visit per frame.
-        let frames: usize = self.alts.iter().map(Vec::len).sum();
-        if *budget <= frames {
-            *budget = 0;
+        // The copy costs what its frames weigh.
+        if !spend(budget, self.alts.iter().map(|s| stack_weight(s)).sum()) {
             return false;
         }
-        *budget -= frames;
         let mut s = self.clone();
         bytes.iter().all(|&b| {
             let mut left = (*budget).min(MAX_STEPS_PER_BYTE);
@@ -442,7 +474,7 @@ impl JsonState {
         self.push_counted(b, &mut MAX_STEPS_PER_BYTE.clone())
     }
 
-    /// Appends one byte within `budget` frame visits (spent).
+    /// Appends one byte within `budget` units of work (spent).
     fn push_counted(&mut self, b: u8, budget: &mut usize) -> bool {
         let mut alts = Vec::new();
         let mut ws = Ws::None;
@@ -468,19 +500,18 @@ fn ws_is_between(stack: &[Frame]) -> bool {
 }
 
 /// One byte through one stack: the stacks it leads to (none when the byte is rejected;
-/// several when a choice opens) go to `out`, within `budget` frame visits.
+/// several when a choice opens) go to `out`, within `budget` units of work.
 fn feed(mut stack: Vec<Frame>, b: u8, out: &mut Vec<Vec<Frame>>, budget: &mut usize) {
     loop {
-        if *budget == 0 {
+        if !spend(budget, stack.last().map_or(1, Frame::weight)) {
             return;
         }
-        *budget -= 1;
         if let Some(Frame::Value(node)) = stack.last() {
             if let Node::OneOf(options) = &**node {
                 let options = options.clone();
                 stack.pop();
                 for o in options {
-                    if out.len() >= MAX_ALTERNATIVES {
+                    if out.len() >= MAX_ALTERNATIVES || !spend(budget, 1 + stack_weight(&stack)) {
                         return;
                     }
                     let mut s = stack.clone();
@@ -827,6 +858,25 @@ mod tests {
         assert!(accepted > 10 && accepted < 1000, "{accepted}");
         assert_eq!(budget, 0);
         assert!(!s.accepts_within(b"{", &mut budget), "an empty budget accepts nothing");
+    }
+
+    /// Enum values count toward the size limit; the largest enum allowed still works.
+    #[test]
+    fn enums_are_bounded_and_usable() {
+        let values = |n: usize| (0..n).map(|i| json!(format!("v{i}"))).collect::<Vec<_>>();
+        let e = JsonFormat::schema(&json!({ "enum": values(MAX_NODES + 1) })).unwrap_err();
+        assert!(e.0.contains("parts"), "{e}");
+        let f = JsonFormat::schema(&json!({ "enum": values(MAX_NODES - 1) })).expect("at the limit");
+        assert_eq!(run(&f, "\"v9997\""), (true, true));
+        assert!(!run(&f, "\"w").0);
+        // Each check of such a state costs what its enum weighs.
+        let s = f.start();
+        let mut budget = 3 * MAX_NODES;
+        let mut checks = 0;
+        while s.accepts_within(b"\"v1", &mut budget) {
+            checks += 1;
+        }
+        assert!(checks <= 3, "{checks} checks of a {MAX_NODES}-value enum within {} units", 3 * MAX_NODES);
     }
 
     /// Nested choices (thousands of ways to read a byte) are followed within a budget.

@@ -134,11 +134,14 @@ impl Sampler {
     /// the most likely allowed token. None when no token is allowed.
     pub fn sample_allowed(&mut self, logits: &[f32], allowed: &mut dyn FnMut(u32) -> bool) -> Option<u32> {
         let greedy = self.params.temperature <= 0.0;
-        let mut logits = logits.to_vec();
-        if !greedy {
-            self.apply_penalties(&mut logits);
-        }
-        let c = candidates(&logits);
+        let c = match greedy {
+            true => candidates(logits),
+            false => {
+                let mut penalized = logits.to_vec();
+                self.apply_penalties(&mut penalized);
+                candidates(&penalized)
+            }
+        };
         let want = match (greedy, self.params.top_k) {
             (true, _) => 1,
             (false, k) if k > 0 => k as usize,
