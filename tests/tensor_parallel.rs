@@ -3,8 +3,11 @@
 //! within 1e-4 of the largest (in fact the same bits: the row-parallel sums are exact until
 //! one rounding after the all-reduce), the same on every rank, and the same greedy
 //! continuation. The unsplit reference is a group of one rank, which sums the same way
-//! (alone, without a group, the model keeps its f32 sums: equal within rounding). A rank that leaves ends the others' forward pass with an error instead of
-//! a hang. Other architectures refuse to load split.
+//! (alone, without a group, the model keeps its f32 sums: equal within rounding). Every
+//! other architecture, on the synthetic models (dense, mixture-of-experts with expert
+//! parallelism, latent attention), agrees with its unsplit model the same way. A rank that
+//! leaves ends the others' forward pass with an error instead of a hang; a split that
+//! would cut a quantization block is refused.
 
 #[allow(dead_code)] // each test binary uses part of the shared helpers
 mod common;
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::backend::Backend;
 use turbine::engine::gguf::Gguf;
+use turbine::engine::kv::KvType;
 use turbine::engine::model::{self, Batch};
 use turbine::engine::parallel::{Communicator, InProcess};
 use turbine::engine::EngineError;
@@ -24,6 +28,18 @@ type RankRun = Result<(Vec<f32>, Vec<u32>), EngineError>;
 /// Each rank's logits for `prompt` (all positions) and then `steps` greedy tokens, with
 /// `ranks` ranks; `leave` makes that rank drop out before running anything.
 fn run(file: &Arc<Gguf>, ranks: usize, prompt: &[u32], steps: usize, leave: Option<usize>) -> Vec<RankRun> {
+    run_with(file, ranks, prompt, steps, leave, KvType::F16)
+}
+
+/// [`run`] with a cache of `kv_type`.
+fn run_with(
+    file: &Arc<Gguf>,
+    ranks: usize,
+    prompt: &[u32],
+    steps: usize,
+    leave: Option<usize>,
+    kv_type: KvType,
+) -> Vec<RankRun> {
     std::thread::scope(|s| {
         let handles: Vec<_> = InProcess::group(ranks)
             .into_iter()
@@ -37,7 +53,7 @@ fn run(file: &Arc<Gguf>, ranks: usize, prompt: &[u32], steps: usize, leave: Opti
                     pool.install(|| {
                         let b = CpuBackend::tensor_parallel(comm);
                         let arch = model::load(&b, file)?;
-                        let mut kv = b.new_kv(&arch.kv_spec(64, 1));
+                        let mut kv = b.new_kv(&arch.kv_spec(64, 1).with_type(kv_type));
                         let logits = arch.forward(&b, &Batch::for_sequence(0, 0, prompt, true), &mut kv)?;
                         let mut tokens = Vec::new();
                         let mut last = logits.row(logits.rows.len() - 1).to_vec();
@@ -101,20 +117,87 @@ fn a_rank_that_leaves_ends_the_forward_pass_with_an_error() {
     }
 }
 
-#[test]
-fn other_architectures_refuse_to_load_split() {
+fn synthetic(name: &str) -> Arc<Gguf> {
     let dir = std::env::var_os("TURBINE_SYNTH").map(std::path::PathBuf::from).unwrap_or_else(|| {
         std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/turbine-synth")
     });
-    let path = dir.join("llama-f32.gguf");
-    let file = Arc::new(
-        Gguf::open(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-test-data.sh)", path.display())),
-    );
-    let mut comms = InProcess::group(2);
-    let b = CpuBackend::tensor_parallel(comms.remove(0));
-    match model::load(&b, &file) {
-        Err(EngineError::BadValue { why, .. }) => assert!(why.contains("gemma3 only"), "{why}"),
-        other => panic!("llama loaded split: {}", other.is_ok()),
+    let path = dir.join(name);
+    Arc::new(Gguf::open(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-test-data.sh)", path.display())))
+}
+
+/// The unsplit model alone (no group): logits of `prompt` and `steps` greedy tokens.
+fn unsplit(file: &Arc<Gguf>, prompt: &[u32], steps: usize, kv_type: KvType) -> (Vec<f32>, Vec<u32>) {
+    let b = CpuBackend::default();
+    let arch = model::load(&b, file).expect("load");
+    let mut kv = b.new_kv(&arch.kv_spec(64, 1).with_type(kv_type));
+    let logits = arch.forward(&b, &Batch::for_sequence(0, 0, prompt, true), &mut kv).expect("forward");
+    let mut last = logits.row(logits.rows.len() - 1).to_vec();
+    let mut tokens = Vec::new();
+    for i in 0..steps {
+        let next = argmax(&last);
+        tokens.push(next);
+        last = arch.forward(&b, &Batch::for_sequence(0, prompt.len() + i, &[next], true), &mut kv).expect("step").data;
+    }
+    (logits.data, tokens)
+}
+
+/// Every architecture split Megatron-style (heads, FFN width, vocabulary; experts by
+/// rank; MLA's query heads with the latent on every rank) agrees with the unsplit model:
+/// every logit within 1e-4 of the largest and the same greedy continuation, on every rank.
+/// The quantized twins give the same bits (their partial sums are exact until the
+/// all-reduce); the F32 twins differ by the order of f32 additions.
+#[test]
+fn every_architecture_split_agrees_with_the_unsplit_model() {
+    let prompt: Vec<u32> = vec![1, 100, 2000, 300, 41, 5000, 60, 7, 812, 99];
+    let cases: [(&str, &[usize]); 12] = [
+        ("llama-f32.gguf", &[1, 2, 4]),
+        ("llama-q8_0.gguf", &[2]),
+        ("qwen2-f32.gguf", &[1, 2, 4]),
+        ("qwen2-q8_0.gguf", &[2]),
+        ("qwen3-f32.gguf", &[1, 2, 4]),
+        ("qwen3-q8_0.gguf", &[2, 4]),
+        ("qwen3moe-f32.gguf", &[1, 2, 4]),
+        ("qwen3moe-q8_0.gguf", &[2, 4]),
+        ("gpt-oss-f32.gguf", &[1, 2, 4]),
+        ("gpt-oss-mxfp4.gguf", &[2, 4]),
+        ("deepseek2-f32.gguf", &[1, 2, 4]),
+        ("deepseek2-q8_0.gguf", &[2, 4]),
+    ];
+    for (name, rank_counts) in cases {
+        let file = synthetic(name);
+        // F32 twins with an F32 cache: an F16 cache rounds keys and values, and a 1e-7
+        // difference upstream can move a value across a rounding boundary (1e-3 later on).
+        let kv_type = if name.contains("f32") { KvType::F32 } else { KvType::F16 };
+        let (want, want_tokens) = unsplit(&file, &prompt, 4, kv_type);
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for &ranks in rank_counts {
+            for (rank, r) in run_with(&file, ranks, &prompt, 4, None, kv_type).iter().enumerate() {
+                let (logits, tokens) = r.as_ref().unwrap_or_else(|e| panic!("{name}, {ranks} ranks, rank {rank}: {e}"));
+                assert_eq!(logits.len(), want.len());
+                let worst = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                println!(
+                    "{name}: {ranks} ranks, rank {rank}: largest difference {worst:.1e} (largest logit {scale:.1})"
+                );
+                assert!(worst <= 1e-4 * scale, "{name}, {ranks} ranks, rank {rank}: logits differ by {worst}");
+                assert_eq!(tokens, &want_tokens, "{name}, {ranks} ranks, rank {rank}: greedy continuation");
+            }
+        }
+    }
+}
+
+/// A split that would cut a quantization block refuses to load, naming the tensor.
+#[test]
+fn a_split_inside_a_quantization_block_is_refused() {
+    // 4 heads of 16 over 4 ranks: 16 columns of attn_output per rank, Q8_0 blocks are 32.
+    let results = run(&synthetic("llama-q8_0.gguf"), 4, &[1, 2, 3], 0, None);
+    for r in results {
+        match r {
+            Err(EngineError::BadValue { key, why, .. }) => {
+                assert!(key.contains("attn_output"), "{key}");
+                assert!(why.contains("block boundaries"), "{why}");
+            }
+            other => panic!("loaded: {:?}", other.map(|_| ())),
+        }
     }
 }
 

@@ -384,6 +384,10 @@ impl Backend for CpuBackend {
         CpuAct { rows, cols, data: vec![0.0; rows * cols] }
     }
 
+    fn n_rows(&self, x: &CpuAct) -> usize {
+        x.rows
+    }
+
     fn embed(&self, table: &CpuWeight, tokens: &[u32], scale: f32) -> Result<CpuAct, EngineError> {
         let view = table.view();
         let mut out = self.zeros(tokens.len(), table.cols);

@@ -85,6 +85,8 @@ pub trait Backend: Send + Sync {
 
     /// A zeroed [rows × cols] activation matrix.
     fn zeros(&self, rows: usize, cols: usize) -> Self::Act;
+    /// The number of rows (tokens) of x.
+    fn n_rows(&self, x: &Self::Act) -> usize;
     /// Row i = table row tokens[i], times `scale`.
     fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32) -> Result<Self::Act, EngineError>;
     /// out = x · Wᵀ: [n × cols] → [n × rows].

@@ -13,7 +13,9 @@ use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelIn
 use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
+use crate::parallel::{split_heads, Heads, Part};
 use crate::EngineError;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Hyper-parameters every decoder has, read from `{arch}.*` metadata.
@@ -35,6 +37,8 @@ pub struct DecoderConfig {
     pub rope_freq_scale: f32,
     /// `rope.scaling.type = yarn`: YaRN's ramp and magnitude scaling.
     pub yarn: Option<Yarn>,
+    /// This rank's query heads and the KV heads they read (all of them alone).
+    pub heads: Heads,
 }
 
 impl DecoderConfig {
@@ -91,6 +95,7 @@ impl DecoderConfig {
             rope_base,
             rope_freq_scale,
             yarn,
+            heads: Heads { q: 0..n_heads, kv: 0..n_kv_heads },
         };
         cfg.check()?;
         Ok(cfg)
@@ -132,6 +137,16 @@ impl DecoderConfig {
 
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
+    }
+
+    /// Rows of Q (columns of the attention output) of this rank's query heads.
+    pub fn q_rows(&self) -> Range<usize> {
+        self.heads.q.start * self.head_dim..self.heads.q.end * self.head_dim
+    }
+
+    /// Rows of K and V of this rank's KV heads.
+    pub fn kv_rows(&self) -> Range<usize> {
+        self.heads.kv.start * self.head_dim..self.heads.kv.end * self.head_dim
     }
 
     /// NEOX RoPE of every head of x [n × heads·head_dim], YaRN-scaled where the file says.
@@ -229,34 +244,81 @@ pub trait Layers<B: Backend>: Send + Sync {
     }
 }
 
+/// down · (silu(gate · h) ⊙ up · h) over this rank's share of the hidden width: the rows
+/// of gate and up and the columns of down of that share (Megatron's column- then
+/// row-parallel pair). A rank may have no share when down has fewer quantization blocks
+/// than there are ranks.
+pub struct SwiGlu<B: Backend> {
+    d: usize,
+    /// gate, up [share × d] and down [d × share].
+    share: Option<[B::Weight; 3]>,
+}
+
+impl<B: Backend> SwiGlu<B> {
+    /// `blk.{il}.{gate,up,down}.weight`, of hidden width `ff`.
+    pub(crate) fn load(ld: &Loader<B>, il: usize, names: [&str; 3], d: usize, ff: usize) -> Result<Self, EngineError> {
+        let [gate, up, down] = names.map(|s| format!("blk.{il}.{s}.weight"));
+        let share = ld.input_share(&down, ff)?;
+        if share.is_empty() {
+            return Ok(SwiGlu { d, share: None });
+        }
+        Ok(SwiGlu {
+            d,
+            share: Some([
+                ld.weight_part(&gate, d, ff, Part::Rows(share.clone()))?,
+                ld.weight_part(&up, d, ff, Part::Rows(share.clone()))?,
+                ld.weight_part(&down, ff, d, Part::Cols(share))?,
+            ]),
+        })
+    }
+
+    /// h [n × d] → this rank's part of the output [n × d], before the sum over ranks.
+    pub fn partial(&self, b: &B, h: &B::Act) -> B::Act {
+        match &self.share {
+            Some([gate, up, down]) => b.matmul(down, &Self::hidden(b, gate, up, h)),
+            None => b.zeros(b.n_rows(h), self.d),
+        }
+    }
+
+    /// h [n × d] → [n × d], summed over the ranks.
+    pub fn reduced(&self, b: &B, h: &B::Act) -> B::Act {
+        match &self.share {
+            Some([gate, up, down]) => b.matmul_reduced(down, &Self::hidden(b, gate, up, h)),
+            None => {
+                let mut out = b.zeros(b.n_rows(h), self.d);
+                b.all_reduce_sum(&mut out);
+                out
+            }
+        }
+    }
+
+    /// silu(gate · h) ⊙ up · h: [n × share].
+    fn hidden(b: &B, gate: &B::Weight, up: &B::Weight, h: &B::Act) -> B::Act {
+        let [mut g, u] = b.matmuls([gate, up], h);
+        b.swiglu(&mut g, &u);
+        g
+    }
+}
+
 /// SwiGLU feed-forward: down · (silu(gate · h) ⊙ up · h), h = rms_norm(x).
 pub struct DenseFfn<B: Backend> {
     norm: B::Vector,
-    gate: B::Weight,
-    up: B::Weight,
-    down: B::Weight,
+    ffn: SwiGlu<B>,
 }
 
 impl<B: Backend> DenseFfn<B> {
     pub(crate) fn load(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) -> Result<DenseFfn<B>, EngineError> {
-        let n = |s: &str| format!("blk.{il}.{s}.weight");
         let (d, ff) = (cfg.n_embd, cfg.dense_ff()?);
         Ok(DenseFfn {
-            norm: ld.vector(&n("ffn_norm"), d)?,
-            gate: ld.weight(&n("ffn_gate"), d, ff)?,
-            up: ld.weight(&n("ffn_up"), d, ff)?,
-            down: ld.weight(&n("ffn_down"), ff, d)?,
+            norm: ld.vector(&format!("blk.{il}.ffn_norm.weight"), d)?,
+            ffn: SwiGlu::load(ld, il, ["ffn_gate", "ffn_up", "ffn_down"], d, ff)?,
         })
     }
 
     /// x [n × d] → [n × d].
     pub fn forward(&self, cfg: &DecoderConfig, b: &B, x: &B::Act) -> B::Act {
         let h = b.rms_norm(x, &self.norm, cfg.rms_eps);
-        let [mut gate, up] = b.matmuls([&self.gate, &self.up], &h); // [n × n_ff] each
-        b.swiglu(&mut gate, &up);
-        let mut out = b.matmul(&self.down, &gate); // [n × d]
-        b.all_reduce_sum(&mut out);
-        out
+        self.ffn.reduced(b, &h)
     }
 }
 
@@ -265,7 +327,8 @@ pub struct Decoder<B: Backend, L> {
     pub cfg: DecoderConfig,
     info: ModelInfo,
     tok_embd: B::Weight,
-    /// `output.weight`, or None when tied to `tok_embd`.
+    /// `output.weight` (this rank's vocabulary rows under tensor parallelism), or None
+    /// when it is `tok_embd` itself.
     output: Option<B::Weight>,
     output_norm: B::Vector,
     layers: L,
@@ -279,15 +342,15 @@ impl<B: Backend, L: Layers<B>> Decoder<B, L> {
         arch: &'static str,
         load_layers: impl FnOnce(&Loader<B>, &DecoderConfig) -> Result<L, EngineError>,
     ) -> Result<Decoder<B, L>, EngineError> {
-        let cfg = DecoderConfig::from_gguf(file, arch)?;
+        let mut cfg = DecoderConfig::from_gguf(file, arch)?;
         let ld = Loader { backend, file };
-        let tok_embd = ld.weight("token_embd.weight", cfg.n_embd, cfg.n_vocab)?;
-        let output = match file.tensor("output.weight") {
-            Some(_) => Some(ld.weight("output.weight", cfg.n_embd, cfg.n_vocab)?),
-            None => None,
-        };
+        let (rank, ranks) = ld.shard();
+        cfg.heads = split_heads(cfg.n_heads, cfg.n_kv_heads, rank, ranks)?;
+        let (tok_embd, output) = ld.embeddings_and_head(cfg.n_embd, cfg.n_vocab)?;
         let output_norm = ld.vector("output_norm.weight", cfg.n_embd)?;
         let layers = load_layers(&ld, &cfg)?;
+        // From here on the configuration describes this rank's heads.
+        (cfg.n_heads, cfg.n_kv_heads) = (cfg.heads.q.len(), cfg.heads.kv.len());
         let info = ModelInfo {
             architecture: arch.into(),
             n_vocab: cfg.n_vocab,
@@ -332,12 +395,20 @@ impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
     fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
         let x = self.hidden(b, batch, kv)?; // [n_out × d]
         let head = self.output.as_ref().unwrap_or(&self.tok_embd);
-        let data = b.take_to_host(b.matmul(head, &x)); // [n_out × n_vocab]
+        // [n_out × n_vocab]: under tensor parallelism each rank's vocabulary, gathered.
+        let data = b.take_to_host(b.all_gather_cols(b.matmul(head, &x)));
+        if let Some(e) = b.take_tp_error() {
+            return Err(e);
+        }
         Ok(Logits { rows: batch.output_rows(), n_vocab: self.cfg.n_vocab, data })
     }
 
     fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
-        Ok(b.take_to_host(self.hidden(b, batch, kv)?))
+        let hidden = b.take_to_host(self.hidden(b, batch, kv)?);
+        match b.take_tp_error() {
+            Some(e) => Err(e),
+            None => Ok(hidden),
+        }
     }
 
     fn routing_stats(&self) -> Vec<Vec<u64>> {

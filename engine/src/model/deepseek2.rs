@@ -22,6 +22,7 @@ use super::{required, Batch, Loader};
 use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
+use crate::parallel::Part;
 use crate::EngineError;
 use std::sync::Arc;
 
@@ -190,25 +191,30 @@ fn load_attention<B: Backend>(
 ) -> Result<Attention<B>, EngineError> {
     let n = |s: &str| format!("blk.{il}.{s}.weight");
     let (d, h, k_mla) = (cfg.n_embd, cfg.n_heads, mla.nope + mla.rope);
+    // This rank's query heads: their rows of the query projection, their per-head
+    // matrices and their columns of the output projection. The latent is every rank's.
+    let heads = cfg.heads.q.clone();
+    let q_rows = Part::Rows(heads.start * k_mla..heads.end * k_mla);
     let q = match ld.file.tensor(&n("attn_q_a")) {
         Some(t) => {
             let q_rank = t.dims.get(1).copied().unwrap_or(0) as usize;
             QueryProj::LowRank {
                 a: ld.weight(&n("attn_q_a"), d, q_rank)?,
                 norm: ld.vector(&n("attn_q_a_norm"), q_rank)?,
-                b: ld.weight(&n("attn_q_b"), q_rank, h * k_mla)?,
+                b: ld.weight_part(&n("attn_q_b"), q_rank, h * k_mla, q_rows)?,
             }
         }
-        None => QueryProj::Full(ld.weight(&n("attn_q"), d, h * k_mla)?),
+        None => QueryProj::Full(ld.weight_part(&n("attn_q"), d, h * k_mla, q_rows)?),
     };
+    let wo_cols = Part::Cols(heads.start * mla.v_head..heads.end * mla.v_head);
     Ok(Attention {
         norm: ld.vector(&n("attn_norm"), d)?,
         q,
         kv_a: ld.weight(&n("attn_kv_a_mqa"), d, mla.rank + mla.rope)?,
         kv_a_norm: ld.vector(&n("attn_kv_a_norm"), mla.rank)?,
-        k_b: ld.experts(&n("attn_k_b"), mla.nope, mla.rank, h)?,
-        v_b: ld.experts(&n("attn_v_b"), mla.rank, mla.v_head, h)?,
-        wo: ld.weight(&n("attn_output"), h * mla.v_head, d)?,
+        k_b: ld.experts(&n("attn_k_b"), mla.nope, mla.rank, h, heads.clone())?,
+        v_b: ld.experts(&n("attn_v_b"), mla.rank, mla.v_head, h, heads)?,
+        wo: ld.weight_part(&n("attn_output"), h * mla.v_head, d, wo_cols)?,
     })
 }
 
@@ -251,9 +257,8 @@ impl<B: Backend> Layers<B> for DeepSeek2Layers<B> {
                                                                                      // Back to value space per head: [n × heads·v_head].
         let values: Vec<B::Act> =
             (0..n_heads).map(|hd| b.matmul(&l.v_b[hd], &b.gather_cols(&a, &[(hd * m.rank, m.rank)]))).collect();
-        let mut o = b.matmul(&l.wo, &b.concat_cols(&values.iter().collect::<Vec<_>>())); // [n × d]
-        b.all_reduce_sum(&mut o);
-        o
+        b.matmul_reduced(&l.wo, &b.concat_cols(&values.iter().collect::<Vec<_>>()))
+        // [n × d]
     }
 
     fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act {

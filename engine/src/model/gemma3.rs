@@ -102,7 +102,6 @@ pub struct Gemma3<B: Backend> {
 struct Plan {
     heads: Heads,
     ff: Range<usize>,
-    vocab: Range<usize>,
 }
 
 impl Plan {
@@ -117,7 +116,7 @@ impl Plan {
             });
         }
         let ff = if ranks == 1 { 0..cfg.n_ff } else { even_range(cfg.n_ff / QK_K, QK_K, rank, ranks) };
-        Ok(Plan { heads, ff, vocab: even_range(cfg.base.n_vocab, 1, rank, ranks) })
+        Ok(Plan { heads, ff })
     }
 
     /// Rows of Q (or columns of the output projection) of the rank's query heads.
@@ -156,18 +155,8 @@ impl<B: Backend> Gemma3<B> {
         let mut cfg = Gemma3Config::from_gguf(file)?;
         let ld = Loader { backend, file };
         let plan = Plan::new(&cfg, backend.tensor_parallel())?;
-        let (d, n_vocab) = (cfg.base.n_embd, cfg.base.n_vocab);
-        let head_name = if file.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
-        let head = match (head_name, plan.vocab == (0..n_vocab)) {
-            ("token_embd.weight", true) => None,
-            _ => Some(ld.weight_part(head_name, d, n_vocab, Part::Rows(plan.vocab.clone()))?),
-        };
-        // The embeddings are multiplied only when they are the whole head.
-        let tok_embd = match head {
-            None => ld.weight("token_embd.weight", d, n_vocab)?,
-            Some(_) => ld.lookup_table("token_embd.weight", d, n_vocab)?,
-        };
-        let output_norm = ld.vector("output_norm.weight", d)?;
+        let (tok_embd, head) = ld.embeddings_and_head(cfg.base.n_embd, cfg.base.n_vocab)?;
+        let output_norm = ld.vector("output_norm.weight", cfg.base.n_embd)?;
         let layers =
             (0..cfg.base.n_layers).map(|il| load_layer(&ld, &cfg, &plan, il)).collect::<Result<Vec<_>, _>>()?;
         // From here on the configuration describes this rank's share.

@@ -28,7 +28,7 @@ struct Attention<B: Backend> {
     qkvo: qwen2::Attention<B>,
     /// The output bias [d].
     bo: B::Vector,
-    /// One sink logit per head [n_heads].
+    /// One sink logit per head [n_heads] (this rank's).
     sinks: B::Vector,
 }
 
@@ -77,7 +77,7 @@ fn load_attention<B: Backend>(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) ->
     Ok(Attention {
         qkvo: qwen2::Attention::load(ld, cfg, il)?,
         bo: ld.vector(&format!("blk.{il}.attn_output.bias"), cfg.n_embd)?,
-        sinks: ld.vector(&format!("blk.{il}.attn_sinks.weight"), cfg.n_heads)?,
+        sinks: ld.vector_part(&format!("blk.{il}.attn_sinks.weight"), cfg.n_heads, cfg.heads.q.clone())?,
     })
 }
 
@@ -125,7 +125,7 @@ impl<B: Backend> Layers<B> for GptOssLayers<B> {
         let shape = crate::backend::AttnShape { window: self.windows[il], ..cfg.attn_shape() };
         let a = b.attention(kv, il, &batch.layout, &q, &k, &v, shape, Some(&l.sinks)); // [n × n_heads·hd]
         let mut o = l.qkvo.output(b, &a); // [n × d]
-        b.add_bias(&mut o, &l.bo);
+        b.add_bias(&mut o, &l.bo); // after the sum over ranks: once
         o
     }
 

@@ -11,6 +11,7 @@ use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
 use super::{Batch, Loader};
 use crate::backend::Backend;
 use crate::gguf::Gguf;
+use crate::parallel::Part;
 use crate::EngineError;
 use std::sync::Arc;
 
@@ -57,10 +58,10 @@ fn load_attention<B: Backend>(ld: &Loader<B>, cfg: &DecoderConfig, il: usize) ->
     let d = cfg.n_embd;
     Ok(Attention {
         norm: ld.vector(&n("attn_norm"), d)?,
-        wq: ld.weight(&n("attn_q"), d, cfg.q_dim())?,
-        wk: ld.weight(&n("attn_k"), d, cfg.kv_dim())?,
-        wv: ld.weight(&n("attn_v"), d, cfg.kv_dim())?,
-        wo: ld.weight(&n("attn_output"), cfg.q_dim(), d)?,
+        wq: ld.weight_part(&n("attn_q"), d, cfg.q_dim(), Part::Rows(cfg.q_rows()))?,
+        wk: ld.weight_part(&n("attn_k"), d, cfg.kv_dim(), Part::Rows(cfg.kv_rows()))?,
+        wv: ld.weight_part(&n("attn_v"), d, cfg.kv_dim(), Part::Rows(cfg.kv_rows()))?,
+        wo: ld.weight_part(&n("attn_output"), cfg.q_dim(), d, Part::Cols(cfg.q_rows()))?,
     })
 }
 
@@ -75,9 +76,7 @@ impl<B: Backend> Layers<B> for LlamaLayers<B> {
         b.rope_norm(&mut q, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale, freqs);
         b.rope_norm(&mut k, pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale, freqs);
         let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape(), None); // [n × n_heads·hd]
-        let mut o = b.matmul(&l.wo, &a); // [n × d]
-        b.all_reduce_sum(&mut o);
-        o
+        b.matmul_reduced(&l.wo, &a) // [n × d]
     }
 
     fn feed_forward(&self, cfg: &DecoderConfig, b: &B, il: usize, x: &B::Act) -> B::Act {

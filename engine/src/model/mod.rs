@@ -13,8 +13,9 @@ pub mod qwen3moe;
 use crate::backend::{Backend, BatchLayout, KvCache};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{KvLayout, KvSpec};
-use crate::parallel::Part;
+use crate::parallel::{even_range, Part};
 use crate::EngineError;
+use std::ops::Range;
 use std::sync::Arc;
 use turbine_cpu::GgmlType;
 
@@ -139,13 +140,6 @@ fn check_tokens(batch: &Batch, n_vocab: usize) -> Result<(), EngineError> {
 /// Loads the architecture named by the file's `general.architecture`.
 pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<dyn Architecture<B>>, EngineError> {
     let arch = file.architecture()?;
-    if backend.tensor_parallel().1 > 1 && arch != "gemma3" {
-        return Err(EngineError::BadValue {
-            key: "general.architecture".into(),
-            value: arch.into(),
-            why: "tensor parallelism is implemented for gemma3 only so far",
-        });
-    }
     match arch {
         "gemma3" => Ok(Box::new(gemma3::Gemma3::load(backend, file)?)),
         "llama" => Ok(Box::new(llama::load(backend, file)?)),
@@ -201,11 +195,72 @@ impl<B: Backend> Loader<'_, B> {
         self.backend.weight_part(self.file, t, part)
     }
 
-    /// The `n` experts of a [cols, rows, n] tensor, each a [rows × cols] weight matrix
-    /// over its own slice of the file.
-    pub fn experts(&self, name: &str, cols: usize, rows: usize, n: usize) -> Result<Vec<B::Weight>, EngineError> {
+    /// Experts `range` of the `n` of a [cols, rows, n] tensor (a rank's experts, or its
+    /// heads' matrices), each a [rows × cols] weight matrix over its own slice of the file.
+    pub fn experts(
+        &self,
+        name: &str,
+        cols: usize,
+        rows: usize,
+        n: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<B::Weight>, EngineError> {
         let t = self.tensor(name, &[cols, rows, n])?;
-        split(t, n, &[cols, rows]).map(|slice| self.backend.weight(self.file, &slice)).collect()
+        let (skip, take) = (range.start, range.len());
+        split(t, n, &[cols, rows]).skip(skip).take(take).map(|slice| self.backend.weight(self.file, &slice)).collect()
+    }
+
+    /// (rank, ranks) of the backend's tensor-parallel group; (0, 1) alone.
+    pub fn shard(&self) -> (usize, usize) {
+        self.backend.tensor_parallel()
+    }
+
+    /// This rank's share of the `cols` inputs of the row-parallel matrix `name`, cut at
+    /// its quantization blocks (all of them alone; possibly empty when the matrix has
+    /// fewer blocks than there are ranks).
+    pub fn input_share(&self, name: &str, cols: usize) -> Result<Range<usize>, EngineError> {
+        let t = self.file.tensor(name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        let bs = t.ty.block_size().max(1);
+        if !cols.is_multiple_of(bs) {
+            return Err(EngineError::shape(name, &format!("whole {bs}-element blocks of {cols} columns"), &t.dims));
+        }
+        let (rank, ranks) = self.shard();
+        Ok(even_range(cols / bs, bs, rank, ranks))
+    }
+
+    /// `range` of the 1-D F32 tensor `name` of `len` values (a rank's biases or sinks).
+    pub fn vector_part(&self, name: &str, len: usize, range: Range<usize>) -> Result<B::Vector, EngineError> {
+        let t = self.tensor(name, &[len])?;
+        if t.ty != GgmlType::F32 || range.end > len {
+            return Err(EngineError::shape(name, &format!("an F32 vector to slice at {range:?}"), &t.dims));
+        }
+        let slice = TensorInfo {
+            name: format!("{name}[{range:?}]"),
+            ty: t.ty,
+            dims: vec![range.len() as u64],
+            offset: t.offset + (range.start * 4) as u64,
+            n_bytes: range.len() * 4,
+        };
+        self.backend.vector(self.file, &slice)
+    }
+
+    /// The token embeddings and the output projection: under tensor parallelism the head
+    /// is this rank's vocabulary rows (its logits are gathered), and the embeddings are
+    /// only looked up; alone, a tied head is None (the embeddings themselves).
+    pub fn embeddings_and_head(&self, d: usize, n_vocab: usize) -> Result<(B::Weight, Option<B::Weight>), EngineError> {
+        let (rank, ranks) = self.shard();
+        let vocab = even_range(n_vocab, 1, rank, ranks);
+        let head_name = if self.file.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
+        let head = match (head_name, vocab == (0..n_vocab)) {
+            ("token_embd.weight", true) => None,
+            _ => Some(self.weight_part(head_name, d, n_vocab, Part::Rows(vocab))?),
+        };
+        // The embeddings are multiplied only when they are the whole head.
+        let tok_embd = match head {
+            None => self.weight("token_embd.weight", d, n_vocab)?,
+            Some(_) => self.lookup_table("token_embd.weight", d, n_vocab)?,
+        };
+        Ok((tok_embd, head))
     }
 
     /// The `n` rows of a [len, n] F32 tensor as vectors (per-expert biases).

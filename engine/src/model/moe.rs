@@ -5,11 +5,13 @@
 //! once per step over all the tokens routed to it (never once per token), and every
 //! token's output is the weighted sum of its experts' outputs.
 
-use super::decoder::DecoderConfig;
+use super::decoder::{DecoderConfig, SwiGlu};
 use super::{required, Loader};
 use crate::backend::Backend;
 use crate::gguf::Gguf;
+use crate::parallel::even_range;
 use crate::EngineError;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How router scores become gate weights.
@@ -169,10 +171,15 @@ pub enum Activation {
 
 /// The gated experts of one layer: expert e is
 /// down[e] · act(gate[e] · x + b_gate[e], up[e] · x + b_up[e]) + b_down[e],
-/// the biases only where the model has them.
+/// the biases only where the model has them. Under tensor parallelism a rank holds and
+/// runs only its own experts (expert parallelism); the vectors below are indexed from
+/// the first of them.
 pub struct Experts<B: Backend> {
     d: usize,
     act: Activation,
+    /// The layer's expert count, and this rank's experts (all of them alone).
+    n_expert: usize,
+    owned: Range<usize>,
     gate: Vec<B::Weight>,
     up: Vec<B::Weight>,
     down: Vec<B::Weight>,
@@ -191,29 +198,35 @@ impl<B: Backend> Experts<B> {
         biases: bool,
     ) -> Result<Experts<B>, EngineError> {
         let name = |s: &str, kind: &str| format!("blk.{il}.ffn_{s}_exps.{kind}");
+        let (rank, ranks) = ld.shard();
+        let owned = even_range(n, 1, rank, ranks);
+        let vectors = |s: &str, len: usize| -> Result<Vec<B::Vector>, EngineError> {
+            let all = ld.expert_vectors(&name(s, "bias"), len, n)?;
+            Ok(all.into_iter().skip(owned.start).take(owned.len()).collect())
+        };
         let biases = match biases {
-            true => Some([
-                ld.expert_vectors(&name("gate", "bias"), ff, n)?,
-                ld.expert_vectors(&name("up", "bias"), ff, n)?,
-                ld.expert_vectors(&name("down", "bias"), d, n)?,
-            ]),
+            true => Some([vectors("gate", ff)?, vectors("up", ff)?, vectors("down", d)?]),
             false => None,
         };
+        let weights = |s: &str, cols, rows| ld.experts(&name(s, "weight"), cols, rows, n, owned.clone());
         Ok(Experts {
             d,
             act,
-            gate: ld.experts(&name("gate", "weight"), d, ff, n)?,
-            up: ld.experts(&name("up", "weight"), d, ff, n)?,
-            down: ld.experts(&name("down", "weight"), ff, d, n)?,
+            gate: weights("gate", d, ff)?,
+            up: weights("up", d, ff)?,
+            down: weights("down", ff, d)?,
             biases,
+            n_expert: n,
+            owned,
         })
     }
 
-    /// Runs every token through its experts: x [n × d] → [n × d].
+    /// Runs every token through its experts (this rank's): x [n × d] → [n × d], to be
+    /// summed over the ranks.
     pub fn forward(&self, b: &B, x: &B::Act, routes: &Routes, stats: &RoutingStats) -> B::Act {
         let n_tokens = routes.experts.len() / routes.k.max(1);
-        let groups = routes.by_expert(self.gate.len());
-        let busy: Vec<usize> = (0..groups.len()).filter(|&e| !groups[e].0.is_empty()).collect();
+        let groups = routes.by_expert(self.n_expert);
+        let busy: Vec<usize> = self.owned.clone().filter(|&e| !groups[e].0.is_empty()).collect();
         // The experts run side by side; their outputs are combined in expert order, so the
         // result does not depend on which finishes first.
         let outputs = b.run_all(busy.clone(), |e| self.expert(b, e, &b.select_rows(x, &groups[e].0)));
@@ -227,7 +240,8 @@ impl<B: Backend> Experts<B> {
     }
 
     /// Expert `e` on its tokens: x [m × d] → [m × d].
-    fn expert(&self, b: &B, e: usize, x: &B::Act) -> B::Act {
+    fn expert(&self, b: &B, expert: usize, x: &B::Act) -> B::Act {
+        let e = expert - self.owned.start;
         let [mut g, mut u] = b.matmuls([&self.gate[e], &self.up[e]], x); // [m × ff]
         if let Some([bg, bu, _]) = &self.biases {
             b.add_bias(&mut g, &bg[e]);
@@ -271,8 +285,8 @@ pub struct MoeFfn<B: Backend> {
     router_bias: Option<B::Vector>,
     selection_bias: Option<Vec<f32>>,
     experts: Experts<B>,
-    /// Shared experts' gate, up [ff_shared × d] and down [d × ff_shared].
-    shared: Option<[B::Weight; 3]>,
+    /// The always-on shared experts (this rank's share of their width).
+    shared: Option<SwiGlu<B>>,
     stats: RoutingStats,
 }
 
@@ -291,11 +305,7 @@ impl<B: Backend> MoeFfn<B> {
             false => None,
         };
         let shared = match spec.shared_ff {
-            Some(sff) => Some([
-                ld.weight(&name("ffn_gate_shexp", "weight"), d, sff)?,
-                ld.weight(&name("ffn_up_shexp", "weight"), d, sff)?,
-                ld.weight(&name("ffn_down_shexp", "weight"), sff, d)?,
-            ]),
+            Some(sff) => Some(SwiGlu::load(ld, il, ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"], d, sff)?),
             None => None,
         };
         Ok(MoeFfn {
@@ -318,16 +328,16 @@ impl<B: Backend> MoeFfn<B> {
         }
         let routes = routing.route(&b.take_to_host(logits), self.selection_bias.as_deref());
         let mut out = self.experts.forward(b, &h, &routes, &self.stats); // [n × d]
-        if let Some([gate, up, down]) = &self.shared {
-            let [mut g, u] = b.matmuls([gate, up], &h); // [n × ff_shared]
-            b.swiglu(&mut g, &u);
-            b.add(&mut out, &b.matmul(down, &g));
+        if let Some(shared) = &self.shared {
+            b.add(&mut out, &shared.partial(b, &h));
         }
+        // The experts' combine and the shared experts' row-parallel sum, in one all-reduce.
         b.all_reduce_sum(&mut out);
         out
     }
 
-    /// Tokens routed to each expert since load.
+    /// Tokens routed to each expert since load (this rank's experts under tensor
+    /// parallelism; zero for the others).
     pub fn routing_stats(&self) -> Vec<u64> {
         self.stats.snapshot()
     }

@@ -8,6 +8,7 @@ use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
 use super::{Batch, Loader};
 use crate::backend::Backend;
 use crate::gguf::Gguf;
+use crate::parallel::Part;
 use crate::EngineError;
 use std::sync::Arc;
 
@@ -33,13 +34,13 @@ impl<B: Backend> Attention<B> {
         let (d, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
         Ok(Attention {
             norm: ld.vector(&w("attn_norm"), d)?,
-            wq: ld.weight(&w("attn_q"), d, q)?,
-            wk: ld.weight(&w("attn_k"), d, kv)?,
-            wv: ld.weight(&w("attn_v"), d, kv)?,
-            bq: ld.vector(&bias("attn_q"), q)?,
-            bk: ld.vector(&bias("attn_k"), kv)?,
-            bv: ld.vector(&bias("attn_v"), kv)?,
-            wo: ld.weight(&w("attn_output"), q, d)?,
+            wq: ld.weight_part(&w("attn_q"), d, q, Part::Rows(cfg.q_rows()))?,
+            wk: ld.weight_part(&w("attn_k"), d, kv, Part::Rows(cfg.kv_rows()))?,
+            wv: ld.weight_part(&w("attn_v"), d, kv, Part::Rows(cfg.kv_rows()))?,
+            bq: ld.vector_part(&bias("attn_q"), q, cfg.q_rows())?,
+            bk: ld.vector_part(&bias("attn_k"), kv, cfg.kv_rows())?,
+            bv: ld.vector_part(&bias("attn_v"), kv, cfg.kv_rows())?,
+            wo: ld.weight_part(&w("attn_output"), q, d, Part::Cols(cfg.q_rows()))?,
         })
     }
 
@@ -53,11 +54,9 @@ impl<B: Backend> Attention<B> {
         [q, k, v]
     }
 
-    /// The output projection: [n × n_heads·hd] → [n × d].
+    /// The output projection: [n × n_heads·hd] → [n × d], summed over the ranks.
     pub fn output(&self, b: &B, a: &B::Act) -> B::Act {
-        let mut o = b.matmul(&self.wo, a);
-        b.all_reduce_sum(&mut o);
-        o
+        b.matmul_reduced(&self.wo, a)
     }
 }
 

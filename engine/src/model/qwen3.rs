@@ -8,6 +8,7 @@ use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
 use super::{Batch, Loader};
 use crate::backend::Backend;
 use crate::gguf::Gguf;
+use crate::parallel::Part;
 use crate::EngineError;
 use std::sync::Arc;
 
@@ -31,12 +32,12 @@ impl<B: Backend> Attention<B> {
         let (d, hd) = (cfg.n_embd, cfg.head_dim);
         Ok(Attention {
             norm: ld.vector(&n("attn_norm"), d)?,
-            wq: ld.weight(&n("attn_q"), d, cfg.q_dim())?,
-            wk: ld.weight(&n("attn_k"), d, cfg.kv_dim())?,
-            wv: ld.weight(&n("attn_v"), d, cfg.kv_dim())?,
+            wq: ld.weight_part(&n("attn_q"), d, cfg.q_dim(), Part::Rows(cfg.q_rows()))?,
+            wk: ld.weight_part(&n("attn_k"), d, cfg.kv_dim(), Part::Rows(cfg.kv_rows()))?,
+            wv: ld.weight_part(&n("attn_v"), d, cfg.kv_dim(), Part::Rows(cfg.kv_rows()))?,
             q_norm: ld.vector(&n("attn_q_norm"), hd)?,
             k_norm: ld.vector(&n("attn_k_norm"), hd)?,
-            wo: ld.weight(&n("attn_output"), cfg.q_dim(), d)?,
+            wo: ld.weight_part(&n("attn_output"), cfg.q_dim(), d, Part::Cols(cfg.q_rows()))?,
         })
     }
 
@@ -51,9 +52,7 @@ impl<B: Backend> Attention<B> {
         cfg.rope_neox(b, &mut q, pos);
         cfg.rope_neox(b, &mut k, pos);
         let a = b.attention(kv, il, &batch.layout, &q, &k, &v, cfg.attn_shape(), None); // [n × n_heads·hd]
-        let mut o = b.matmul(&self.wo, &a); // [n × d]
-        b.all_reduce_sum(&mut o);
-        o
+        b.matmul_reduced(&self.wo, &a) // [n × d]
     }
 }
 
