@@ -231,3 +231,58 @@ fn logprobs_come_one_per_generated_token_and_change_nothing() {
         assert!(l.logprob <= 0.0 && l.top[0].1 >= l.top[1].1);
     }
 }
+
+/// A model split over 2 tensor-parallel ranks under the scheduler: concurrent requests
+/// (prompts fed in chunks, greedy and sampled), a chat's second turn from the prefix
+/// cache and preemption in a small pool all give the tokens of the same model as a
+/// group of one rank (which sums row-parallel products the same way; the unsplit
+/// model's f32 sums can move an activation across a quantization step). The ranks'
+/// caches follow rank 0's block changes, so any drift would show as different tokens or
+/// an error.
+#[test]
+fn a_split_model_serves_like_the_whole_one() {
+    let path = common::default_model_path();
+    let whole = Arc::new(LoadedModel::load_split(&path, 1, 1).expect("the default model as one rank"));
+    let split = Arc::new(LoadedModel::load_split(&path, 2, 1).expect("the default model over 2 ranks"));
+    let ps = prompts(&whole);
+    let opts = |i: usize| match i % 3 {
+        2 => options(24, sampled(i as u64 + 7)),
+        _ => options(24, SamplerParams::greedy()),
+    };
+    let serve = |m: &Arc<LoadedModel<CpuBackend>>, cfg: SchedulerConfig| -> Vec<Vec<u32>> {
+        let s = Scheduler::start(m.clone(), cfg).expect("thread");
+        let rxs: Vec<_> = ps.iter().enumerate().map(|(i, p)| submit(&s, p.clone(), opts(i))).collect();
+        rxs.into_iter().map(|rx| finish(rx).1.generated).collect()
+    };
+    let want = serve(&whole, SchedulerConfig::new(8, 64, 2048, 4096));
+    assert_eq!(serve(&split, SchedulerConfig::new(8, 64, 2048, 4096)), want, "concurrent requests");
+    // Preemption: room for 4 × 48 tokens of full-attention cache.
+    let mut small = SchedulerConfig::new(4, 64, 48, 4096);
+    small.chunk_tokens = 32;
+    let s = Scheduler::start(split.clone(), small).expect("thread");
+    let rxs: Vec<_> = ps[..4].iter().map(|p| submit(&s, p.clone(), options(40, SamplerParams::greedy()))).collect();
+    let preempted: Vec<Vec<u32>> = rxs.into_iter().map(|rx| finish(rx).1.generated).collect();
+    assert!(s.stats.preemptions.load(Ordering::Relaxed) > 0, "the pool was small enough to force preemption");
+    for (i, got) in preempted.iter().enumerate().filter(|(i, _)| i % 3 != 2) {
+        assert_eq!(got[..24], want[i][..24], "greedy prompt {i} after preemption");
+    }
+    // A second turn reads its history from the prefix cache on every rank.
+    let first = whole.tokenizer.encode("A conversation about the weather in the mountains and the sea.", true, true);
+    let turns = |m: &Arc<LoadedModel<CpuBackend>>| {
+        let s = Scheduler::start(m.clone(), SchedulerConfig::new(4, 64, 2048, 4096)).expect("thread");
+        let (_, one) = finish(submit(&s, first.clone(), options(40, SamplerParams::greedy())));
+        let mut second = first.clone();
+        second.extend(&one.generated);
+        second.extend(whole.tokenizer.encode(" And what about tomorrow?", false, true));
+        let (_, two) = finish(submit(&s, second, options(8, SamplerParams::greedy())));
+        (one.generated, two.generated, two.prompt_tokens)
+    };
+    let (want_turns, got_turns) = (turns(&whole), turns(&split));
+    assert!(got_turns.2 < first.len(), "the second turn came from the cache: {} computed", got_turns.2);
+    assert_eq!(got_turns, want_turns);
+    // Embeddings (another cache, from another thread) between steps change nothing.
+    let e = split.embed(&ps[0]).expect("embedding from the split model");
+    let w = whole.embed(&ps[0]).expect("embedding");
+    let worst = e.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "embeddings differ by {worst}");
+}

@@ -2,8 +2,10 @@
 //! each with its own thread pool, weights and KV cache) gives the unsplit model's logits
 //! within 1e-4 of the largest (in fact the same bits: the row-parallel sums are exact until
 //! one rounding after the all-reduce), the same on every rank, and the same greedy
-//! continuation. The unsplit reference is a group of one rank, which sums the same way
-//! (alone, without a group, the model keeps its f32 sums: equal within rounding). Every
+//! continuation. The reference is a group of one rank, which sums the same way. (Alone,
+//! without a group, the model keeps llama.cpp's f32 sums; a rounding difference can move
+//! an activation across a Q8 quantization step, which moved the default model's logits by
+//! up to 0.64 at a 14-token prompt: the split is compared with the group of one.) Every
 //! other architecture, on the synthetic models (dense, mixture-of-experts with expert
 //! parallelism, latent attention), agrees with its unsplit model the same way. A rank that
 //! leaves ends the others' forward pass with an error instead of a hang; a split that
@@ -201,22 +203,18 @@ fn a_split_inside_a_quantization_block_is_refused() {
     }
 }
 
-/// The group the CLI uses (`turbine bench --tp N`): rank threads driven by commands give the
-/// same logits as ranks run by hand.
+/// The group the server and the CLI use (`LoadedModel::load_split`): rank 0 on the
+/// caller's thread, the others following each step, gives the logits of ranks run by hand.
 #[test]
-fn a_tp_group_runs_commands_on_every_rank() {
-    use turbine::engine::parallel::TpGroup;
+fn a_split_model_runs_every_rank_each_step() {
+    use turbine::engine::generate::{LoadedModel, Session};
     let file = Arc::new(Gguf::open(&common::default_model_path()).expect("default model"));
     let prompt = [2u32, 818, 5279, 529, 7001];
-    let by_hand = run(&file, 1, &prompt, 0, None).remove(0).expect("one rank").0;
-    let group = TpGroup::load(&file, 2, 1).expect("group");
-    assert_eq!(group.info().map(|i| i.n_vocab), Some(262144));
-    assert!(
-        matches!(group.forward(&Batch::for_sequence(0, 0, &prompt, true)), Err(EngineError::BadBatch(_))),
-        "no cache yet"
-    );
-    group.reset_kv(16, 1).expect("kv");
-    let logits = group.forward(&Batch::for_sequence(0, 0, &prompt, true)).expect("forward");
+    let by_hand = run(&file, 2, &prompt, 0, None).remove(0).expect("rank 0").0;
+    let split = LoadedModel::load_split(&common::default_model_path(), 2, 1).expect("split");
+    assert_eq!(split.arch.info().n_vocab, 262144);
+    let mut session = Session::new(&split, 16);
+    let logits = session.feed(&prompt, true).expect("forward");
     assert!(logits.data.iter().zip(&by_hand).all(|(a, b)| a.to_bits() == b.to_bits()));
-    assert!(group.collective_time() > std::time::Duration::ZERO);
+    assert!(split.backend.collective_time() > Some(std::time::Duration::ZERO));
 }

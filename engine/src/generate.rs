@@ -7,6 +7,7 @@ use crate::gguf::Gguf;
 use crate::json_format::{JsonFormat, JsonState};
 use crate::kv::KvType;
 use crate::model::{self, Architecture, Batch};
+use crate::parallel::Sharded;
 use crate::sampler::{Sampler, SamplerParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::EngineError;
@@ -28,11 +29,32 @@ pub struct LoadedModel<B: Backend> {
 impl LoadedModel<CpuBackend> {
     /// Opens a GGUF file and prepares it on the CPU.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
+        Self::load_with(path, None)
+    }
+
+    /// Opens a GGUF file and prepares it on the CPU split over `ranks` tensor-parallel
+    /// ranks (threads of this process) of `threads` threads each. One rank is the
+    /// reference for more: it sums row-parallel products as a split does, where the
+    /// unsplit model ([`LoadedModel::load`]) keeps llama.cpp's f32 sums.
+    pub fn load_split(path: &Path, ranks: usize, threads: usize) -> Result<Self, EngineError> {
+        Self::load_with(path, Some((ranks, threads)))
+    }
+
+    fn load_with(path: &Path, split: Option<(usize, usize)>) -> Result<Self, EngineError> {
         let start = Instant::now();
         let file = Arc::new(Gguf::open(path)?);
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let backend = CpuBackend::default();
-        let arch = model::load(&backend, &file)?;
+        let (backend, arch): (CpuBackend, Box<dyn Architecture<CpuBackend>>) = match split {
+            None => {
+                let backend = CpuBackend::default();
+                let arch = model::load(&backend, &file)?;
+                (backend, arch)
+            }
+            Some((ranks, threads)) => {
+                let (backend, sharded) = Sharded::load(&file, ranks, threads)?;
+                (backend, Box::new(sharded))
+            }
+        };
         if tokenizer.n_vocab() > arch.info().n_vocab {
             return Err(EngineError::BadValue {
                 key: "tokenizer.ggml.tokens".into(),

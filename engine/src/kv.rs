@@ -17,6 +17,8 @@ use crate::EngineError;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 /// Tokens per block.
 pub const BLOCK_TOKENS: usize = 16;
@@ -271,6 +273,17 @@ struct SeqBlocks {
     registered: usize,
 }
 
+/// A change to a cache's blocks made between forward passes (the scheduler's), as the
+/// cache of rank 0 of a tensor-parallel group records it for the other ranks' caches to
+/// make too: the bookkeeping is deterministic, so the same changes and the same batches
+/// give every rank the same block tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockOp {
+    Clear { seq: usize },
+    Grow { seq: usize, len: usize },
+    AttachPrefix { seq: usize, prompt: Vec<u32> },
+}
+
 /// Block tables, reference counts and the prefix cache of a paged KV cache.
 #[derive(Debug)]
 pub struct BlockManager {
@@ -279,7 +292,15 @@ pub struct BlockManager {
     seqs: Vec<SeqBlocks>,
     /// Logical clock for least-recently-used eviction.
     tick: u64,
+    /// Unique among the caches of this process; alive while the cache is.
+    id: u64,
+    alive: Arc<()>,
+    /// The [`BlockOp`]s since the last [`BlockManager::take_journal`], when recording.
+    journal: Option<Vec<BlockOp>>,
 }
+
+/// Source of [`BlockManager`] ids.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl BlockManager {
     pub fn new(spec: &KvSpec) -> BlockManager {
@@ -287,7 +308,44 @@ impl BlockManager {
         let seqs = (0..spec.n_seqs)
             .map(|_| SeqBlocks { tables: vec![Vec::new(); pools.len()], ..SeqBlocks::default() })
             .collect();
-        BlockManager { spec: spec.clone(), pools, seqs, tick: 0 }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        BlockManager { spec: spec.clone(), pools, seqs, tick: 0, id, alive: Arc::new(()), journal: None }
+    }
+
+    /// [`BlockManager::new`], recording its [`BlockOp`]s.
+    pub fn recording(spec: &KvSpec) -> BlockManager {
+        BlockManager { journal: Some(Vec::new()), ..BlockManager::new(spec) }
+    }
+
+    /// This cache's id, and a handle that dies with it.
+    pub fn identity(&self) -> (u64, Weak<()>) {
+        (self.id, Arc::downgrade(&self.alive))
+    }
+
+    /// The changes recorded since the last call (none when not recording).
+    pub fn take_journal(&mut self) -> Vec<BlockOp> {
+        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Makes the changes another cache recorded. Each does what it did there, since both
+    /// caches have had the same changes and batches so far.
+    pub fn apply(&mut self, ops: &[BlockOp]) -> Result<(), EngineError> {
+        for op in ops {
+            match op {
+                BlockOp::Clear { seq } => self.clear(*seq),
+                BlockOp::Grow { seq, len } => self.grow(*seq, *len)?,
+                BlockOp::AttachPrefix { seq, prompt } => {
+                    self.attach_prefix(*seq, prompt);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, op: impl FnOnce() -> BlockOp) {
+        if let Some(j) = &mut self.journal {
+            j.push(op());
+        }
     }
 
     pub fn spec(&self) -> &KvSpec {
@@ -322,6 +380,7 @@ impl BlockManager {
 
     /// Forgets every token of `seq`, giving its blocks back (registered ones stay cached).
     pub fn clear(&mut self, seq: usize) {
+        self.record(|| BlockOp::Clear { seq });
         let Some(s) = self.seqs.get_mut(seq) else { return };
         // Last block first, so eviction takes a cached prefix's tail before its head (a
         // head evicted first would strand the rest).
@@ -352,6 +411,12 @@ impl BlockManager {
 
     /// Makes room for `seq` to hold `new_len` tokens; nothing changes when the pool cannot.
     pub fn grow(&mut self, seq: usize, new_len: usize) -> Result<(), EngineError> {
+        self.grow_blocks(seq, new_len)?;
+        self.record(|| BlockOp::Grow { seq, len: new_len });
+        Ok(())
+    }
+
+    fn grow_blocks(&mut self, seq: usize, new_len: usize) -> Result<(), EngineError> {
         if seq >= self.seqs.len() {
             return Err(EngineError::BadBatch(format!("sequence slot {seq} ≥ {}", self.seqs.len())));
         }
@@ -389,7 +454,7 @@ impl BlockManager {
         }
         self.short_of(next.iter().map(|(&s, &len)| self.blocks_needed(s, len)).sum())?;
         for (&seq, &len) in &next {
-            self.grow(seq, len)?;
+            self.grow_blocks(seq, len)?;
         }
         for (&seq, &t) in batch.layout.seqs.iter().zip(&batch.tokens) {
             self.seqs[seq].tokens.push(t);
@@ -448,6 +513,7 @@ impl BlockManager {
         if self.seq_len(seq) != 0 || seq >= self.seqs.len() {
             return 0;
         }
+        self.record(|| BlockOp::AttachPrefix { seq, prompt: prompt.to_vec() });
         let limit = prompt.len().saturating_sub(1).min(self.spec.max_tokens) / BLOCK_TOKENS;
         let keys = block_keys(&prompt[..limit * BLOCK_TOKENS]);
         let cached = |pool: &Pool, i: usize| pool.by_key.get(&keys[i]).copied();

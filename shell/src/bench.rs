@@ -12,7 +12,6 @@ use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::backend::Backend;
 use turbine::engine::generate::{LoadedModel, Session};
 use turbine::engine::model::Batch;
-use turbine::engine::parallel::TpGroup;
 use turbine::engine::sampler::Rng;
 use turbine::engine::EngineError;
 
@@ -36,13 +35,6 @@ pub struct BenchArgs {
     pub depth: usize,
     /// The anonymous memory loading the model took, reported after the results.
     pub load_anon_bytes: Option<u64>,
-}
-
-/// What runs the forward passes: the loaded model, or a tensor-parallel group of it.
-#[derive(Clone, Copy)]
-enum Runner<'a> {
-    Local(&'a LoadedModel<CpuBackend>),
-    Split(&'a TpGroup),
 }
 
 /// One test's timings.
@@ -98,42 +90,22 @@ fn random_tokens(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize) -> Ve
 }
 
 /// Time of one prompt-processing run of `n` tokens after `depth` untimed ones, in ns.
-fn run_prompt(
-    model: &LoadedModel<CpuBackend>,
-    runner: Runner,
-    rng: &mut Rng,
-    n: usize,
-    depth: usize,
-) -> Result<u64, EngineError> {
+fn run_prompt(model: &LoadedModel<CpuBackend>, rng: &mut Rng, n: usize, depth: usize) -> Result<u64, EngineError> {
     let context = random_tokens(model, rng, depth + n);
     let (before, tokens) = context.split_at(depth);
-    match runner {
-        Runner::Local(model) => {
-            let mut session = Session::new(model, depth + n + 1);
-            if depth > 0 {
-                session.feed(before, false)?;
-            }
-            let start = Instant::now();
-            session.feed(tokens, false)?;
-            Ok(start.elapsed().as_nanos() as u64)
-        }
-        Runner::Split(group) => {
-            group.reset_kv(depth + n + 1, 1)?;
-            if depth > 0 {
-                group.forward(&Batch::for_sequence(0, 0, before, false))?;
-            }
-            let start = Instant::now();
-            group.forward(&Batch::for_sequence(0, depth, tokens, false))?;
-            Ok(start.elapsed().as_nanos() as u64)
-        }
+    let mut session = Session::new(model, depth + n + 1);
+    if depth > 0 {
+        session.feed(before, false)?;
     }
+    let start = Instant::now();
+    session.feed(tokens, false)?;
+    Ok(start.elapsed().as_nanos() as u64)
 }
 
 /// Time of `n` decode steps of `parallel` sequences, each step one batch with a token
 /// (and its logits) per sequence, after `depth` untimed tokens of each, in ns.
 fn run_gen(
     model: &LoadedModel<CpuBackend>,
-    runner: Runner,
     rng: &mut Rng,
     (n, parallel): (usize, usize),
     depth: usize,
@@ -149,49 +121,33 @@ fn run_gen(
     // The context: each sequence's first `depth` tokens, a sequence per batch.
     let contexts =
         || (0..parallel).filter(|_| depth > 0).map(|seq| Batch::for_sequence(seq, 0, &tokens[seq][..depth], false));
-    match runner {
-        Runner::Local(model) => {
-            let mut kv = model.backend.new_kv(&model.arch.kv_spec(depth + n + 1, parallel));
-            for context in contexts() {
-                model.arch.forward(&model.backend, &context, &mut kv)?;
-            }
-            let start = Instant::now();
-            for step in 0..n {
-                model.arch.forward(&model.backend, &batch(step), &mut kv)?;
-            }
-            Ok(start.elapsed().as_nanos() as u64)
-        }
-        Runner::Split(group) => {
-            group.reset_kv(depth + n + 1, parallel)?;
-            for context in contexts() {
-                group.forward(&context)?;
-            }
-            let start = Instant::now();
-            for step in 0..n {
-                group.forward(&batch(step))?;
-            }
-            Ok(start.elapsed().as_nanos() as u64)
-        }
+    let mut kv = model.backend.new_kv(&model.arch.kv_spec(depth + n + 1, parallel));
+    for context in contexts() {
+        model.arch.forward(&model.backend, &context, &mut kv)?;
     }
+    let start = Instant::now();
+    for step in 0..n {
+        model.arch.forward(&model.backend, &batch(step), &mut kv)?;
+    }
+    Ok(start.elapsed().as_nanos() as u64)
 }
 
 fn run_test(
     model: &LoadedModel<CpuBackend>,
-    runner: Runner,
     n_prompt: usize,
     (n_gen, n_parallel): (usize, usize),
     (depth, reps): (usize, usize),
 ) -> Result<TestResult, EngineError> {
     let mut rng = Rng::new(0x5eed);
     let run = |rng: &mut Rng| match n_gen {
-        0 => run_prompt(model, runner, rng, n_prompt, depth),
-        _ => run_gen(model, runner, rng, (n_gen, n_parallel), depth),
+        0 => run_prompt(model, rng, n_prompt, depth),
+        _ => run_gen(model, rng, (n_gen, n_parallel), depth),
     };
     run(&mut rng)?; // warm-up
-    let collectives = |r: Runner| if let Runner::Split(g) = r { g.collective_time() } else { Default::default() };
-    let before = collectives(runner);
+    let collectives = || model.backend.collective_time().unwrap_or_default();
+    let before = collectives();
     let samples_ns = (0..reps).map(|_| run(&mut rng)).collect::<Result<Vec<_>, _>>()?;
-    let collective_ns = (collectives(runner) - before).as_nanos() as u64 / reps.max(1) as u64;
+    let collective_ns = (collectives() - before).as_nanos() as u64 / reps.max(1) as u64;
     Ok(TestResult { n_prompt, n_gen, n_parallel, depth, samples_ns, collective_ns })
 }
 
@@ -208,34 +164,24 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
             value: args.threads.to_string(),
             why: "cannot start a thread pool of that size",
         })?;
-    let mut group_anon_bytes = None;
-    let group = match args.tp {
-        1 => None,
-        tp => {
-            let before = rss_anon_bytes();
-            let group = TpGroup::load(&model.file, tp, (args.threads / tp).max(1))?;
-            group_anon_bytes = before.zip(rss_anon_bytes()).map(|(b, a)| a.saturating_sub(b));
-            Some(group)
-        }
-    };
-    let runner = group.as_ref().map_or(Runner::Local(model), Runner::Split);
     let mut results = Vec::new();
     pool.install(|| -> Result<(), EngineError> {
         if args.n_prompt > 0 {
-            results.push(run_test(model, runner, args.n_prompt, (0, 1), (args.depth, args.reps))?);
+            results.push(run_test(model, args.n_prompt, (0, 1), (args.depth, args.reps))?);
         }
         if args.n_gen > 0 {
-            results.push(run_test(model, runner, 0, (args.n_gen, args.parallel), (args.depth, args.reps))?);
+            results.push(run_test(model, 0, (args.n_gen, args.parallel), (args.depth, args.reps))?);
         }
         Ok(())
     })?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    if let Some(b) = args.load_anon_bytes {
-        eprintln!("model: {:.1} MiB of anonymous memory at load", mib(b));
-    }
-    if let Some(b) = group_anon_bytes {
-        let per_rank = mib(b) / args.tp as f64;
-        eprintln!("{} ranks: {:.1} MiB of anonymous memory at load ({per_rank:.1} MiB per rank)", args.tp, mib(b));
+    match (args.load_anon_bytes, args.tp) {
+        (Some(b), 1) => eprintln!("model: {:.1} MiB of anonymous memory at load", mib(b)),
+        (Some(b), tp) => {
+            let per_rank = mib(b) / tp as f64;
+            eprintln!("{tp} ranks: {:.1} MiB of anonymous memory at load ({per_rank:.1} MiB per rank)", mib(b));
+        }
+        (None, _) => {}
     }
     if args.tp > 1 {
         for r in &results {

@@ -347,7 +347,12 @@ fn main() -> ExitCode {
                 load_anon_bytes: None,
             };
             let before = bench::rss_anon_bytes();
-            load(&model).and_then(|m| {
+            let ranks = args.tp;
+            let loaded = store::resolve(&model).and_then(|p| match ranks {
+                1 => LoadedModel::load(&p),
+                _ => LoadedModel::load_split(&p, ranks, (threads / ranks).max(1)),
+            });
+            loaded.and_then(|m| {
                 let loaded = before.zip(bench::rss_anon_bytes()).map(|(b, a)| a.saturating_sub(b));
                 bench::bench(&model, &m, &bench::BenchArgs { load_anon_bytes: loaded, ..args })
             })

@@ -44,6 +44,13 @@ impl CpuBackend {
     pub fn tensor_parallel(comm: InProcess) -> CpuBackend {
         CpuBackend { tp: Some(Arc::new(TpRank { comm, error: std::sync::Mutex::new(None) })) }
     }
+
+    /// Under tensor parallelism, this rank's time in collectives so far (waiting for the
+    /// other ranks included).
+    pub fn collective_time(&self) -> Option<std::time::Duration> {
+        let busy = self.tp.as_ref()?.comm.busy_ns();
+        Some(std::time::Duration::from_nanos(busy.load(std::sync::atomic::Ordering::Relaxed)))
+    }
 }
 
 /// A row-major f32 matrix.
@@ -225,11 +232,13 @@ impl KvCache for CpuKv {
 }
 
 impl CpuKv {
-    fn new(spec: &KvSpec) -> CpuKv {
+    /// A zeroed cache; `recording` its block changes for other ranks to mirror.
+    fn new(spec: &KvSpec, recording: bool) -> CpuKv {
         let block_len = BLOCK_TOKENS * spec.kv_dim;
         let layer_len = |layer: usize| spec.groups[spec.layer_slot[layer].0].n_blocks * block_len;
         let layers = (0..spec.n_layers).map(|l| Cells::new(spec.dtype, layer_len(l), spec.shared_v)).collect();
-        CpuKv { blocks: BlockManager::new(spec), layers }
+        let blocks = if recording { BlockManager::recording(spec) } else { BlockManager::new(spec) };
+        CpuKv { blocks, layers }
     }
 
     /// Where position `pos` of `seq` lives in `layer`'s arrays: a function from position
@@ -376,8 +385,9 @@ impl Backend for CpuBackend {
         Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
+    /// Rank 0 of a group records its caches' block changes (see [`crate::parallel::Sharded`]).
     fn new_kv(&self, spec: &KvSpec) -> CpuKv {
-        CpuKv::new(spec)
+        CpuKv::new(spec, matches!(self.tensor_parallel(), (0, ranks) if ranks > 1))
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CpuAct {
@@ -1006,7 +1016,7 @@ mod tests {
         for dtype in [KvType::F32, KvType::F16] {
             let spec = KvSpec::for_sequences(&layout, 64, 1, 64).with_type(dtype);
             assert_eq!(spec.pool_bytes(), 4 * 16 * hd * dtype.bytes_per_value(), "keys only");
-            let mut kv = CpuKv::new(&spec);
+            let mut kv = CpuKv::new(&spec, false);
             let batch = Batch::for_sequence(0, 0, &vec![0; n], true);
             kv.blocks_mut().begin_batch(&batch).expect("blocks");
             let act = |rows: usize, data: &[f32]| CpuAct { rows, cols: data.len() / rows, data: data.to_vec() };

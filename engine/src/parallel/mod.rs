@@ -11,17 +11,14 @@
 //! leaves (its communicator dropped, e.g. while its thread unwinds from a panic) ends the
 //! group: the others' collectives return [`CommError::RankLost`] instead of waiting.
 
+mod group;
+pub use group::Sharded;
+
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
-use crate::gguf::Gguf;
-use crate::model::{Batch, Logits, ModelInfo};
 use crate::EngineError;
 use turbine_cpu::GgmlType;
 
@@ -212,173 +209,6 @@ impl Drop for InProcess {
         }
         self.group.done.notify_all();
     }
-}
-
-/// A model split over ranks that are threads of this process, each with its own thread
-/// pool, its share of the weights and its KV cache. Every call goes to every rank; rank 0's
-/// logits come back, and the first error any rank met.
-pub struct TpGroup {
-    ranks: Vec<RankThread>,
-    /// Rank 0's time in collectives.
-    busy_ns: Arc<AtomicU64>,
-    info: Option<ModelInfo>,
-}
-
-struct RankThread {
-    tx: Option<Sender<Command>>,
-    /// Locked for a whole command's round trip, so calls from several threads take turns.
-    rx: Mutex<Receiver<Result<Reply, EngineError>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// A rank's answer to a command.
-enum Reply {
-    Loaded(ModelInfo),
-    Done,
-    Logits(Logits),
-}
-
-enum Command {
-    /// A fresh KV cache for `n_seqs` sequences of up to `max_tokens`.
-    Kv {
-        max_tokens: usize,
-        n_seqs: usize,
-    },
-    Forward(Batch),
-}
-
-impl TpGroup {
-    /// Loads `file` split over `ranks` ranks of `threads` threads each.
-    pub fn load(file: &Arc<Gguf>, ranks: usize, threads: usize) -> Result<TpGroup, EngineError> {
-        let comms = InProcess::group(ranks);
-        let busy_ns = comms.first().map(|c| c.busy_ns()).unwrap_or_default();
-        let mut handles = Vec::with_capacity(ranks);
-        for comm in comms {
-            let (tx, cmd_rx) = channel();
-            let (reply_tx, rx) = channel();
-            let file = file.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("turbine-tp{}", comm.rank()))
-                .spawn(move || rank_main(comm, &file, threads, cmd_rx, reply_tx))
-                .map_err(|e| EngineError::TensorParallel(format!("cannot start a rank thread: {e}")))?;
-            handles.push(RankThread { tx: Some(tx), rx: Mutex::new(rx), thread: Some(thread) });
-        }
-        let mut group = TpGroup { ranks: handles, busy_ns, info: None };
-        if let Some(Reply::Loaded(info)) = group.replies()?.into_iter().next() {
-            group.info = Some(info);
-        }
-        Ok(group)
-    }
-
-    /// The model's sizes (rank 0's report).
-    pub fn info(&self) -> Option<&ModelInfo> {
-        self.info.as_ref()
-    }
-
-    /// Every rank's answer to its last command; the first error, if any.
-    fn replies(&self) -> Result<Vec<Reply>, EngineError> {
-        Self::collect(&self.lock_receivers())
-    }
-
-    /// The ranks' reply channels, locked in rank order for a whole round trip.
-    fn lock_receivers(&self) -> Vec<MutexGuard<'_, Receiver<Result<Reply, EngineError>>>> {
-        self.ranks.iter().map(|r| r.rx.lock().unwrap_or_else(|e| e.into_inner())).collect()
-    }
-
-    fn collect(receivers: &[MutexGuard<'_, Receiver<Result<Reply, EngineError>>>]) -> Result<Vec<Reply>, EngineError> {
-        let answers: Vec<_> = receivers
-            .iter()
-            .map(|rx| rx.recv().unwrap_or_else(|_| Err(EngineError::TensorParallel("a rank thread ended".into()))))
-            .collect();
-        answers.into_iter().collect()
-    }
-
-    /// `command` to every rank, then every rank's answer.
-    fn send(&self, command: impl Fn() -> Command) -> Result<Vec<Reply>, EngineError> {
-        // One command at a time.
-        let receivers = self.lock_receivers();
-        for r in &self.ranks {
-            if let Some(tx) = &r.tx {
-                tx.send(command()).map_err(|_| EngineError::TensorParallel("a rank thread ended".into()))?;
-            }
-        }
-        Self::collect(&receivers)
-    }
-
-    /// Gives every rank a fresh KV cache.
-    pub fn reset_kv(&self, max_tokens: usize, n_seqs: usize) -> Result<(), EngineError> {
-        self.send(|| Command::Kv { max_tokens, n_seqs }).map(|_| ())
-    }
-
-    /// One forward pass of `batch` on every rank; rank 0's logits.
-    pub fn forward(&self, batch: &Batch) -> Result<Logits, EngineError> {
-        match self.send(|| Command::Forward(batch.clone()))?.into_iter().next() {
-            Some(Reply::Logits(l)) => Ok(l),
-            _ => Err(EngineError::TensorParallel("rank 0 returned no logits".into())),
-        }
-    }
-
-    /// Rank 0's time in collectives so far.
-    pub fn collective_time(&self) -> Duration {
-        Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
-    }
-}
-
-impl Drop for TpGroup {
-    fn drop(&mut self) {
-        for r in &mut self.ranks {
-            r.tx.take(); // ends the rank's command loop
-        }
-        for r in &mut self.ranks {
-            if let Some(t) = r.thread.take() {
-                t.join().ok();
-            }
-        }
-    }
-}
-
-/// A rank's thread: its pool, its share of the model, then commands until the group goes.
-fn rank_main(
-    comm: InProcess,
-    file: &Arc<Gguf>,
-    threads: usize,
-    commands: Receiver<Command>,
-    replies: Sender<Result<Reply, EngineError>>,
-) {
-    let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build() {
-        Ok(p) => p,
-        Err(e) => {
-            replies.send(Err(EngineError::TensorParallel(format!("cannot start a rank's thread pool: {e}")))).ok();
-            return;
-        }
-    };
-    pool.install(|| {
-        let backend = CpuBackend::tensor_parallel(comm);
-        let arch = match crate::model::load(&backend, file) {
-            Ok(a) => a,
-            Err(e) => {
-                replies.send(Err(e)).ok();
-                return;
-            }
-        };
-        replies.send(Ok(Reply::Loaded(arch.info().clone()))).ok();
-        let mut kv = None;
-        for command in commands {
-            let reply = match command {
-                Command::Kv { max_tokens, n_seqs } => {
-                    kv = Some(backend.new_kv(&arch.kv_spec(max_tokens, n_seqs)));
-                    Ok(Reply::Done)
-                }
-                Command::Forward(batch) => match kv.as_mut() {
-                    Some(kv) => arch.forward(&backend, &batch, kv).map(Reply::Logits),
-                    None => Err(EngineError::BadBatch("no KV cache: call reset_kv first".into())),
-                },
-            };
-            if replies.send(reply).is_err() {
-                return;
-            }
-        }
-    });
 }
 
 /// A rank's part of a weight matrix (`rows` outputs × `cols` inputs).
