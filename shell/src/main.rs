@@ -61,6 +61,10 @@ enum Command {
     Serve {
         #[command(flatten)]
         listen: ListenFlags,
+        /// Split each model over N tensor-parallel ranks (threads of this process, the
+        /// cores shared evenly among them).
+        #[arg(long = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        tp: u16,
     },
     /// Serve the same API in front of compute nodes (`turbine serve` elsewhere), with API
     /// keys and rate limits here and no engine: requests go to a node with the model,
@@ -393,8 +397,8 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Serve { listen } => {
-            if let Err(e) = server::serve(&listen.args()) {
+        Command::Serve { listen, tp } => {
+            if let Err(e) = server::serve(&listen.args(), tp.into()) {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }

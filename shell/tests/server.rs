@@ -824,3 +824,61 @@ fn logprobs_of_generated_tokens() {
     let bad = s.post("/v1/completions", &json!({ "model": MODEL, "prompt": "Hi", "logprobs": 99 }));
     assert_eq!(bad.status, 400);
 }
+
+/// `turbine serve --tp 2`: the model split over two ranks serves concurrent requests, each
+/// the text the engine generates with the model as a one-rank group (which sums as a
+/// split does), and embeddings.
+#[test]
+fn serve_with_two_tensor_parallel_ranks() {
+    let log = std::env::temp_dir().join(format!("turbine-tp-serve-{}.log", std::process::id()));
+    let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], &["--tp", "2"], Some(&log))));
+    let reference = LoadedModel::load_split(&model_path(), 1, 1).expect("one-rank group");
+    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let ids = reference.tokenizer.encode(p, true, true);
+            let opts = GenerateOptions {
+                num_predict: Some(12),
+                num_ctx: 4096,
+                sampler: SamplerParams::greedy(),
+                stop: vec![],
+                logprobs: None,
+                render_special: false,
+                format: None,
+            };
+            let mut out = String::new();
+            Session::new(&reference, 4096)
+                .generate(&ids, &opts, |t| {
+                    out.push_str(t);
+                    true
+                })
+                .expect("generate");
+            out
+        })
+        .collect();
+    let threads: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (s, p) = (s.clone(), p.to_string());
+            std::thread::spawn(move || {
+                let r = s.post(
+                    "/api/generate",
+                    &json!({ "model": MODEL, "prompt": p, "raw": true, "stream": false,
+                             "options": { "num_predict": 12, "temperature": 0 } }),
+                );
+                assert_eq!(r.status, 200, "{}", r.text());
+                r.json()["response"].as_str().expect("response").to_string()
+            })
+        })
+        .collect();
+    for (t, w) in threads.into_iter().zip(&want) {
+        assert_eq!(&t.join().expect("request"), w);
+    }
+    let e = s.post("/api/embed", &json!({ "model": MODEL, "input": "Why is the sky blue?" }));
+    assert_eq!(e.status, 200, "{}", e.text());
+    assert_eq!(e.json()["embeddings"][0].as_array().map(Vec::len), Some(640));
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("over 2 tensor-parallel ranks"), "{logged}");
+    std::fs::remove_file(&log).ok();
+}

@@ -102,8 +102,9 @@ impl Reply {
 }
 
 /// Listens on OLLAMA_HOST and serves until the process ends.
-pub fn serve(args: &ListenArgs) -> Result<(), String> {
-    let limits = worker::EngineLimits::from_env()?;
+/// Serves the store's models, each split over `tensor_parallel` ranks (1: whole).
+pub fn serve(args: &ListenArgs, tensor_parallel: usize) -> Result<(), String> {
+    let limits = worker::EngineLimits { tensor_parallel, ..worker::EngineLimits::from_env()? };
     let (server, front) = front::bind(args, "turbine serve")?;
     eprintln!("turbine serve: models in {}", turbine::engine::store::models_dir().display());
     let state = Arc::new(State { front, models: worker::Models::new(limits) });

@@ -218,6 +218,9 @@ pub struct EngineLimits {
     pub max_memory_mb: usize,
     /// OLLAMA_KV_CACHE_TYPE: f16 (default) or f32.
     pub kv_type: KvType,
+    /// `turbine serve --tp N`: each model split over N tensor-parallel ranks (threads of
+    /// this process, the cores shared evenly); 1: whole.
+    pub tensor_parallel: usize,
 }
 
 /// Most sequences the automatic OLLAMA_NUM_PARALLEL picks.
@@ -233,6 +236,7 @@ impl Default for EngineLimits {
             max_loaded: 3,
             max_memory_mb: available_memory_mb().unwrap_or(usize::MAX >> 20),
             kv_type: KvType::F16,
+            tensor_parallel: 1,
         }
     }
 }
@@ -262,6 +266,7 @@ impl EngineLimits {
                 Ok(v) => KvType::parse(&v).map_err(|e| format!("OLLAMA_KV_CACHE_TYPE: {e}"))?,
                 Err(_) => d.kv_type,
             },
+            tensor_parallel: d.tensor_parallel,
         })
     }
 
@@ -417,17 +422,26 @@ fn worker_loop(
     state: &Arc<WorkerState>,
     limits: &EngineLimits,
 ) {
-    let loaded = catch_unwind(|| LoadedModel::load(path));
+    let loaded = catch_unwind(|| match limits.tensor_parallel {
+        0 | 1 => LoadedModel::load(path),
+        ranks => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            LoadedModel::load_split(path, ranks, (cores / ranks).max(1))
+        }
+    });
     let started = match loaded {
         Ok(Ok(m)) => {
             let model = Arc::new(m);
             let cfg = limits.scheduler_config(&model.arch.kv_layout(), model.arch.info().context_length);
-            let kv_bytes = cfg.kv_spec(&model.arch.kv_layout()).pool_bytes();
+            // Every rank holds a pool like rank 0's (its own heads' keys and values).
+            let ranks = limits.tensor_parallel.max(1);
+            let kv_bytes = cfg.kv_spec(&model.arch.kv_layout()).pool_bytes().saturating_mul(ranks);
             state.kv_bytes.store(kv_bytes, Ordering::SeqCst);
             eprintln!(
-                "turbine serve: loaded {} in {:.2?}: {} sequences at once, {} tokens of cache each, KV pool {} MiB",
+                "turbine serve: loaded {} in {:.2?}{}: {} sequences at once, {} tokens of cache each, KV pool {} MiB",
                 path.display(),
                 model.load_time,
+                if ranks > 1 { format!(" over {ranks} tensor-parallel ranks") } else { String::new() },
                 cfg.max_running,
                 cfg.tokens_per_seq,
                 kv_bytes >> 20
