@@ -78,7 +78,15 @@ fn text(bytes: &[u8]) -> String {
 /// What `turbine generate -m MODEL -n N --temperature 0 PROMPT` prints on stdout: the
 /// CLI's own path (Session::generate, greedy, context 4096) plus its closing newline.
 fn cli_greedy(prompt: &str, n: usize) -> String {
-    let model = common::load_default_model();
+    greedy_with(&common::load_default_model(), prompt, n)
+}
+
+/// The greedy continuation `model` gives, as [`cli_greedy`] prints it.
+fn greedy_with(
+    model: &turbine::engine::generate::LoadedModel<turbine::engine::backend::cpu::CpuBackend>,
+    prompt: &str,
+    n: usize,
+) -> String {
     let ids = model.tokenizer.encode(prompt, true, true);
     let num_ctx = 4096.min(model.arch.info().context_length);
     let opts = GenerateOptions {
@@ -91,7 +99,7 @@ fn cli_greedy(prompt: &str, n: usize) -> String {
         format: None,
     };
     let mut out = String::new();
-    Session::new(&model, num_ctx)
+    Session::new(model, num_ctx)
         .generate(&ids, &opts, |piece| {
             out.push_str(piece);
             true
@@ -119,6 +127,21 @@ fn c_example_matches_turbine_generate() {
             assert_eq!(text(&out.stdout), expected, "generate {mode:?} on {prompt:?}");
         }
     }
+}
+
+/// The example with `--tp 2`: the model split over two ranks through
+/// `turbine_model_load_split` continues as the one-rank group does.
+#[test]
+fn c_example_runs_a_split_model() {
+    let exe = compile_c("examples/c/generate.c", "generate");
+    let path = common::default_model_path();
+    let one_rank = turbine::engine::generate::LoadedModel::load_split(&path, 1, 1).expect("one-rank group");
+    let prompt = "The capital of France is";
+    let expected = greedy_with(&one_rank, prompt, 16);
+    let args = ["--tp", "2", path.to_str().expect("UTF-8 path"), "16", prompt];
+    let out = run(&exe, &args);
+    assert!(out.status.success(), "generate {args:?} failed: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), expected);
 }
 
 /// Bad model files for the misuse program: a missing path, the first MiB of the model

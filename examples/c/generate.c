@@ -107,15 +107,25 @@ static int generate_stepwise(turbine_model *model, int n, const char *prompt) {
 }
 
 int main(int argc, char **argv) {
-    int step = argc > 1 && strcmp(argv[1], "--step") == 0;
-    if (argc - step != 4) {
-        fprintf(stderr, "usage: %s [--step] MODEL.gguf N PROMPT\n", argv[0]);
+    /* Options: --step, and --tp RANKS (the model split over tensor-parallel ranks). */
+    int step = 0, ranks = 0, first = 1;
+    for (; first < argc && strncmp(argv[first], "--", 2) == 0; first++) {
+        if (strcmp(argv[first], "--step") == 0) {
+            step = 1;
+        } else if (strcmp(argv[first], "--tp") == 0 && first + 1 < argc) {
+            ranks = atoi(argv[++first]);
+        } else {
+            break;
+        }
+    }
+    if (argc - first != 3) {
+        fprintf(stderr, "usage: %s [--step] [--tp RANKS] MODEL.gguf N PROMPT\n", argv[0]);
         return 2;
     }
-    const char *path = argv[1 + step], *prompt = argv[3 + step];
-    int n = atoi(argv[2 + step]);
+    const char *path = argv[first], *prompt = argv[first + 2];
+    int n = atoi(argv[first + 1]);
     turbine_model *model = NULL;
-    turbine_status st = turbine_model_load(path, &model);
+    turbine_status st = ranks > 0 ? turbine_model_load_split(path, ranks, 1, &model) : turbine_model_load(path, &model);
     if (st != TURBINE_OK) return fail("loading the model", st);
     fprintf(stderr, "%s: %s, %d tokens, context %d\n", path, turbine_model_architecture(model),
             turbine_model_n_vocab(model), turbine_model_context_length(model));

@@ -44,8 +44,12 @@ pub(crate) fn check_tokens(model: &Model, ids: &[TurbineToken]) -> Res<Vec<u32>>
     ids.iter().map(|&id| check_token(model, id)).collect()
 }
 
-fn load(path: &str) -> Res<TurbineModel> {
-    let model = LoadedModel::load(Path::new(path))?;
+/// Loads the whole model, or `split` = (ranks, threads per rank) tensor-parallel ranks.
+fn load(path: &str, split: Option<(usize, usize)>) -> Res<TurbineModel> {
+    let model = match split {
+        None => LoadedModel::load(Path::new(path))?,
+        Some((ranks, threads)) => LoadedModel::load_split(Path::new(path), ranks, threads)?,
+    };
     let info = model.arch.info();
     if i32::try_from(info.n_vocab).is_err() {
         return Err(error(
@@ -67,7 +71,39 @@ pub unsafe extern "C" fn turbine_model_load(path: *const c_char, model_out: *mut
     guard(|| {
         let out = arg_mut(model_out, "model_out")?;
         *out = std::ptr::null_mut();
-        let model = load(str_arg(path, "path")?)?;
+        let model = load(str_arg(path, "path")?, None)?;
+        *out = Box::into_raw(Box::new(model));
+        Ok(())
+    })
+}
+
+/// Most tensor-parallel ranks `turbine_model_load_split` accepts (as `--tp`).
+const MAX_RANKS: i32 = 64;
+
+/// Loads a GGUF model file split over tensor-parallel ranks; see `turbine.h`.
+///
+/// # Safety
+/// `path` must be NULL or a NUL-terminated string; `model_out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn turbine_model_load_split(
+    path: *const c_char,
+    n_ranks: i32,
+    n_threads_per_rank: i32,
+    model_out: *mut *mut TurbineModel,
+) -> TurbineStatus {
+    guard(|| {
+        let out = arg_mut(model_out, "model_out")?;
+        *out = std::ptr::null_mut();
+        if !(1..=MAX_RANKS).contains(&n_ranks) {
+            let why = format!("n_ranks is {n_ranks}: expected 1 to {MAX_RANKS}");
+            return Err(error(TURBINE_ERR_INVALID_ARGUMENT, why));
+        }
+        if n_threads_per_rank < 1 {
+            let why = format!("n_threads_per_rank is {n_threads_per_rank}: expected at least 1");
+            return Err(error(TURBINE_ERR_INVALID_ARGUMENT, why));
+        }
+        let split = (n_ranks as usize, n_threads_per_rank as usize);
+        let model = load(str_arg(path, "path")?, Some(split))?;
         *out = Box::into_raw(Box::new(model));
         Ok(())
     })

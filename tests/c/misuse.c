@@ -57,6 +57,15 @@ static void bad_files(const char *missing, const char *head, const char *tail, c
     CHECK(m == NULL);
     EXPECT(turbine_model_load(garbage, &m), TURBINE_ERR_MODEL);
     CHECK(m == NULL);
+    /* Split loads: counts out of range, then the file's own errors. */
+    EXPECT(turbine_model_load_split(missing, 0, 1, &m), TURBINE_ERR_INVALID_ARGUMENT);
+    CHECK(m == NULL && strstr(turbine_last_error(), "n_ranks") != NULL);
+    EXPECT(turbine_model_load_split(missing, 65, 1, &m), TURBINE_ERR_INVALID_ARGUMENT);
+    EXPECT(turbine_model_load_split(missing, 2, 0, &m), TURBINE_ERR_INVALID_ARGUMENT);
+    EXPECT(turbine_model_load_split(missing, 2, 1, NULL), TURBINE_ERR_NULL_ARGUMENT);
+    EXPECT(turbine_model_load_split(missing, 2, 1, &m), TURBINE_ERR_IO);
+    EXPECT(turbine_model_load_split(garbage, 2, 1, &m), TURBINE_ERR_MODEL);
+    CHECK(m == NULL);
 }
 
 static void null_handles(void) {
