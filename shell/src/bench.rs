@@ -183,6 +183,18 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
         }
         (None, _) => {}
     }
+    let file_bytes: u64 = model.file.tensors().iter().map(|t| t.n_bytes as u64).sum();
+    for (rank, &(held, lookup)) in model.arch.info().rank_weight_bytes.iter().enumerate() {
+        let own = held.saturating_sub(lookup);
+        eprintln!(
+            "rank {rank}: {:.1} MiB of the file's {:.1} MiB of weights ({:.1}%), plus the {:.1} MiB embedding table \
+             it only looks up",
+            mib(own),
+            mib(file_bytes),
+            100.0 * own as f64 / file_bytes.max(1) as f64,
+            mib(lookup)
+        );
+    }
     if args.tp > 1 {
         for r in &results {
             let (runs, steps) = (r.samples_ns.len().max(1), r.n_gen.max(1));

@@ -10,6 +10,7 @@ use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use turbine_cpu::act::QuantizedActs;
 use turbine_cpu::attention::{self, QueryRow};
@@ -22,6 +23,9 @@ use turbine_cpu::{half_ops, ops, GgmlType, Isa};
 #[derive(Clone, Default)]
 pub struct CpuBackend {
     tp: Option<Arc<TpRank>>,
+    /// Bytes of the file's tensors this backend's weights and vectors cover, and of them
+    /// the tables only looked up by row (see [`CpuBackend::weight_bytes`]).
+    held: Arc<[AtomicU64; 2]>,
 }
 
 /// A rank's communicator and the first collective error it met (the forward pass runs to
@@ -42,14 +46,29 @@ impl TpRank {
 impl CpuBackend {
     /// The backend of one rank of a tensor-parallel group.
     pub fn tensor_parallel(comm: InProcess) -> CpuBackend {
-        CpuBackend { tp: Some(Arc::new(TpRank { comm, error: std::sync::Mutex::new(None) })) }
+        CpuBackend { tp: Some(Arc::new(TpRank { comm, error: std::sync::Mutex::new(None) })), ..Default::default() }
+    }
+
+    /// Bytes of the model file that the weights and vectors made by this backend cover
+    /// (under tensor parallelism: this rank's shares and whole copies), and of them the
+    /// bytes of tables only looked up by row (embeddings, whose pages are read only for
+    /// the tokens seen).
+    pub fn weight_bytes(&self) -> (u64, u64) {
+        (self.held[0].load(Ordering::Relaxed), self.held[1].load(Ordering::Relaxed))
+    }
+
+    fn hold(&self, bytes: usize, lookup_only: bool) {
+        self.held[0].fetch_add(bytes as u64, Ordering::Relaxed);
+        if lookup_only {
+            self.held[1].fetch_add(bytes as u64, Ordering::Relaxed);
+        }
     }
 
     /// Under tensor parallelism, this rank's time in collectives so far (waiting for the
     /// other ranks included).
     pub fn collective_time(&self) -> Option<std::time::Duration> {
         let busy = self.tp.as_ref()?.comm.busy_ns();
-        Some(std::time::Duration::from_nanos(busy.load(std::sync::atomic::Ordering::Relaxed)))
+        Some(std::time::Duration::from_nanos(busy.load(Ordering::Relaxed)))
     }
 }
 
@@ -284,6 +303,7 @@ impl Backend for CpuBackend {
         let (cols, rows) = matrix_shape(tensor)?;
         let len = file.tensor_data(tensor).len();
         let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone(), start: 0, len };
+        self.hold(len, false);
         CpuWeight::new(&tensor.name, bytes, tensor.ty, rows, cols)
     }
 
@@ -298,9 +318,11 @@ impl Backend for CpuBackend {
                 start: range.start,
                 len: range.len(),
             };
+            self.hold(range.len(), false);
             return CpuWeight::new(&tensor.name, bytes, tensor.ty, r.len(), cols);
         }
         let (rows, cols, bytes) = shard_bytes(&tensor.name, tensor.ty, rows, cols, file.tensor_data(tensor), part)?;
+        self.hold(bytes.len(), false);
         CpuWeight::from_bytes(&tensor.name, tensor.ty, rows, cols, bytes)
     }
 
@@ -308,6 +330,7 @@ impl Backend for CpuBackend {
         let (cols, rows) = matrix_shape(tensor)?;
         let len = file.tensor_data(tensor).len();
         let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone(), start: 0, len };
+        self.hold(len, true);
         CpuWeight::checked(&tensor.name, bytes, tensor.ty, rows, cols)
     }
 
@@ -382,6 +405,7 @@ impl Backend for CpuBackend {
             return Err(EngineError::shape(&tensor.name, "a 1-D F32 tensor", &tensor.dims));
         }
         let bytes = file.tensor_data(tensor);
+        self.hold(bytes.len(), false);
         Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 

@@ -358,6 +358,7 @@ impl<B: Backend, L: Layers<B>> Decoder<B, L> {
             n_layers: cfg.n_layers,
             context_length: cfg.context_length,
             n_params: count_params(file),
+            rank_weight_bytes: Vec::new(),
         };
         Ok(Decoder { cfg, info, tok_embd, output, output_norm, layers })
     }

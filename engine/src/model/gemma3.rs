@@ -168,6 +168,7 @@ impl<B: Backend> Gemma3<B> {
             n_layers: cfg.base.n_layers,
             context_length: cfg.base.context_length,
             n_params: count_params(file),
+            rank_weight_bytes: Vec::new(),
         };
         Ok(Gemma3 { cfg, info, tok_embd, head, output_norm, layers })
     }

@@ -37,9 +37,13 @@ enum Step {
     Forward { id: u64, ops: Vec<BlockOp>, batch: Batch, hidden: bool },
 }
 
+/// A follower's answer: to its load, the bytes its weights cover (see
+/// `CpuBackend::weight_bytes`); to a forward step, nothing.
+type Answer = Result<(u64, u64), EngineError>;
+
 struct Follower {
     tx: Option<Sender<Step>>,
-    done: Receiver<Result<(), EngineError>>,
+    done: Receiver<Answer>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -54,6 +58,8 @@ struct Followers {
 pub struct Sharded {
     /// Rank 0's share of the model, run in its own pool.
     arch: Box<dyn Architecture<CpuBackend>>,
+    /// Rank 0's description, with every rank's weight bytes.
+    info: ModelInfo,
     pool: rayon::ThreadPool,
     /// Locked for a whole step, so steps from several threads (the scheduler, an
     /// embedding request) reach every rank in the same order.
@@ -74,11 +80,13 @@ impl Sharded {
         let backend = CpuBackend::tensor_parallel(first);
         let arch = pool.install(|| model::load(&backend, file))?;
         // Every follower reports its load; the first failure is the group's.
+        let mut info = arch.info().clone();
+        info.rank_weight_bytes.push(backend.weight_bytes());
         for f in &followers {
-            f.answer()?;
+            info.rank_weight_bytes.push(f.answer()?);
         }
         let followers = Mutex::new(Followers { ranks: followers, mirrored: Vec::new() });
-        Ok((backend, Sharded { arch, pool, followers }))
+        Ok((backend, Sharded { arch, info, pool, followers }))
     }
 
     /// One step on every rank: the followers get it first, then rank 0 runs `run` on its
@@ -118,15 +126,15 @@ impl Sharded {
         let mine = self.pool.install(|| run(kv));
         // Every follower answers, even after an error, so no answer is left for the next step.
         let answers: Vec<_> = ranks.iter().map(Follower::answer).collect();
-        let theirs: Result<(), EngineError> = answers.into_iter().collect();
+        let theirs: Result<Vec<_>, EngineError> = answers.into_iter().collect();
         let out = mine?;
-        theirs.map(|()| out)
+        theirs.map(|_| out)
     }
 }
 
 impl Architecture<CpuBackend> for Sharded {
     fn info(&self) -> &ModelInfo {
-        self.arch.info()
+        &self.info
     }
 
     fn kv_layout(&self) -> KvLayout {
@@ -179,7 +187,7 @@ impl Follower {
     }
 
     /// The follower's answer to its load or its last forward step.
-    fn answer(&self) -> Result<(), EngineError> {
+    fn answer(&self) -> Answer {
         self.done
             .recv()
             .unwrap_or_else(|_| Err(EngineError::TensorParallel("a tensor-parallel rank thread ended".into())))
@@ -194,13 +202,7 @@ fn thread_pool(threads: usize) -> Result<rayon::ThreadPool, EngineError> {
 }
 
 /// A follower's life: its pool, its share of the model, then steps until rank 0 goes.
-fn follow(
-    comm: InProcess,
-    file: &Arc<Gguf>,
-    threads: usize,
-    steps: Receiver<Step>,
-    answers: Sender<Result<(), EngineError>>,
-) {
+fn follow(comm: InProcess, file: &Arc<Gguf>, threads: usize, steps: Receiver<Step>, answers: Sender<Answer>) {
     let pool = match thread_pool(threads) {
         Ok(p) => p,
         Err(e) => {
@@ -217,7 +219,7 @@ fn follow(
                 return;
             }
         };
-        answers.send(Ok(())).ok();
+        answers.send(Ok(backend.weight_bytes())).ok();
         let mut caches: HashMap<u64, CpuKv> = HashMap::new();
         for step in steps {
             match step {
@@ -230,8 +232,8 @@ fn follow(
                 Step::Forward { id, ops, batch, hidden } => {
                     let result = match caches.get_mut(&id) {
                         Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| match hidden {
-                            true => arch.forward_hidden(&backend, &batch, kv).map(drop),
-                            false => arch.forward(&backend, &batch, kv).map(drop),
+                            true => arch.forward_hidden(&backend, &batch, kv).map(|_| (0, 0)),
+                            false => arch.forward(&backend, &batch, kv).map(|_| (0, 0)),
                         }),
                         None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
                     };
