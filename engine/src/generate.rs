@@ -40,6 +40,16 @@ impl LoadedModel<CpuBackend> {
         Self::load_with(path, Some((ranks, threads)))
     }
 
+    /// Rank 0 of an MPI world: `path` split over every process of the world, each with
+    /// the cores its machine gives it.
+    #[cfg(feature = "mpi")]
+    pub fn load_mpi(path: &Path, world: &crate::parallel::mpi::MpiWorld) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let (file, backend, sharded) = world.load(path)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        Self::assemble(file, tokenizer, backend, Box::new(sharded), start)
+    }
+
     fn load_with(path: &Path, split: Option<(usize, usize)>) -> Result<Self, EngineError> {
         let start = Instant::now();
         let file = Arc::new(Gguf::open(path)?);
@@ -55,6 +65,16 @@ impl LoadedModel<CpuBackend> {
                 (backend, Box::new(sharded))
             }
         };
+        Self::assemble(file, tokenizer, backend, arch, start)
+    }
+
+    fn assemble(
+        file: Arc<Gguf>,
+        tokenizer: Tokenizer,
+        backend: CpuBackend,
+        arch: Box<dyn Architecture<CpuBackend>>,
+        start: Instant,
+    ) -> Result<Self, EngineError> {
         if tokenizer.n_vocab() > arch.info().n_vocab {
             return Err(EngineError::BadValue {
                 key: "tokenizer.ggml.tokens".into(),

@@ -14,6 +14,7 @@
 
 use crate::model::Batch;
 use crate::EngineError;
+use serde::{Deserialize, Serialize};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -39,7 +40,7 @@ pub struct KvLayout {
 }
 
 /// How the cache stores keys and values (`OLLAMA_KV_CACHE_TYPE`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvType {
     /// llama.cpp's and Ollama's default: half the memory, attention rounded as llama.cpp's
     /// flash attention rounds it.
@@ -69,7 +70,7 @@ impl KvType {
 }
 
 /// Layers sharing one block table.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvGroup {
     pub layers: Vec<usize>,
     pub window: Option<usize>,
@@ -77,7 +78,7 @@ pub struct KvGroup {
 }
 
 /// The size of a paged cache.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KvSpec {
     pub n_layers: usize,
     pub kv_dim: usize,
@@ -277,7 +278,7 @@ struct SeqBlocks {
 /// cache of rank 0 of a tensor-parallel group records it for the other ranks' caches to
 /// make too: the bookkeeping is deterministic, so the same changes and the same batches
 /// give every rank the same block tables.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlockOp {
     Clear { seq: usize },
     Grow { seq: usize, len: usize },

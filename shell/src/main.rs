@@ -332,6 +332,31 @@ fn client_main(f: impl FnOnce(&client::Target) -> Result<(), String>) -> ExitCod
     }
 }
 
+/// Under an MPI launcher: the world, which must have `tp` processes.
+#[cfg(feature = "mpi")]
+fn mpi_world(tp: usize) -> Result<Option<std::sync::Arc<turbine::engine::parallel::mpi::MpiWorld>>, String> {
+    let Some(world) = turbine::engine::parallel::mpi::MpiWorld::from_launcher()? else {
+        return Ok(None);
+    };
+    if world.size() != tp {
+        return Err(format!("started as {} MPI processes for --tp {tp}: run mpirun -np {tp}", world.size()));
+    }
+    Ok(Some(std::sync::Arc::new(world)))
+}
+
+/// An MPI rank other than 0: follows rank 0 until it ends.
+#[cfg(feature = "mpi")]
+fn follow(world: &turbine::engine::parallel::mpi::MpiWorld) -> ExitCode {
+    eprintln!("turbine serve: rank {} of {} (pid {}) following rank 0", world.rank(), world.size(), std::process::id());
+    match turbine::engine::parallel::mpi::follow(world) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: rank {}: {e}", world.rank());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     turbine::engine::memory::tune_allocator();
     let cli = Cli::parse();
@@ -398,6 +423,22 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve { listen, tp } => {
+            #[cfg(feature = "mpi")]
+            match mpi_world(tp.into()) {
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+                Ok(Some(world)) if world.rank() > 0 => return follow(&world),
+                Ok(Some(world)) => {
+                    let _ = server::MPI_WORLD.set(world);
+                    if let Err(e) = server::fail_on_termination() {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+                Ok(None) => {}
+            }
             if let Err(e) = server::serve(&listen.args(), tp.into()) {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;

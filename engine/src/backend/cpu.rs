@@ -4,7 +4,7 @@
 use super::{AttnShape, Backend, BatchLayout, KvCache, Yarn};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
-use crate::parallel::{row_bytes_of, shard_bytes, CommError, Communicator, InProcess, Part};
+use crate::parallel::{row_bytes_of, shard_bytes, CommError, Communicator, Part};
 use crate::EngineError;
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -31,7 +31,7 @@ pub struct CpuBackend {
 /// A rank's communicator and the first collective error it met (the forward pass runs to
 /// its end, then reports it).
 struct TpRank {
-    comm: InProcess,
+    comm: Box<dyn Communicator>,
     error: std::sync::Mutex<Option<CommError>>,
 }
 
@@ -45,8 +45,9 @@ impl TpRank {
 
 impl CpuBackend {
     /// The backend of one rank of a tensor-parallel group.
-    pub fn tensor_parallel(comm: InProcess) -> CpuBackend {
-        CpuBackend { tp: Some(Arc::new(TpRank { comm, error: std::sync::Mutex::new(None) })), ..Default::default() }
+    pub fn tensor_parallel(comm: impl Communicator + 'static) -> CpuBackend {
+        let rank = TpRank { comm: Box::new(comm), error: std::sync::Mutex::new(None) };
+        CpuBackend { tp: Some(Arc::new(rank)), ..Default::default() }
     }
 
     /// Bytes of the model file that the weights and vectors made by this backend cover
@@ -67,8 +68,7 @@ impl CpuBackend {
     /// Under tensor parallelism, this rank's time in collectives so far (waiting for the
     /// other ranks included).
     pub fn collective_time(&self) -> Option<std::time::Duration> {
-        let busy = self.tp.as_ref()?.comm.busy_ns();
-        Some(std::time::Duration::from_nanos(busy.load(Ordering::Relaxed)))
+        Some(self.tp.as_ref()?.comm.busy())
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub use turbine_cpu::ops::Yarn;
 
 /// Which sequence and position each row of a batch belongs to.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct BatchLayout {
     /// Position of each token in its sequence (0-based).
     pub positions: Vec<u32>,

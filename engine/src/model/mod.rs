@@ -21,7 +21,7 @@ use turbine_cpu::GgmlType;
 
 /// Tokens to run through the model in one forward pass: any number of sequences, each
 /// contributing a run of consecutive positions (a prompt chunk or one decode token).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     pub tokens: Vec<u32>,
     pub layout: BatchLayout,

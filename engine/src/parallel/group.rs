@@ -1,10 +1,11 @@
-//! A model split over the ranks of an in-process group, run as one model.
+//! A model split over the ranks of a group, run as one model.
 //!
 //! Rank 0 runs on the caller's thread: [`Sharded`] is an [`Architecture`] whose forward
-//! pass first hands the step to the other ranks (the followers, each a thread with its own
-//! thread pool, share of the weights and caches), then computes rank 0's share; the ranks
-//! meet in the collectives, and rank 0 returns the gathered logits. So the scheduler, the
-//! sampler and the HTTP shell run a split model exactly as they run a whole one.
+//! pass first hands the step to the other ranks (the followers: threads of this process
+//! with their own thread pools, or other processes under MPI, each with its share of the
+//! weights and its caches), then computes rank 0's share; the ranks meet in the
+//! collectives, and rank 0 returns the gathered logits. So the scheduler, the sampler and
+//! the HTTP shell run a split model exactly as they run a whole one.
 //!
 //! The followers' caches mirror rank 0's: rank 0's caches record the block changes the
 //! scheduler makes between steps ([`BlockOp`]), and each step carries them, so every rank
@@ -17,7 +18,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
-use super::InProcess;
+use serde::{Deserialize, Serialize};
+
+use super::{Communicator, InProcess};
 use crate::backend::cpu::{CpuBackend, CpuKv};
 use crate::backend::{Backend, KvCache};
 use crate::gguf::Gguf;
@@ -26,8 +29,8 @@ use crate::model::{self, Architecture, Batch, Logits, ModelInfo};
 use crate::EngineError;
 
 /// What rank 0 tells a follower.
-#[derive(Clone)]
-enum Step {
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum Step {
     /// Make a cache like rank 0's cache `id`.
     NewCache { id: u64, spec: KvSpec },
     /// Rank 0 dropped cache `id`.
@@ -39,22 +42,24 @@ enum Step {
 
 /// A follower's answer: to its load, the bytes its weights cover (see
 /// `CpuBackend::weight_bytes`); to a forward step, nothing.
-type Answer = Result<(u64, u64), EngineError>;
+pub(crate) type Answer = Result<(u64, u64), EngineError>;
 
-struct Follower {
-    tx: Option<Sender<Step>>,
-    done: Receiver<Answer>,
-    thread: Option<JoinHandle<()>>,
+/// How rank 0 reaches the other ranks.
+pub(crate) trait Followers: Send {
+    /// Hands `steps` to every other rank, in order.
+    fn send(&mut self, steps: Vec<Step>) -> Result<(), EngineError>;
+    /// Every other rank's answer to its last forward step (or to its load), in rank order.
+    fn answers(&mut self) -> Vec<Answer>;
 }
 
 /// The followers, and rank 0's caches they mirror with handles that die with them.
-struct Followers {
-    ranks: Vec<Follower>,
+struct Group {
+    followers: Box<dyn Followers>,
     mirrored: Vec<(u64, Weak<()>)>,
 }
 
-/// A model split over `ranks` threads of this process (tensor parallelism); to its user,
-/// one [`Architecture`] over rank 0's backend.
+/// A model split over ranks (tensor parallelism); to its user, one [`Architecture`] over
+/// rank 0's backend.
 pub struct Sharded {
     /// Rank 0's share of the model, run in its own pool.
     arch: Box<dyn Architecture<CpuBackend>>,
@@ -63,30 +68,40 @@ pub struct Sharded {
     pool: rayon::ThreadPool,
     /// Locked for a whole step, so steps from several threads (the scheduler, an
     /// embedding request) reach every rank in the same order.
-    followers: Mutex<Followers>,
+    group: Mutex<Group>,
 }
 
 impl Sharded {
-    /// Loads `file` split over `ranks` ranks of `threads` threads each: the backend of
-    /// rank 0, which the caller passes to every call, and the model.
+    /// Loads `file` split over `ranks` threads of this process of `threads` threads each:
+    /// the backend of rank 0, which the caller passes to every call, and the model.
     pub fn load(file: &Arc<Gguf>, ranks: usize, threads: usize) -> Result<(CpuBackend, Sharded), EngineError> {
         let mut comms = InProcess::group(ranks.max(1)).into_iter();
         let first = comms.next().ok_or_else(|| EngineError::TensorParallel("no ranks".into()))?;
+        let followers = comms.map(|comm| Thread::start(comm, file, threads)).collect::<Result<Vec<_>, _>>()?;
+        Sharded::lead(first, file, threads, Box::new(Threads(followers)))
+    }
+
+    /// Rank 0's share of `file` over `comm`, leading `followers`, which are loading theirs.
+    pub(crate) fn lead(
+        comm: impl Communicator + 'static,
+        file: &Arc<Gguf>,
+        threads: usize,
+        mut followers: Box<dyn Followers>,
+    ) -> Result<(CpuBackend, Sharded), EngineError> {
         let pool = thread_pool(threads)?;
-        let mut followers = Vec::new();
-        for comm in comms {
-            followers.push(Follower::start(comm, file, threads)?);
-        }
-        let backend = CpuBackend::tensor_parallel(first);
-        let arch = pool.install(|| model::load(&backend, file))?;
-        // Every follower reports its load; the first failure is the group's.
+        let backend = CpuBackend::tensor_parallel(comm);
+        let loaded = pool.install(|| model::load(&backend, file));
+        // Every follower reports its load, even when rank 0's failed; the first failure
+        // is the group's.
+        let answers = followers.answers();
+        let arch = loaded?;
         let mut info = arch.info().clone();
         info.rank_weight_bytes.push(backend.weight_bytes());
-        for f in &followers {
-            info.rank_weight_bytes.push(f.answer()?);
+        for a in answers {
+            info.rank_weight_bytes.push(a?);
         }
-        let followers = Mutex::new(Followers { ranks: followers, mirrored: Vec::new() });
-        Ok((backend, Sharded { arch, info, pool, followers }))
+        let group = Mutex::new(Group { followers, mirrored: Vec::new() });
+        Ok((backend, Sharded { arch, info, pool, group }))
     }
 
     /// One step on every rank: the followers get it first, then rank 0 runs `run` on its
@@ -101,8 +116,8 @@ impl Sharded {
     where
         T: Send,
     {
-        let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
-        let Followers { ranks, mirrored } = &mut *followers;
+        let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
+        let Group { followers, mirrored } = &mut *group;
         let (id, alive) = kv.blocks().identity();
         let mut steps = Vec::new();
         mirrored.retain(|(old, handle)| {
@@ -117,16 +132,11 @@ impl Sharded {
             mirrored.push((id, alive));
         }
         let ops = kv.blocks_mut().take_journal();
-        for f in ranks.iter() {
-            for s in &steps {
-                f.send(s.clone())?;
-            }
-            f.send(Step::Forward { id, ops: ops.clone(), batch: batch.clone(), hidden })?;
-        }
+        steps.push(Step::Forward { id, ops, batch: batch.clone(), hidden });
+        followers.send(steps)?;
         let mine = self.pool.install(|| run(kv));
         // Every follower answers, even after an error, so no answer is left for the next step.
-        let answers: Vec<_> = ranks.iter().map(Follower::answer).collect();
-        let theirs: Result<Vec<_>, EngineError> = answers.into_iter().collect();
+        let theirs: Result<Vec<_>, EngineError> = followers.answers().into_iter().collect();
         let out = mine?;
         theirs.map(|_| out)
     }
@@ -154,54 +164,112 @@ impl Architecture<CpuBackend> for Sharded {
     }
 }
 
-impl Drop for Sharded {
-    fn drop(&mut self) {
-        let followers = &mut self.followers.get_mut().unwrap_or_else(|e| e.into_inner()).ranks;
-        for f in followers.iter_mut() {
-            f.tx.take(); // ends the follower's loop
-        }
-        for f in followers.iter_mut() {
-            if let Some(t) = f.thread.take() {
-                t.join().ok();
-            }
-        }
-    }
-}
-
-impl Follower {
-    /// A thread that loads its rank's share of `file`, reports, then follows steps.
-    fn start(comm: InProcess, file: &Arc<Gguf>, threads: usize) -> Result<Follower, EngineError> {
-        let (tx, steps) = channel();
-        let (answers, done) = channel();
-        let file = file.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("turbine-tp{}", super::Communicator::rank(&comm)))
-            .spawn(move || follow(comm, &file, threads, steps, answers))
-            .map_err(|e| EngineError::TensorParallel(format!("cannot start a rank thread: {e}")))?;
-        Ok(Follower { tx: Some(tx), done, thread: Some(thread) })
-    }
-
-    fn send(&self, step: Step) -> Result<(), EngineError> {
-        let gone = || EngineError::TensorParallel("a tensor-parallel rank thread ended".into());
-        self.tx.as_ref().ok_or_else(gone)?.send(step).map_err(|_| gone())
-    }
-
-    /// The follower's answer to its load or its last forward step.
-    fn answer(&self) -> Answer {
-        self.done
-            .recv()
-            .unwrap_or_else(|_| Err(EngineError::TensorParallel("a tensor-parallel rank thread ended".into())))
-    }
-}
-
-fn thread_pool(threads: usize) -> Result<rayon::ThreadPool, EngineError> {
+pub(crate) fn thread_pool(threads: usize) -> Result<rayon::ThreadPool, EngineError> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()
         .map_err(|e| EngineError::TensorParallel(format!("cannot start a rank's thread pool: {e}")))
 }
 
-/// A follower's life: its pool, its share of the model, then steps until rank 0 goes.
+/// A follower rank: its share of the model and its mirrors of rank 0's caches.
+pub(crate) struct Follower {
+    backend: CpuBackend,
+    arch: Box<dyn Architecture<CpuBackend>>,
+    caches: HashMap<u64, CpuKv>,
+}
+
+impl Follower {
+    /// Loads this rank's share of `file` (on the current thread pool).
+    pub(crate) fn load(comm: impl Communicator + 'static, file: &Arc<Gguf>) -> Result<Follower, EngineError> {
+        let backend = CpuBackend::tensor_parallel(comm);
+        let arch = model::load(&backend, file)?;
+        Ok(Follower { backend, arch, caches: HashMap::new() })
+    }
+
+    /// What its load answers.
+    pub(crate) fn loaded(&self) -> Answer {
+        Ok(self.backend.weight_bytes())
+    }
+
+    /// Takes one step (on the current thread pool); a forward step's answer.
+    pub(crate) fn take(&mut self, step: Step) -> Option<Answer> {
+        match step {
+            Step::NewCache { id, spec } => {
+                self.caches.insert(id, self.backend.new_kv(&spec));
+                None
+            }
+            Step::DropCache { id } => {
+                self.caches.remove(&id);
+                None
+            }
+            Step::Forward { id, ops, batch, hidden } => Some(match self.caches.get_mut(&id) {
+                Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| match hidden {
+                    true => self.arch.forward_hidden(&self.backend, &batch, kv).map(|_| (0, 0)),
+                    false => self.arch.forward(&self.backend, &batch, kv).map(|_| (0, 0)),
+                }),
+                None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
+            }),
+        }
+    }
+}
+
+/// A follower thread of this process.
+struct Thread {
+    tx: Option<Sender<Step>>,
+    done: Receiver<Answer>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The followers as threads of this process.
+struct Threads(Vec<Thread>);
+
+impl Followers for Threads {
+    fn send(&mut self, steps: Vec<Step>) -> Result<(), EngineError> {
+        let gone = || EngineError::TensorParallel("a tensor-parallel rank thread ended".into());
+        for t in &self.0 {
+            for s in &steps {
+                t.tx.as_ref().ok_or_else(gone)?.send(s.clone()).map_err(|_| gone())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn answers(&mut self) -> Vec<Answer> {
+        let gone = || EngineError::TensorParallel("a tensor-parallel rank thread ended".into());
+        self.0.iter().map(|t| t.done.recv().unwrap_or_else(|_| Err(gone()))).collect()
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        for t in &mut self.0 {
+            t.tx.take(); // ends the follower's loop
+        }
+        for t in &mut self.0 {
+            if let Some(t) = t.thread.take() {
+                t.join().ok();
+            }
+        }
+    }
+}
+
+impl Thread {
+    /// A thread that loads its rank's share of `file`, reports, then follows steps.
+    fn start(comm: InProcess, file: &Arc<Gguf>, threads: usize) -> Result<Thread, EngineError> {
+        let (tx, steps) = channel();
+        let (answers, done) = channel();
+        let file = file.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("turbine-tp{}", comm.rank()))
+            .spawn(move || follow(comm, &file, threads, steps, answers))
+            .map_err(|e| EngineError::TensorParallel(format!("cannot start a rank thread: {e}")))?;
+        Ok(Thread { tx: Some(tx), done, thread: Some(thread) })
+    }
+}
+
+/// A follower thread's life: its pool, its share of the model, then steps until rank 0
+/// goes. A rank that fails leaves the group (its communicator goes with this thread), so
+/// the others' collectives end with an error, never a wait.
 fn follow(comm: InProcess, file: &Arc<Gguf>, threads: usize, steps: Receiver<Step>, answers: Sender<Answer>) {
     let pool = match thread_pool(threads) {
         Ok(p) => p,
@@ -211,38 +279,19 @@ fn follow(comm: InProcess, file: &Arc<Gguf>, threads: usize, steps: Receiver<Ste
         }
     };
     pool.install(move || {
-        let backend = CpuBackend::tensor_parallel(comm);
-        let arch = match model::load(&backend, file) {
-            Ok(a) => a,
+        let mut me = match Follower::load(comm, file) {
+            Ok(f) => f,
             Err(e) => {
                 answers.send(Err(e)).ok();
                 return;
             }
         };
-        answers.send(Ok(backend.weight_bytes())).ok();
-        let mut caches: HashMap<u64, CpuKv> = HashMap::new();
+        answers.send(me.loaded()).ok();
         for step in steps {
-            match step {
-                Step::NewCache { id, spec } => {
-                    caches.insert(id, backend.new_kv(&spec));
-                }
-                Step::DropCache { id } => {
-                    caches.remove(&id);
-                }
-                Step::Forward { id, ops, batch, hidden } => {
-                    let result = match caches.get_mut(&id) {
-                        Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| match hidden {
-                            true => arch.forward_hidden(&backend, &batch, kv).map(|_| (0, 0)),
-                            false => arch.forward(&backend, &batch, kv).map(|_| (0, 0)),
-                        }),
-                        None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
-                    };
-                    // A rank that failed leaves the group (its communicator goes with this
-                    // thread), so the others' collectives end with an error, never a wait.
-                    let failed = result.is_err();
-                    if answers.send(result).is_err() || failed {
-                        return;
-                    }
+            if let Some(answer) = me.take(step) {
+                let failed = answer.is_err();
+                if answers.send(answer).is_err() || failed {
+                    return;
                 }
             }
         }

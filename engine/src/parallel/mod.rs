@@ -12,12 +12,14 @@
 //! group: the others' collectives return [`CommError::RankLost`] instead of waiting.
 
 mod group;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub use group::Sharded;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::EngineError;
 use turbine_cpu::GgmlType;
@@ -53,6 +55,8 @@ pub trait Communicator: Send + Sync {
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CommError>;
     /// Every rank's `local`, concatenated in rank order.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
+    /// Time this rank has spent in collectives so far (waiting for the others included).
+    fn busy(&self) -> Duration;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,12 +95,6 @@ impl InProcess {
         let state = State { generation: 0, slots: vec![None; size], result: Ok(Arc::new(Vec::new())), lost: None };
         let group = Arc::new(Group { state: Mutex::new(state), done: Condvar::new() });
         (0..size).map(|rank| InProcess { rank, size, group: group.clone(), busy_ns: Arc::default() }).collect()
-    }
-
-    /// The counter of nanoseconds this rank spends in collectives (readable from another
-    /// thread once the rank has moved).
-    pub fn busy_ns(&self) -> Arc<AtomicU64> {
-        self.busy_ns.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -196,6 +194,10 @@ impl Communicator for InProcess {
             .iter()
             .map(|&x| x as f32)
             .collect())
+    }
+
+    fn busy(&self) -> Duration {
+        Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
     }
 }
 

@@ -102,9 +102,34 @@ impl Reply {
 }
 
 /// Listens on OLLAMA_HOST and serves until the process ends.
+/// Under `mpirun`: the world whose processes hold the shares of each model (rank 0 serves).
+#[cfg(feature = "mpi")]
+pub static MPI_WORLD: std::sync::OnceLock<Arc<turbine::engine::parallel::mpi::MpiWorld>> = std::sync::OnceLock::new();
+
+/// Rank 0 under MPI: on SIGTERM (mpirun ending the job because a rank died, or a person
+/// stopping it), waiting requests are answered with an error, then the process exits
+/// before the launcher's SIGKILL.
+#[cfg(feature = "mpi")]
+pub fn fail_on_termination() -> Result<(), String> {
+    turbine::engine::parallel::mpi::on_termination(|| {
+        let why = "the tensor-parallel group is ending (an MPI rank was lost or the job was stopped)";
+        eprintln!("turbine serve: {why}: answering waiting requests, then exiting");
+        worker::fail_engine(why);
+        // Waiting requests notice within PEER_CHECK (100 ms); their answers then go out.
+        std::thread::sleep(Duration::from_millis(500));
+        std::process::exit(1);
+    })
+}
+
 /// Serves the store's models, each split over `tensor_parallel` ranks (1: whole).
 pub fn serve(args: &ListenArgs, tensor_parallel: usize) -> Result<(), String> {
     let limits = worker::EngineLimits { tensor_parallel, ..worker::EngineLimits::from_env()? };
+    // Under MPI one model at a time: every process follows one sequence of messages.
+    #[cfg(feature = "mpi")]
+    let limits = match MPI_WORLD.get() {
+        Some(_) => worker::EngineLimits { max_loaded: 1, ..limits },
+        None => limits,
+    };
     let (server, front) = front::bind(args, "turbine serve")?;
     eprintln!("turbine serve: models in {}", turbine::engine::store::models_dir().display());
     let state = Arc::new(State { front, models: worker::Models::new(limits) });

@@ -635,6 +635,7 @@ fn respond(cx: &Cx, mut rx: Events, stream: bool, keep_alive: KeepAlive, mut fra
         Ok(e) => e,
         Err(Waited::ClientGone) => return Err(framer.error_reply(499, CLIENT_GONE)),
         Err(Waited::Stopped) => return Err(framer.error_reply(500, stopped)),
+        Err(Waited::Failed(why)) => return Err(framer.error_reply(500, why)),
     };
     let unload = keep_alive == KeepAlive::For(Duration::ZERO);
     let after = Finish { state: cx.state.clone(), unload };
@@ -656,6 +657,7 @@ fn respond(cx: &Cx, mut rx: Events, stream: bool, keep_alive: KeepAlive, mut fra
             ev = next_event(cx, &mut rx).map_err(|w| match w {
                 Waited::ClientGone => framer.error_reply(499, CLIENT_GONE),
                 Waited::Stopped => framer.error_reply(500, stopped),
+                Waited::Failed(why) => framer.error_reply(500, why),
             })?;
         }
     }
@@ -670,6 +672,8 @@ enum Waited {
     /// it (the scheduler drops the sequence and its cache blocks at its next step).
     ClientGone,
     Stopped,
+    /// The engine cannot go on (a tensor-parallel rank was lost): why.
+    Failed(&'static str),
 }
 
 /// The body of the reply nobody reads (nginx's status for a client that closed first).
@@ -679,14 +683,16 @@ const CLIENT_GONE: &str = "client closed the connection";
 /// answer, checks that its client is still there.
 const PEER_CHECK: Duration = Duration::from_millis(100);
 
-/// The job's next event, unless its client goes away first (checked at each event and
-/// every [`PEER_CHECK`] between them: a system call, microseconds against a token's
-/// milliseconds).
+/// The job's next event, unless its client goes away or the engine fails first (checked
+/// at each event and every [`PEER_CHECK`] between them: a system call, microseconds
+/// against a token's milliseconds).
 fn next_event(cx: &Cx, rx: &mut Events) -> Result<Event, Waited> {
-    let Some(peer) = &cx.peer else { return rx.recv().map_err(|_| Waited::Stopped) };
     loop {
-        if peer.closed() {
+        if cx.peer.as_ref().is_some_and(|p| p.closed()) {
             return Err(Waited::ClientGone);
+        }
+        if let Some(why) = super::worker::engine_failure() {
+            return Err(Waited::Failed(why));
         }
         match rx.recv_timeout(PEER_CHECK) {
             Ok(e) => return Ok(e),
@@ -727,9 +733,18 @@ impl Iterator for EventFrames {
         }
         let ev = match self.first.take() {
             Some(e) => e,
-            None => match self.rx.recv() {
-                Ok(e) => e,
-                Err(_) => Event::Error { status: 500, message: "model runner stopped unexpectedly".into() },
+            None => loop {
+                match self.rx.recv_timeout(PEER_CHECK) {
+                    Ok(e) => break e,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        break Event::Error { status: 500, message: "model runner stopped unexpectedly".into() }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Some(why) = super::worker::engine_failure() {
+                            break Event::Error { status: 500, message: why.into() };
+                        }
+                    }
+                }
             },
         };
         Some(match ev {

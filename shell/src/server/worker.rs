@@ -198,6 +198,21 @@ pub enum Event {
     },
 }
 
+/// Set once when the engine cannot go on (a tensor-parallel MPI rank was lost): waiting
+/// requests are answered with it.
+static ENGINE_FAILURE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Why the engine cannot go on, once it cannot.
+pub fn engine_failure() -> Option<&'static str> {
+    ENGINE_FAILURE.get().copied()
+}
+
+/// Marks the engine as failed with `why`, for every waiting request.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub fn fail_engine(why: &'static str) {
+    let _ = ENGINE_FAILURE.set(why);
+}
+
 /// Serving limits, from the environment (Ollama's names where Ollama has one).
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineLimits {
@@ -414,6 +429,22 @@ impl Drop for JobGuard {
     }
 }
 
+/// The model at `path`: whole, split over threads of this process, or, under MPI, split
+/// over the processes of the world.
+fn load_model(path: &std::path::Path, limits: &EngineLimits) -> Result<LoadedModel<CpuBackend>, EngineError> {
+    #[cfg(feature = "mpi")]
+    if let Some(world) = super::MPI_WORLD.get() {
+        return LoadedModel::load_mpi(path, world);
+    }
+    match limits.tensor_parallel {
+        0 | 1 => LoadedModel::load(path),
+        ranks => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            LoadedModel::load_split(path, ranks, (cores / ranks).max(1))
+        }
+    }
+}
+
 fn worker_loop(
     path: &std::path::Path,
     name: &str,
@@ -422,13 +453,7 @@ fn worker_loop(
     state: &Arc<WorkerState>,
     limits: &EngineLimits,
 ) {
-    let loaded = catch_unwind(|| match limits.tensor_parallel {
-        0 | 1 => LoadedModel::load(path),
-        ranks => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            LoadedModel::load_split(path, ranks, (cores / ranks).max(1))
-        }
-    });
+    let loaded = catch_unwind(|| load_model(path, limits));
     let started = match loaded {
         Ok(Ok(m)) => {
             let model = Arc::new(m);

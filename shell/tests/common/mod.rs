@@ -39,13 +39,24 @@ impl ServeProcess {
         log: Option<&std::path::Path>,
         port: Option<u16>,
     ) -> ServeProcess {
+        ServeProcess::launch_program(env!("CARGO_BIN_EXE_turbine"), args, env, log, port)
+    }
+
+    /// [`ServeProcess::launch`] of another program that starts the server (`mpirun`).
+    pub fn launch_program(
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+        port: Option<u16>,
+    ) -> ServeProcess {
         for _ in 0..5 {
             let port = port.unwrap_or_else(free_port);
             let stderr = match log {
                 Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
                 None => Stdio::null(),
             };
-            let child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+            let child = Command::new(program)
                 .args(args)
                 .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
                 .envs(env.iter().copied())
@@ -66,6 +77,25 @@ impl ServeProcess {
             }
         }
         panic!("turbine {args:?} could not bind a free port in 5 tries");
+    }
+}
+
+impl ServeProcess {
+    /// The process id of what was started.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 }
 

@@ -1,0 +1,374 @@
+//! Tensor parallelism across processes (and machines) over MPI, the `mpi` feature (the
+//! `mpi` crate over Debian's OpenMPI): `mpirun -np N turbine serve --tp N`.
+//!
+//! Every process of the world is one rank. Rank 0 runs the HTTP shell and the scheduler;
+//! its split models are [`Sharded`] over an [`MpiComm`], and their followers are the
+//! other processes, which run [`follow`]: they wait for rank 0's messages (load a model's
+//! share, take steps, unload it) by broadcast and answer by gather. The collectives of a
+//! forward pass are MPI all-gathers, summed in rank order on every rank, so the results
+//! are those of the in-process group bit for bit.
+//!
+//! MPI is initialized for serialized use from several threads (a model's steps come from
+//! its scheduler thread, its collectives from rank 0's pool, loads from the server's
+//! threads); every call takes one process-wide lock, and one model at a time is resident,
+//! so every rank sees the same sequence of messages and collectives.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use mpi::datatype::PartitionMut;
+use mpi::environment::Universe;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::Communicator as _;
+use mpi::traits::*;
+use mpi::Count;
+use serde::{Deserialize, Serialize};
+
+use super::group::{thread_pool, Answer, Follower, Followers, Sharded, Step};
+use super::{CommError, Communicator};
+use crate::backend::cpu::CpuBackend;
+use crate::gguf::Gguf;
+use crate::EngineError;
+
+/// Held for every MPI call of this process.
+static MPI_LOCK: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    MPI_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The world communicator, shared by this process's threads. Safety: MPI is initialized
+/// with `Threading::Serialized` and every call is made under [`MPI_LOCK`].
+struct Shared(SimpleCommunicator);
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+unsafe impl Send for MpiWorld {}
+unsafe impl Sync for MpiWorld {}
+
+/// This process's MPI world, while MPI is initialized (finalized when dropped).
+/// Safety of sharing it between threads: as for [`Shared`].
+pub struct MpiWorld {
+    _universe: Universe,
+    comm: Arc<Shared>,
+    rank: usize,
+    size: usize,
+}
+
+impl MpiWorld {
+    /// Initializes MPI when this process was started by an MPI launcher with more than
+    /// one rank (OpenMPI's or MPICH's environment); None otherwise.
+    pub fn from_launcher() -> Result<Option<MpiWorld>, String> {
+        let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+            .iter()
+            .filter_map(|v| std::env::var(v).ok())
+            .any(|size| size.trim().parse::<usize>().is_ok_and(|n| n > 1));
+        if !launched {
+            return Ok(None);
+        }
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or("MPI was already initialized in this process")?;
+        if threading < mpi::Threading::Serialized {
+            return Err(format!("the MPI library offers {threading:?} threading; serialized calls are needed"));
+        }
+        let comm = universe.world();
+        let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        Ok(Some(MpiWorld { _universe: universe, comm: Arc::new(Shared(comm)), rank, size }))
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Rank 0: loads `path` split over every rank of the world, the others loading their
+    /// shares as they are told.
+    pub fn load(&self, path: &Path) -> Result<(Arc<Gguf>, CpuBackend, Sharded), EngineError> {
+        let file = Arc::new(Gguf::open(path)?);
+        broadcast(&self.comm, &Message::Load { path: path.to_path_buf() })?;
+        let followers = Box::new(Processes { comm: self.comm.clone(), size: self.size });
+        let (backend, sharded) = Sharded::lead(self.communicator(), &file, threads_per_rank(), followers)?;
+        Ok((file, backend, sharded))
+    }
+
+    /// Rank 0: tells the other ranks to end [`follow`].
+    pub fn release_followers(&self) {
+        broadcast(&self.comm, &Message::Exit).ok();
+    }
+
+    fn communicator(&self) -> MpiComm {
+        MpiComm { comm: self.comm.clone(), rank: self.rank, size: self.size, busy_ns: AtomicU64::new(0) }
+    }
+}
+
+/// Set by the SIGTERM handler [`on_termination`] installs.
+static TERMINATED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_termination(_signal: libc::c_int) {
+    TERMINATED.store(true, Ordering::SeqCst); // async-signal-safe: one atomic store
+}
+
+/// Calls `then` (on a thread of its own) once this process gets SIGTERM. Under mpirun,
+/// that is how a rank learns that another rank died: the launcher ends the job, sending
+/// SIGTERM to every process left and SIGKILL a second later (OpenMPI's default
+/// `odls_base_sigkill_timeout`); a rank blocked in a collective with the dead one never
+/// returns from it, so this is rank 0's chance to answer its waiting requests.
+pub fn on_termination(then: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    // SAFETY: the handler only stores to an atomic.
+    let previous = unsafe { libc::signal(libc::SIGTERM, note_termination as *const () as libc::sighandler_t) };
+    if previous == libc::SIG_ERR {
+        return Err("cannot handle SIGTERM".into());
+    }
+    std::thread::Builder::new()
+        .name("turbine-sigterm".into())
+        .spawn(move || {
+            while !TERMINATED.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            then();
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the SIGTERM watcher: {e}"))
+}
+
+/// Threads for this process's rank: the cores shared by the ranks on this machine
+/// (OpenMPI's or MPICH's count of local ranks).
+fn threads_per_rank() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let local = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
+        .unwrap_or(1);
+    (cores / local.max(1)).max(1)
+}
+
+/// What rank 0 tells the other processes.
+#[derive(Debug, Serialize, Deserialize)]
+enum Message {
+    /// Load your share of this file (which every machine must have at this path).
+    Load {
+        path: PathBuf,
+    },
+    Steps(Vec<Step>),
+    /// Drop the model.
+    Unload,
+    /// Leave [`follow`].
+    Exit,
+}
+
+fn mpi_error(what: impl std::fmt::Display) -> EngineError {
+    EngineError::TensorParallel(format!("MPI: {what}"))
+}
+
+/// Rank 0 sends `message` to every rank.
+fn broadcast(comm: &Shared, message: &Message) -> Result<(), EngineError> {
+    let mut bytes = serde_json::to_vec(message).map_err(mpi_error)?;
+    let _guard = lock();
+    let root = comm.0.process_at_rank(0);
+    let mut len = [bytes.len() as u64];
+    root.broadcast_into(&mut len[..]);
+    root.broadcast_into(&mut bytes[..]);
+    Ok(())
+}
+
+/// The other ranks receive rank 0's next message.
+fn receive(comm: &Shared) -> Result<Message, EngineError> {
+    let bytes = {
+        let _guard = lock();
+        let root = comm.0.process_at_rank(0);
+        let mut len = [0u64];
+        root.broadcast_into(&mut len[..]);
+        let len = usize::try_from(len[0]).map_err(mpi_error)?;
+        let mut bytes = vec![0u8; len];
+        root.broadcast_into(&mut bytes[..]);
+        bytes
+    };
+    serde_json::from_slice(&bytes).map_err(|e| mpi_error(format!("a message from rank 0 is not readable: {e}")))
+}
+
+/// A follower's answer as it travels: the error as text.
+type WireAnswer = Result<(u64, u64), String>;
+
+/// A follower process sends its answer to rank 0.
+fn answer(comm: &Shared, answer: Answer) -> Result<(), EngineError> {
+    let wire: WireAnswer = answer.map_err(|e| e.to_string());
+    let bytes = serde_json::to_vec(&wire).map_err(mpi_error)?;
+    let _guard = lock();
+    let root = comm.0.process_at_rank(0);
+    root.gather_into(&[bytes.len() as u64][..]);
+    root.gather_varcount_into(&bytes[..]);
+    Ok(())
+}
+
+/// Rank 0's side of the other processes.
+struct Processes {
+    comm: Arc<Shared>,
+    size: usize,
+}
+
+impl Followers for Processes {
+    fn send(&mut self, steps: Vec<Step>) -> Result<(), EngineError> {
+        broadcast(&self.comm, &Message::Steps(steps))
+    }
+
+    fn answers(&mut self) -> Vec<Answer> {
+        let bytes = {
+            let _guard = lock();
+            let root = self.comm.0.process_at_rank(0);
+            let mut lens = vec![0u64; self.size];
+            root.gather_into_root(&[0u64][..], &mut lens[..]);
+            let counts: Vec<Count> = lens.iter().map(|&l| l as Count).collect();
+            let displs: Vec<Count> = offsets(&counts);
+            let mut all = vec![0u8; lens.iter().sum::<u64>() as usize];
+            let mut partition = PartitionMut::new(&mut all[..], counts.clone(), &displs[..]);
+            root.gather_varcount_into_root(&[0u8; 0][..], &mut partition);
+            (1..self.size).map(|r| all[displs[r] as usize..][..counts[r] as usize].to_vec()).collect::<Vec<_>>()
+        };
+        bytes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| match serde_json::from_slice::<WireAnswer>(b) {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(EngineError::TensorParallel(format!("rank {}: {e}", i + 1))),
+                Err(e) => Err(mpi_error(format!("rank {}'s answer is not readable: {e}", i + 1))),
+            })
+            .collect()
+    }
+}
+
+impl Drop for Processes {
+    /// The model goes: so do its shares.
+    fn drop(&mut self) {
+        broadcast(&self.comm, &Message::Unload).ok();
+    }
+}
+
+/// Each count's start in a buffer holding them all in order.
+fn offsets(counts: &[Count]) -> Vec<Count> {
+    counts.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c))).collect()
+}
+
+/// A rank other than 0: follows rank 0's messages until it says to stop. A failed load
+/// or step is answered; then, since its peers may be waiting in a collective it will not
+/// join, the process aborts the MPI job rather than leave them waiting.
+pub fn follow(world: &MpiWorld) -> Result<(), String> {
+    let mut model: Option<(rayon::ThreadPool, Follower)> = None;
+    loop {
+        match receive(&world.comm).map_err(|e| e.to_string())? {
+            Message::Load { path } => {
+                drop(model.take()); // the previous model's memory first
+                let loaded = thread_pool(threads_per_rank()).and_then(|pool| {
+                    let file = Arc::new(Gguf::open(&path)?);
+                    let me = pool.install(|| Follower::load(world.communicator(), &file))?;
+                    Ok((pool, me))
+                });
+                let reply = match &loaded {
+                    Ok((_, me)) => me.loaded(),
+                    Err(e) => Err(EngineError::TensorParallel(e.to_string())),
+                };
+                answer(&world.comm, reply).map_err(|e| e.to_string())?;
+                model = loaded.ok();
+            }
+            Message::Steps(steps) => {
+                for step in steps {
+                    let Some((pool, me)) = model.as_mut() else {
+                        return Err("rank 0 sent a step with no model loaded".into());
+                    };
+                    if let Some(reply) = pool.install(|| me.take(step)) {
+                        let failed = reply.as_ref().err().map(|e| e.to_string());
+                        answer(&world.comm, reply).map_err(|e| e.to_string())?;
+                        if let Some(e) = failed {
+                            eprintln!("turbine: tensor-parallel rank {} failed a step: {e}", world.rank);
+                            world.comm.0.abort(1);
+                        }
+                    }
+                }
+            }
+            Message::Unload => model = None,
+            Message::Exit => return Ok(()),
+        }
+    }
+}
+
+/// One rank's side of collectives over MPI: every contribution is all-gathered and
+/// combined in rank order on every rank, as [`super::InProcess`] combines them.
+pub struct MpiComm {
+    comm: Arc<Shared>,
+    rank: usize,
+    size: usize,
+    busy_ns: AtomicU64,
+}
+
+/// A collective's kind, sent ahead of its data so ranks that disagree get an error.
+const SUM: u64 = 1;
+const GATHER: u64 = 2;
+
+impl MpiComm {
+    /// Every rank's `local`, in rank order, after checking that every rank called the
+    /// same collective (and, for a sum, with the same length).
+    fn exchange(&self, op: u64, local: &[f64]) -> Result<Vec<Vec<f64>>, CommError> {
+        let start = Instant::now();
+        let _guard = lock();
+        let world = &self.comm.0;
+        let mut heads = vec![0u64; 2 * self.size];
+        world.all_gather_into(&[op, local.len() as u64][..], &mut heads[..]);
+        let (ops, lens): (Vec<u64>, Vec<u64>) = heads.chunks_exact(2).map(|h| (h[0], h[1])).unzip();
+        if let Some(r) = (0..self.size).find(|&r| ops[r] != op || (op == SUM && lens[r] != local.len() as u64)) {
+            return Err(CommError::Mismatch(format!(
+                "rank {} called collective {op} with {} values, rank {r} collective {} with {}",
+                self.rank,
+                local.len(),
+                ops[r],
+                lens[r]
+            )));
+        }
+        let counts: Vec<Count> = lens.iter().map(|&l| l as Count).collect();
+        let displs = offsets(&counts);
+        let mut all = vec![0f64; lens.iter().sum::<u64>() as usize];
+        let mut partition = PartitionMut::new(&mut all[..], counts.clone(), &displs[..]);
+        world.all_gather_varcount_into(local, &mut partition);
+        let parts = (0..self.size).map(|r| all[displs[r] as usize..][..counts[r] as usize].to_vec()).collect();
+        self.busy_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(parts)
+    }
+}
+
+impl Communicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        let mut wide: Vec<f64> = buf.iter().map(|&x| f64::from(x)).collect();
+        self.all_reduce_sum_f64(&mut wide)?;
+        buf.iter_mut().zip(&wide).for_each(|(b, &s)| *b = s as f32);
+        Ok(())
+    }
+
+    /// Summed in rank order, as the in-process group sums.
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CommError> {
+        let parts = self.exchange(SUM, buf)?;
+        buf.copy_from_slice(&parts[0]);
+        for part in &parts[1..] {
+            buf.iter_mut().zip(part).for_each(|(s, x)| *s += x);
+        }
+        Ok(())
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        let wide: Vec<f64> = local.iter().map(|&x| f64::from(x)).collect();
+        Ok(self.exchange(GATHER, &wide)?.concat().iter().map(|&x| x as f32).collect())
+    }
+
+    fn busy(&self) -> Duration {
+        Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
+    }
+}

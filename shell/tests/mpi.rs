@@ -1,0 +1,132 @@
+//! `mpirun -np 2 turbine serve --tp 2`: tensor parallelism over MPI, two processes on
+//! loopback (the `mpi` feature, OpenMPI's `mpirun` on PATH; `.ci/run` installs both). The
+//! processes serve what the in-process split serves, token for token and log-probability
+//! for log-probability; killing a rank mid-generation answers the waiting requests with an
+//! error and ends the job within seconds, never a hang.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use common::ServeProcess;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "gemma3:270m";
+
+/// `mpirun -np 2 turbine serve --tp 2`, its output in `log`. OpenMPI refuses to run as
+/// root (CI, containers) unless told it may.
+fn mpirun(log: &std::path::Path) -> Job {
+    let turbine = env!("CARGO_BIN_EXE_turbine");
+    let args = ["--oversubscribe", "-np", "2", turbine, "serve", "--tp", "2"];
+    let env = [("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")];
+    Job(ServeProcess::launch_program("mpirun", &args, &env, Some(log), None))
+}
+
+/// An mpirun job, ended as a person ends it (SIGTERM, which mpirun passes to its ranks)
+/// when dropped, so a failed test leaves no rank behind.
+struct Job(ServeProcess);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let kill = Command::new("kill").arg(self.0.pid().to_string()).stderr(std::process::Stdio::null()).status();
+        if kill.is_ok_and(|s| s.success()) {
+            self.0.wait_exit(Duration::from_secs(20));
+        }
+    }
+}
+
+fn log_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("turbine-mpi-{name}-{}.log", std::process::id()))
+}
+
+fn generate(port: u16, body: &Value) -> common::Resp {
+    common::request(port, "POST", "/api/generate", &[], body.to_string().as_bytes()).expect("request")
+}
+
+/// Ends mpirun the way a person would (SIGTERM; it ends its ranks) and waits for it.
+fn stop(mut job: Job) {
+    Command::new("kill").arg(job.0.pid().to_string()).status().expect("kill");
+    assert!(job.0.wait_exit(Duration::from_secs(20)).is_some(), "mpirun did not end");
+}
+
+#[test]
+fn two_processes_serve_what_the_in_process_split_serves() {
+    let log = log_path("serve");
+    let job = mpirun(&log);
+    let local = ServeProcess::start_with(&[], &["--tp", "2"], None);
+    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
+    let body = |p: &str| {
+        json!({ "model": MODEL, "prompt": p, "raw": true, "stream": false, "logprobs": true, "top_logprobs": 3,
+                "options": { "num_predict": 12, "temperature": 0 } })
+    };
+    // The processes serve the prompts concurrently (one batch); the threads one at a time.
+    let port = job.0.port;
+    let threads: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let b = body(p);
+            std::thread::spawn(move || generate(port, &b))
+        })
+        .collect();
+    for (t, p) in threads.into_iter().zip(prompts) {
+        let over_mpi = t.join().expect("request");
+        assert_eq!(over_mpi.status, 200, "{}", over_mpi.text());
+        let in_process = generate(local.port, &body(p));
+        let (a, b) = (over_mpi.json(), in_process.json());
+        assert_eq!(a["response"], b["response"], "{p:?}");
+        assert_eq!(a["eval_count"], json!(12));
+        assert_eq!(a["logprobs"], b["logprobs"], "{p:?}: log-probabilities differ");
+    }
+    let e = common::request(
+        port,
+        "POST",
+        "/api/embed",
+        &[],
+        json!({"model": MODEL, "input": "sky"}).to_string().as_bytes(),
+    )
+    .expect("embed");
+    assert_eq!(e.status, 200, "{}", e.text());
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("rank 1 of 2") && logged.contains("over 2 tensor-parallel ranks"), "{logged}");
+    stop(job);
+    std::fs::remove_file(&log).ok();
+}
+
+#[test]
+fn killing_a_rank_answers_the_waiting_requests_and_ends_the_job() {
+    let log = log_path("kill");
+    let mut job = mpirun(&log);
+    let port = job.0.port;
+    let warm =
+        generate(port, &json!({ "model": MODEL, "prompt": "Hi", "stream": false, "options": { "num_predict": 1 } }));
+    assert_eq!(warm.status, 200, "{}", warm.text());
+    let long = |stream: bool| {
+        json!({ "model": MODEL, "prompt": "Once upon a time", "raw": true, "stream": stream,
+                "options": { "num_predict": 30000, "temperature": 0 } })
+    };
+    let (streamed, whole) = (long(true), long(false));
+    let streaming = std::thread::spawn(move || generate(port, &streamed));
+    let waiting = std::thread::spawn(move || generate(port, &whole));
+    std::thread::sleep(Duration::from_millis(1500));
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let pid = logged
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("rank 1's pid is not in the log: {logged}"));
+    let killed = Instant::now();
+    assert!(Command::new("kill").args(["-9", pid]).status().expect("kill").success());
+
+    let why = "tensor-parallel group is ending";
+    let s = streaming.join().expect("streaming request");
+    let last = s.text().lines().last().unwrap_or_default().to_string();
+    assert!(last.contains(why), "the stream ends with the error: {last}");
+    let w = waiting.join().expect("waiting request");
+    assert_eq!(w.status, 500, "{}", w.text());
+    assert!(w.text().contains(why), "{}", w.text());
+    assert!(killed.elapsed() < Duration::from_secs(10), "answered after {:?}", killed.elapsed());
+    let status = job.0.wait_exit(Duration::from_secs(10)).expect("mpirun ends the job");
+    assert!(!status.success());
+    std::fs::remove_file(&log).ok();
+}
