@@ -244,7 +244,22 @@ fn a_split_model_serves_like_the_whole_one() {
     let path = common::default_model_path();
     let whole = Arc::new(LoadedModel::load_split(&path, 1, 1).expect("the default model as one rank"));
     let split = Arc::new(LoadedModel::load_split(&path, 2, 1).expect("the default model over 2 ranks"));
-    let ps = prompts(&whole);
+    serves_like(&whole, &split);
+}
+
+/// The same for a pipeline of 2 stages (layer ranges on two threads, micro-batches in
+/// flight), against the whole model itself: a pipeline changes no arithmetic.
+#[test]
+fn a_pipelined_model_serves_like_the_whole_one() {
+    let whole = model();
+    let piped = Arc::new(LoadedModel::load_pipeline(&common::default_model_path(), 2, 1).expect("2 stages"));
+    serves_like(&whole, &piped);
+}
+
+/// `split` serves what `whole` serves: concurrent requests, preemption, a second turn from
+/// the prefix cache, embeddings from another cache.
+fn serves_like(whole: &Arc<LoadedModel<CpuBackend>>, split: &Arc<LoadedModel<CpuBackend>>) {
+    let ps = prompts(whole);
     let opts = |i: usize| match i % 3 {
         2 => options(24, sampled(i as u64 + 7)),
         _ => options(24, SamplerParams::greedy()),
@@ -254,8 +269,8 @@ fn a_split_model_serves_like_the_whole_one() {
         let rxs: Vec<_> = ps.iter().enumerate().map(|(i, p)| submit(&s, p.clone(), opts(i))).collect();
         rxs.into_iter().map(|rx| finish(rx).1.generated).collect()
     };
-    let want = serve(&whole, SchedulerConfig::new(8, 64, 2048, 4096));
-    assert_eq!(serve(&split, SchedulerConfig::new(8, 64, 2048, 4096)), want, "concurrent requests");
+    let want = serve(whole, SchedulerConfig::new(8, 64, 2048, 4096));
+    assert_eq!(serve(split, SchedulerConfig::new(8, 64, 2048, 4096)), want, "concurrent requests");
     // Preemption: room for 4 × 48 tokens of full-attention cache.
     let mut small = SchedulerConfig::new(4, 64, 48, 4096);
     small.chunk_tokens = 32;
@@ -277,7 +292,7 @@ fn a_split_model_serves_like_the_whole_one() {
         let (_, two) = finish(submit(&s, second, options(8, SamplerParams::greedy())));
         (one.generated, two.generated, two.prompt_tokens)
     };
-    let (want_turns, got_turns) = (turns(&whole), turns(&split));
+    let (want_turns, got_turns) = (turns(whole), turns(split));
     assert!(got_turns.2 < first.len(), "the second turn came from the cache: {} computed", got_turns.2);
     assert_eq!(got_turns, want_turns);
     // Embeddings (another cache, from another thread) between steps change nothing.

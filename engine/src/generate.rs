@@ -7,7 +7,7 @@ use crate::gguf::Gguf;
 use crate::json_format::{JsonFormat, JsonState};
 use crate::kv::KvType;
 use crate::model::{self, Architecture, Batch};
-use crate::parallel::Sharded;
+use crate::parallel::{Pipelined, Sharded};
 use crate::sampler::{Sampler, SamplerParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::EngineError;
@@ -38,6 +38,16 @@ impl LoadedModel<CpuBackend> {
     /// unsplit model ([`LoadedModel::load`]) keeps llama.cpp's f32 sums.
     pub fn load_split(path: &Path, ranks: usize, threads: usize) -> Result<Self, EngineError> {
         Self::load_with(path, Some((ranks, threads)))
+    }
+
+    /// Opens a GGUF file and prepares it on the CPU as a pipeline of `stages` ≥ 2 stages
+    /// (consecutive layer ranges on threads of this process, `threads` each).
+    pub fn load_pipeline(path: &Path, stages: usize, threads: usize) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let file = Arc::new(Gguf::open(path)?);
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let (backend, pipelined) = Pipelined::load(&file, stages, threads)?;
+        Self::assemble(file, tokenizer, backend, Box::new(pipelined), start)
     }
 
     /// Rank 0 of an MPI world: `path` split over every process of the world, each with

@@ -375,16 +375,37 @@ fn main() -> ExitCode {
                 depth,
                 load_anon_bytes: None,
             };
+            // Under mpirun: the other ranks follow, rank 0 measures the model split over them.
+            #[cfg(feature = "mpi")]
+            let world = match mpi_world(args.tp) {
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+                Ok(Some(world)) if world.rank() > 0 => return follow(&world),
+                Ok(world) => world,
+            };
             let before = bench::rss_anon_bytes();
             let ranks = args.tp;
-            let loaded = store::resolve(&model).and_then(|p| match ranks {
-                1 => LoadedModel::load(&p),
-                _ => LoadedModel::load_split(&p, ranks, (threads / ranks).max(1)),
+            let loaded = store::resolve(&model).and_then(|p| {
+                #[cfg(feature = "mpi")]
+                if let Some(world) = &world {
+                    return LoadedModel::load_mpi(&p, world);
+                }
+                match ranks {
+                    1 => LoadedModel::load(&p),
+                    _ => LoadedModel::load_split(&p, ranks, (threads / ranks).max(1)),
+                }
             });
-            loaded.and_then(|m| {
+            let result = loaded.and_then(|m| {
                 let loaded = before.zip(bench::rss_anon_bytes()).map(|(b, a)| a.saturating_sub(b));
                 bench::bench(&model, &m, &bench::BenchArgs { load_anon_bytes: loaded, ..args })
-            })
+            });
+            #[cfg(feature = "mpi")]
+            if let Some(world) = &world {
+                world.release_followers();
+            }
+            result
         }
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text } => tokenize(&model, &text),

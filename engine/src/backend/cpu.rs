@@ -26,6 +26,8 @@ pub struct CpuBackend {
     /// Bytes of the file's tensors this backend's weights and vectors cover, and of them
     /// the tables only looked up by row (see [`CpuBackend::weight_bytes`]).
     held: Arc<[AtomicU64; 2]>,
+    /// (stage, stages) under pipeline parallelism.
+    stage: Option<(usize, usize)>,
 }
 
 /// A rank's communicator and the first collective error it met (the forward pass runs to
@@ -63,6 +65,12 @@ impl CpuBackend {
         if lookup_only {
             self.held[1].fetch_add(bytes as u64, Ordering::Relaxed);
         }
+    }
+
+    /// This backend as stage `stage` of a `stages`-stage pipeline.
+    pub fn as_stage(mut self, stage: usize, stages: usize) -> CpuBackend {
+        self.stage = Some((stage, stages));
+        self
     }
 
     /// Under tensor parallelism, this rank's time in collectives so far (waiting for the
@@ -338,6 +346,10 @@ impl Backend for CpuBackend {
         self.tp.as_ref().map_or((0, 1), |t| (t.comm.rank(), t.comm.size()))
     }
 
+    fn pipeline_stage(&self) -> (usize, usize) {
+        self.stage.unwrap_or((0, 1))
+    }
+
     fn all_reduce_sum(&self, x: &mut CpuAct) {
         if let Some(tp) = &self.tp {
             tp.record(tp.comm.all_reduce_sum(&mut x.data));
@@ -409,9 +421,11 @@ impl Backend for CpuBackend {
         Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
-    /// Rank 0 of a group records its caches' block changes (see [`crate::parallel::Sharded`]).
+    /// Rank 0 of a tensor-parallel group and stage 0 of a pipeline record their caches'
+    /// block changes for the others to mirror (see [`crate::parallel::Sharded`]).
     fn new_kv(&self, spec: &KvSpec) -> CpuKv {
-        CpuKv::new(spec, matches!(self.tensor_parallel(), (0, ranks) if ranks > 1))
+        let leads = |(i, n): (usize, usize)| i == 0 && n > 1;
+        CpuKv::new(spec, leads(self.tensor_parallel()) || leads(self.pipeline_stage()))
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CpuAct {
@@ -420,6 +434,11 @@ impl Backend for CpuBackend {
 
     fn n_rows(&self, x: &CpuAct) -> usize {
         x.rows
+    }
+
+    fn from_host(&self, rows: usize, cols: usize, data: Vec<f32>) -> CpuAct {
+        debug_assert_eq!(data.len(), rows * cols);
+        CpuAct { rows, cols, data }
     }
 
     fn embed(&self, table: &CpuWeight, tokens: &[u32], scale: f32) -> Result<CpuAct, EngineError> {

@@ -79,6 +79,11 @@ pub trait Backend: Send + Sync {
     fn tensor_parallel(&self) -> (usize, usize) {
         (0, 1)
     }
+    /// (stage, stages) of this backend's pipeline: models load and run only the stage's
+    /// consecutive share of their layers; (0, 1) alone.
+    fn pipeline_stage(&self) -> (usize, usize) {
+        (0, 1)
+    }
     /// Reads a 1-D F32 tensor.
     fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Vector, EngineError>;
     fn new_kv(&self, spec: &KvSpec) -> Self::Kv;
@@ -87,6 +92,8 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, rows: usize, cols: usize) -> Self::Act;
     /// The number of rows (tokens) of x.
     fn n_rows(&self, x: &Self::Act) -> usize;
+    /// A [rows × cols] activation matrix from host memory (row-major).
+    fn from_host(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Act;
     /// Row i = table row tokens[i], times `scale`.
     fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32) -> Result<Self::Act, EngineError>;
     /// out = x · Wᵀ: [n × cols] → [n × rows].

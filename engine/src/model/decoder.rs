@@ -9,7 +9,7 @@
 //!
 //! Each architecture's file supplies its layers through [`Layers`].
 
-use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo};
+use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo, StageOutput};
 use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
@@ -363,12 +363,25 @@ impl<B: Backend, L: Layers<B>> Decoder<B, L> {
         Ok(Decoder { cfg, info, tok_embd, output, output_norm, layers })
     }
 
-    /// The layers and the output norm: [n × d] hidden states of the rows that want output.
-    fn hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<B::Act, EngineError> {
+    /// A pipeline stage's part (the whole model by default): the embeddings when it starts
+    /// the model (else `input`, the hidden states entering its layers), its `layers`, and
+    /// when it ends the model the output norm, leaving the rows that want output.
+    fn hidden(
+        &self,
+        b: &B,
+        batch: &Batch,
+        kv: &mut B::Kv,
+        layers: Range<usize>,
+        input: Option<Vec<f32>>,
+    ) -> Result<B::Act, EngineError> {
         let cfg = &self.cfg;
         let out_rows = batch.output_rows();
-        let mut x = b.embed(&self.tok_embd, &batch.tokens, 1.0)?; // [n × d]
-        for il in 0..cfg.n_layers {
+        let mut x = match input {
+            None => b.embed(&self.tok_embd, &batch.tokens, 1.0)?, // [n × d]
+            Some(h) => b.from_host(batch.len(), cfg.n_embd, h),
+        };
+        let ends_model = layers.end == cfg.n_layers;
+        for il in layers {
             let mut attn = self.layers.attention(cfg, b, il, &x, batch, kv);
             if il + 1 == cfg.n_layers {
                 // Only the rows that want output go through the last FFN and the head.
@@ -380,7 +393,18 @@ impl<B: Backend, L: Layers<B>> Decoder<B, L> {
             b.add(&mut ffn, &attn);
             x = ffn;
         }
-        Ok(b.rms_norm(&x, &self.output_norm, cfg.rms_eps))
+        Ok(if ends_model { b.rms_norm(&x, &self.output_norm, cfg.rms_eps) } else { x })
+    }
+
+    /// The logits of the normalized hidden states x [n_out × d].
+    fn logits(&self, b: &B, batch: &Batch, x: &B::Act) -> Result<Logits, EngineError> {
+        let head = self.output.as_ref().unwrap_or(&self.tok_embd);
+        // [n_out × n_vocab]: under tensor parallelism each rank's vocabulary, gathered.
+        let data = b.take_to_host(b.all_gather_cols(b.matmul(head, x)));
+        if let Some(e) = b.take_tp_error() {
+            return Err(e);
+        }
+        Ok(Logits { rows: batch.output_rows(), n_vocab: self.cfg.n_vocab, data })
     }
 }
 
@@ -394,21 +418,36 @@ impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
     }
 
     fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
-        let x = self.hidden(b, batch, kv)?; // [n_out × d]
-        let head = self.output.as_ref().unwrap_or(&self.tok_embd);
-        // [n_out × n_vocab]: under tensor parallelism each rank's vocabulary, gathered.
-        let data = b.take_to_host(b.all_gather_cols(b.matmul(head, &x)));
-        if let Some(e) = b.take_tp_error() {
-            return Err(e);
-        }
-        Ok(Logits { rows: batch.output_rows(), n_vocab: self.cfg.n_vocab, data })
+        let x = self.hidden(b, batch, kv, 0..self.cfg.n_layers, None)?; // [n_out × d]
+        self.logits(b, batch, &x)
     }
 
     fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
-        let hidden = b.take_to_host(self.hidden(b, batch, kv)?);
+        let hidden = b.take_to_host(self.hidden(b, batch, kv, 0..self.cfg.n_layers, None)?);
         match b.take_tp_error() {
             Some(e) => Err(e),
             None => Ok(hidden),
+        }
+    }
+
+    fn compute_stage(
+        &self,
+        b: &B,
+        batch: &Batch,
+        kv: &mut B::Kv,
+        layers: Range<usize>,
+        input: Option<Vec<f32>>,
+        want_hidden: bool,
+    ) -> Result<StageOutput, EngineError> {
+        let ends_model = layers.end == self.cfg.n_layers;
+        let x = self.hidden(b, batch, kv, layers, input)?;
+        if ends_model && !want_hidden {
+            return self.logits(b, batch, &x).map(StageOutput::Logits);
+        }
+        let hidden = b.take_to_host(x);
+        match b.take_tp_error() {
+            Some(e) => Err(e),
+            None => Ok(StageOutput::Hidden(hidden)),
         }
     }
 

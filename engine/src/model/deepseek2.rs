@@ -18,6 +18,7 @@
 
 use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
 use super::moe::{expert_counts, Activation, Gating, MoeFfn, MoeSpec, Routing};
+use super::Layered;
 use super::{required, Batch, Loader};
 use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
@@ -64,8 +65,8 @@ enum Ffn<B: Backend> {
 
 pub struct DeepSeek2Layers<B: Backend> {
     mla: Mla,
-    attention: Vec<Attention<B>>,
-    ffn: Vec<Ffn<B>>,
+    attention: Layered<Attention<B>>,
+    ffn: Layered<Ffn<B>>,
     routing: Routing,
     /// RoPE (YaRN where the file scales it) and the attention scale it implies.
     yarn: Yarn,
@@ -95,8 +96,8 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<DeepSeek2<B>, E
         };
         Ok(DeepSeek2Layers {
             mla,
-            attention: (0..cfg.n_layers).map(|il| load_attention(ld, cfg, &mla, il)).collect::<Result<_, _>>()?,
-            ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
+            attention: ld.per_layer(cfg.n_layers, |il| load_attention(ld, cfg, &mla, il))?,
+            ffn: ld.per_layer(cfg.n_layers, load_ffn)?,
             routing,
             yarn,
             kq_scale,

@@ -8,7 +8,8 @@
 //! already hold 1 + w, so every norm is a plain x·w.
 
 use super::decoder::{swa_pattern, DecoderConfig};
-use super::{count_params, Architecture, Batch, Loader, Logits, ModelInfo};
+use super::Layered;
+use super::{count_params, Architecture, Batch, Loader, Logits, ModelInfo, StageOutput};
 use crate::backend::{AttnShape, Backend, KvCache};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
@@ -95,7 +96,7 @@ pub struct Gemma3<B: Backend> {
     /// None when it is `tok_embd` itself.
     head: Option<B::Weight>,
     output_norm: B::Vector,
-    layers: Vec<Layer<B>>,
+    layers: Layered<Layer<B>>,
 }
 
 /// A rank's share of the model under tensor parallelism (everything, alone).
@@ -157,8 +158,7 @@ impl<B: Backend> Gemma3<B> {
         let plan = Plan::new(&cfg, backend.tensor_parallel())?;
         let (tok_embd, head) = ld.embeddings_and_head(cfg.base.n_embd, cfg.base.n_vocab)?;
         let output_norm = ld.vector("output_norm.weight", cfg.base.n_embd)?;
-        let layers =
-            (0..cfg.base.n_layers).map(|il| load_layer(&ld, &cfg, &plan, il)).collect::<Result<Vec<_>, _>>()?;
+        let layers = ld.per_layer(cfg.base.n_layers, |il| load_layer(&ld, &cfg, &plan, il))?;
         // From here on the configuration describes this rank's share.
         (cfg.base.n_heads, cfg.base.n_kv_heads, cfg.n_ff) = (plan.heads.q.len(), plan.heads.kv.len(), plan.ff.len());
         let info = ModelInfo {
@@ -238,7 +238,33 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
     }
 
     fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
-        Ok(b.take_to_host(self.hidden(b, batch, kv, &mut |_, _, _| {})?))
+        let all = 0..self.cfg.base.n_layers;
+        let hidden = b.take_to_host(self.hidden(b, batch, kv, (all, None), &mut |_, _, _| {})?);
+        match b.take_tp_error() {
+            Some(e) => Err(e),
+            None => Ok(hidden),
+        }
+    }
+
+    fn compute_stage(
+        &self,
+        b: &B,
+        batch: &Batch,
+        kv: &mut B::Kv,
+        layers: Range<usize>,
+        input: Option<Vec<f32>>,
+        want_hidden: bool,
+    ) -> Result<StageOutput, EngineError> {
+        let ends_model = layers.end == self.cfg.base.n_layers;
+        let x = self.hidden(b, batch, kv, (layers, input), &mut |_, _, _| {})?;
+        if ends_model && !want_hidden {
+            return self.logits(b, batch, &x).map(StageOutput::Logits);
+        }
+        let hidden = b.take_to_host(x);
+        match b.take_tp_error() {
+            Some(e) => Err(e),
+            None => Ok(StageOutput::Hidden(hidden)),
+        }
     }
 }
 
@@ -262,11 +288,16 @@ impl<B: Backend> Gemma3<B> {
     }
 
     fn compute_traced(&self, b: &B, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> Result<Logits, EngineError> {
+        let x = self.hidden(b, batch, kv, (0..self.cfg.base.n_layers, None), tap)?; // [n_out × d]
+        self.logits(b, batch, &x)
+    }
+
+    /// The logits of the normalized hidden states x [n_out × d], soft-capped.
+    fn logits(&self, b: &B, batch: &Batch, x: &B::Act) -> Result<Logits, EngineError> {
         let cfg = &self.cfg;
-        let x = self.hidden(b, batch, kv, tap)?; // [n_out × d]
         let head = self.head.as_ref().unwrap_or(&self.tok_embd);
         // [n_out × n_vocab]: under tensor parallelism each rank's vocabulary, gathered.
-        let mut data = b.take_to_host(b.all_gather_cols(b.matmul(head, &x)));
+        let mut data = b.take_to_host(b.all_gather_cols(b.matmul(head, x)));
         if let Some(e) = b.take_tp_error() {
             return Err(e);
         }
@@ -276,12 +307,25 @@ impl<B: Backend> Gemma3<B> {
         Ok(Logits { rows: batch.output_rows(), n_vocab: cfg.base.n_vocab, data })
     }
 
-    /// The layers and the output norm: [n × d] hidden states of the rows that want output.
-    fn hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> Result<B::Act, EngineError> {
+    /// A pipeline stage's part (the whole model by default): the scaled embeddings when it
+    /// starts the model (else the hidden states entering its layers), its layers, and when
+    /// it ends the model the output norm, leaving the rows that want output.
+    fn hidden(
+        &self,
+        b: &B,
+        batch: &Batch,
+        kv: &mut B::Kv,
+        (layers, input): (Range<usize>, Option<Vec<f32>>),
+        tap: &mut Tap<B>,
+    ) -> Result<B::Act, EngineError> {
         let cfg = &self.cfg;
         let out_rows = batch.output_rows();
-        let mut x = b.embed(&self.tok_embd, &batch.tokens, (cfg.base.n_embd as f32).sqrt())?; // [n × d]
-        for il in 0..cfg.base.n_layers {
+        let mut x = match input {
+            None => b.embed(&self.tok_embd, &batch.tokens, (cfg.base.n_embd as f32).sqrt())?, // [n × d]
+            Some(h) => b.from_host(batch.len(), cfg.base.n_embd, h),
+        };
+        let ends_model = layers.end == cfg.base.n_layers;
+        for il in layers {
             let mut attn = self.attention(b, il, &x, batch, kv, tap);
             if il + 1 == cfg.base.n_layers {
                 // Only the rows that want output go through the last FFN and the head.
@@ -297,6 +341,6 @@ impl<B: Backend> Gemma3<B> {
             b.add(&mut x, &sa);
             tap("l_out", il, &x);
         }
-        Ok(b.rms_norm(&x, &self.output_norm, cfg.base.rms_eps))
+        Ok(if ends_model { b.rms_norm(&x, &self.output_norm, cfg.base.rms_eps) } else { x })
     }
 }

@@ -10,6 +10,7 @@
 
 use super::decoder::{swa_pattern, Decoder, DecoderConfig, Layers};
 use super::moe::{expert_counts, Activation, Gating, MoeFfn, MoeSpec, Routing};
+use super::Layered;
 use super::{qwen2, required, Batch, Loader};
 use crate::backend::{Backend, Yarn};
 use crate::gguf::Gguf;
@@ -33,8 +34,8 @@ struct Attention<B: Backend> {
 }
 
 pub struct GptOssLayers<B: Backend> {
-    attention: Vec<Attention<B>>,
-    ffn: Vec<MoeFfn<B>>,
+    attention: Layered<Attention<B>>,
+    ffn: Layered<MoeFfn<B>>,
     routing: Routing,
     /// Per layer: its sliding window (None: full attention).
     windows: Vec<Option<u32>>,
@@ -63,8 +64,8 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<GptOss<B>, Engi
         };
         let load_ffn = |il| MoeFfn::load(ld, il, spec, &routing);
         Ok(GptOssLayers {
-            attention: (0..cfg.n_layers).map(|il| load_attention(ld, cfg, il)).collect::<Result<_, _>>()?,
-            ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
+            attention: ld.per_layer(cfg.n_layers, |il| load_attention(ld, cfg, il))?,
+            ffn: ld.per_layer(cfg.n_layers, load_ffn)?,
             routing,
             windows: read_windows(file, cfg)?,
             swa_rope_base,

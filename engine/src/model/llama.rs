@@ -8,6 +8,7 @@
 //! `output.weight`.
 
 use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
+use super::Layered;
 use super::{Batch, Loader};
 use crate::backend::Backend;
 use crate::gguf::Gguf;
@@ -26,8 +27,8 @@ struct Attention<B: Backend> {
 }
 
 pub struct LlamaLayers<B: Backend> {
-    attention: Vec<Attention<B>>,
-    ffn: Vec<DenseFfn<B>>,
+    attention: Layered<Attention<B>>,
+    ffn: Layered<DenseFfn<B>>,
     /// Llama 3's per-pair RoPE frequency divisors [head_dim / 2].
     rope_freqs: Option<B::Vector>,
 }
@@ -46,8 +47,8 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Llama<B>, Engin
             None => None,
         };
         Ok(LlamaLayers {
-            attention: (0..cfg.n_layers).map(|il| load_attention(ld, cfg, il)).collect::<Result<_, _>>()?,
-            ffn: (0..cfg.n_layers).map(|il| DenseFfn::load(ld, cfg, il)).collect::<Result<_, _>>()?,
+            attention: ld.per_layer(cfg.n_layers, |il| load_attention(ld, cfg, il))?,
+            ffn: ld.per_layer(cfg.n_layers, |il| DenseFfn::load(ld, cfg, il))?,
             rope_freqs,
         })
     })

@@ -106,6 +106,27 @@ pub trait Architecture<B: Backend>: Send + Sync {
     /// The final (normalized) hidden states, [rows × n_embd], of the tokens that ask for
     /// output, in batch order; blocks already reserved.
     fn compute_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError>;
+    /// Pipeline parallelism: a stage's part of a forward pass whose cache blocks are
+    /// reserved: the layers `layers` on `input` (the hidden states entering them,
+    /// [n × n_embd]; None: the batch's embeddings), then, when `layers` ends the model, the
+    /// output norm and the logits (with `want_hidden`, the normalized hidden states of the
+    /// rows that want output).
+    fn compute_stage(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        kv: &mut B::Kv,
+        layers: Range<usize>,
+        input: Option<Vec<f32>>,
+        want_hidden: bool,
+    ) -> Result<StageOutput, EngineError> {
+        let _ = (backend, batch, kv, layers, input, want_hidden);
+        Err(EngineError::BadValue {
+            key: "general.architecture".into(),
+            value: self.info().architecture.clone(),
+            why: "this model cannot run as a pipeline stage",
+        })
+    }
     /// Mixture-of-experts models: tokens routed to each expert since load, per layer
     /// (empty for dense models). For debugging a router.
     fn routing_stats(&self) -> Vec<Vec<u64>> {
@@ -154,6 +175,33 @@ pub fn load<B: Backend + 'static>(backend: &B, file: &Arc<Gguf>) -> Result<Box<d
         "deepseek2" => Ok(Box::new(deepseek2::load(backend, file)?)),
         other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
     }
+}
+
+/// Per-layer parts of a model, indexed by layer number: every layer, or a pipeline stage's
+/// consecutive range of them (indexing a layer outside it is a bug, and panics).
+pub struct Layered<T> {
+    first: usize,
+    items: Vec<T>,
+}
+
+impl<T> Layered<T> {
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter()
+    }
+}
+
+impl<T> std::ops::Index<usize> for Layered<T> {
+    type Output = T;
+    fn index(&self, layer: usize) -> &T {
+        &self.items[layer - self.first]
+    }
+}
+
+/// What a pipeline stage hands on: the hidden states after its layers, [rows × n_embd],
+/// or, from the last stage, the logits.
+pub enum StageOutput {
+    Hidden(Vec<f32>),
+    Logits(Logits),
 }
 
 /// Loads tensors by name for an architecture, checking each one's shape.
@@ -219,6 +267,22 @@ impl<B: Backend> Loader<'_, B> {
         self.backend.tensor_parallel()
     }
 
+    /// The layers of `n_layers` this backend's pipeline stage runs (all of them alone).
+    pub fn layers(&self, n_layers: usize) -> Range<usize> {
+        let (stage, stages) = self.backend.pipeline_stage();
+        even_range(n_layers, 1, stage, stages)
+    }
+
+    /// `load` of each layer of this backend's pipeline stage.
+    pub fn per_layer<T>(
+        &self,
+        n_layers: usize,
+        load: impl FnMut(usize) -> Result<T, EngineError>,
+    ) -> Result<Layered<T>, EngineError> {
+        let layers = self.layers(n_layers);
+        Ok(Layered { first: layers.start, items: layers.map(load).collect::<Result<_, _>>()? })
+    }
+
     /// This rank's share of the `cols` inputs of the row-parallel matrix `name`, cut at
     /// its quantization blocks (all of them alone; possibly empty when the matrix has
     /// fewer blocks than there are ranks).
@@ -252,6 +316,12 @@ impl<B: Backend> Loader<'_, B> {
     /// is this rank's vocabulary rows (its logits are gathered), and the embeddings are
     /// only looked up; alone, a tied head is None (the embeddings themselves).
     pub fn embeddings_and_head(&self, d: usize, n_vocab: usize) -> Result<(B::Weight, Option<B::Weight>), EngineError> {
+        let (stage, stages) = self.backend.pipeline_stage();
+        if stage + 1 < stages {
+            // A pipeline stage before the last never computes logits: the embeddings are
+            // only looked up (and only by the first stage).
+            return Ok((self.lookup_table("token_embd.weight", d, n_vocab)?, None));
+        }
         let (rank, ranks) = self.shard();
         let vocab = even_range(n_vocab, 1, rank, ranks);
         let head_name = if self.file.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };

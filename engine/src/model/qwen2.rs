@@ -5,6 +5,7 @@
 //! output projection to the embeddings.
 
 use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
+use super::Layered;
 use super::{Batch, Loader};
 use crate::backend::Backend;
 use crate::gguf::Gguf;
@@ -61,15 +62,15 @@ impl<B: Backend> Attention<B> {
 }
 
 pub struct Qwen2Layers<B: Backend> {
-    attention: Vec<Attention<B>>,
-    ffn: Vec<DenseFfn<B>>,
+    attention: Layered<Attention<B>>,
+    ffn: Layered<DenseFfn<B>>,
 }
 
 pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen2<B>, EngineError> {
     Decoder::load(backend, file, "qwen2", |ld, cfg| {
         Ok(Qwen2Layers {
-            attention: (0..cfg.n_layers).map(|il| Attention::load(ld, cfg, il)).collect::<Result<_, _>>()?,
-            ffn: (0..cfg.n_layers).map(|il| DenseFfn::load(ld, cfg, il)).collect::<Result<_, _>>()?,
+            attention: ld.per_layer(cfg.n_layers, |il| Attention::load(ld, cfg, il))?,
+            ffn: ld.per_layer(cfg.n_layers, |il| DenseFfn::load(ld, cfg, il))?,
         })
     })
 }

@@ -11,6 +11,7 @@ use super::decoder::{Decoder, DecoderConfig, Layers};
 use super::moe::{expert_counts, Activation, Gating, MoeFfn, MoeSpec, Routing};
 use super::qwen3::Attention;
 use super::Batch;
+use super::Layered;
 use crate::backend::Backend;
 use crate::gguf::Gguf;
 use crate::EngineError;
@@ -19,8 +20,8 @@ use std::sync::Arc;
 pub type Qwen3Moe<B> = Decoder<B, Qwen3MoeLayers<B>>;
 
 pub struct Qwen3MoeLayers<B: Backend> {
-    attention: Vec<Attention<B>>,
-    ffn: Vec<MoeFfn<B>>,
+    attention: Layered<Attention<B>>,
+    ffn: Layered<MoeFfn<B>>,
     routing: Routing,
 }
 
@@ -37,8 +38,8 @@ pub fn load<B: Backend>(backend: &B, file: &Arc<Gguf>) -> Result<Qwen3Moe<B>, En
         };
         let load_ffn = |il| MoeFfn::load(ld, il, spec, &routing);
         Ok(Qwen3MoeLayers {
-            attention: (0..cfg.n_layers).map(|il| Attention::load(ld, cfg, il)).collect::<Result<_, _>>()?,
-            ffn: (0..cfg.n_layers).map(load_ffn).collect::<Result<_, _>>()?,
+            attention: ld.per_layer(cfg.n_layers, |il| Attention::load(ld, cfg, il))?,
+            ffn: ld.per_layer(cfg.n_layers, load_ffn)?,
             routing,
         })
     })

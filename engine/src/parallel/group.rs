@@ -118,19 +118,8 @@ impl Sharded {
     {
         let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
         let Group { followers, mirrored } = &mut *group;
-        let (id, alive) = kv.blocks().identity();
-        let mut steps = Vec::new();
-        mirrored.retain(|(old, handle)| {
-            let live = handle.strong_count() > 0;
-            if !live {
-                steps.push(Step::DropCache { id: *old });
-            }
-            live
-        });
-        if !mirrored.iter().any(|(m, _)| *m == id) {
-            steps.push(Step::NewCache { id, spec: kv.blocks().spec().clone() });
-            mirrored.push((id, alive));
-        }
+        let mut steps = sync_caches(mirrored, kv);
+        let id = kv.blocks().identity().0;
         let ops = kv.blocks_mut().take_journal();
         steps.push(Step::Forward { id, ops, batch: batch.clone(), hidden });
         followers.send(steps)?;
@@ -162,6 +151,26 @@ impl Architecture<CpuBackend> for Sharded {
     fn routing_stats(&self) -> Vec<Vec<u64>> {
         self.arch.routing_stats()
     }
+}
+
+/// The steps that bring the other ranks' caches in line with rank 0's: `kv` made where
+/// it is new to them, caches rank 0 has dropped dropped. `mirrored` lists rank 0's caches
+/// they hold, with handles that die with them.
+pub(crate) fn sync_caches(mirrored: &mut Vec<(u64, Weak<()>)>, kv: &CpuKv) -> Vec<Step> {
+    let (id, alive) = kv.blocks().identity();
+    let mut steps = Vec::new();
+    mirrored.retain(|(old, handle)| {
+        let live = handle.strong_count() > 0;
+        if !live {
+            steps.push(Step::DropCache { id: *old });
+        }
+        live
+    });
+    if !mirrored.iter().any(|(m, _)| *m == id) {
+        steps.push(Step::NewCache { id, spec: kv.blocks().spec().clone() });
+        mirrored.push((id, alive));
+    }
+    steps
 }
 
 pub(crate) fn thread_pool(threads: usize) -> Result<rayon::ThreadPool, EngineError> {

@@ -14,7 +14,9 @@
 mod group;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+mod pipeline;
 pub use group::Sharded;
+pub use pipeline::Pipelined;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};

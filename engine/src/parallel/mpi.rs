@@ -175,6 +175,9 @@ fn broadcast(comm: &Shared, message: &Message) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// The largest message a follower accepts (a step's batch is a few thousand tokens).
+const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
 /// The other ranks receive rank 0's next message.
 fn receive(comm: &Shared) -> Result<Message, EngineError> {
     let bytes = {
@@ -182,7 +185,9 @@ fn receive(comm: &Shared) -> Result<Message, EngineError> {
         let root = comm.0.process_at_rank(0);
         let mut len = [0u64];
         root.broadcast_into(&mut len[..]);
-        let len = usize::try_from(len[0]).map_err(mpi_error)?;
+        let len = usize::try_from(len[0]).ok().filter(|&n| n <= MAX_MESSAGE_BYTES);
+        let len =
+            len.ok_or_else(|| mpi_error(format!("a message from rank 0 claims more than {MAX_MESSAGE_BYTES} bytes")))?;
         let mut bytes = vec![0u8; len];
         root.broadcast_into(&mut bytes[..]);
         bytes

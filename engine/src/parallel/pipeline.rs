@@ -1,0 +1,345 @@
+//! Pipeline parallelism: consecutive layer ranges on different ranks (stages), the hidden
+//! states handed from each stage to the next, several micro-batches in flight.
+//!
+//! Stage 0 runs on the caller's thread: [`Pipelined`] is an [`Architecture`] whose forward
+//! pass splits the batch into micro-batches at sequence boundaries, runs each through its
+//! own layers (the embeddings first) and hands it on; while the next stages work on one
+//! micro-batch, stage 0 computes the next. The last stage applies the output norm and head
+//! and sends each micro-batch's logits back. Every stage holds only its layers' weights
+//! and keeps caches that mirror stage 0's blocks (the block changes recorded between
+//! steps, as for tensor parallelism), reserving each whole batch before its micro-batches
+//! and releasing it after them, as stage 0 does.
+//!
+//! A sequence's tokens are never split between micro-batches, so each sequence's rows meet
+//! the same kernels (attention picks its arithmetic by a sequence's row count) and a split
+//! model computes what the whole one does.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+
+use super::even_range;
+use super::group::{sync_caches, thread_pool, Step};
+use crate::backend::cpu::{CpuBackend, CpuKv};
+use crate::backend::{Backend, KvCache};
+use crate::gguf::Gguf;
+use crate::kv::{BlockOp, KvLayout};
+use crate::model::{self, Architecture, Batch, Logits, ModelInfo, StageOutput};
+use crate::EngineError;
+
+/// What reaches a stage after stage 0.
+enum Message {
+    /// Make or drop a mirror of one of stage 0's caches.
+    Cache(Step),
+    /// A batch starts on cache `id`: replay `ops`, then reserve its blocks.
+    Begin { id: u64, ops: Vec<BlockOp>, batch: Batch },
+    /// Micro-batch `index` of the current batch with the hidden states entering this
+    /// stage's layers (or the error of an earlier stage).
+    Micro { index: usize, batch: Batch, input: Result<Vec<f32>, String>, want_hidden: bool },
+    /// The batch is done: release what left a sliding window, register full blocks.
+    End { batch: Batch },
+}
+
+/// The last stage's answer for one micro-batch.
+type MicroResult = (usize, Result<StageOutput, String>);
+
+struct Stage {
+    tx: Option<Sender<Message>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The stages after the first, with the caches of stage 0 they mirror.
+struct Stages {
+    stages: Vec<Stage>,
+    mirrored: Vec<(u64, Weak<()>)>,
+    results: Receiver<MicroResult>,
+}
+
+/// A model split over `stages` consecutive layer ranges, each on threads of its own; to its
+/// user, one [`Architecture`] over stage 0's backend.
+pub struct Pipelined {
+    /// Stage 0's layers (and the embeddings), run in its own pool.
+    arch: Box<dyn Architecture<CpuBackend>>,
+    layers: Range<usize>,
+    info: ModelInfo,
+    pool: rayon::ThreadPool,
+    /// Locked for a whole forward pass, so passes from several threads stay in order.
+    stages: Mutex<Stages>,
+}
+
+impl Pipelined {
+    /// Loads `file` split over `stages` ≥ 2 pipeline stages of `threads` threads each: the
+    /// backend of stage 0, which the caller passes to every call, and the model.
+    pub fn load(file: &Arc<Gguf>, stages: usize, threads: usize) -> Result<(CpuBackend, Pipelined), EngineError> {
+        if stages < 2 {
+            return Err(EngineError::BadValue {
+                key: "pipeline stages".into(),
+                value: stages.to_string(),
+                why: "a pipeline has at least 2 stages",
+            });
+        }
+        let (results_tx, results) = channel();
+        let (loaded_tx, loaded) = channel();
+        // The last stage first, so each stage knows where to hand its micro-batches.
+        let mut next: Option<Sender<Message>> = None;
+        let mut later = Vec::new();
+        for stage in (1..stages).rev() {
+            let (tx, rx) = channel();
+            let to = next.take().map_or(Route::Back(results_tx.clone()), Route::On);
+            let (file, loaded_tx) = (file.clone(), loaded_tx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("turbine-pp{stage}"))
+                .spawn(move || run_stage(&file, (stage, stages), threads, rx, to, loaded_tx))
+                .map_err(|e| EngineError::TensorParallel(format!("cannot start a pipeline stage: {e}")))?;
+            later.push(Stage { tx: Some(tx.clone()), thread: Some(thread) });
+            next = Some(tx);
+        }
+        later.reverse();
+        drop(loaded_tx);
+        let pool = thread_pool(threads)?;
+        let backend = CpuBackend::default().as_stage(0, stages);
+        let arch = pool.install(|| model::load(&backend, file));
+        let mut bytes: Vec<(usize, Result<(u64, u64), EngineError>)> = loaded.iter().collect();
+        bytes.sort_by_key(|(stage, _)| *stage);
+        let arch = arch?;
+        let mut info = arch.info().clone();
+        info.rank_weight_bytes.push(backend.weight_bytes());
+        for (_, b) in bytes {
+            info.rank_weight_bytes.push(b?);
+        }
+        if info.rank_weight_bytes.len() != stages {
+            return Err(EngineError::TensorParallel("a pipeline stage ended while loading".into()));
+        }
+        let layers = even_range(info.n_layers, 1, 0, stages);
+        let stages = Mutex::new(Stages { stages: later, mirrored: Vec::new(), results });
+        Ok((backend, Pipelined { arch, layers, info, pool, stages }))
+    }
+
+    /// One forward pass through every stage, micro-batch by micro-batch (the blocks of
+    /// `batch` already reserved in stage 0's cache).
+    fn run(
+        &self,
+        backend: &CpuBackend,
+        batch: &Batch,
+        kv: &mut CpuKv,
+        want_hidden: bool,
+    ) -> Result<Vec<(Range<usize>, StageOutput)>, EngineError> {
+        let mut guard = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        let Stages { stages, mirrored, results } = &mut *guard;
+        let gone = || EngineError::TensorParallel("a pipeline stage ended".into());
+        let send_all = |m: &dyn Fn() -> Message| -> Result<(), EngineError> {
+            stages.iter().try_for_each(|s| s.tx.as_ref().ok_or_else(gone)?.send(m()).map_err(|_| gone()))
+        };
+        for step in sync_caches(mirrored, kv) {
+            send_all(&|| Message::Cache(step.clone()))?;
+        }
+        let (id, ops) = (kv.blocks().identity().0, kv.blocks_mut().take_journal());
+        send_all(&|| Message::Begin { id, ops: ops.clone(), batch: batch.clone() })?;
+        let micros = micro_batches(batch, stages.len() + 1);
+        let first = stages.first().and_then(|s| s.tx.as_ref()).ok_or_else(gone)?;
+        for (index, (rows, micro)) in micros.iter().enumerate() {
+            let out =
+                self.pool.install(|| self.arch.compute_stage(backend, micro, kv, self.layers.clone(), None, false));
+            let input = match out {
+                Ok(StageOutput::Hidden(h)) => Ok(h),
+                Ok(StageOutput::Logits(_)) => Err("stage 0 ended the model".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            debug_assert!(rows.len() == micro.len());
+            first.send(Message::Micro { index, batch: micro.clone(), input, want_hidden }).map_err(|_| gone())?;
+        }
+        let mut outs: Vec<Option<Result<StageOutput, String>>> = (0..micros.len()).map(|_| None).collect();
+        for _ in 0..micros.len() {
+            let (index, out) = results.recv().map_err(|_| gone())?;
+            if let Some(slot) = outs.get_mut(index) {
+                *slot = Some(out);
+            }
+        }
+        send_all(&|| Message::End { batch: batch.clone() })?;
+        micros
+            .into_iter()
+            .zip(outs)
+            .map(|((rows, _), out)| match out {
+                Some(Ok(o)) => Ok((rows, o)),
+                Some(Err(e)) => Err(EngineError::TensorParallel(format!("pipeline: {e}"))),
+                None => Err(gone()),
+            })
+            .collect()
+    }
+}
+
+/// The batch split into up to `n` micro-batches of whole sequence runs, with roughly even
+/// token counts, in order: each with the batch rows it covers.
+fn micro_batches(batch: &Batch, n: usize) -> Vec<(Range<usize>, Batch)> {
+    // Runs of consecutive tokens of one sequence.
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for (i, &seq) in batch.layout.seqs.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if batch.layout.seqs[r.start] == seq => r.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    let target = batch.len().div_ceil(n.max(1)).max(1);
+    let mut groups: Vec<Range<usize>> = Vec::new();
+    for run in runs {
+        match groups.last_mut() {
+            Some(g) if g.len() < target => g.end = run.end,
+            _ => groups.push(run),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|rows| {
+            let mut micro = Batch::default();
+            for i in rows.clone() {
+                micro.push(batch.layout.seqs[i], batch.layout.positions[i], batch.tokens[i], batch.want_logits[i]);
+            }
+            (rows, micro)
+        })
+        .collect()
+}
+
+impl Architecture<CpuBackend> for Pipelined {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.arch.kv_layout()
+    }
+
+    fn compute(&self, backend: &CpuBackend, batch: &Batch, kv: &mut CpuKv) -> Result<Logits, EngineError> {
+        let n_vocab = self.info.n_vocab;
+        let mut logits = Logits { rows: Vec::new(), n_vocab, data: Vec::new() };
+        for (rows, out) in self.run(backend, batch, kv, false)? {
+            let StageOutput::Logits(l) = out else {
+                return Err(EngineError::TensorParallel("the last stage returned no logits".into()));
+            };
+            logits.rows.extend(l.rows.iter().map(|r| r + rows.start));
+            logits.data.extend(l.data);
+        }
+        Ok(logits)
+    }
+
+    fn compute_hidden(&self, backend: &CpuBackend, batch: &Batch, kv: &mut CpuKv) -> Result<Vec<f32>, EngineError> {
+        let mut hidden = Vec::new();
+        for (_, out) in self.run(backend, batch, kv, true)? {
+            match out {
+                StageOutput::Hidden(h) => hidden.extend(h),
+                StageOutput::Logits(_) => return Err(EngineError::TensorParallel("hidden states expected".into())),
+            }
+        }
+        Ok(hidden)
+    }
+
+    fn routing_stats(&self) -> Vec<Vec<u64>> {
+        self.arch.routing_stats()
+    }
+}
+
+impl Drop for Pipelined {
+    fn drop(&mut self) {
+        let stages = &mut self.stages.get_mut().unwrap_or_else(|e| e.into_inner()).stages;
+        for s in stages.iter_mut() {
+            s.tx.take();
+        }
+        for s in stages.iter_mut() {
+            if let Some(t) = s.thread.take() {
+                t.join().ok();
+            }
+        }
+    }
+}
+
+/// Where a stage hands a micro-batch: the next stage, or back to stage 0 (the last).
+enum Route {
+    On(Sender<Message>),
+    Back(Sender<MicroResult>),
+}
+
+/// A stage's life after stage 0: its pool, its layers, then messages until stage 0 goes.
+fn run_stage(
+    file: &Arc<Gguf>,
+    (stage, stages): (usize, usize),
+    threads: usize,
+    messages: Receiver<Message>,
+    route: Route,
+    loaded: Sender<(usize, Result<(u64, u64), EngineError>)>,
+) {
+    let pool = match thread_pool(threads) {
+        Ok(p) => p,
+        Err(e) => {
+            loaded.send((stage, Err(e))).ok();
+            return;
+        }
+    };
+    pool.install(move || {
+        let backend = CpuBackend::default().as_stage(stage, stages);
+        let arch = match model::load(&backend, file) {
+            Ok(a) => a,
+            Err(e) => {
+                loaded.send((stage, Err(e))).ok();
+                return;
+            }
+        };
+        loaded.send((stage, Ok(backend.weight_bytes()))).ok();
+        drop(loaded);
+        let layers = even_range(arch.info().n_layers, 1, stage, stages);
+        let mut caches: HashMap<u64, CpuKv> = HashMap::new();
+        // The current batch's cache, and why it could not start.
+        let mut current: Option<(u64, Option<String>)> = None;
+        for message in messages {
+            match message {
+                Message::Cache(Step::NewCache { id, spec }) => {
+                    caches.insert(id, backend.new_kv(&spec));
+                }
+                Message::Cache(Step::DropCache { id }) => {
+                    caches.remove(&id);
+                }
+                Message::Cache(Step::Forward { .. }) => {}
+                Message::Begin { id, ops, batch } => {
+                    let started = match caches.get_mut(&id) {
+                        Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch)),
+                        None => Err(EngineError::TensorParallel(format!("stage 0's cache {id} is not mirrored"))),
+                    };
+                    current = Some((id, started.err().map(|e| format!("stage {stage}: {e}"))));
+                }
+                Message::Micro { index, batch, input, want_hidden } => {
+                    let out = match (&current, input) {
+                        (_, Err(e)) => Err(e),
+                        (Some((_, Some(why))), _) => Err(why.clone()),
+                        (Some((id, None)), Ok(x)) => match caches.get_mut(id) {
+                            Some(kv) => arch
+                                .compute_stage(&backend, &batch, kv, layers.clone(), Some(x), want_hidden)
+                                .map_err(|e| format!("stage {stage}: {e}")),
+                            None => Err(format!("stage {stage}: no cache")),
+                        },
+                        (None, Ok(_)) => Err(format!("stage {stage}: a micro-batch before its batch")),
+                    };
+                    let sent = match &route {
+                        Route::Back(tx) => tx.send((index, out)).is_ok(),
+                        Route::On(tx) => {
+                            let input = out.and_then(|o| match o {
+                                StageOutput::Hidden(h) => Ok(h),
+                                StageOutput::Logits(_) => Err(format!("stage {stage} ended the model early")),
+                            });
+                            tx.send(Message::Micro { index, batch, input, want_hidden }).is_ok()
+                        }
+                    };
+                    if !sent {
+                        return;
+                    }
+                }
+                Message::End { batch } => {
+                    if let Some((id, None)) = current.take() {
+                        if let Some(kv) = caches.get_mut(&id) {
+                            kv.blocks_mut().end_batch(&batch);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
