@@ -29,7 +29,8 @@ pub struct BenchArgs {
     pub format: Format,
     /// Sequences decoding together in the tg test.
     pub parallel: usize,
-    /// Tensor-parallel ranks (threads of this process), `threads / tp` threads each.
+    /// Tensor-parallel ranks or pipeline stages (threads of this process), `threads / tp`
+    /// threads each.
     pub tp: usize,
     /// Tokens in the cache before each test (untimed).
     pub depth: usize,
@@ -200,8 +201,13 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
             let (runs, steps) = (r.samples_ns.len().max(1), r.n_gen.max(1));
             let step_ms = r.samples_ns.iter().sum::<u64>() as f64 / runs as f64 / steps as f64 / 1e6;
             let coll_ms = r.collective_ns as f64 / steps as f64 / 1e6;
+            // Tensor parallelism's collectives; a pipeline has none.
+            let collectives = match model.backend.collective_time() {
+                Some(_) => format!(", rank 0 in collectives {coll_ms:.2} ms of it"),
+                None => String::new(),
+            };
             eprintln!(
-                "{}: {} ranks × {} threads: {step_ms:.2} ms per {}, rank 0 in collectives {coll_ms:.2} ms of it",
+                "{}: {} ranks × {} threads: {step_ms:.2} ms per {}{collectives}",
                 r.name(),
                 args.tp,
                 (args.threads / args.tp).max(1),

@@ -48,9 +48,13 @@ enum Command {
         #[arg(long = "parallel", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         parallel: u16,
         /// Tensor-parallel ranks (threads of this process, each with threads / tp
-        /// threads and its share of the weights; gemma3 models so far).
+        /// threads and its share of the weights; under mpirun, its processes).
         #[arg(long = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         tp: u16,
+        /// Pipeline stages (consecutive layer ranges on threads of this process, each
+        /// with threads / pp threads and its layers' weights; not with --tp).
+        #[arg(long = "pp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        pp: u16,
         /// Tokens already in the cache (of every sequence) when each test starts, as
         /// llama-bench's -d: filled untimed, so tg and pp are measured at that depth.
         #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
@@ -62,9 +66,13 @@ enum Command {
         #[command(flatten)]
         listen: ListenFlags,
         /// Split each model over N tensor-parallel ranks (threads of this process, the
-        /// cores shared evenly among them).
+        /// cores shared evenly among them; under mpirun, its processes).
         #[arg(long = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         tp: u16,
+        /// Split each model into M pipeline stages (consecutive layer ranges on threads of
+        /// this process, the cores shared evenly; not with --tp).
+        #[arg(long = "pp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        pp: u16,
     },
     /// Serve the same API in front of compute nodes (`turbine serve` elsewhere), with API
     /// keys and rate limits here and no engine: requests go to a node with the model,
@@ -361,7 +369,11 @@ fn main() -> ExitCode {
     turbine::engine::memory::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp, depth } => {
+        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp, pp, depth } => {
+            if tp > 1 && pp > 1 {
+                eprintln!("error: --tp and --pp cannot be combined yet");
+                return ExitCode::FAILURE;
+            }
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
             let args = bench::BenchArgs {
@@ -371,7 +383,7 @@ fn main() -> ExitCode {
                 reps: reps.into(),
                 format,
                 parallel: parallel.into(),
-                tp: tp.into(),
+                tp: tp.max(pp).into(),
                 depth,
                 load_anon_bytes: None,
             };
@@ -392,9 +404,10 @@ fn main() -> ExitCode {
                 if let Some(world) = &world {
                     return LoadedModel::load_mpi(&p, world);
                 }
-                match ranks {
-                    1 => LoadedModel::load(&p),
-                    _ => LoadedModel::load_split(&p, ranks, (threads / ranks).max(1)),
+                match (ranks, pp) {
+                    (1, _) => LoadedModel::load(&p),
+                    (_, 1) => LoadedModel::load_split(&p, ranks, (threads / ranks).max(1)),
+                    _ => LoadedModel::load_pipeline(&p, ranks, (threads / ranks).max(1)),
                 }
             });
             let result = loaded.and_then(|m| {
@@ -443,7 +456,11 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Serve { listen, tp } => {
+        Command::Serve { listen, tp, pp } => {
+            if tp > 1 && pp > 1 {
+                eprintln!("error: --tp and --pp cannot be combined yet");
+                return ExitCode::FAILURE;
+            }
             #[cfg(feature = "mpi")]
             match mpi_world(tp.into()) {
                 Err(e) => {
@@ -460,7 +477,7 @@ fn main() -> ExitCode {
                 }
                 Ok(None) => {}
             }
-            if let Err(e) = server::serve(&listen.args(), tp.into()) {
+            if let Err(e) = server::serve(&listen.args(), tp.into(), pp.into()) {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }

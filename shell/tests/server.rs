@@ -882,3 +882,33 @@ fn serve_with_two_tensor_parallel_ranks() {
     assert!(logged.contains("over 2 tensor-parallel ranks"), "{logged}");
     std::fs::remove_file(&log).ok();
 }
+
+/// `turbine serve --pp 2`: the model in two pipeline stages serves concurrent requests,
+/// each the text the whole model generates (a pipeline changes no arithmetic).
+#[test]
+fn serve_with_two_pipeline_stages() {
+    let log = std::env::temp_dir().join(format!("turbine-pp-serve-{}.log", std::process::id()));
+    let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], &["--pp", "2"], Some(&log))));
+    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
+    let threads: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (s, p) = (s.clone(), p.to_string());
+            std::thread::spawn(move || {
+                let r = s.post(
+                    "/api/generate",
+                    &json!({ "model": MODEL, "prompt": p, "raw": true, "stream": false,
+                             "options": { "num_predict": 12, "temperature": 0 } }),
+                );
+                assert_eq!(r.status, 200, "{}", r.text());
+                r.json()["response"].as_str().expect("response").to_string()
+            })
+        })
+        .collect();
+    for (t, p) in threads.into_iter().zip(prompts) {
+        assert_eq!(t.join().expect("request"), engine_greedy(p, 12).1, "{p:?}");
+    }
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("in 2 pipeline stages"), "{logged}");
+    std::fs::remove_file(&log).ok();
+}

@@ -121,9 +121,10 @@ pub fn fail_on_termination() -> Result<(), String> {
     })
 }
 
-/// Serves the store's models, each split over `tensor_parallel` ranks (1: whole).
-pub fn serve(args: &ListenArgs, tensor_parallel: usize) -> Result<(), String> {
-    let limits = worker::EngineLimits { tensor_parallel, ..worker::EngineLimits::from_env()? };
+/// Serves the store's models, each split over `tensor_parallel` ranks or into
+/// `pipeline_stages` stages (1 and 1: whole).
+pub fn serve(args: &ListenArgs, tensor_parallel: usize, pipeline_stages: usize) -> Result<(), String> {
+    let limits = worker::EngineLimits { tensor_parallel, pipeline_stages, ..worker::EngineLimits::from_env()? };
     // Under MPI one model at a time: every process follows one sequence of messages.
     #[cfg(feature = "mpi")]
     let limits = match MPI_WORLD.get() {

@@ -236,6 +236,8 @@ pub struct EngineLimits {
     /// `turbine serve --tp N`: each model split over N tensor-parallel ranks (threads of
     /// this process, the cores shared evenly); 1: whole.
     pub tensor_parallel: usize,
+    /// `turbine serve --pp M`: each model split into M pipeline stages; 1: whole.
+    pub pipeline_stages: usize,
 }
 
 /// Most sequences the automatic OLLAMA_NUM_PARALLEL picks.
@@ -252,6 +254,7 @@ impl Default for EngineLimits {
             max_memory_mb: available_memory_mb().unwrap_or(usize::MAX >> 20),
             kv_type: KvType::F16,
             tensor_parallel: 1,
+            pipeline_stages: 1,
         }
     }
 }
@@ -282,6 +285,7 @@ impl EngineLimits {
                 Err(_) => d.kv_type,
             },
             tensor_parallel: d.tensor_parallel,
+            pipeline_stages: d.pipeline_stages,
         })
     }
 
@@ -436,12 +440,11 @@ fn load_model(path: &std::path::Path, limits: &EngineLimits) -> Result<LoadedMod
     if let Some(world) = super::MPI_WORLD.get() {
         return LoadedModel::load_mpi(path, world);
     }
-    match limits.tensor_parallel {
-        0 | 1 => LoadedModel::load(path),
-        ranks => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            LoadedModel::load_split(path, ranks, (cores / ranks).max(1))
-        }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match (limits.tensor_parallel, limits.pipeline_stages) {
+        (0 | 1, 0 | 1) => LoadedModel::load(path),
+        (ranks, 0 | 1) => LoadedModel::load_split(path, ranks, (cores / ranks).max(1)),
+        (_, stages) => LoadedModel::load_pipeline(path, stages, (cores / stages).max(1)),
     }
 }
 
@@ -458,7 +461,8 @@ fn worker_loop(
         Ok(Ok(m)) => {
             let model = Arc::new(m);
             let cfg = limits.scheduler_config(&model.arch.kv_layout(), model.arch.info().context_length);
-            // Every rank holds a pool like rank 0's (its own heads' keys and values).
+            // Every rank holds a pool like rank 0's (its own heads' keys and values; a
+            // pipeline stage's pool has room for every layer, and touches only its own).
             let ranks = limits.tensor_parallel.max(1);
             let kv_bytes = cfg.kv_spec(&model.arch.kv_layout()).pool_bytes().saturating_mul(ranks);
             state.kv_bytes.store(kv_bytes, Ordering::SeqCst);
@@ -466,7 +470,11 @@ fn worker_loop(
                 "turbine serve: loaded {} in {:.2?}{}: {} sequences at once, {} tokens of cache each, KV pool {} MiB",
                 path.display(),
                 model.load_time,
-                if ranks > 1 { format!(" over {ranks} tensor-parallel ranks") } else { String::new() },
+                match (ranks, limits.pipeline_stages) {
+                    (1, 0 | 1) => String::new(),
+                    (1, stages) => format!(" in {stages} pipeline stages"),
+                    _ => format!(" over {ranks} tensor-parallel ranks"),
+                },
                 cfg.max_running,
                 cfg.tokens_per_seq,
                 kv_bytes >> 20
