@@ -18,8 +18,7 @@
 
 use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
 use super::moe::{expert_counts, Activation, Gating, MoeFfn, MoeSpec, Routing};
-use super::Layered;
-use super::{required, Batch, Loader};
+use super::{required, Batch, Layered, Loader};
 use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;

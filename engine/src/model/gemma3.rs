@@ -8,8 +8,7 @@
 //! already hold 1 + w, so every norm is a plain x·w.
 
 use super::decoder::{swa_pattern, DecoderConfig};
-use super::Layered;
-use super::{count_params, Architecture, Batch, Loader, Logits, ModelInfo, StageOutput};
+use super::{count_params, Architecture, Batch, Layered, Loader, Logits, ModelInfo, StageOutput};
 use crate::backend::{AttnShape, Backend, KvCache};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;

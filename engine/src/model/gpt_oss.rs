@@ -10,8 +10,7 @@
 
 use super::decoder::{swa_pattern, Decoder, DecoderConfig, Layers};
 use super::moe::{expert_counts, Activation, Gating, MoeFfn, MoeSpec, Routing};
-use super::Layered;
-use super::{qwen2, required, Batch, Loader};
+use super::{qwen2, required, Batch, Layered, Loader};
 use crate::backend::{Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;

@@ -8,8 +8,7 @@
 //! `output.weight`.
 
 use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
-use super::Layered;
-use super::{Batch, Loader};
+use super::{Batch, Layered, Loader};
 use crate::backend::Backend;
 use crate::gguf::Gguf;
 use crate::parallel::Part;

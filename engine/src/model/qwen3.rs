@@ -5,8 +5,7 @@
 //! RoPE. No biases. Qwen3-MoE (`qwen3moe.rs`) shares this attention.
 
 use super::decoder::{Decoder, DecoderConfig, DenseFfn, Layers};
-use super::Layered;
-use super::{Batch, Loader};
+use super::{Batch, Layered, Loader};
 use crate::backend::Backend;
 use crate::gguf::Gguf;
 use crate::parallel::Part;

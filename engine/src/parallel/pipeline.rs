@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
 use super::even_range;
-use super::group::{sync_caches, thread_pool, Step};
+use super::group::{sync_caches, thread_pool, Answer, Step};
 use crate::backend::cpu::{CpuBackend, CpuKv};
 use crate::backend::{Backend, KvCache};
 use crate::gguf::Gguf;
@@ -44,6 +44,9 @@ enum Message {
 
 /// The last stage's answer for one micro-batch.
 type MicroResult = (usize, Result<StageOutput, String>);
+
+/// A stage's report of its load: the bytes its weights cover (`CpuBackend::weight_bytes`).
+type Loaded = (usize, Answer);
 
 struct Stage {
     tx: Option<Sender<Message>>,
@@ -101,7 +104,7 @@ impl Pipelined {
         let pool = thread_pool(threads)?;
         let backend = CpuBackend::default().as_stage(0, stages);
         let arch = pool.install(|| model::load(&backend, file));
-        let mut bytes: Vec<(usize, Result<(u64, u64), EngineError>)> = loaded.iter().collect();
+        let mut bytes: Vec<Loaded> = loaded.iter().collect();
         bytes.sort_by_key(|(stage, _)| *stage);
         let arch = arch?;
         let mut info = arch.info().clone();
@@ -266,7 +269,7 @@ fn run_stage(
     threads: usize,
     messages: Receiver<Message>,
     route: Route,
-    loaded: Sender<(usize, Result<(u64, u64), EngineError>)>,
+    loaded: Sender<Loaded>,
 ) {
     let pool = match thread_pool(threads) {
         Ok(p) => p,
