@@ -34,8 +34,10 @@ pub struct BenchArgs {
     pub tp: usize,
     /// Tokens in the cache before each test (untimed).
     pub depth: usize,
-    /// The anonymous memory loading the model took, reported after the results.
+    /// The anonymous memory loading the model took in this process, reported after the
+    /// results, and the ranks it holds (under mpirun, one: the others are processes).
     pub load_anon_bytes: Option<u64>,
+    pub ranks_here: usize,
 }
 
 /// One test's timings.
@@ -176,13 +178,14 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
         Ok(())
     })?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    match (args.load_anon_bytes, args.tp) {
-        (Some(b), 1) => eprintln!("model: {:.1} MiB of anonymous memory at load", mib(b)),
-        (Some(b), tp) => {
-            let per_rank = mib(b) / tp as f64;
-            eprintln!("{tp} ranks: {:.1} MiB of anonymous memory at load ({per_rank:.1} MiB per rank)", mib(b));
+    match (args.load_anon_bytes, args.tp, args.ranks_here) {
+        (Some(b), 1, _) => eprintln!("model: {:.1} MiB of anonymous memory at load", mib(b)),
+        (Some(b), _, 1) => eprintln!("rank 0's process: {:.1} MiB of anonymous memory at load", mib(b)),
+        (Some(b), _, here) => {
+            let per_rank = mib(b) / here as f64;
+            eprintln!("{here} ranks: {:.1} MiB of anonymous memory at load ({per_rank:.1} MiB per rank)", mib(b));
         }
-        (None, _) => {}
+        (None, _, _) => {}
     }
     let file_bytes: u64 = model.file.tensors().iter().map(|t| t.n_bytes as u64).sum();
     for (rank, &(held, lookup)) in model.arch.info().rank_weight_bytes.iter().enumerate() {

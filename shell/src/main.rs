@@ -355,7 +355,10 @@ fn mpi_world(tp: usize) -> Result<Option<std::sync::Arc<turbine::engine::paralle
 /// An MPI rank other than 0: follows rank 0 until it ends.
 #[cfg(feature = "mpi")]
 fn follow(world: &turbine::engine::parallel::mpi::MpiWorld) -> ExitCode {
-    eprintln!("turbine serve: rank {} of {} (pid {}) following rank 0", world.rank(), world.size(), std::process::id());
+    // One write, so that mpirun's merged output (and the tests reading it) keep the line whole.
+    let line =
+        format!("turbine: rank {} of {} (pid {}) following rank 0\n", world.rank(), world.size(), std::process::id());
+    std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes()).ok();
     match turbine::engine::parallel::mpi::follow(world) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -386,6 +389,7 @@ fn main() -> ExitCode {
                 tp: tp.max(pp).into(),
                 depth,
                 load_anon_bytes: None,
+                ranks_here: tp.max(pp).into(),
             };
             // Under mpirun: the other ranks follow, rank 0 measures the model split over them.
             #[cfg(feature = "mpi")]
@@ -402,17 +406,18 @@ fn main() -> ExitCode {
             let loaded = store::resolve(&model).and_then(|p| {
                 #[cfg(feature = "mpi")]
                 if let Some(world) = &world {
-                    return LoadedModel::load_mpi(&p, world);
+                    return LoadedModel::load_mpi(&p, world).map(|m| (m, 1));
                 }
-                match (ranks, pp) {
+                let here = match (ranks, pp) {
                     (1, _) => LoadedModel::load(&p),
                     (_, 1) => LoadedModel::load_split(&p, ranks, (threads / ranks).max(1)),
                     _ => LoadedModel::load_pipeline(&p, ranks, (threads / ranks).max(1)),
-                }
+                };
+                here.map(|m| (m, ranks))
             });
-            let result = loaded.and_then(|m| {
+            let result = loaded.and_then(|(m, ranks_here)| {
                 let loaded = before.zip(bench::rss_anon_bytes()).map(|(b, a)| a.saturating_sub(b));
-                bench::bench(&model, &m, &bench::BenchArgs { load_anon_bytes: loaded, ..args })
+                bench::bench(&model, &m, &bench::BenchArgs { load_anon_bytes: loaded, ranks_here, ..args })
             });
             #[cfg(feature = "mpi")]
             if let Some(world) = &world {
