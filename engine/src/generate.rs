@@ -41,12 +41,26 @@ impl LoadedModel<CpuBackend> {
     }
 
     /// Opens a GGUF file and prepares it on the CPU as a pipeline of `stages` ≥ 2 stages
-    /// (consecutive layer ranges on threads of this process, `threads` each).
+    /// (consecutive layer ranges on threads of this process, `threads` each, shared to
+    /// balance the stages' weights).
     pub fn load_pipeline(path: &Path, stages: usize, threads: usize) -> Result<Self, EngineError> {
+        Self::load_pipeline_with(path, |file| Pipelined::load(file, stages, threads))
+    }
+
+    /// [`LoadedModel::load_pipeline`] with the stages' boundaries given (stage s runs layers
+    /// cuts[s]..cuts[s + 1]).
+    pub fn load_pipeline_at(path: &Path, cuts: &[usize], threads: usize) -> Result<Self, EngineError> {
+        Self::load_pipeline_with(path, |file| Pipelined::load_at(file, cuts, threads))
+    }
+
+    fn load_pipeline_with(
+        path: &Path,
+        load: impl FnOnce(&Arc<Gguf>) -> Result<(CpuBackend, Pipelined), EngineError>,
+    ) -> Result<Self, EngineError> {
         let start = Instant::now();
         let file = Arc::new(Gguf::open(path)?);
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let (backend, pipelined) = Pipelined::load(&file, stages, threads)?;
+        let (backend, pipelined) = load(&file)?;
         Self::assemble(file, tokenizer, backend, Box::new(pipelined), start)
     }
 

@@ -1,7 +1,7 @@
 //! The CPU backend: activations in host `Vec<f32>`, weights zero-copy in the GGUF map,
 //! kernels from `turbine_cpu` (SIMD chosen at run time, rayon across rows and heads).
 
-use super::{AttnShape, Backend, BatchLayout, KvCache, Yarn};
+use super::{AttnShape, Backend, BatchLayout, KvCache, PipelineStage, Yarn};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
 use crate::parallel::{row_bytes_of, shard_bytes, CommError, Communicator, Part};
@@ -26,8 +26,8 @@ pub struct CpuBackend {
     /// Bytes of the file's tensors this backend's weights and vectors cover, and of them
     /// the tables only looked up by row (see [`CpuBackend::weight_bytes`]).
     held: Arc<[AtomicU64; 2]>,
-    /// (stage, stages) under pipeline parallelism.
-    stage: Option<(usize, usize)>,
+    /// Its place under pipeline parallelism.
+    stage: Option<PipelineStage>,
 }
 
 /// A rank's communicator and the first collective error it met (the forward pass runs to
@@ -68,8 +68,8 @@ impl CpuBackend {
     }
 
     /// This backend as stage `stage` of a `stages`-stage pipeline.
-    pub fn as_stage(mut self, stage: usize, stages: usize) -> CpuBackend {
-        self.stage = Some((stage, stages));
+    pub fn as_stage(mut self, stage: PipelineStage) -> CpuBackend {
+        self.stage = Some(stage);
         self
     }
 
@@ -346,8 +346,8 @@ impl Backend for CpuBackend {
         self.tp.as_ref().map_or((0, 1), |t| (t.comm.rank(), t.comm.size()))
     }
 
-    fn pipeline_stage(&self) -> (usize, usize) {
-        self.stage.unwrap_or((0, 1))
+    fn pipeline_stage(&self) -> Option<&PipelineStage> {
+        self.stage.as_ref()
     }
 
     fn all_reduce_sum(&self, x: &mut CpuAct) {
@@ -424,8 +424,9 @@ impl Backend for CpuBackend {
     /// Rank 0 of a tensor-parallel group and stage 0 of a pipeline record their caches'
     /// block changes for the others to mirror (see [`crate::parallel::Sharded`]).
     fn new_kv(&self, spec: &KvSpec) -> CpuKv {
-        let leads = |(i, n): (usize, usize)| i == 0 && n > 1;
-        CpuKv::new(spec, leads(self.tensor_parallel()) || leads(self.pipeline_stage()))
+        let leads_group = matches!(self.tensor_parallel(), (0, ranks) if ranks > 1);
+        let leads_pipeline = self.stage.as_ref().is_some_and(|s| s.is_first() && s.count > 1);
+        CpuKv::new(spec, leads_group || leads_pipeline)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CpuAct {

@@ -47,6 +47,24 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// One stage of a pipeline: its index of `count`, and its consecutive layers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineStage {
+    pub index: usize,
+    pub count: usize,
+    pub layers: std::ops::Range<usize>,
+}
+
+impl PipelineStage {
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+}
+
 /// The operations a forward pass needs. Activation matrices are row-major, one row per
 /// token of the batch.
 pub trait Backend: Send + Sync {
@@ -79,10 +97,10 @@ pub trait Backend: Send + Sync {
     fn tensor_parallel(&self) -> (usize, usize) {
         (0, 1)
     }
-    /// (stage, stages) of this backend's pipeline: models load and run only the stage's
-    /// consecutive share of their layers; (0, 1) alone.
-    fn pipeline_stage(&self) -> (usize, usize) {
-        (0, 1)
+    /// This backend's place in a pipeline (None alone): models load and run only the
+    /// stage's layers.
+    fn pipeline_stage(&self) -> Option<&PipelineStage> {
+        None
     }
     /// Reads a 1-D F32 tensor.
     fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Vector, EngineError>;

@@ -9,7 +9,7 @@
 //!
 //! Each architecture's file supplies its layers through [`Layers`].
 
-use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo, StageOutput};
+use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo, StageEnd, StageOutput};
 use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
@@ -363,24 +363,23 @@ impl<B: Backend, L: Layers<B>> Decoder<B, L> {
         Ok(Decoder { cfg, info, tok_embd, output, output_norm, layers })
     }
 
-    /// A pipeline stage's part (the whole model by default): the embeddings when it starts
-    /// the model (else `input`, the hidden states entering its layers), its `layers`, and
-    /// when it ends the model the output norm, leaving the rows that want output.
+    /// A pipeline stage's part (the whole model by default): the embeddings (or `input`,
+    /// the hidden states entering its layers), its `layers` (after the model's last, only
+    /// the rows that want output remain), and the output norm when `normalize`.
     fn hidden(
         &self,
         b: &B,
         batch: &Batch,
         kv: &mut B::Kv,
-        layers: Range<usize>,
-        input: Option<Vec<f32>>,
+        (layers, input, normalize): (Range<usize>, Option<Vec<f32>>, bool),
     ) -> Result<B::Act, EngineError> {
         let cfg = &self.cfg;
         let out_rows = batch.output_rows();
         let mut x = match input {
             None => b.embed(&self.tok_embd, &batch.tokens, 1.0)?, // [n × d]
-            Some(h) => b.from_host(batch.len(), cfg.n_embd, h),
+            // All the batch's rows, or only those that want output after the last layer.
+            Some(h) => b.from_host(h.len() / cfg.n_embd.max(1), cfg.n_embd, h),
         };
-        let ends_model = layers.end == cfg.n_layers;
         for il in layers {
             let mut attn = self.layers.attention(cfg, b, il, &x, batch, kv);
             if il + 1 == cfg.n_layers {
@@ -393,7 +392,7 @@ impl<B: Backend, L: Layers<B>> Decoder<B, L> {
             b.add(&mut ffn, &attn);
             x = ffn;
         }
-        Ok(if ends_model { b.rms_norm(&x, &self.output_norm, cfg.rms_eps) } else { x })
+        Ok(if normalize { b.rms_norm(&x, &self.output_norm, cfg.rms_eps) } else { x })
     }
 
     /// The logits of the normalized hidden states x [n_out × d].
@@ -418,12 +417,12 @@ impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
     }
 
     fn compute(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Logits, EngineError> {
-        let x = self.hidden(b, batch, kv, 0..self.cfg.n_layers, None)?; // [n_out × d]
+        let x = self.hidden(b, batch, kv, (0..self.cfg.n_layers, None, true))?; // [n_out × d]
         self.logits(b, batch, &x)
     }
 
     fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
-        let hidden = b.take_to_host(self.hidden(b, batch, kv, 0..self.cfg.n_layers, None)?);
+        let hidden = b.take_to_host(self.hidden(b, batch, kv, (0..self.cfg.n_layers, None, true))?);
         match b.take_tp_error() {
             Some(e) => Err(e),
             None => Ok(hidden),
@@ -437,11 +436,10 @@ impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
         kv: &mut B::Kv,
         layers: Range<usize>,
         input: Option<Vec<f32>>,
-        want_hidden: bool,
+        end: StageEnd,
     ) -> Result<StageOutput, EngineError> {
-        let ends_model = layers.end == self.cfg.n_layers;
-        let x = self.hidden(b, batch, kv, layers, input)?;
-        if ends_model && !want_hidden {
+        let x = self.hidden(b, batch, kv, (layers, input, end != StageEnd::Handoff))?;
+        if end == StageEnd::Logits {
             return self.logits(b, batch, &x).map(StageOutput::Logits);
         }
         let hidden = b.take_to_host(x);

@@ -8,7 +8,7 @@
 //! already hold 1 + w, so every norm is a plain x·w.
 
 use super::decoder::{swa_pattern, DecoderConfig};
-use super::{count_params, Architecture, Batch, Layered, Loader, Logits, ModelInfo, StageOutput};
+use super::{count_params, Architecture, Batch, Layered, Loader, Logits, ModelInfo, StageEnd, StageOutput};
 use crate::backend::{AttnShape, Backend, KvCache};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
@@ -238,7 +238,7 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
 
     fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
         let all = 0..self.cfg.base.n_layers;
-        let hidden = b.take_to_host(self.hidden(b, batch, kv, (all, None), &mut |_, _, _| {})?);
+        let hidden = b.take_to_host(self.hidden(b, batch, kv, (all, None, true), &mut |_, _, _| {})?);
         match b.take_tp_error() {
             Some(e) => Err(e),
             None => Ok(hidden),
@@ -252,11 +252,10 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
         kv: &mut B::Kv,
         layers: Range<usize>,
         input: Option<Vec<f32>>,
-        want_hidden: bool,
+        end: StageEnd,
     ) -> Result<StageOutput, EngineError> {
-        let ends_model = layers.end == self.cfg.base.n_layers;
-        let x = self.hidden(b, batch, kv, (layers, input), &mut |_, _, _| {})?;
-        if ends_model && !want_hidden {
+        let x = self.hidden(b, batch, kv, (layers, input, end != StageEnd::Handoff), &mut |_, _, _| {})?;
+        if end == StageEnd::Logits {
             return self.logits(b, batch, &x).map(StageOutput::Logits);
         }
         let hidden = b.take_to_host(x);
@@ -287,7 +286,7 @@ impl<B: Backend> Gemma3<B> {
     }
 
     fn compute_traced(&self, b: &B, batch: &Batch, kv: &mut B::Kv, tap: &mut Tap<B>) -> Result<Logits, EngineError> {
-        let x = self.hidden(b, batch, kv, (0..self.cfg.base.n_layers, None), tap)?; // [n_out × d]
+        let x = self.hidden(b, batch, kv, (0..self.cfg.base.n_layers, None, true), tap)?; // [n_out × d]
         self.logits(b, batch, &x)
     }
 
@@ -306,24 +305,24 @@ impl<B: Backend> Gemma3<B> {
         Ok(Logits { rows: batch.output_rows(), n_vocab: cfg.base.n_vocab, data })
     }
 
-    /// A pipeline stage's part (the whole model by default): the scaled embeddings when it
-    /// starts the model (else the hidden states entering its layers), its layers, and when
-    /// it ends the model the output norm, leaving the rows that want output.
+    /// A pipeline stage's part (the whole model by default): the scaled embeddings (or the
+    /// hidden states entering its layers), its layers (after the model's last, only the rows
+    /// that want output remain), and the output norm when asked.
     fn hidden(
         &self,
         b: &B,
         batch: &Batch,
         kv: &mut B::Kv,
-        (layers, input): (Range<usize>, Option<Vec<f32>>),
+        (layers, input, normalize): (Range<usize>, Option<Vec<f32>>, bool),
         tap: &mut Tap<B>,
     ) -> Result<B::Act, EngineError> {
         let cfg = &self.cfg;
         let out_rows = batch.output_rows();
         let mut x = match input {
             None => b.embed(&self.tok_embd, &batch.tokens, (cfg.base.n_embd as f32).sqrt())?, // [n × d]
-            Some(h) => b.from_host(batch.len(), cfg.base.n_embd, h),
+            // All the batch's rows, or only those that want output after the last layer.
+            Some(h) => b.from_host(h.len() / cfg.base.n_embd.max(1), cfg.base.n_embd, h),
         };
-        let ends_model = layers.end == cfg.base.n_layers;
         for il in layers {
             let mut attn = self.attention(b, il, &x, batch, kv, tap);
             if il + 1 == cfg.base.n_layers {
@@ -340,6 +339,6 @@ impl<B: Backend> Gemma3<B> {
             b.add(&mut x, &sa);
             tap("l_out", il, &x);
         }
-        Ok(if ends_model { b.rms_norm(&x, &self.output_norm, cfg.base.rms_eps) } else { x })
+        Ok(if normalize { b.rms_norm(&x, &self.output_norm, cfg.base.rms_eps) } else { x })
     }
 }

@@ -108,9 +108,7 @@ pub trait Architecture<B: Backend>: Send + Sync {
     fn compute_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError>;
     /// Pipeline parallelism: a stage's part of a forward pass whose cache blocks are
     /// reserved: the layers `layers` on `input` (the hidden states entering them,
-    /// [n × n_embd]; None: the batch's embeddings), then, when `layers` ends the model, the
-    /// output norm and the logits (with `want_hidden`, the normalized hidden states of the
-    /// rows that want output).
+    /// [rows × n_embd]; None: the batch's embeddings), then what `end` says.
     fn compute_stage(
         &self,
         backend: &B,
@@ -118,9 +116,9 @@ pub trait Architecture<B: Backend>: Send + Sync {
         kv: &mut B::Kv,
         layers: Range<usize>,
         input: Option<Vec<f32>>,
-        want_hidden: bool,
+        end: StageEnd,
     ) -> Result<StageOutput, EngineError> {
-        let _ = (backend, batch, kv, layers, input, want_hidden);
+        let _ = (backend, batch, kv, layers, input, end);
         Err(EngineError::BadValue {
             key: "general.architecture".into(),
             value: self.info().architecture.clone(),
@@ -197,6 +195,17 @@ impl<T> std::ops::Index<usize> for Layered<T> {
     }
 }
 
+/// What a pipeline stage makes of the hidden states after its layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageEnd {
+    /// Hands them to the next stage as they are.
+    Handoff,
+    /// The last stage: the output norm, then the logits.
+    Logits,
+    /// The last stage: the output norm (an embedding request).
+    Hidden,
+}
+
 /// What a pipeline stage hands on: the hidden states after its layers, [rows × n_embd],
 /// or, from the last stage, the logits.
 pub enum StageOutput {
@@ -269,8 +278,7 @@ impl<B: Backend> Loader<'_, B> {
 
     /// The layers of `n_layers` this backend's pipeline stage runs (all of them alone).
     pub fn layers(&self, n_layers: usize) -> Range<usize> {
-        let (stage, stages) = self.backend.pipeline_stage();
-        even_range(n_layers, 1, stage, stages)
+        self.backend.pipeline_stage().map_or(0..n_layers, |s| s.layers.start.min(n_layers)..s.layers.end.min(n_layers))
     }
 
     /// `load` of each layer of this backend's pipeline stage.
@@ -316,8 +324,7 @@ impl<B: Backend> Loader<'_, B> {
     /// is this rank's vocabulary rows (its logits are gathered), and the embeddings are
     /// only looked up; alone, a tied head is None (the embeddings themselves).
     pub fn embeddings_and_head(&self, d: usize, n_vocab: usize) -> Result<(B::Weight, Option<B::Weight>), EngineError> {
-        let (stage, stages) = self.backend.pipeline_stage();
-        if stage + 1 < stages {
+        if self.backend.pipeline_stage().is_some_and(|s| !s.is_last()) {
             // A pipeline stage before the last never computes logits: the embeddings are
             // only looked up (and only by the first stage).
             return Ok((self.lookup_table("token_embd.weight", d, n_vocab)?, None));

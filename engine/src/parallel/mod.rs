@@ -16,7 +16,7 @@ mod group;
 pub mod mpi;
 mod pipeline;
 pub use group::Sharded;
-pub use pipeline::Pipelined;
+pub use pipeline::{stage_cuts, Pipelined};
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -20,13 +20,12 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
-use super::even_range;
 use super::group::{sync_caches, thread_pool, Answer, Step};
 use crate::backend::cpu::{CpuBackend, CpuKv};
-use crate::backend::{Backend, KvCache};
+use crate::backend::{Backend, KvCache, PipelineStage};
 use crate::gguf::Gguf;
 use crate::kv::{BlockOp, KvLayout};
-use crate::model::{self, Architecture, Batch, Logits, ModelInfo, StageOutput};
+use crate::model::{self, Architecture, Batch, Logits, ModelInfo, StageEnd, StageOutput};
 use crate::EngineError;
 
 /// What reaches a stage after stage 0.
@@ -73,8 +72,9 @@ pub struct Pipelined {
 }
 
 impl Pipelined {
-    /// Loads `file` split over `stages` ≥ 2 pipeline stages of `threads` threads each: the
-    /// backend of stage 0, which the caller passes to every call, and the model.
+    /// Loads `file` split over `stages` ≥ 2 pipeline stages of `threads` threads each, the
+    /// layers shared to balance the stages' weights ([`stage_layers`]): the backend of
+    /// stage 0, which the caller passes to every call, and the model.
     pub fn load(file: &Arc<Gguf>, stages: usize, threads: usize) -> Result<(CpuBackend, Pipelined), EngineError> {
         if stages < 2 {
             return Err(EngineError::BadValue {
@@ -83,18 +83,36 @@ impl Pipelined {
                 why: "a pipeline has at least 2 stages",
             });
         }
+        let arch = file.architecture()?;
+        let key = format!("{arch}.block_count");
+        let n_layers = crate::model::required(file.get_u32(&key), &key)? as usize;
+        Pipelined::load_at(file, &stage_cuts(file, n_layers, stages), threads)
+    }
+
+    /// [`Pipelined::load`] with the stages' boundaries given: stage s runs layers
+    /// cuts[s]..cuts[s + 1] (cuts ascending from 0 to the layer count, 3 or more of them).
+    pub fn load_at(file: &Arc<Gguf>, cuts: &[usize], threads: usize) -> Result<(CpuBackend, Pipelined), EngineError> {
+        let stages = cuts.len().saturating_sub(1);
+        if stages < 2 || cuts[0] != 0 || cuts.windows(2).any(|w| w[0] > w[1]) {
+            return Err(EngineError::BadValue {
+                key: "pipeline stages".into(),
+                value: format!("{cuts:?}"),
+                why: "stage boundaries must ascend from 0, for at least 2 stages",
+            });
+        }
+        let stage = |index: usize| PipelineStage { index, count: stages, layers: cuts[index]..cuts[index + 1] };
         let (results_tx, results) = channel();
         let (loaded_tx, loaded) = channel();
         // The last stage first, so each stage knows where to hand its micro-batches.
         let mut next: Option<Sender<Message>> = None;
         let mut later = Vec::new();
-        for stage in (1..stages).rev() {
+        for index in (1..stages).rev() {
             let (tx, rx) = channel();
             let to = next.take().map_or(Route::Back(results_tx.clone()), Route::On);
-            let (file, loaded_tx) = (file.clone(), loaded_tx.clone());
+            let (file, loaded_tx, place) = (file.clone(), loaded_tx.clone(), stage(index));
             let thread = std::thread::Builder::new()
-                .name(format!("turbine-pp{stage}"))
-                .spawn(move || run_stage(&file, (stage, stages), threads, rx, to, loaded_tx))
+                .name(format!("turbine-pp{index}"))
+                .spawn(move || run_stage(&file, place, threads, rx, to, loaded_tx))
                 .map_err(|e| EngineError::TensorParallel(format!("cannot start a pipeline stage: {e}")))?;
             later.push(Stage { tx: Some(tx.clone()), thread: Some(thread) });
             next = Some(tx);
@@ -102,7 +120,7 @@ impl Pipelined {
         later.reverse();
         drop(loaded_tx);
         let pool = thread_pool(threads)?;
-        let backend = CpuBackend::default().as_stage(0, stages);
+        let backend = CpuBackend::default().as_stage(stage(0));
         let arch = pool.install(|| model::load(&backend, file));
         let mut bytes: Vec<Loaded> = loaded.iter().collect();
         bytes.sort_by_key(|(stage, _)| *stage);
@@ -115,7 +133,14 @@ impl Pipelined {
         if info.rank_weight_bytes.len() != stages {
             return Err(EngineError::TensorParallel("a pipeline stage ended while loading".into()));
         }
-        let layers = even_range(info.n_layers, 1, 0, stages);
+        if cuts[stages] != info.n_layers {
+            return Err(EngineError::BadValue {
+                key: "pipeline stages".into(),
+                value: format!("{cuts:?}"),
+                why: "the last boundary must be the layer count",
+            });
+        }
+        let layers = stage(0).layers;
         let stages = Mutex::new(Stages { stages: later, mirrored: Vec::new(), results });
         Ok((backend, Pipelined { arch, layers, info, pool, stages }))
     }
@@ -143,8 +168,9 @@ impl Pipelined {
         let micros = micro_batches(batch, stages.len() + 1);
         let first = stages.first().and_then(|s| s.tx.as_ref()).ok_or_else(gone)?;
         for (index, (rows, micro)) in micros.iter().enumerate() {
+            let layers = self.layers.clone();
             let out =
-                self.pool.install(|| self.arch.compute_stage(backend, micro, kv, self.layers.clone(), None, false));
+                self.pool.install(|| self.arch.compute_stage(backend, micro, kv, layers, None, StageEnd::Handoff));
             let input = match out {
                 Ok(StageOutput::Hidden(h)) => Ok(h),
                 Ok(StageOutput::Logits(_)) => Err("stage 0 ended the model".to_string()),
@@ -171,6 +197,60 @@ impl Pipelined {
             })
             .collect()
     }
+}
+
+/// The boundaries of `stages` stages over `n_layers` layers (stage s runs cuts[s]..cuts[s + 1]):
+/// consecutive ranges chosen so that the largest stage's weights (its layers', and the last
+/// stage's output projection) are as small as they can be. Decoding reads every weight once
+/// a step, so weight bytes are the work. A stage may have no layer (a last stage holding
+/// only a large head).
+pub fn stage_cuts(file: &Gguf, n_layers: usize, stages: usize) -> Vec<usize> {
+    let mut bytes = vec![0u64; n_layers];
+    for t in file.tensors() {
+        let layer = t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
+        if let Some(il) = layer.filter(|&il| il < n_layers) {
+            bytes[il] += t.n_bytes as u64;
+        }
+    }
+    let head =
+        ["output.weight", "token_embd.weight"].iter().find_map(|n| file.tensor(n)).map_or(0, |t| t.n_bytes as u64);
+    balanced_cuts(&bytes, head, stages.max(1))
+}
+
+/// Stage boundaries 0 = c_0 ≤ c_1 ≤ … ≤ c_stages = n over `weights`, the last stage also
+/// carrying `tail`, minimizing the largest stage's sum (dynamic programming over where
+/// each stage ends; ties go to the earlier cut).
+fn balanced_cuts(weights: &[u64], tail: u64, stages: usize) -> Vec<usize> {
+    let n = weights.len();
+    let running = weights.iter().scan(0u64, |total, &w| {
+        *total += w;
+        Some(*total)
+    });
+    let prefix: Vec<u64> = std::iter::once(0).chain(running).collect();
+    let sum = |a: usize, b: usize| prefix[b] - prefix[a];
+    // best[s][i]: the smallest largest sum of the first s stages over the first i layers.
+    let mut best = vec![vec![u64::MAX; n + 1]; stages + 1];
+    let mut from = vec![vec![0usize; n + 1]; stages + 1];
+    best[0][0] = 0;
+    for s in 1..=stages {
+        for i in 0..=n {
+            for j in 0..=i {
+                if best[s - 1][j] == u64::MAX {
+                    continue;
+                }
+                let own = sum(j, i) + if s == stages { tail } else { 0 };
+                let cost = best[s - 1][j].max(own);
+                if cost < best[s][i] {
+                    (best[s][i], from[s][i]) = (cost, j);
+                }
+            }
+        }
+    }
+    let mut cuts = vec![n; stages + 1];
+    for s in (1..=stages).rev() {
+        cuts[s - 1] = from[s][cuts[s]];
+    }
+    cuts
 }
 
 /// The batch split into up to `n` micro-batches of whole sequence runs, with roughly even
@@ -265,12 +345,13 @@ enum Route {
 /// A stage's life after stage 0: its pool, its layers, then messages until stage 0 goes.
 fn run_stage(
     file: &Arc<Gguf>,
-    (stage, stages): (usize, usize),
+    place: PipelineStage,
     threads: usize,
     messages: Receiver<Message>,
     route: Route,
     loaded: Sender<Loaded>,
 ) {
+    let stage = place.index;
     let pool = match thread_pool(threads) {
         Ok(p) => p,
         Err(e) => {
@@ -279,7 +360,8 @@ fn run_stage(
         }
     };
     pool.install(move || {
-        let backend = CpuBackend::default().as_stage(stage, stages);
+        let (layers, last) = (place.layers.clone(), place.is_last());
+        let backend = CpuBackend::default().as_stage(place);
         let arch = match model::load(&backend, file) {
             Ok(a) => a,
             Err(e) => {
@@ -289,7 +371,11 @@ fn run_stage(
         };
         loaded.send((stage, Ok(backend.weight_bytes()))).ok();
         drop(loaded);
-        let layers = even_range(arch.info().n_layers, 1, stage, stages);
+        let end = |want_hidden| match (last, want_hidden) {
+            (false, _) => StageEnd::Handoff,
+            (true, false) => StageEnd::Logits,
+            (true, true) => StageEnd::Hidden,
+        };
         let mut caches: HashMap<u64, CpuKv> = HashMap::new();
         // The current batch's cache, and why it could not start.
         let mut current: Option<(u64, Option<String>)> = None;
@@ -315,7 +401,7 @@ fn run_stage(
                         (Some((_, Some(why))), _) => Err(why.clone()),
                         (Some((id, None)), Ok(x)) => match caches.get_mut(id) {
                             Some(kv) => arch
-                                .compute_stage(&backend, &batch, kv, layers.clone(), Some(x), want_hidden)
+                                .compute_stage(&backend, &batch, kv, layers.clone(), Some(x), end(want_hidden))
                                 .map_err(|e| format!("stage {stage}: {e}")),
                             None => Err(format!("stage {stage}: no cache")),
                         },
@@ -345,4 +431,26 @@ fn run_stage(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced_cuts;
+
+    #[test]
+    fn stages_balance_weights_with_the_head_on_the_last() {
+        // Even layers, no head: an even split.
+        assert_eq!(balanced_cuts(&[10; 8], 0, 2), vec![0, 4, 8]);
+        assert_eq!(balanced_cuts(&[10; 9], 0, 3), vec![0, 3, 6, 9]);
+        // A head as large as 4 layers: the last stage takes fewer layers.
+        assert_eq!(balanced_cuts(&[10; 8], 40, 2), vec![0, 6, 8]);
+        // A head larger than every layer together: the last stage holds only the head.
+        assert_eq!(balanced_cuts(&[10; 4], 1000, 2), vec![0, 4, 4]);
+        // One heavy layer in the middle.
+        assert_eq!(balanced_cuts(&[1, 1, 10, 1, 1], 0, 3), vec![0, 2, 3, 5]);
+        // More stages than layers: some stages are empty, every layer placed once.
+        let cuts = balanced_cuts(&[5, 5], 0, 4);
+        assert_eq!((cuts[0], cuts[4]), (0, 2));
+        assert!(cuts.windows(2).all(|w| w[0] <= w[1]));
+    }
 }
