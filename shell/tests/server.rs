@@ -365,8 +365,9 @@ fn a_client_that_goes_away_frees_the_model() {
     for stream in [true, false] {
         {
             let mut c = TcpStream::connect(("127.0.0.1", s.0.port)).unwrap();
+            // Greedy: a sampled continuation may end (EOS) before the client goes away.
             let body = json!({ "model": MODEL, "prompt": "Count to a thousand:", "raw": true, "stream": stream,
-                               "options": { "num_predict": 30000, "num_ctx": 32768 } })
+                               "options": { "num_predict": 30000, "num_ctx": 32768, "temperature": 0 } })
             .to_string();
             write!(c, "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len())
                 .unwrap();
