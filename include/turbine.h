@@ -98,8 +98,9 @@ turbine_status turbine_model_load(const char *path, turbine_model **model_out);
 
 /* turbine_model_load with the model split over n_ranks tensor-parallel ranks (1 to 64):
  * threads of this process with n_threads_per_rank threads each (>= 1), each holding its
- * share of the weights (attention heads, FFN width, vocabulary, experts) and of the KV
- * cache. The model is used as any other: every call on a context made from it runs on
+ * share of the weights (attention heads, FFN width, vocabulary, experts) and the keys and
+ * values of its heads (a KV head read by several ranks, and DeepSeek's latent, are whole on
+ * each). The model is used as any other: every call on a context made from it runs on
  * every rank. One rank sums as a split does, the reference for more. Errors: those of
  * turbine_model_load, TURBINE_ERR_INVALID_ARGUMENT (a count out of range) and
  * TURBINE_ERR_MODEL (a model whose heads or blocks do not split over n_ranks). */

@@ -323,6 +323,11 @@ impl BlockManager {
         (self.id, Arc::downgrade(&self.alive))
     }
 
+    /// Whether this cache records its block changes.
+    pub fn is_recording(&self) -> bool {
+        self.journal.is_some()
+    }
+
     /// The changes recorded since the last call (none when not recording).
     pub fn take_journal(&mut self) -> Vec<BlockOp> {
         self.journal.as_mut().map(std::mem::take).unwrap_or_default()

@@ -342,10 +342,15 @@ fn client_main(f: impl FnOnce(&client::Target) -> Result<(), String>) -> ExitCod
 
 /// Under an MPI launcher: the world, which must have `tp` processes.
 #[cfg(feature = "mpi")]
-fn mpi_world(tp: usize) -> Result<Option<std::sync::Arc<turbine::engine::parallel::mpi::MpiWorld>>, String> {
+fn mpi_world(
+    (tp, pp): (usize, usize),
+) -> Result<Option<std::sync::Arc<turbine::engine::parallel::mpi::MpiWorld>>, String> {
     let Some(world) = turbine::engine::parallel::mpi::MpiWorld::from_launcher()? else {
         return Ok(None);
     };
+    if pp > 1 {
+        return Err("a pipeline across MPI processes is not supported yet: use --tp under mpirun".into());
+    }
     if world.size() != tp {
         return Err(format!("started as {} MPI processes for --tp {tp}: run mpirun -np {tp}", world.size()));
     }
@@ -393,7 +398,7 @@ fn main() -> ExitCode {
             };
             // Under mpirun: the other ranks follow, rank 0 measures the model split over them.
             #[cfg(feature = "mpi")]
-            let world = match mpi_world(args.tp) {
+            let world = match mpi_world((tp.into(), pp.into())) {
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::FAILURE;
@@ -467,7 +472,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             #[cfg(feature = "mpi")]
-            match mpi_world(tp.into()) {
+            match mpi_world((tp.into(), pp.into())) {
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::FAILURE;

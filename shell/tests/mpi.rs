@@ -17,10 +17,57 @@ const MODEL: &str = "gemma3:270m";
 /// `mpirun -np 2 turbine serve --tp 2`, its output in `log`. OpenMPI refuses to run as
 /// root (CI, containers) unless told it may.
 fn mpirun(log: &std::path::Path) -> Job {
+    mpirun_with(log, &[])
+}
+
+fn mpirun_with(log: &std::path::Path, env: &[(&str, &str)]) -> Job {
     let turbine = env!("CARGO_BIN_EXE_turbine");
     let args = ["--oversubscribe", "-np", "2", turbine, "serve", "--tp", "2"];
-    let env = [("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")];
-    Job(ServeProcess::launch_program("mpirun", &args, &env, Some(log), None))
+    let mut all = vec![("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")];
+    all.extend_from_slice(env);
+    Job(ServeProcess::launch_program("mpirun", &args, &all, Some(log), None))
+}
+
+/// A store with the default model under two names (the same blob).
+fn two_model_store() -> std::path::PathBuf {
+    let real = turbine::engine::store::models_dir();
+    let dir = std::env::temp_dir().join(format!("turbine-mpi-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let manifests = dir.join("manifests/registry.ollama.ai/library/gemma3");
+    std::fs::create_dir_all(&manifests).expect("store");
+    std::fs::create_dir_all(dir.join("blobs")).expect("store");
+    for blob in std::fs::read_dir(real.join("blobs")).expect("blobs") {
+        let blob = blob.expect("blob");
+        std::os::unix::fs::symlink(blob.path(), dir.join("blobs").join(blob.file_name())).expect("link");
+    }
+    let manifest = real.join("manifests/registry.ollama.ai/library/gemma3/270m");
+    for tag in ["270m", "second"] {
+        std::fs::copy(&manifest, manifests.join(tag)).expect("manifest");
+    }
+    dir
+}
+
+/// One model at a time over the world: asking for another unloads the first on every rank
+/// before the second loads, again and again, and each answers the same.
+#[test]
+fn models_take_turns_over_the_world() {
+    let store = two_model_store();
+    let log = log_path("turns");
+    let job = mpirun_with(&log, &[("OLLAMA_MODELS", store.to_str().expect("UTF-8 path"))]);
+    let mut answers = Vec::new();
+    for model in ["gemma3:270m", "gemma3:second", "gemma3:270m", "gemma3:second"] {
+        let r = generate(
+            job.0.port,
+            &json!({ "model": model, "prompt": "The sky is", "raw": true, "stream": false,
+                     "options": { "num_predict": 8, "temperature": 0 } }),
+        );
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        answers.push(r.json()["response"].clone());
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    stop(job);
+    std::fs::remove_dir_all(&store).ok();
+    std::fs::remove_file(&log).ok();
 }
 
 /// An mpirun job, ended as a person ends it (SIGTERM, which mpirun passes to its ranks)

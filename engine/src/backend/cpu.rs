@@ -52,6 +52,13 @@ impl CpuBackend {
         CpuBackend { tp: Some(Arc::new(rank)), ..Default::default() }
     }
 
+    /// Under tensor parallelism, leaves the group for good (see `Communicator::abandon`).
+    pub fn abandon_group(&self) {
+        if let Some(tp) = &self.tp {
+            tp.comm.abandon();
+        }
+    }
+
     /// Bytes of the model file that the weights and vectors made by this backend cover
     /// (under tensor parallelism: this rank's shares and whole copies), and of them the
     /// bytes of tables only looked up by row (embeddings, whose pages are read only for
@@ -424,7 +431,7 @@ impl Backend for CpuBackend {
     /// Rank 0 of a tensor-parallel group and stage 0 of a pipeline record their caches'
     /// block changes for the others to mirror (see [`crate::parallel::Sharded`]).
     fn new_kv(&self, spec: &KvSpec) -> CpuKv {
-        let leads_group = matches!(self.tensor_parallel(), (0, ranks) if ranks > 1);
+        let leads_group = self.tp.is_some() && self.tensor_parallel().0 == 0;
         let leads_pipeline = self.stage.as_ref().is_some_and(|s| s.is_first() && s.count > 1);
         CpuKv::new(spec, leads_group || leads_pipeline)
     }

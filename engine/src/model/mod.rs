@@ -344,10 +344,18 @@ impl<B: Backend> Loader<'_, B> {
         Ok((tok_embd, head))
     }
 
-    /// The `n` rows of a [len, n] F32 tensor as vectors (per-expert biases).
-    pub fn expert_vectors(&self, name: &str, len: usize, n: usize) -> Result<Vec<B::Vector>, EngineError> {
+    /// Rows `range` of the `n` of a [len, n] F32 tensor as vectors (a rank's experts'
+    /// biases).
+    pub fn expert_vectors(
+        &self,
+        name: &str,
+        len: usize,
+        n: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<B::Vector>, EngineError> {
         let t = self.tensor(name, &[len, n])?;
-        split(t, n, &[len]).map(|slice| self.backend.vector(self.file, &slice)).collect()
+        let (skip, take) = (range.start, range.len());
+        split(t, n, &[len]).skip(skip).take(take).map(|slice| self.backend.vector(self.file, &slice)).collect()
     }
 
     /// The tensor `name`, which must have exactly `dims`.

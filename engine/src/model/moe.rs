@@ -200,10 +200,7 @@ impl<B: Backend> Experts<B> {
         let name = |s: &str, kind: &str| format!("blk.{il}.ffn_{s}_exps.{kind}");
         let (rank, ranks) = ld.shard();
         let owned = even_range(n, 1, rank, ranks);
-        let vectors = |s: &str, len: usize| -> Result<Vec<B::Vector>, EngineError> {
-            let all = ld.expert_vectors(&name(s, "bias"), len, n)?;
-            Ok(all.into_iter().skip(owned.start).take(owned.len()).collect())
-        };
+        let vectors = |s: &str, len: usize| ld.expert_vectors(&name(s, "bias"), len, n, owned.clone());
         let biases = match biases {
             true => Some([vectors("gate", ff)?, vectors("up", ff)?, vectors("down", d)?]),
             false => None,

@@ -14,6 +14,8 @@
 //! drops its own.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -69,6 +71,8 @@ pub struct Sharded {
     /// Locked for a whole step, so steps from several threads (the scheduler, an
     /// embedding request) reach every rank in the same order.
     group: Mutex<Group>,
+    /// Set when rank 0 failed mid-step and left the group: every later step is refused.
+    broken: AtomicBool,
 }
 
 impl Sharded {
@@ -88,27 +92,30 @@ impl Sharded {
         threads: usize,
         mut followers: Box<dyn Followers>,
     ) -> Result<(CpuBackend, Sharded), EngineError> {
-        let pool = thread_pool(threads)?;
         let backend = CpuBackend::tensor_parallel(comm);
-        let loaded = pool.install(|| model::load(&backend, file));
+        let loaded = thread_pool(threads).and_then(|pool| {
+            let arch = catch_unwind(AssertUnwindSafe(|| pool.install(|| model::load(&backend, file))));
+            let arch = arch.unwrap_or_else(|_| Err(EngineError::TensorParallel("rank 0 failed loading".into())));
+            Ok((pool, arch?))
+        });
         // Every follower reports its load, even when rank 0's failed; the first failure
         // is the group's.
         let answers = followers.answers();
-        let arch = loaded?;
+        let (pool, arch) = loaded?;
         let mut info = arch.info().clone();
         info.rank_weight_bytes.push(backend.weight_bytes());
         for a in answers {
             info.rank_weight_bytes.push(a?);
         }
         let group = Mutex::new(Group { followers, mirrored: Vec::new() });
-        Ok((backend, Sharded { arch, info, pool, group }))
+        Ok((backend, Sharded { arch, info, pool, group, broken: AtomicBool::new(false) }))
     }
 
     /// One step on every rank: the followers get it first, then rank 0 runs `run` on its
     /// share; the first error of any rank is the step's.
     fn step<T>(
         &self,
-        kv: &mut CpuKv,
+        (backend, kv): (&CpuBackend, &mut CpuKv),
         batch: &Batch,
         hidden: bool,
         run: impl FnOnce(&mut CpuKv) -> Result<T, EngineError> + Send,
@@ -116,6 +123,13 @@ impl Sharded {
     where
         T: Send,
     {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(EngineError::TensorParallel("rank 0 left the group after a failure".into()));
+        }
+        if !kv.blocks().is_recording() {
+            // The followers could not follow its block changes.
+            return Err(EngineError::TensorParallel("a cache not made by rank 0's backend".into()));
+        }
         let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
         let Group { followers, mirrored } = &mut *group;
         let mut steps = sync_caches(mirrored, kv);
@@ -123,7 +137,12 @@ impl Sharded {
         let ops = kv.blocks_mut().take_journal();
         steps.push(Step::Forward { id, ops, batch: batch.clone(), hidden });
         followers.send(steps)?;
-        let mine = self.pool.install(|| run(kv));
+        let mine = catch_unwind(AssertUnwindSafe(|| self.pool.install(|| run(kv)))).unwrap_or_else(|_| {
+            // The others may be waiting in a collective rank 0 will never join.
+            self.broken.store(true, Ordering::SeqCst);
+            backend.abandon_group();
+            Err(EngineError::TensorParallel("rank 0 failed mid-step and left the group".into()))
+        });
         // Every follower answers, even after an error, so no answer is left for the next step.
         let theirs: Result<Vec<_>, EngineError> = followers.answers().into_iter().collect();
         let out = mine?;
@@ -141,11 +160,11 @@ impl Architecture<CpuBackend> for Sharded {
     }
 
     fn compute(&self, backend: &CpuBackend, batch: &Batch, kv: &mut CpuKv) -> Result<Logits, EngineError> {
-        self.step(kv, batch, false, |kv| self.arch.compute(backend, batch, kv))
+        self.step((backend, kv), batch, false, |kv| self.arch.compute(backend, batch, kv))
     }
 
     fn compute_hidden(&self, backend: &CpuBackend, batch: &Batch, kv: &mut CpuKv) -> Result<Vec<f32>, EngineError> {
-        self.step(kv, batch, true, |kv| self.arch.compute_hidden(backend, batch, kv))
+        self.step((backend, kv), batch, true, |kv| self.arch.compute_hidden(backend, batch, kv))
     }
 
     fn routing_stats(&self) -> Vec<Vec<u64>> {

@@ -59,6 +59,9 @@ pub trait Communicator: Send + Sync {
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
     /// Time this rank has spent in collectives so far (waiting for the others included).
     fn busy(&self) -> Duration;
+    /// Leaves the group for good, as a rank that failed mid-step must: the others'
+    /// collectives then fail instead of waiting for it (under MPI, the job ends).
+    fn abandon(&self);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,17 +204,28 @@ impl Communicator for InProcess {
     fn busy(&self) -> Duration {
         Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
     }
+
+    fn abandon(&self) {
+        self.leave();
+    }
+}
+
+impl InProcess {
+    /// Marks this rank lost for the whole group and wakes every waiting rank.
+    fn leave(&self) {
+        let mut st = self.lock();
+        if st.lost.is_none() && self.size > 1 {
+            st.lost = Some(self.rank);
+        }
+        self.group.done.notify_all();
+    }
 }
 
 impl Drop for InProcess {
     /// Leaving ends the group for the others (a rank done with its work leaves only after
     /// its last collective, which the others have then completed too).
     fn drop(&mut self) {
-        let mut st = self.lock();
-        if st.lost.is_none() && self.size > 1 {
-            st.lost = Some(self.rank);
-        }
-        self.group.done.notify_all();
+        self.leave();
     }
 }
 

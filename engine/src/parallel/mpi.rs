@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mpi::datatype::PartitionMut;
@@ -54,6 +54,40 @@ pub struct MpiWorld {
     comm: Arc<Shared>,
     rank: usize,
     size: usize,
+    resident: Arc<Resident>,
+}
+
+/// Whether a model is loaded over the world. One at a time: a load waits until the last
+/// model's shares are unloaded, so its `Load` never overtakes the other's `Unload` (nor
+/// falls between the other's steps).
+#[derive(Default)]
+struct Resident {
+    loaded: Mutex<bool>,
+    freed: Condvar,
+}
+
+/// How long a load waits for the resident model to go.
+const RESIDENT_WAIT: Duration = Duration::from_secs(600);
+
+impl Resident {
+    fn claim(&self) -> Result<(), EngineError> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + RESIDENT_WAIT;
+        while *loaded {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(mpi_error("another model stays loaded over the MPI world (one at a time)"));
+            }
+            loaded = self.freed.wait_timeout(loaded, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        *loaded = true;
+        Ok(())
+    }
+
+    fn release(&self) {
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.freed.notify_all();
+    }
 }
 
 impl MpiWorld {
@@ -74,7 +108,8 @@ impl MpiWorld {
         }
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
-        Ok(Some(MpiWorld { _universe: universe, comm: Arc::new(Shared(comm)), rank, size }))
+        let resident = Arc::default();
+        Ok(Some(MpiWorld { _universe: universe, comm: Arc::new(Shared(comm)), rank, size, resident }))
     }
 
     pub fn rank(&self) -> usize {
@@ -89,8 +124,14 @@ impl MpiWorld {
     /// shares as they are told.
     pub fn load(&self, path: &Path) -> Result<(Arc<Gguf>, CpuBackend, Sharded), EngineError> {
         let file = Arc::new(Gguf::open(path)?);
-        broadcast(&self.comm, &Message::Load { path: path.to_path_buf() })?;
-        let followers = Box::new(Processes { comm: self.comm.clone(), size: self.size });
+        self.resident.claim()?;
+        if let Err(e) = broadcast(&self.comm, &Message::Load { path: path.to_path_buf() }) {
+            self.resident.release();
+            return Err(e);
+        }
+        // From here on dropping `followers` unloads the shares and frees the world.
+        let followers =
+            Box::new(Processes { comm: self.comm.clone(), size: self.size, resident: self.resident.clone() });
         let (backend, sharded) = Sharded::lead(self.communicator(), &file, threads_per_rank(), followers)?;
         Ok((file, backend, sharded))
     }
@@ -209,10 +250,11 @@ fn answer(comm: &Shared, answer: Answer) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Rank 0's side of the other processes.
+/// Rank 0's side of the other processes, for one loaded model.
 struct Processes {
     comm: Arc<Shared>,
     size: usize,
+    resident: Arc<Resident>,
 }
 
 impl Followers for Processes {
@@ -249,6 +291,7 @@ impl Drop for Processes {
     /// The model goes: so do its shares.
     fn drop(&mut self) {
         broadcast(&self.comm, &Message::Unload).ok();
+        self.resident.release();
     }
 }
 
@@ -257,9 +300,9 @@ fn offsets(counts: &[Count]) -> Vec<Count> {
     counts.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c))).collect()
 }
 
-/// A rank other than 0: follows rank 0's messages until it says to stop. A failed load
-/// or step is answered; then, since its peers may be waiting in a collective it will not
-/// join, the process aborts the MPI job rather than leave them waiting.
+/// A rank other than 0: follows rank 0's messages until it says to stop. A failed load is
+/// answered (rank 0 is gathering the answers); a failed step aborts the MPI job at once,
+/// since its peers may be waiting in a collective it will not join.
 pub fn follow(world: &MpiWorld) -> Result<(), String> {
     let mut model: Option<(rayon::ThreadPool, Follower)> = None;
     loop {
@@ -284,12 +327,13 @@ pub fn follow(world: &MpiWorld) -> Result<(), String> {
                         return Err("rank 0 sent a step with no model loaded".into());
                     };
                     if let Some(reply) = pool.install(|| me.take(step)) {
-                        let failed = reply.as_ref().err().map(|e| e.to_string());
-                        answer(&world.comm, reply).map_err(|e| e.to_string())?;
-                        if let Some(e) = failed {
+                        if let Err(e) = &reply {
+                            // Rank 0 may be waiting in a collective this rank will not join:
+                            // end the job now (rank 0 answers its requests on the SIGTERM).
                             eprintln!("turbine: tensor-parallel rank {} failed a step: {e}", world.rank);
                             world.comm.0.abort(1);
                         }
+                        answer(&world.comm, reply).map_err(|e| e.to_string())?;
                     }
                 }
             }
@@ -375,5 +419,12 @@ impl Communicator for MpiComm {
 
     fn busy(&self) -> Duration {
         Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
+    }
+
+    /// MPI has no leaving a communicator: the job ends (rank 0 answers its requests on
+    /// the SIGTERM that follows).
+    fn abandon(&self) {
+        eprintln!("turbine: tensor-parallel rank {} failed mid-step; ending the MPI job", self.rank);
+        self.comm.0.abort(1);
     }
 }

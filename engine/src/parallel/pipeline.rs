@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -86,6 +87,11 @@ impl Pipelined {
         let arch = file.architecture()?;
         let key = format!("{arch}.block_count");
         let n_layers = crate::model::required(file.get_u32(&key), &key)? as usize;
+        // Every layer has tensors: a count the file cannot back is refused before the split.
+        if n_layers > file.tensors().len() {
+            let why = "more layers than the file has tensors";
+            return Err(EngineError::BadValue { key, value: n_layers.to_string(), why });
+        }
         Pipelined::load_at(file, &stage_cuts(file, n_layers, stages), threads)
     }
 
@@ -169,8 +175,10 @@ impl Pipelined {
         let first = stages.first().and_then(|s| s.tx.as_ref()).ok_or_else(gone)?;
         for (index, (rows, micro)) in micros.iter().enumerate() {
             let layers = self.layers.clone();
-            let out =
-                self.pool.install(|| self.arch.compute_stage(backend, micro, kv, layers, None, StageEnd::Handoff));
+            let compute = || self.arch.compute_stage(backend, micro, kv, layers, None, StageEnd::Handoff);
+            // A panic still sends its micro-batch on (as an error), so every answer comes back.
+            let out = catch_unwind(AssertUnwindSafe(|| self.pool.install(compute)))
+                .unwrap_or_else(|_| Err(EngineError::TensorParallel("stage 0 failed".into())));
             let input = match out {
                 Ok(StageOutput::Hidden(h)) => Ok(h),
                 Ok(StageOutput::Logits(_)) => Err("stage 0 ended the model".to_string()),
@@ -379,6 +387,7 @@ fn run_stage(
         let mut caches: HashMap<u64, CpuKv> = HashMap::new();
         // The current batch's cache, and why it could not start.
         let mut current: Option<(u64, Option<String>)> = None;
+        let mut failed = false;
         for message in messages {
             match message {
                 Message::Cache(Step::NewCache { id, spec }) => {
@@ -398,11 +407,23 @@ fn run_stage(
                 Message::Micro { index, batch, input, want_hidden } => {
                     let out = match (&current, input) {
                         (_, Err(e)) => Err(e),
+                        _ if failed => Err(format!("stage {stage} failed earlier")),
                         (Some((_, Some(why))), _) => Err(why.clone()),
                         (Some((id, None)), Ok(x)) => match caches.get_mut(id) {
-                            Some(kv) => arch
-                                .compute_stage(&backend, &batch, kv, layers.clone(), Some(x), end(want_hidden))
-                                .map_err(|e| format!("stage {stage}: {e}")),
+                            Some(kv) => {
+                                let run = || {
+                                    arch.compute_stage(&backend, &batch, kv, layers.clone(), Some(x), end(want_hidden))
+                                };
+                                // A panic becomes this micro-batch's error, passed on like any
+                                // other, so no stage waits for an answer that never comes; the
+                                // stage refuses what follows.
+                                catch_unwind(AssertUnwindSafe(run))
+                                    .unwrap_or_else(|_| {
+                                        failed = true;
+                                        Err(EngineError::TensorParallel("panicked".into()))
+                                    })
+                                    .map_err(|e| format!("stage {stage}: {e}"))
+                            }
                             None => Err(format!("stage {stage}: no cache")),
                         },
                         (None, Ok(_)) => Err(format!("stage {stage}: a micro-batch before its batch")),

@@ -461,10 +461,15 @@ fn worker_loop(
         Ok(Ok(m)) => {
             let model = Arc::new(m);
             let cfg = limits.scheduler_config(&model.arch.kv_layout(), model.arch.info().context_length);
-            // Every rank holds a pool like rank 0's (its own heads' keys and values; a
-            // pipeline stage's pool has room for every layer, and touches only its own).
+            // Every rank in this process holds a pool like rank 0's (its own heads' keys and
+            // values; a pipeline stage's pool has room for every layer, and touches only its
+            // own). Under MPI the other ranks' pools are in other processes.
             let ranks = limits.tensor_parallel.max(1);
-            let kv_bytes = cfg.kv_spec(&model.arch.kv_layout()).pool_bytes().saturating_mul(ranks);
+            #[cfg(feature = "mpi")]
+            let pools_here = if super::MPI_WORLD.get().is_some() { 1 } else { ranks };
+            #[cfg(not(feature = "mpi"))]
+            let pools_here = ranks;
+            let kv_bytes = cfg.kv_spec(&model.arch.kv_layout()).pool_bytes().saturating_mul(pools_here);
             state.kv_bytes.store(kv_bytes, Ordering::SeqCst);
             eprintln!(
                 "turbine serve: loaded {} in {:.2?}{}: {} sequences at once, {} tokens of cache each, KV pool {} MiB",
