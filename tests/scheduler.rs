@@ -301,3 +301,40 @@ fn serves_like(whole: &Arc<LoadedModel<CpuBackend>>, split: &Arc<LoadedModel<Cpu
     let worst = e.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "embeddings differ by {worst}");
 }
+
+/// A forward pass that fails because a tensor-parallel group lost a member marks the
+/// scheduler broken (the server then loads the model afresh for the next request); the
+/// running request gets the error.
+#[test]
+fn a_lost_rank_marks_the_model_broken() {
+    use turbine::engine::backend::cpu::CpuKv;
+    use turbine::engine::model::{Architecture, Batch, Logits, ModelInfo};
+    use turbine::engine::EngineError;
+    struct LostRank(Box<dyn Architecture<CpuBackend>>);
+    impl Architecture<CpuBackend> for LostRank {
+        fn info(&self) -> &ModelInfo {
+            self.0.info()
+        }
+        fn kv_layout(&self) -> turbine::engine::kv::KvLayout {
+            self.0.kv_layout()
+        }
+        fn compute(&self, _: &CpuBackend, _: &Batch, _: &mut CpuKv) -> Result<Logits, EngineError> {
+            Err(EngineError::TensorParallel("tensor-parallel rank 1 left the group".into()))
+        }
+        fn compute_hidden(&self, _: &CpuBackend, _: &Batch, _: &mut CpuKv) -> Result<Vec<f32>, EngineError> {
+            Err(EngineError::TensorParallel("tensor-parallel rank 1 left the group".into()))
+        }
+    }
+    let whole = common::load_default_model();
+    let LoadedModel { file, tokenizer, arch, backend, load_time, release } = whole;
+    let m = Arc::new(LoadedModel { file, tokenizer, arch: Box::new(LostRank(arch)), backend, load_time, release });
+    let s = Scheduler::start(m.clone(), SchedulerConfig::new(2, 8, 512, 4096)).expect("thread");
+    assert!(!s.stats.broken.load(Ordering::SeqCst));
+    let rx = submit(&s, m.tokenizer.encode("Hello", true, true), options(4, SamplerParams::greedy()));
+    let error = rx.iter().find_map(|e| match e {
+        SeqEvent::Error(e) => Some(e.to_string()),
+        _ => None,
+    });
+    assert!(error.is_some_and(|e| e.contains("rank 1 left")), "the request gets the error");
+    assert!(s.stats.broken.load(Ordering::SeqCst));
+}

@@ -108,6 +108,9 @@ pub struct SchedulerStats {
     pub kv_blocks_free: AtomicUsize,
     pub steps: AtomicUsize,
     pub preemptions: AtomicUsize,
+    /// Set when a forward pass failed in a way the model cannot recover from (a
+    /// tensor-parallel or pipeline group that lost a member): the model must be reloaded.
+    pub broken: std::sync::atomic::AtomicBool,
 }
 
 /// Handle to a model's scheduler thread.
@@ -285,7 +288,12 @@ impl<'m, B: Backend> State<'m, B> {
             Ok(Ok(l)) => l,
             failed => {
                 let message = match failed {
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(Err(e)) => {
+                        if matches!(e, EngineError::TensorParallel(_)) {
+                            self.stats.broken.store(true, Ordering::SeqCst);
+                        }
+                        e.to_string()
+                    }
                     _ => "internal error in the engine".to_string(),
                 };
                 let mut failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();

@@ -412,8 +412,15 @@ impl ModelWorker {
     }
 
     fn idle_and_expired(&self, now: SystemTime) -> bool {
-        let failed = self.state.loaded.load(Ordering::SeqCst) == 2;
-        self.state.pending.load(Ordering::SeqCst) == 0 && (failed || self.expires_at().is_some_and(|t| t <= now))
+        self.state.pending.load(Ordering::SeqCst) == 0
+            && (self.has_failed() || self.expires_at().is_some_and(|t| t <= now))
+    }
+
+    /// Whether the model failed to load, or broke since (a tensor-parallel or pipeline
+    /// group that lost a member): the next request for it loads it afresh.
+    fn has_failed(&self) -> bool {
+        let broken = lock(&self.state.scheduler_stats).as_ref().is_some_and(|s| s.broken.load(Ordering::SeqCst));
+        self.state.loaded.load(Ordering::SeqCst) == 2 || broken
     }
 }
 
@@ -804,8 +811,7 @@ impl Models {
     pub fn get(&self, entry: &Entry) -> Result<Arc<ModelWorker>, String> {
         let mut w = lock(&self.workers);
         if let Some(existing) = w.get(&entry.name) {
-            let failed = existing.state.loaded.load(Ordering::SeqCst) == 2;
-            if existing.entry.digest == entry.digest && !failed {
+            if existing.entry.digest == entry.digest && !existing.has_failed() {
                 *lock(&existing.last_used) = Instant::now();
                 return Ok(existing.clone());
             }
