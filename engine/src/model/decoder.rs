@@ -9,7 +9,9 @@
 //!
 //! Each architecture's file supplies its layers through [`Layers`].
 
-use super::{count_params, required, Architecture, Batch, Loader, Logits, ModelInfo, StageEnd, StageOutput};
+use super::{
+    count_params, host_or_tp_error, required, Architecture, Batch, Loader, Logits, ModelInfo, StageEnd, StageOutput,
+};
 use crate::backend::{AttnShape, Backend, Yarn};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
@@ -422,11 +424,7 @@ impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
     }
 
     fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
-        let hidden = b.take_to_host(self.hidden(b, batch, kv, (0..self.cfg.n_layers, None, true))?);
-        match b.take_tp_error() {
-            Some(e) => Err(e),
-            None => Ok(hidden),
-        }
+        host_or_tp_error(b, self.hidden(b, batch, kv, (0..self.cfg.n_layers, None, true))?)
     }
 
     fn compute_stage(
@@ -442,11 +440,7 @@ impl<B: Backend, L: Layers<B>> Architecture<B> for Decoder<B, L> {
         if end == StageEnd::Logits {
             return self.logits(b, batch, &x).map(StageOutput::Logits);
         }
-        let hidden = b.take_to_host(x);
-        match b.take_tp_error() {
-            Some(e) => Err(e),
-            None => Ok(StageOutput::Hidden(hidden)),
-        }
+        host_or_tp_error(b, x).map(StageOutput::Hidden)
     }
 
     fn routing_stats(&self) -> Vec<Vec<u64>> {

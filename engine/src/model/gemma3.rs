@@ -8,7 +8,9 @@
 //! already hold 1 + w, so every norm is a plain x·w.
 
 use super::decoder::{swa_pattern, DecoderConfig};
-use super::{count_params, Architecture, Batch, Layered, Loader, Logits, ModelInfo, StageEnd, StageOutput};
+use super::{
+    count_params, host_or_tp_error, Architecture, Batch, Layered, Loader, Logits, ModelInfo, StageEnd, StageOutput,
+};
 use crate::backend::{AttnShape, Backend, KvCache};
 use crate::gguf::Gguf;
 use crate::kv::KvLayout;
@@ -238,11 +240,7 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
 
     fn compute_hidden(&self, b: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
         let all = 0..self.cfg.base.n_layers;
-        let hidden = b.take_to_host(self.hidden(b, batch, kv, (all, None, true), &mut |_, _, _| {})?);
-        match b.take_tp_error() {
-            Some(e) => Err(e),
-            None => Ok(hidden),
-        }
+        host_or_tp_error(b, self.hidden(b, batch, kv, (all, None, true), &mut |_, _, _| {})?)
     }
 
     fn compute_stage(
@@ -258,11 +256,7 @@ impl<B: Backend> Architecture<B> for Gemma3<B> {
         if end == StageEnd::Logits {
             return self.logits(b, batch, &x).map(StageOutput::Logits);
         }
-        let hidden = b.take_to_host(x);
-        match b.take_tp_error() {
-            Some(e) => Err(e),
-            None => Ok(StageOutput::Hidden(hidden)),
-        }
+        host_or_tp_error(b, x).map(StageOutput::Hidden)
     }
 }
 

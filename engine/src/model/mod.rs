@@ -195,6 +195,12 @@ impl<T> std::ops::Index<usize> for Layered<T> {
     }
 }
 
+/// `x` in host memory, unless a collective of the pass failed (then its error).
+pub(crate) fn host_or_tp_error<B: Backend>(b: &B, x: B::Act) -> Result<Vec<f32>, EngineError> {
+    let host = b.take_to_host(x);
+    b.take_tp_error().map_or(Ok(host), Err)
+}
+
 /// What a pipeline stage makes of the hidden states after its layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StageEnd {
