@@ -220,11 +220,11 @@ fn a_split_model_runs_every_rank_each_step() {
     // Each rank holds about half of the weights it does not only look up.
     let whole = CpuBackend::default();
     model::load(&whole, &file).expect("whole model");
-    let (all, _) = whole.weight_bytes();
+    let all = whole.weight_bytes().covered;
     let ranks = &split.arch.info().rank_weight_bytes;
     assert_eq!(ranks.len(), 2);
-    for &(held, lookup) in ranks {
-        let own = (held - lookup) as f64 / all as f64;
+    for w in ranks {
+        let own = (w.covered - w.lookup_only) as f64 / all as f64;
         assert!((0.45..0.55).contains(&own), "a rank holds {own:.3} of the weights");
     }
 }

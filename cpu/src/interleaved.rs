@@ -54,6 +54,13 @@ pub struct Interleaved {
     data: Vec<u8>,
 }
 
+impl Interleaved {
+    /// Bytes of memory the repacked copy holds.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
 /// The integer offset added to each stored quant to make it unsigned.
 pub(crate) fn offset(ty: GgmlType) -> i32 {
     match ty {

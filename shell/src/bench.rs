@@ -188,8 +188,8 @@ pub fn bench(model_arg: &str, model: &LoadedModel<CpuBackend>, args: &BenchArgs)
         (None, _, _) => {}
     }
     let file_bytes: u64 = model.file.tensors().iter().map(|t| t.n_bytes as u64).sum();
-    for (rank, &(held, lookup)) in model.arch.info().rank_weight_bytes.iter().enumerate() {
-        let own = held.saturating_sub(lookup);
+    for (rank, w) in model.arch.info().rank_weight_bytes.iter().enumerate() {
+        let (own, lookup) = (w.covered.saturating_sub(w.lookup_only), w.lookup_only);
         eprintln!(
             "rank {rank}: {:.1} MiB of the file's {:.1} MiB of weights ({:.1}%), plus the {:.1} MiB embedding table \
              it only looks up",

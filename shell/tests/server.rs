@@ -913,3 +913,18 @@ fn serve_with_two_pipeline_stages() {
     assert!(logged.contains("in 2 pipeline stages"), "{logged}");
     std::fs::remove_file(&log).ok();
 }
+
+/// /api/ps's size (and the memory budget) counts the mapped file, the weights' repacked
+/// copies (none where the CPU has no interleaved kernels) and the KV pool: with a 16 MiB
+/// budget the pool is small (one sequence's context at least: 23 MiB here), so the size is
+/// the file and the copies within 64 MiB.
+#[test]
+fn ps_size_counts_the_repacked_weights() {
+    let s = Server(common::ServeProcess::start(&[("TURBINE_KV_CACHE_MB", "16")]));
+    assert_eq!(s.post("/api/generate", &json!({ "model": MODEL })).status, 200);
+    let size = s.request("GET", "/api/ps", b"").json()["models"][0]["size"].as_u64().expect("size");
+    let file_size = std::fs::metadata(model_path()).unwrap().len();
+    let repacked = LoadedModel::load(&model_path()).expect("load").backend.weight_bytes().owned;
+    let floor = file_size + repacked;
+    assert!((floor..floor + (64 << 20)).contains(&size), "size {size}, file {file_size}, repacked {repacked}");
+}

@@ -1,7 +1,7 @@
 //! The CPU backend: activations in host `Vec<f32>`, weights zero-copy in the GGUF map,
 //! kernels from `turbine_cpu` (SIMD chosen at run time, rayon across rows and heads).
 
-use super::{AttnShape, Backend, BatchLayout, KvCache, PipelineStage, Yarn};
+use super::{AttnShape, Backend, BatchLayout, KvCache, PipelineStage, WeightSizes, Yarn};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS};
 use crate::parallel::{row_bytes_of, shard_bytes, CommError, Communicator, Part};
@@ -25,7 +25,7 @@ pub struct CpuBackend {
     tp: Option<Arc<TpRank>>,
     /// Bytes of the file's tensors this backend's weights and vectors cover, and of them
     /// the tables only looked up by row (see [`CpuBackend::weight_bytes`]).
-    held: Arc<[AtomicU64; 2]>,
+    held: Arc<[AtomicU64; 3]>,
     /// Its place under pipeline parallelism.
     stage: Option<PipelineStage>,
 }
@@ -59,12 +59,18 @@ impl CpuBackend {
         }
     }
 
-    /// Bytes of the model file that the weights and vectors made by this backend cover
-    /// (under tensor parallelism: this rank's shares and whole copies), and of them the
-    /// bytes of tables only looked up by row (embeddings, whose pages are read only for
-    /// the tokens seen).
-    pub fn weight_bytes(&self) -> (u64, u64) {
-        (self.held[0].load(Ordering::Relaxed), self.held[1].load(Ordering::Relaxed))
+    /// The weights this backend made, in bytes (see [`WeightSizes`]).
+    pub fn weight_bytes(&self) -> WeightSizes {
+        let get = |i: usize| self.held[i].load(Ordering::Relaxed);
+        WeightSizes { covered: get(0), lookup_only: get(1), owned: get(2) }
+    }
+
+    /// Counts `w`'s own memory: its repacked copy, and its bytes when they are a copy.
+    fn own(&self, w: Result<CpuWeight, EngineError>, copied: usize) -> Result<CpuWeight, EngineError> {
+        let w = w?;
+        let repacked = w.interleaved.as_ref().map_or(0, |il| il.bytes());
+        self.held[2].fetch_add((repacked + copied) as u64, Ordering::Relaxed);
+        Ok(w)
     }
 
     fn hold(&self, bytes: usize, lookup_only: bool) {
@@ -319,7 +325,7 @@ impl Backend for CpuBackend {
         let len = file.tensor_data(tensor).len();
         let bytes = WeightBytes::Mapped { file: file.clone(), tensor: tensor.clone(), start: 0, len };
         self.hold(len, false);
-        CpuWeight::new(&tensor.name, bytes, tensor.ty, rows, cols)
+        self.own(CpuWeight::new(&tensor.name, bytes, tensor.ty, rows, cols), 0)
     }
 
     /// Rows are a range of the mapped file (no copy); columns, the rank's own copy.
@@ -334,11 +340,12 @@ impl Backend for CpuBackend {
                 len: range.len(),
             };
             self.hold(range.len(), false);
-            return CpuWeight::new(&tensor.name, bytes, tensor.ty, r.len(), cols);
+            return self.own(CpuWeight::new(&tensor.name, bytes, tensor.ty, r.len(), cols), 0);
         }
         let (rows, cols, bytes) = shard_bytes(&tensor.name, tensor.ty, rows, cols, file.tensor_data(tensor), part)?;
-        self.hold(bytes.len(), false);
-        CpuWeight::from_bytes(&tensor.name, tensor.ty, rows, cols, bytes)
+        let copied = bytes.len();
+        self.hold(copied, false);
+        self.own(CpuWeight::from_bytes(&tensor.name, tensor.ty, rows, cols, bytes), copied)
     }
 
     fn lookup_table(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<CpuWeight, EngineError> {

@@ -47,6 +47,19 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// The weights a backend made, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WeightSizes {
+    /// Of the model file, covered by its weights and vectors (under tensor parallelism:
+    /// a rank's shares and whole copies).
+    pub covered: u64,
+    /// Of those, tables only looked up by row (embeddings, whose pages are read only for
+    /// the tokens seen).
+    pub lookup_only: u64,
+    /// Memory of its own beyond the mapped file: repacked copies, a rank's column shares.
+    pub owned: u64,
+}
+
 /// One stage of a pipeline: its index of `count`, and its consecutive layers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PipelineStage {

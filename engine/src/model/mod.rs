@@ -85,10 +85,9 @@ pub struct ModelInfo {
     pub n_layers: usize,
     pub context_length: usize,
     pub n_params: u64,
-    /// Under tensor parallelism, per rank: the bytes of the file its weights cover, and
-    /// of them the embedding table's, only looked up (`CpuBackend::weight_bytes`). Empty
-    /// for a whole model.
-    pub rank_weight_bytes: Vec<(u64, u64)>,
+    /// Under tensor or pipeline parallelism, each rank's weights in bytes (rank order).
+    /// Empty for a whole model.
+    pub rank_weight_bytes: Vec<crate::backend::WeightSizes>,
 }
 
 /// A loaded model of some architecture.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Communicator, InProcess};
 use crate::backend::cpu::{CpuBackend, CpuKv};
-use crate::backend::{Backend, KvCache};
+use crate::backend::{Backend, KvCache, WeightSizes};
 use crate::gguf::Gguf;
 use crate::kv::{BlockOp, KvLayout, KvSpec};
 use crate::model::{self, Architecture, Batch, Logits, ModelInfo};
@@ -44,7 +44,7 @@ pub(crate) enum Step {
 
 /// A follower's answer: to its load, the bytes its weights cover (see
 /// `CpuBackend::weight_bytes`); to a forward step, nothing.
-pub(crate) type Answer = Result<(u64, u64), EngineError>;
+pub(crate) type Answer = Result<WeightSizes, EngineError>;
 
 /// How rank 0 reaches the other ranks.
 pub(crate) trait Followers: Send {
@@ -232,8 +232,8 @@ impl Follower {
             }
             Step::Forward { id, ops, batch, hidden } => Some(match self.caches.get_mut(&id) {
                 Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| match hidden {
-                    true => self.arch.forward_hidden(&self.backend, &batch, kv).map(|_| (0, 0)),
-                    false => self.arch.forward(&self.backend, &batch, kv).map(|_| (0, 0)),
+                    true => self.arch.forward_hidden(&self.backend, &batch, kv).map(|_| WeightSizes::default()),
+                    false => self.arch.forward(&self.backend, &batch, kv).map(|_| WeightSizes::default()),
                 }),
                 None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
             }),

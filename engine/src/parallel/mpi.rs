@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::group::{thread_pool, Answer, Follower, Followers, Sharded, Step};
 use super::{CommError, Communicator};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::WeightSizes;
 use crate::gguf::Gguf;
 use crate::EngineError;
 
@@ -237,7 +238,7 @@ fn receive(comm: &Shared) -> Result<Message, EngineError> {
 }
 
 /// A follower's answer as it travels: the error as text.
-type WireAnswer = Result<(u64, u64), String>;
+type WireAnswer = Result<WeightSizes, String>;
 
 /// A follower process sends its answer to rank 0.
 fn answer(comm: &Shared, answer: Answer) -> Result<(), EngineError> {

@@ -337,6 +337,9 @@ struct WorkerState {
     loaded: AtomicUsize,
     /// Bytes of the KV cache pool, once the scheduler runs.
     kv_bytes: AtomicUsize,
+    /// Bytes the weights hold beyond the mapped file (repacked copies, column shares), once
+    /// loaded.
+    owned_bytes: AtomicUsize,
     scheduler_stats: Mutex<Option<Arc<SchedulerStats>>>,
 }
 
@@ -354,6 +357,7 @@ impl ModelWorker {
             num_ctx: AtomicUsize::new(0),
             loaded: AtomicUsize::new(0),
             kv_bytes: AtomicUsize::new(0),
+            owned_bytes: AtomicUsize::new(0),
             scheduler_stats: Mutex::new(None),
         });
         let (path, template, st) = (entry.blob.clone(), entry.template.clone(), state.clone());
@@ -402,9 +406,11 @@ impl ModelWorker {
         *lock(&self.state.expires_at)
     }
 
-    /// Memory the model holds (or will hold): its weights and its KV cache pool.
+    /// Memory the model holds (or will hold): its mapped file, what its weights hold
+    /// beyond it (repacked copies; known once loaded) and its KV cache pool.
     pub fn resident_bytes(&self) -> u64 {
-        self.entry.size.saturating_add(self.state.kv_bytes.load(Ordering::SeqCst) as u64)
+        let own = self.state.kv_bytes.load(Ordering::SeqCst) + self.state.owned_bytes.load(Ordering::SeqCst);
+        self.entry.size.saturating_add(own as u64)
     }
 
     pub fn context_length(&self) -> usize {
@@ -438,6 +444,19 @@ impl Drop for JobGuard {
         };
         self.state.pending.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Memory the weights of `model` hold in this process beyond the mapped file: repacked
+/// copies and column shares, of every rank here (under MPI, rank 0's alone).
+fn owned_here(model: &LoadedModel<CpuBackend>) -> usize {
+    let ranks = &model.arch.info().rank_weight_bytes;
+    #[cfg(feature = "mpi")]
+    let ranks = if super::MPI_WORLD.get().is_some() { &ranks[..ranks.len().min(1)] } else { &ranks[..] };
+    let owned = match ranks.is_empty() {
+        true => model.backend.weight_bytes().owned,
+        false => ranks.iter().map(|w| w.owned).sum(),
+    };
+    usize::try_from(owned).unwrap_or(usize::MAX)
 }
 
 /// The model at `path`: whole, split over threads of this process, or, under MPI, split
@@ -478,8 +497,10 @@ fn worker_loop(
             let pools_here = ranks;
             let kv_bytes = cfg.kv_spec(&model.arch.kv_layout()).pool_bytes().saturating_mul(pools_here);
             state.kv_bytes.store(kv_bytes, Ordering::SeqCst);
+            let owned = owned_here(&model);
+            state.owned_bytes.store(owned, Ordering::SeqCst);
             eprintln!(
-                "turbine serve: loaded {} in {:.2?}{}: {} sequences at once, {} tokens of cache each, KV pool {} MiB",
+                "turbine serve: loaded {} in {:.2?}{} ({} MiB of repacked weights): {} sequences at once, {} tokens of cache each, KV pool {} MiB",
                 path.display(),
                 model.load_time,
                 match (ranks, limits.pipeline_stages) {
@@ -487,6 +508,7 @@ fn worker_loop(
                     (1, stages) => format!(" in {stages} pipeline stages"),
                     _ => format!(" over {ranks} tensor-parallel ranks"),
                 },
+                owned >> 20,
                 cfg.max_running,
                 cfg.tokens_per_seq,
                 kv_bytes >> 20
