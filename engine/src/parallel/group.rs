@@ -30,16 +30,27 @@ use crate::kv::{BlockOp, KvLayout, KvSpec};
 use crate::model::{self, Architecture, Batch, Logits, ModelInfo};
 use crate::EngineError;
 
+/// A change to the set of rank 0's caches the other ranks mirror.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum CacheStep {
+    /// Make a cache like rank 0's cache `id`.
+    New { id: u64, spec: KvSpec },
+    /// Rank 0 dropped cache `id`.
+    Drop { id: u64 },
+}
+
 /// What rank 0 tells a follower.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum Step {
-    /// Make a cache like rank 0's cache `id`.
-    NewCache { id: u64, spec: KvSpec },
-    /// Rank 0 dropped cache `id`.
-    DropCache { id: u64 },
+    Cache(CacheStep),
     /// Replay `ops` on cache `id`, then run `batch` through it: the logits' forward, or
     /// the hidden states' when `hidden`. Answered with the result.
-    Forward { id: u64, ops: Vec<BlockOp>, batch: Batch, hidden: bool },
+    Forward {
+        id: u64,
+        ops: Vec<BlockOp>,
+        batch: Batch,
+        hidden: bool,
+    },
 }
 
 /// A follower's answer: to its load, the bytes its weights cover (see
@@ -132,7 +143,7 @@ impl Sharded {
         }
         let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
         let Group { followers, mirrored } = &mut *group;
-        let mut steps = sync_caches(mirrored, kv);
+        let mut steps: Vec<Step> = sync_caches(mirrored, kv).into_iter().map(Step::Cache).collect();
         let id = kv.blocks().identity().0;
         let ops = kv.blocks_mut().take_journal();
         steps.push(Step::Forward { id, ops, batch: batch.clone(), hidden });
@@ -175,18 +186,18 @@ impl Architecture<CpuBackend> for Sharded {
 /// The steps that bring the other ranks' caches in line with rank 0's: `kv` made where
 /// it is new to them, caches rank 0 has dropped dropped. `mirrored` lists rank 0's caches
 /// they hold, with handles that die with them.
-pub(crate) fn sync_caches(mirrored: &mut Vec<(u64, Weak<()>)>, kv: &CpuKv) -> Vec<Step> {
+pub(crate) fn sync_caches(mirrored: &mut Vec<(u64, Weak<()>)>, kv: &CpuKv) -> Vec<CacheStep> {
     let (id, alive) = kv.blocks().identity();
     let mut steps = Vec::new();
     mirrored.retain(|(old, handle)| {
         let live = handle.strong_count() > 0;
         if !live {
-            steps.push(Step::DropCache { id: *old });
+            steps.push(CacheStep::Drop { id: *old });
         }
         live
     });
     if !mirrored.iter().any(|(m, _)| *m == id) {
-        steps.push(Step::NewCache { id, spec: kv.blocks().spec().clone() });
+        steps.push(CacheStep::New { id, spec: kv.blocks().spec().clone() });
         mirrored.push((id, alive));
     }
     steps
@@ -219,15 +230,23 @@ impl Follower {
         Ok(self.backend.weight_bytes())
     }
 
+    /// Makes or drops a mirror of one of rank 0's caches.
+    fn mirror(&mut self, step: CacheStep) {
+        match step {
+            CacheStep::New { id, spec } => {
+                self.caches.insert(id, self.backend.new_kv(&spec));
+            }
+            CacheStep::Drop { id } => {
+                self.caches.remove(&id);
+            }
+        }
+    }
+
     /// Takes one step (on the current thread pool); a forward step's answer.
     pub(crate) fn take(&mut self, step: Step) -> Option<Answer> {
         match step {
-            Step::NewCache { id, spec } => {
-                self.caches.insert(id, self.backend.new_kv(&spec));
-                None
-            }
-            Step::DropCache { id } => {
-                self.caches.remove(&id);
+            Step::Cache(c) => {
+                self.mirror(c);
                 None
             }
             Step::Forward { id, ops, batch, hidden } => Some(match self.caches.get_mut(&id) {

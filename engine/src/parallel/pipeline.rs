@@ -21,7 +21,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
-use super::group::{sync_caches, thread_pool, Answer, Step};
+use super::group::{sync_caches, thread_pool, Answer, CacheStep};
 use crate::backend::cpu::{CpuBackend, CpuKv};
 use crate::backend::{Backend, KvCache, PipelineStage};
 use crate::gguf::Gguf;
@@ -32,7 +32,7 @@ use crate::EngineError;
 /// What reaches a stage after stage 0.
 enum Message {
     /// Make or drop a mirror of one of stage 0's caches.
-    Cache(Step),
+    Cache(CacheStep),
     /// A batch starts on cache `id`: replay `ops`, then reserve its blocks.
     Begin { id: u64, ops: Vec<BlockOp>, batch: Batch },
     /// Micro-batch `index` of the current batch with the hidden states entering this
@@ -390,13 +390,12 @@ fn run_stage(
         let mut failed = false;
         for message in messages {
             match message {
-                Message::Cache(Step::NewCache { id, spec }) => {
+                Message::Cache(CacheStep::New { id, spec }) => {
                     caches.insert(id, backend.new_kv(&spec));
                 }
-                Message::Cache(Step::DropCache { id }) => {
+                Message::Cache(CacheStep::Drop { id }) => {
                     caches.remove(&id);
                 }
-                Message::Cache(Step::Forward { .. }) => {}
                 Message::Begin { id, ops, batch } => {
                     let started = match caches.get_mut(&id) {
                         Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch)),
