@@ -87,11 +87,11 @@ impl Pipelined {
         let arch = file.architecture()?;
         let key = format!("{arch}.block_count");
         let n_layers = crate::model::required(file.get_u32(&key), &key)? as usize;
-        // Every layer has tensors: a count the file cannot back is refused before the split.
-        if n_layers > file.tensors().len() {
-            let why = "more layers than the file has tensors";
-            return Err(EngineError::BadValue { key, value: n_layers.to_string(), why });
-        }
+        check_split(n_layers, stages, file.tensors().len()).map_err(|why| EngineError::BadValue {
+            key,
+            value: format!("{n_layers} layers in {stages} stages"),
+            why,
+        })?;
         Pipelined::load_at(file, &stage_cuts(file, n_layers, stages), threads)
     }
 
@@ -99,11 +99,11 @@ impl Pipelined {
     /// cuts[s]..cuts[s + 1] (cuts ascending from 0 to the layer count, 3 or more of them).
     pub fn load_at(file: &Arc<Gguf>, cuts: &[usize], threads: usize) -> Result<(CpuBackend, Pipelined), EngineError> {
         let stages = cuts.len().saturating_sub(1);
-        if stages < 2 || cuts[0] != 0 || cuts.windows(2).any(|w| w[0] > w[1]) {
+        if !(2..=MAX_STAGES).contains(&stages) || cuts[0] != 0 || cuts.windows(2).any(|w| w[0] > w[1]) {
             return Err(EngineError::BadValue {
                 key: "pipeline stages".into(),
                 value: format!("{cuts:?}"),
-                why: "stage boundaries must ascend from 0, for at least 2 stages",
+                why: "stage boundaries must ascend from 0, for 2 to 64 stages",
             });
         }
         let stage = |index: usize| PipelineStage { index, count: stages, layers: cuts[index]..cuts[index + 1] };
@@ -205,6 +205,22 @@ impl Pipelined {
             })
             .collect()
     }
+}
+
+/// Most layers and stages a weight-balanced split takes: its search costs stages × layers²
+/// steps (about half a second at the limits), which a model file's count must not inflate.
+const MAX_SPLIT_LAYERS: usize = 4096;
+const MAX_STAGES: usize = 64;
+
+/// Why `n_layers` layers of a file of `n_tensors` tensors cannot be split into `stages`.
+fn check_split(n_layers: usize, stages: usize, n_tensors: usize) -> Result<(), &'static str> {
+    if n_layers > n_tensors {
+        return Err("more layers than the file has tensors");
+    }
+    if n_layers > MAX_SPLIT_LAYERS || stages > MAX_STAGES {
+        return Err("a pipeline splits at most 4096 layers into at most 64 stages");
+    }
+    Ok(())
 }
 
 /// The boundaries of `stages` stages over `n_layers` layers (stage s runs cuts[s]..cuts[s + 1]):
@@ -455,7 +471,16 @@ fn run_stage(
 
 #[cfg(test)]
 mod tests {
-    use super::balanced_cuts;
+    use super::{balanced_cuts, check_split};
+
+    #[test]
+    fn splits_too_large_to_search_are_refused() {
+        assert_eq!(check_split(18, 2, 300), Ok(()));
+        assert_eq!(check_split(4096, 64, 40_000), Ok(()));
+        assert!(check_split(301, 2, 300).is_err(), "more layers than tensors");
+        assert!(check_split(4097, 2, 1 << 20).is_err(), "a file claiming too many layers");
+        assert!(check_split(18, 65, 300).is_err(), "too many stages");
+    }
 
     #[test]
     fn stages_balance_weights_with_the_head_on_the_last() {
