@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::generate::{GenerateOptions, LoadedModel, Session};
 use turbine::engine::sampler::SamplerParams;
 
@@ -44,7 +45,11 @@ fn model_path() -> PathBuf {
 
 /// What the engine itself generates greedily from `text` (BOS added, specials parsed).
 fn engine_greedy(text: &str, n: usize) -> (Vec<u32>, String) {
-    let model = LoadedModel::load(&model_path()).expect("load");
+    greedy_with(&LoadedModel::load(&model_path()).expect("load"), text, n)
+}
+
+/// [`engine_greedy`] with `model`.
+fn greedy_with(model: &LoadedModel<CpuBackend>, text: &str, n: usize) -> (Vec<u32>, String) {
     let ids = model.tokenizer.encode(text, true, true);
     let opts = GenerateOptions {
         num_predict: Some(n),
@@ -56,7 +61,7 @@ fn engine_greedy(text: &str, n: usize) -> (Vec<u32>, String) {
         format: None,
     };
     let mut out = String::new();
-    Session::new(&model, 4096)
+    Session::new(model, 4096)
         .generate(&ids, &opts, |t| {
             out.push_str(t);
             true
@@ -835,46 +840,8 @@ fn serve_with_two_tensor_parallel_ranks() {
     let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], &["--tp", "2"], Some(&log))));
     let reference = LoadedModel::load_split(&model_path(), 1, 1).expect("one-rank group");
     let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
-    let want: Vec<String> = prompts
-        .iter()
-        .map(|p| {
-            let ids = reference.tokenizer.encode(p, true, true);
-            let opts = GenerateOptions {
-                num_predict: Some(12),
-                num_ctx: 4096,
-                sampler: SamplerParams::greedy(),
-                stop: vec![],
-                logprobs: None,
-                render_special: false,
-                format: None,
-            };
-            let mut out = String::new();
-            Session::new(&reference, 4096)
-                .generate(&ids, &opts, |t| {
-                    out.push_str(t);
-                    true
-                })
-                .expect("generate");
-            out
-        })
-        .collect();
-    let threads: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (s, p) = (s.clone(), p.to_string());
-            std::thread::spawn(move || {
-                let r = s.post(
-                    "/api/generate",
-                    &json!({ "model": MODEL, "prompt": p, "raw": true, "stream": false,
-                             "options": { "num_predict": 12, "temperature": 0 } }),
-                );
-                assert_eq!(r.status, 200, "{}", r.text());
-                r.json()["response"].as_str().expect("response").to_string()
-            })
-        })
-        .collect();
-    for (t, w) in threads.into_iter().zip(&want) {
-        assert_eq!(&t.join().expect("request"), w);
+    for (got, p) in concurrent_greedy(&s, &prompts, 12).into_iter().zip(prompts) {
+        assert_eq!(got, greedy_with(&reference, p, 12).1, "{p:?}");
     }
     let e = s.post("/api/embed", &json!({ "model": MODEL, "input": "Why is the sky blue?" }));
     assert_eq!(e.status, 200, "{}", e.text());
@@ -891,23 +858,8 @@ fn serve_with_two_pipeline_stages() {
     let log = std::env::temp_dir().join(format!("turbine-pp-serve-{}.log", std::process::id()));
     let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], &["--pp", "2"], Some(&log))));
     let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
-    let threads: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (s, p) = (s.clone(), p.to_string());
-            std::thread::spawn(move || {
-                let r = s.post(
-                    "/api/generate",
-                    &json!({ "model": MODEL, "prompt": p, "raw": true, "stream": false,
-                             "options": { "num_predict": 12, "temperature": 0 } }),
-                );
-                assert_eq!(r.status, 200, "{}", r.text());
-                r.json()["response"].as_str().expect("response").to_string()
-            })
-        })
-        .collect();
-    for (t, p) in threads.into_iter().zip(prompts) {
-        assert_eq!(t.join().expect("request"), engine_greedy(p, 12).1, "{p:?}");
+    for (got, p) in concurrent_greedy(&s, &prompts, 12).into_iter().zip(prompts) {
+        assert_eq!(got, engine_greedy(p, 12).1, "{p:?}");
     }
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(logged.contains("in 2 pipeline stages"), "{logged}");
@@ -927,4 +879,24 @@ fn ps_size_counts_the_repacked_weights() {
     let repacked = LoadedModel::load(&model_path()).expect("load").backend.weight_bytes().owned;
     let floor = file_size + repacked;
     assert!((floor..floor + (64 << 20)).contains(&size), "size {size}, file {file_size}, repacked {repacked}");
+}
+
+/// `prompts` sent together (raw, greedy, `n` tokens each): each response's text, in order.
+fn concurrent_greedy(s: &std::sync::Arc<Server>, prompts: &[&str], n: usize) -> Vec<String> {
+    let threads: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (s, p) = (s.clone(), p.to_string());
+            std::thread::spawn(move || {
+                let r = s.post(
+                    "/api/generate",
+                    &json!({ "model": MODEL, "prompt": p, "raw": true, "stream": false,
+                             "options": { "num_predict": n, "temperature": 0 } }),
+                );
+                assert_eq!(r.status, 200, "{}", r.text());
+                r.json()["response"].as_str().expect("response").to_string()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().expect("request")).collect()
 }
