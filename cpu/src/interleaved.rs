@@ -124,6 +124,12 @@ impl Interleaved {
         let len = self.blocks() * group_block_bytes(self.ty);
         &self.data[g * len..(g + 1) * len]
     }
+
+    /// Groups g..end, contiguous: what a kernel streams through, for prefetching ahead.
+    pub(crate) fn groups_from(&self, g: usize, end: usize) -> &[u8] {
+        let len = self.blocks() * group_block_bytes(self.ty);
+        &self.data[g * len..end * len]
+    }
 }
 
 /// 16 rows' blocks (each `ty.type_size()` bytes) into one group block.

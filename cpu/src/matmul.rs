@@ -183,8 +183,9 @@ fn interleaved_into<O: Output>(w: &WeightView<'_>, il: &Interleaved, acts: &Quan
         }
     }
     tasks.into_par_iter().enumerate().for_each(|(c, mut outs)| {
-        for g in c * groups_per_task..(c * groups_per_task + groups_per_task).min(il.groups) {
-            group_times_tokens(il, g, acts, &sums, (g - c * groups_per_task) * GROUP_ROWS, &mut outs);
+        let task = (c * groups_per_task, (c * groups_per_task + groups_per_task).min(il.groups));
+        for g in task.0..task.1 {
+            group_times_tokens(il, g, task, acts, &sums, (g - task.0) * GROUP_ROWS, &mut outs);
         }
     });
     if head < w.rows {
@@ -198,10 +199,12 @@ fn interleaved_into<O: Output>(w: &WeightView<'_>, il: &Interleaved, acts: &Quan
     }
 }
 
-/// Group g of `il` times every token, into `outs[t][at..at + 16]`.
+/// Group g of `il` (in the task of groups first..stream_end) times every token, into
+/// `outs[t][at..at + 16]`.
 fn group_times_tokens<O: Output>(
     il: &Interleaved,
     g: usize,
+    (first, stream_end): (usize, usize),
     acts: &QuantizedActs,
     sums: &ActSums,
     at: usize,
@@ -210,18 +213,14 @@ fn group_times_tokens<O: Output>(
     #[cfg(target_arch = "x86_64")]
     {
         use crate::simd::interleaved::{
-            group_tokens, group_tokens_q4_k, group_tokens_q6_k, sums_rows, MAX_K_TOKENS, MAX_TOKENS,
-            PREFETCH_AHEAD_MIN_TOKENS,
+            group_tokens, group_tokens_q4_k, group_tokens_q6_k, sums_rows, AHEAD_BYTES, MAX_K_TOKENS, MAX_TOKENS,
         };
         let group = il.group(g);
-        // One token or a few: the kernel is quick on each block, so the whole group is
-        // requested at once. More (batched decode): the kernels request each block
-        // AHEAD_BYTES in advance, within the group, and the next group's first bytes are
-        // requested here (requesting a whole group at once stalled on full miss queues).
-        if acts.rows < PREFETCH_AHEAD_MIN_TOKENS {
-            simd::prefetch(group, 0, group.len());
-        } else if g + 1 < il.groups {
-            simd::prefetch(il.group(g + 1), 0, simd::PREFETCH_BYTES);
+        // The kernels request each block AHEAD_BYTES before they reach it, through the
+        // task's later groups; a task's first blocks are requested here.
+        let stream = il.groups_from(g, stream_end);
+        if g == first {
+            simd::prefetch(stream, 0, AHEAD_BYTES);
         }
         // Wide sums take two registers per token.
         let most = if O::WIDE || matches!(il.ty, GgmlType::Q4_K | GgmlType::Q6_K) { MAX_K_TOKENS } else { MAX_TOKENS };
@@ -233,9 +232,9 @@ fn group_times_tokens<O: Output>(
             macro_rules! kernel {
                 ($T:expr, $wide:expr, $a:expr, $s:expr) => {
                     match il.ty {
-                        GgmlType::Q4_K => group_tokens_q4_k::<$T, $wide>(group, $a, $s),
-                        GgmlType::Q6_K => group_tokens_q6_k::<$T, $wide>(group, $a, $s),
-                        ty => group_tokens::<$T, $wide>(ty, group, $a, $s),
+                        GgmlType::Q4_K => group_tokens_q4_k::<$T, $wide>(group, stream, $a, $s),
+                        GgmlType::Q6_K => group_tokens_q6_k::<$T, $wide>(group, stream, $a, $s),
+                        ty => group_tokens::<$T, $wide>(ty, group, stream, $a, $s),
                     }
                 };
             }
