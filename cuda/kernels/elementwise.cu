@@ -108,15 +108,3 @@ extern "C" __global__ void softmax_rows(float* __restrict__ x, int cols) {
     float inv = s > 0.0f ? 1.0f / s : 0.0f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) xr[i] *= inv;
 }
-
-// Embedding rows of a Q8_0 table, scaled: y[t] = dequant(table[ids[t]]) · scale; one block
-// per token. Ids are checked on the host.
-extern "C" __global__ void embed_q8_0(const u8* __restrict__ table, const int* __restrict__ ids,
-                                      float* __restrict__ y, int cols, float scale) {
-    const u8* row = table + (size_t)ids[blockIdx.x] * (cols / 32) * 34;
-    float* yr = y + (size_t)blockIdx.x * cols;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        const u8* blk = row + 34 * (i / 32);
-        yr[i] = f16_to_f32(ld_u16(blk)) * (float)(i8)blk[2 + i % 32] * scale;
-    }
-}

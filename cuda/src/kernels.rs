@@ -5,10 +5,15 @@
 pub const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// (name, source) of every kernel file.
-pub const SOURCES: [(&str, &str); 3] = [
+pub const SOURCES: [(&str, &str); 8] = [
     ("quantize", include_str!("../kernels/quantize.cu")),
     ("matvec", include_str!("../kernels/matvec.cu")),
+    ("matmul", include_str!("../kernels/matmul.cu")),
     ("elementwise", include_str!("../kernels/elementwise.cu")),
+    ("embed", include_str!("../kernels/embed.cu")),
+    ("attention", include_str!("../kernels/attention.cu")),
+    ("moe", include_str!("../kernels/moe.cu")),
+    ("sample", include_str!("../kernels/sample.cu")),
 ];
 
 /// The architectures kernels are built for: Ampere (A100) and Hopper (H100, H200).
@@ -19,20 +24,27 @@ pub fn full_source(source: &str) -> String {
     format!("{COMMON}\n{source}")
 }
 
+/// The macros that define a kernel named by their first argument, used at the start of a
+/// line (`MATVEC(matvec_q8_0, ...)`).
+pub const KERNEL_MACROS: [&str; 6] = ["MATVEC", "MATMUL", "MATVEC_ID", "KV_STORE", "ATTN_SPLIT", "EMBED"];
+
 /// The entry points (`extern "C" __global__` functions) a source defines, for checks and
-/// for loading: those written out and those a `MATVEC(name, ...)` line instantiates
-/// (the macros' own definitions, continued with `\`, are skipped).
+/// for loading: those written out and those a [`KERNEL_MACROS`] line instantiates (the
+/// macros' own definitions, continued with `\`, are skipped).
 pub fn entry_points(source: &str) -> Vec<String> {
     let mut names = Vec::new();
     for line in source.lines().map(str::trim).filter(|l| !l.ends_with('\\')) {
         let name = if let Some(rest) = line.strip_prefix("extern \"C\" __global__ void ") {
+            // `__launch_bounds__(n)` may come between the return type and the name.
+            let rest =
+                rest.strip_prefix("__launch_bounds__(").map_or(rest, |r| r.split_once(')').map_or(r, |(_, n)| n));
             rest.split('(').next()
-        } else if line.starts_with("MATVEC(") {
-            line.split('(').nth(1).and_then(|r| r.split(',').next())
+        } else if let Some((head, rest)) = line.split_once('(') {
+            KERNEL_MACROS.contains(&head).then(|| rest.split(',').next()).flatten()
         } else {
             None
         };
-        names.extend(name.map(|n| n.trim().to_string()));
+        names.extend(name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()));
     }
     names
 }
@@ -44,10 +56,35 @@ mod tests {
     #[test]
     fn entry_points_are_found_in_every_source() {
         let all: Vec<String> = SOURCES.iter().flat_map(|(_, s)| entry_points(s)).collect();
-        for name in ["quantize_q8", "matvec_q8_0", "matvec_q6_k", "rms_norm", "rope_neox", "softmax_rows", "embed_q8_0"]
-        {
+        let expected = [
+            "quantize_q8",
+            "matvec_q8_0",
+            "matvec_q6_k",
+            "matmul_q4_k",
+            "matmul_mxfp4",
+            "matvec_id_q6_k",
+            "rms_norm",
+            "rope_neox",
+            "softmax_rows",
+            "embed_q8_0",
+            "embed_q4_k",
+            "embed_f16",
+            "kv_store_f16",
+            "attn_split_f16_128",
+            "attn_split_f32_576",
+            "attn_combine",
+            "moe_route",
+            "moe_combine",
+            "argmax_rows",
+        ];
+        for name in expected {
             assert!(all.iter().any(|n| n == name), "{name} missing from {all:?}");
         }
+        let mut unique = all.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), all.len(), "a kernel name twice: {all:?}");
         assert!(!all.iter().any(|n| n == "NAME"), "a macro definition counted: {all:?}");
+        assert!(!all.iter().any(|n| n.contains(' ') || n.contains("__launch_bounds__")), "{all:?}");
     }
 }

@@ -4,10 +4,16 @@
 //! dynamically, so this crate builds and its checks run on machines without CUDA; a
 //! missing driver, GPU or NVRTC is a [`CudaError`], never a panic.
 //!
-//! What exists so far: the kernels of the decode path (activation quantization, the
-//! quantized matrix-vector products, RMSNorm, RoPE, the gated activations, softmax and the
-//! embedding gather), their compile check (`tests/compile.rs`, run in CI against NVRTC
-//! 13.0 from PyPI) and the device probe. The backend behind the engine's seam is next.
+//! What exists so far: kernels for a forward pass and its readback (activation
+//! quantization; quantized matrix-vector products for decode and tiled matrix products
+//! for prefill, Q8_0, Q4_0, Q5_0, MXFP4, Q4_K and Q6_K; RMSNorm, RoPE, the gated
+//! activations and softmax; the embedding gather for F32, F16, BF16, Q8_0, Q4_0, Q5_0,
+//! Q4_K and Q6_K tables; storing K/V rows into the engine's paged cache and flash-decoding
+//! attention over it, with GQA, sliding windows, sinks and shared values; MoE routing, the
+//! experts' products through an ids array and their weighted combine; greedy argmax),
+//! their compile check (`tests/compile.rs`, run in CI against NVRTC 13.0 from PyPI), the
+//! GPU check against the CPU code (`turbine-gpu-check`) and the device probe. None has run
+//! on a GPU yet. The backend behind the engine's seam is next.
 
 pub mod device;
 pub mod kernels;

@@ -71,6 +71,14 @@ fn every_kernel_compiles_for_sm_80_and_sm_90a_without_spills() {
                     compiled.log
                 );
             }
+            // And the other way: every kernel ptxas built is one `entry_points` finds (a
+            // kernel from a macro missing from KERNEL_MACROS could not be loaded by name).
+            for line in compiled.log.lines() {
+                if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                    let built = rest.split('\'').next().unwrap_or_default();
+                    assert!(entries.iter().any(|e| e == built), "{name}: {built} is not among {entries:?}");
+                }
+            }
             println!("{name} {arch}: {} kernels, {} bytes of CUBIN", entries.len(), compiled.cubin.len());
         }
     }
