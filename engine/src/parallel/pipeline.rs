@@ -21,6 +21,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
+use serde::{Deserialize, Serialize};
+
 use super::group::{sync_caches, thread_pool, Answer, CacheStep};
 use crate::backend::cpu::{CpuBackend, CpuKv};
 use crate::backend::{Backend, KvCache, PipelineStage};
@@ -29,8 +31,11 @@ use crate::kv::{BlockOp, KvLayout};
 use crate::model::{self, Architecture, Batch, Logits, ModelInfo, StageEnd, StageOutput};
 use crate::EngineError;
 
-/// What reaches a stage after stage 0.
-enum Message {
+/// What travels down the chain of stages after stage 0. Each stage takes what concerns it
+/// and passes it on, so every stage receives from one place, in order: the stage before
+/// it (a channel in one process, MPI point-to-point between processes).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Message {
     /// Make or drop a mirror of one of stage 0's caches.
     Cache(CacheStep),
     /// A batch starts on cache `id`: replay `ops`, then reserve its blocks.
@@ -40,101 +45,102 @@ enum Message {
     Micro { index: usize, batch: Batch, input: Result<Vec<f32>, String>, want_hidden: bool },
     /// The batch is done: release what left a sliding window, register full blocks.
     End { batch: Batch },
+    /// The model goes: every stage ends.
+    Stop,
 }
 
 /// The last stage's answer for one micro-batch.
-type MicroResult = (usize, Result<StageOutput, String>);
+pub(crate) type MicroResult = (usize, Result<StageOutput, String>);
 
-/// A stage's report of its load: the bytes its weights cover (`CpuBackend::weight_bytes`).
-type Loaded = (usize, Answer);
-
-struct Stage {
-    tx: Option<Sender<Message>>,
-    thread: Option<JoinHandle<()>>,
+/// Stage 0's way to the later stages.
+pub(crate) trait Chain: Send {
+    /// Hands `message` to stage 1, which passes on what is not only its own.
+    fn send(&mut self, message: Message) -> Result<(), EngineError>;
+    /// The last stage's next answer.
+    fn result(&mut self) -> Result<MicroResult, EngineError>;
 }
 
-/// The stages after the first, with the caches of stage 0 they mirror.
-struct Stages {
-    stages: Vec<Stage>,
-    mirrored: Vec<(u64, Weak<()>)>,
-    results: Receiver<MicroResult>,
+/// A later stage's ways out: on to the next stage, or (the last) back to stage 0. False
+/// when the other side is gone.
+pub(crate) trait Onward {
+    fn next(&mut self, message: Message) -> bool;
+    fn back(&mut self, result: MicroResult) -> bool;
 }
 
-/// A model split over `stages` consecutive layer ranges, each on threads of its own; to its
-/// user, one [`Architecture`] over stage 0's backend.
+/// A model split over consecutive layer ranges (stages); to its user, one
+/// [`Architecture`] over stage 0's backend.
 pub struct Pipelined {
     /// Stage 0's layers (and the embeddings), run in its own pool.
     arch: Box<dyn Architecture<CpuBackend>>,
     layers: Range<usize>,
     info: ModelInfo,
     pool: rayon::ThreadPool,
-    /// Locked for a whole forward pass, so passes from several threads stay in order.
-    stages: Mutex<Stages>,
+    /// Locked for a whole forward pass, so passes from several threads stay in order: the
+    /// later stages, and stage 0's caches they mirror.
+    chain: Mutex<(Box<dyn Chain>, Vec<(u64, Weak<()>)>)>,
 }
 
 impl Pipelined {
     /// Loads `file` split over `stages` ≥ 2 pipeline stages of `threads` threads each, the
-    /// layers shared to balance the stages' weights ([`stage_layers`]): the backend of
+    /// layers shared to balance the stages' weights ([`stage_cuts`]): the backend of
     /// stage 0, which the caller passes to every call, and the model.
     pub fn load(file: &Arc<Gguf>, stages: usize, threads: usize) -> Result<(CpuBackend, Pipelined), EngineError> {
-        if stages < 2 {
-            return Err(EngineError::BadValue {
-                key: "pipeline stages".into(),
-                value: stages.to_string(),
-                why: "a pipeline has at least 2 stages",
-            });
-        }
-        let arch = file.architecture()?;
-        let key = format!("{arch}.block_count");
-        let n_layers = crate::model::required(file.get_u32(&key), &key)? as usize;
-        check_split(n_layers, stages, file.tensors().len()).map_err(|why| EngineError::BadValue {
-            key,
-            value: format!("{n_layers} layers in {stages} stages"),
-            why,
-        })?;
-        Pipelined::load_at(file, &stage_cuts(file, n_layers, stages), threads)
+        Pipelined::load_at(file, &balanced_split(file, stages)?, threads)
     }
 
     /// [`Pipelined::load`] with the stages' boundaries given: stage s runs layers
     /// cuts[s]..cuts[s + 1] (cuts ascending from 0 to the layer count, 3 or more of them).
     pub fn load_at(file: &Arc<Gguf>, cuts: &[usize], threads: usize) -> Result<(CpuBackend, Pipelined), EngineError> {
-        let stages = cuts.len().saturating_sub(1);
-        if !(2..=MAX_STAGES).contains(&stages) || cuts[0] != 0 || cuts.windows(2).any(|w| w[0] > w[1]) {
-            return Err(EngineError::BadValue {
-                key: "pipeline stages".into(),
-                value: format!("{cuts:?}"),
-                why: "stage boundaries must ascend from 0, for 2 to 64 stages",
-            });
-        }
-        let stage = |index: usize| PipelineStage { index, count: stages, layers: cuts[index]..cuts[index + 1] };
+        let stages = check_cuts(cuts)?;
         let (results_tx, results) = channel();
         let (loaded_tx, loaded) = channel();
         // The last stage first, so each stage knows where to hand its micro-batches.
         let mut next: Option<Sender<Message>> = None;
-        let mut later = Vec::new();
+        let mut threads_of_stages = Vec::new();
         for index in (1..stages).rev() {
             let (tx, rx) = channel();
-            let to = next.take().map_or(Route::Back(results_tx.clone()), Route::On);
-            let (file, loaded_tx, place) = (file.clone(), loaded_tx.clone(), stage(index));
+            let out = ChannelOut { next: next.take(), back: results_tx.clone() };
+            let (file, loaded_tx, place) = (file.clone(), loaded_tx.clone(), stage_at(cuts, index));
             let thread = std::thread::Builder::new()
                 .name(format!("turbine-pp{index}"))
-                .spawn(move || run_stage(&file, place, threads, rx, to, loaded_tx))
+                .spawn(move || run_stage_thread(&file, place, threads, rx, out, loaded_tx))
                 .map_err(|e| EngineError::TensorParallel(format!("cannot start a pipeline stage: {e}")))?;
-            later.push(Stage { tx: Some(tx.clone()), thread: Some(thread) });
+            threads_of_stages.push(thread);
             next = Some(tx);
         }
-        later.reverse();
-        drop(loaded_tx);
-        let pool = thread_pool(threads)?;
-        let backend = CpuBackend::default().as_stage(stage(0));
-        let arch = pool.install(|| model::load(&backend, file));
-        let mut bytes: Vec<Loaded> = loaded.iter().collect();
-        bytes.sort_by_key(|(stage, _)| *stage);
-        let arch = arch?;
+        drop((loaded_tx, results_tx));
+        let chain = Box::new(Threads { first: next, results, threads: threads_of_stages });
+        let answers = move || {
+            let mut answers: Vec<(usize, Answer)> = loaded.iter().collect();
+            answers.sort_by_key(|(stage, _)| *stage);
+            answers.into_iter().map(|(_, a)| a).collect()
+        };
+        Pipelined::lead(file, cuts, threads, chain, answers)
+    }
+
+    /// Stage 0 of `file` cut at `cuts`, leading the later stages through `chain`; they are
+    /// loading theirs, and `answers` waits for their reports in stage order.
+    pub(crate) fn lead(
+        file: &Arc<Gguf>,
+        cuts: &[usize],
+        threads: usize,
+        chain: Box<dyn Chain>,
+        answers: impl FnOnce() -> Vec<Answer>,
+    ) -> Result<(CpuBackend, Pipelined), EngineError> {
+        let stages = check_cuts(cuts)?;
+        let loaded = thread_pool(threads).and_then(|pool| {
+            let backend = CpuBackend::default().as_stage(stage_at(cuts, 0));
+            let arch = catch_unwind(AssertUnwindSafe(|| pool.install(|| model::load(&backend, file))));
+            let arch = arch.unwrap_or_else(|_| Err(EngineError::TensorParallel("stage 0 failed loading".into())));
+            Ok((pool, backend, arch?))
+        });
+        // Every later stage reports its load, even when stage 0's failed.
+        let answers = answers();
+        let (pool, backend, arch) = loaded?;
         let mut info = arch.info().clone();
         info.rank_weight_bytes.push(backend.weight_bytes());
-        for (_, b) in bytes {
-            info.rank_weight_bytes.push(b?);
+        for a in answers {
+            info.rank_weight_bytes.push(a?);
         }
         if info.rank_weight_bytes.len() != stages {
             return Err(EngineError::TensorParallel("a pipeline stage ended while loading".into()));
@@ -146,9 +152,8 @@ impl Pipelined {
                 why: "the last boundary must be the layer count",
             });
         }
-        let layers = stage(0).layers;
-        let stages = Mutex::new(Stages { stages: later, mirrored: Vec::new(), results });
-        Ok((backend, Pipelined { arch, layers, info, pool, stages }))
+        let layers = stage_at(cuts, 0).layers;
+        Ok((backend, Pipelined { arch, layers, info, pool, chain: Mutex::new((chain, Vec::new())) }))
     }
 
     /// One forward pass through every stage, micro-batch by micro-batch (the blocks of
@@ -160,19 +165,14 @@ impl Pipelined {
         kv: &mut CpuKv,
         want_hidden: bool,
     ) -> Result<Vec<(Range<usize>, StageOutput)>, EngineError> {
-        let mut guard = self.stages.lock().unwrap_or_else(|e| e.into_inner());
-        let Stages { stages, mirrored, results } = &mut *guard;
-        let gone = || EngineError::TensorParallel("a pipeline stage ended".into());
-        let send_all = |m: &dyn Fn() -> Message| -> Result<(), EngineError> {
-            stages.iter().try_for_each(|s| s.tx.as_ref().ok_or_else(gone)?.send(m()).map_err(|_| gone()))
-        };
+        let mut guard = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        let (chain, mirrored) = &mut *guard;
         for step in sync_caches(mirrored, kv) {
-            send_all(&|| Message::Cache(step.clone()))?;
+            chain.send(Message::Cache(step))?;
         }
         let (id, ops) = (kv.blocks().identity().0, kv.blocks_mut().take_journal());
-        send_all(&|| Message::Begin { id, ops: ops.clone(), batch: batch.clone() })?;
-        let micros = micro_batches(batch, stages.len() + 1);
-        let first = stages.first().and_then(|s| s.tx.as_ref()).ok_or_else(gone)?;
+        chain.send(Message::Begin { id, ops, batch: batch.clone() })?;
+        let micros = micro_batches(batch, self.info.rank_weight_bytes.len());
         for (index, (rows, micro)) in micros.iter().enumerate() {
             let layers = self.layers.clone();
             let compute = || self.arch.compute_stage(backend, micro, kv, layers, None, StageEnd::Handoff);
@@ -185,26 +185,65 @@ impl Pipelined {
                 Err(e) => Err(e.to_string()),
             };
             debug_assert!(rows.len() == micro.len());
-            first.send(Message::Micro { index, batch: micro.clone(), input, want_hidden }).map_err(|_| gone())?;
+            chain.send(Message::Micro { index, batch: micro.clone(), input, want_hidden })?;
         }
         let mut outs: Vec<Option<Result<StageOutput, String>>> = (0..micros.len()).map(|_| None).collect();
         for _ in 0..micros.len() {
-            let (index, out) = results.recv().map_err(|_| gone())?;
+            let (index, out) = chain.result()?;
             if let Some(slot) = outs.get_mut(index) {
                 *slot = Some(out);
             }
         }
-        send_all(&|| Message::End { batch: batch.clone() })?;
+        chain.send(Message::End { batch: batch.clone() })?;
         micros
             .into_iter()
             .zip(outs)
             .map(|((rows, _), out)| match out {
                 Some(Ok(o)) => Ok((rows, o)),
                 Some(Err(e)) => Err(EngineError::TensorParallel(format!("pipeline: {e}"))),
-                None => Err(gone()),
+                None => Err(EngineError::TensorParallel("a pipeline stage gave no answer".into())),
             })
             .collect()
     }
+}
+
+/// The boundaries of `stages` stages of `file` balanced by weight, after checking that
+/// the split is one the search may take on.
+pub(crate) fn balanced_split(file: &Gguf, stages: usize) -> Result<Vec<usize>, EngineError> {
+    if stages < 2 {
+        return Err(EngineError::BadValue {
+            key: "pipeline stages".into(),
+            value: stages.to_string(),
+            why: "a pipeline has at least 2 stages",
+        });
+    }
+    let arch = file.architecture()?;
+    let key = format!("{arch}.block_count");
+    let n_layers = crate::model::required(file.get_u32(&key), &key)? as usize;
+    check_split(n_layers, stages, file.tensors().len()).map_err(|why| EngineError::BadValue {
+        key,
+        value: format!("{n_layers} layers in {stages} stages"),
+        why,
+    })?;
+    Ok(stage_cuts(file, n_layers, stages))
+}
+
+/// The stage count of `cuts`, when they ascend from 0 and make 2 to 64 stages.
+pub(crate) fn check_cuts(cuts: &[usize]) -> Result<usize, EngineError> {
+    let stages = cuts.len().saturating_sub(1);
+    if !(2..=MAX_STAGES).contains(&stages) || cuts[0] != 0 || cuts.windows(2).any(|w| w[0] > w[1]) {
+        return Err(EngineError::BadValue {
+            key: "pipeline stages".into(),
+            value: format!("{cuts:?}"),
+            why: "stage boundaries must ascend from 0, for 2 to 64 stages",
+        });
+    }
+    Ok(stages)
+}
+
+/// Stage `index` of the pipeline cut at `cuts`.
+pub(crate) fn stage_at(cuts: &[usize], index: usize) -> PipelineStage {
+    PipelineStage { index, count: cuts.len() - 1, layers: cuts[index]..cuts[index + 1] }
 }
 
 /// Most layers and stages a weight-balanced split takes: its search costs stages × layers²
@@ -346,71 +385,120 @@ impl Architecture<CpuBackend> for Pipelined {
     }
 }
 
-impl Drop for Pipelined {
+/// The later stages as threads of this process, linked by channels.
+struct Threads {
+    first: Option<Sender<Message>>,
+    results: Receiver<MicroResult>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn stage_gone() -> EngineError {
+    EngineError::TensorParallel("a pipeline stage ended".into())
+}
+
+impl Chain for Threads {
+    fn send(&mut self, message: Message) -> Result<(), EngineError> {
+        self.first.as_ref().ok_or_else(stage_gone)?.send(message).map_err(|_| stage_gone())
+    }
+
+    fn result(&mut self) -> Result<MicroResult, EngineError> {
+        self.results.recv().map_err(|_| stage_gone())
+    }
+}
+
+impl Drop for Threads {
     fn drop(&mut self) {
-        let stages = &mut self.stages.get_mut().unwrap_or_else(|e| e.into_inner()).stages;
-        for s in stages.iter_mut() {
-            s.tx.take();
+        if let Some(first) = self.first.take() {
+            first.send(Message::Stop).ok();
         }
-        for s in stages.iter_mut() {
-            if let Some(t) = s.thread.take() {
-                t.join().ok();
-            }
+        for t in self.threads.drain(..) {
+            t.join().ok();
         }
     }
 }
 
-/// Where a stage hands a micro-batch: the next stage, or back to stage 0 (the last).
-enum Route {
-    On(Sender<Message>),
-    Back(Sender<MicroResult>),
+/// A stage thread's ways out.
+struct ChannelOut {
+    next: Option<Sender<Message>>,
+    back: Sender<MicroResult>,
 }
 
-/// A stage's life after stage 0: its pool, its layers, then messages until stage 0 goes.
-fn run_stage(
+impl Onward for ChannelOut {
+    fn next(&mut self, message: Message) -> bool {
+        self.next.as_ref().is_some_and(|tx| tx.send(message).is_ok())
+    }
+
+    fn back(&mut self, result: MicroResult) -> bool {
+        self.back.send(result).is_ok()
+    }
+}
+
+/// A stage thread's life: its pool, its layers, then messages until the chain stops.
+fn run_stage_thread(
     file: &Arc<Gguf>,
     place: PipelineStage,
     threads: usize,
     messages: Receiver<Message>,
-    route: Route,
-    loaded: Sender<Loaded>,
+    mut out: ChannelOut,
+    loaded: Sender<(usize, Answer)>,
 ) {
     let stage = place.index;
-    let pool = match thread_pool(threads) {
-        Ok(p) => p,
+    let me = match thread_pool(threads).and_then(|pool| StageRank::load(file, place).map(|me| (pool, me))) {
+        Ok(me) => me,
         Err(e) => {
             loaded.send((stage, Err(e))).ok();
             return;
         }
     };
-    pool.install(move || {
-        let (layers, last) = (place.layers.clone(), place.is_last());
-        let backend = CpuBackend::default().as_stage(place);
-        let arch = match model::load(&backend, file) {
-            Ok(a) => a,
-            Err(e) => {
-                loaded.send((stage, Err(e))).ok();
-                return;
-            }
-        };
-        loaded.send((stage, Ok(backend.weight_bytes()))).ok();
-        drop(loaded);
-        let end = |want_hidden| match (last, want_hidden) {
-            (false, _) => StageEnd::Handoff,
-            (true, false) => StageEnd::Logits,
-            (true, true) => StageEnd::Hidden,
-        };
+    let (pool, mut me) = me;
+    loaded.send((stage, Ok(me.weight_bytes()))).ok();
+    drop(loaded);
+    pool.install(move || me.serve(move || messages.recv().ok(), &mut out));
+}
+
+/// A stage after the first: its layers' share of the model and its mirrors of stage 0's
+/// caches.
+pub(crate) struct StageRank {
+    place: PipelineStage,
+    backend: CpuBackend,
+    arch: Box<dyn Architecture<CpuBackend>>,
+}
+
+impl StageRank {
+    /// Loads stage `place` of `file` (call it inside the stage's thread pool).
+    pub(crate) fn load(file: &Arc<Gguf>, place: PipelineStage) -> Result<StageRank, EngineError> {
+        let backend = CpuBackend::default().as_stage(place.clone());
+        let arch = catch_unwind(AssertUnwindSafe(|| model::load(&backend, file)))
+            .unwrap_or_else(|_| Err(EngineError::TensorParallel(format!("stage {} failed loading", place.index))))?;
+        Ok(StageRank { place, backend, arch })
+    }
+
+    /// What its weights cover, for stage 0's report.
+    pub(crate) fn weight_bytes(&self) -> crate::backend::WeightSizes {
+        self.backend.weight_bytes()
+    }
+
+    /// Takes messages from `inbox` until the chain stops (or the stage before is gone),
+    /// passing on what is not only its own; a micro-batch goes on with this stage's hidden
+    /// states, or back to stage 0 from the last stage.
+    pub(crate) fn serve(&mut self, mut inbox: impl FnMut() -> Option<Message>, out: &mut dyn Onward) {
+        let (stage, last) = (self.place.index, self.place.is_last());
         let mut caches: HashMap<u64, CpuKv> = HashMap::new();
         // The current batch's cache, and why it could not start.
         let mut current: Option<(u64, Option<String>)> = None;
         let mut failed = false;
-        for message in messages {
-            match message {
-                Message::Cache(CacheStep::New { id, spec }) => {
-                    caches.insert(id, backend.new_kv(&spec));
-                }
-                Message::Cache(CacheStep::Drop { id }) => {
-                    caches.remove(&id);
+        while let Some(message) = inbox() {
+            let pass_on = match message {
+                Message::Cache(step) => {
+                    match &step {
+                        CacheStep::New { id, spec } => {
+                            caches.insert(*id, self.backend.new_kv(spec));
+                        }
+                        CacheStep::Drop { id } => {
+                            caches.remove(id);
+                        }
+                    }
+                    Some(Message::Cache(step))
                 }
                 Message::Begin { id, ops, batch } => {
                     let started = match caches.get_mut(&id) {
@@ -418,43 +506,21 @@ fn run_stage(
                         None => Err(EngineError::TensorParallel(format!("stage 0's cache {id} is not mirrored"))),
                     };
                     current = Some((id, started.err().map(|e| format!("stage {stage}: {e}"))));
+                    Some(Message::Begin { id, ops, batch })
                 }
                 Message::Micro { index, batch, input, want_hidden } => {
-                    let out = match (&current, input) {
-                        (_, Err(e)) => Err(e),
-                        _ if failed => Err(format!("stage {stage} failed earlier")),
-                        (Some((_, Some(why))), _) => Err(why.clone()),
-                        (Some((id, None)), Ok(x)) => match caches.get_mut(id) {
-                            Some(kv) => {
-                                let run = || {
-                                    arch.compute_stage(&backend, &batch, kv, layers.clone(), Some(x), end(want_hidden))
-                                };
-                                // A panic becomes this micro-batch's error, passed on like any
-                                // other, so no stage waits for an answer that never comes; the
-                                // stage refuses what follows.
-                                catch_unwind(AssertUnwindSafe(run))
-                                    .unwrap_or_else(|_| {
-                                        failed = true;
-                                        Err(EngineError::TensorParallel("panicked".into()))
-                                    })
-                                    .map_err(|e| format!("stage {stage}: {e}"))
-                            }
-                            None => Err(format!("stage {stage}: no cache")),
-                        },
-                        (None, Ok(_)) => Err(format!("stage {stage}: a micro-batch before its batch")),
-                    };
-                    let sent = match &route {
-                        Route::Back(tx) => tx.send((index, out)).is_ok(),
-                        Route::On(tx) => {
-                            let input = out.and_then(|o| match o {
-                                StageOutput::Hidden(h) => Ok(h),
-                                StageOutput::Logits(_) => Err(format!("stage {stage} ended the model early")),
-                            });
-                            tx.send(Message::Micro { index, batch, input, want_hidden }).is_ok()
+                    let output = self.micro(&mut caches, &current, &mut failed, &batch, input, want_hidden);
+                    if last {
+                        if !out.back((index, output)) {
+                            return;
                         }
-                    };
-                    if !sent {
-                        return;
+                        None
+                    } else {
+                        let input = output.and_then(|o| match o {
+                            StageOutput::Hidden(h) => Ok(h),
+                            StageOutput::Logits(_) => Err(format!("stage {stage} ended the model early")),
+                        });
+                        Some(Message::Micro { index, batch, input, want_hidden })
                     }
                 }
                 Message::End { batch } => {
@@ -463,10 +529,59 @@ fn run_stage(
                             kv.blocks_mut().end_batch(&batch);
                         }
                     }
+                    Some(Message::End { batch })
+                }
+                Message::Stop => {
+                    if !last {
+                        out.next(Message::Stop);
+                    }
+                    return;
+                }
+            };
+            if let Some(m) = pass_on.filter(|_| !last) {
+                if !out.next(m) {
+                    return;
                 }
             }
         }
-    });
+    }
+
+    /// This stage's layers over one micro-batch, or why not.
+    fn micro(
+        &self,
+        caches: &mut HashMap<u64, CpuKv>,
+        current: &Option<(u64, Option<String>)>,
+        failed: &mut bool,
+        batch: &Batch,
+        input: Result<Vec<f32>, String>,
+        want_hidden: bool,
+    ) -> Result<StageOutput, String> {
+        let stage = self.place.index;
+        let end = match (self.place.is_last(), want_hidden) {
+            (false, _) => StageEnd::Handoff,
+            (true, false) => StageEnd::Logits,
+            (true, true) => StageEnd::Hidden,
+        };
+        match (current, input) {
+            (_, Err(e)) => Err(e),
+            _ if *failed => Err(format!("stage {stage} failed earlier")),
+            (Some((_, Some(why))), _) => Err(why.clone()),
+            (Some((id, None)), Ok(x)) => {
+                let Some(kv) = caches.get_mut(id) else { return Err(format!("stage {stage}: no cache")) };
+                let layers = self.place.layers.clone();
+                let run = || self.arch.compute_stage(&self.backend, batch, kv, layers, Some(x), end);
+                // A panic becomes this micro-batch's error, passed on like any other, so no
+                // stage waits for an answer that never comes; the stage refuses what follows.
+                catch_unwind(AssertUnwindSafe(run))
+                    .unwrap_or_else(|_| {
+                        *failed = true;
+                        Err(EngineError::TensorParallel("panicked".into()))
+                    })
+                    .map_err(|e| format!("stage {stage}: {e}"))
+            }
+            (None, Ok(_)) => Err(format!("stage {stage}: a micro-batch before its batch")),
+        }
+    }
 }
 
 #[cfg(test)]
