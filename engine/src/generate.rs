@@ -64,14 +64,14 @@ impl LoadedModel<CpuBackend> {
         Self::assemble(file, tokenizer, backend, Box::new(pipelined), start)
     }
 
-    /// Rank 0 of an MPI world: `path` split over every process of the world, each with
-    /// the cores its machine gives it.
+    /// Rank 0 of an MPI world: `path` split over every process of the world (by tensors,
+    /// or as a pipeline of one stage per process), each with the cores its machine gives it.
     #[cfg(feature = "mpi")]
     pub fn load_mpi(path: &Path, world: &crate::parallel::mpi::MpiWorld) -> Result<Self, EngineError> {
         let start = Instant::now();
-        let (file, backend, sharded) = world.load(path)?;
+        let (file, backend, arch) = world.load(path)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        Self::assemble(file, tokenizer, backend, Box::new(sharded), start)
+        Self::assemble(file, tokenizer, backend, arch, start)
     }
 
     fn load_with(path: &Path, split: Option<(usize, usize)>) -> Result<Self, EngineError> {

@@ -340,7 +340,8 @@ fn client_main(f: impl FnOnce(&client::Target) -> Result<(), String>) -> ExitCod
     }
 }
 
-/// Under an MPI launcher: the world, which must have `tp` processes.
+/// Under an MPI launcher: the world, which must have `tp` processes (tensor parallelism)
+/// or `pp` (a pipeline, one stage per process).
 #[cfg(feature = "mpi")]
 fn mpi_world(
     (tp, pp): (usize, usize),
@@ -348,12 +349,14 @@ fn mpi_world(
     let Some(world) = turbine::engine::parallel::mpi::MpiWorld::from_launcher()? else {
         return Ok(None);
     };
-    if pp > 1 {
-        return Err("a pipeline across MPI processes is not supported yet: use --tp under mpirun".into());
+    let (ranks, flag) = if pp > 1 { (pp, "--pp") } else { (tp, "--tp") };
+    if world.size() != ranks {
+        return Err(format!(
+            "started as {} MPI processes for {flag} {ranks}: run mpirun -np {ranks}",
+            world.size()
+        ));
     }
-    if world.size() != tp {
-        return Err(format!("started as {} MPI processes for --tp {tp}: run mpirun -np {tp}", world.size()));
-    }
+    let world = if pp > 1 { world.pipelined() } else { world };
     Ok(Some(std::sync::Arc::new(world)))
 }
 

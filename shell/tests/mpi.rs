@@ -1,8 +1,9 @@
-//! `mpirun -np 2 turbine serve --tp 2`: tensor parallelism over MPI, two processes on
-//! loopback (the `mpi` feature, OpenMPI's `mpirun` on PATH; `.ci/run` installs both). The
-//! processes serve what the in-process split serves, token for token and log-probability
-//! for log-probability; killing a rank mid-generation answers the waiting requests with an
-//! error and ends the job within seconds, never a hang.
+//! `mpirun -np 2 turbine serve --tp 2` (tensor parallelism over MPI) and `--pp 2` (a
+//! pipeline of two processes), on loopback (the `mpi` feature, OpenMPI's `mpirun` on PATH;
+//! `.ci/run` installs both). The processes serve what the in-process split (or the whole
+//! model) serves, token for token and log-probability for log-probability; killing a rank
+//! mid-generation answers the waiting requests with an error and ends the job within
+//! seconds, never a hang.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -14,24 +15,28 @@ use std::time::{Duration, Instant};
 
 const MODEL: &str = "gemma3:270m";
 
-/// `mpirun -np 2 turbine serve --tp 2`, its output in `log`. OpenMPI refuses to run as
-/// root (CI, containers) unless told it may.
-fn mpirun(log: &std::path::Path) -> Job {
-    mpirun_with(log, &[])
+const TP: &[&str] = &["--tp", "2"];
+const PP: &[&str] = &["--pp", "2"];
+
+/// `mpirun -np 2 turbine serve --tp 2` (or `--pp 2`: `split`), its output in `log`.
+/// OpenMPI refuses to run as root (CI, containers) unless told it may.
+fn mpirun(log: &std::path::Path, split: &[&str]) -> Job {
+    mpirun_with(log, split, &[])
 }
 
-fn mpirun_with(log: &std::path::Path, env: &[(&str, &str)]) -> Job {
+fn mpirun_with(log: &std::path::Path, split: &[&str], env: &[(&str, &str)]) -> Job {
     let turbine = env!("CARGO_BIN_EXE_turbine");
-    let args = ["--oversubscribe", "-np", "2", turbine, "serve", "--tp", "2"];
+    let mut args = vec!["--oversubscribe", "-np", "2", turbine, "serve"];
+    args.extend_from_slice(split);
     let mut all = vec![("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")];
     all.extend_from_slice(env);
     Job(ServeProcess::launch_program("mpirun", &args, &all, Some(log), None))
 }
 
-/// A store with the default model under two names (the same blob).
-fn two_model_store() -> std::path::PathBuf {
+/// A store named `name` with the default model under two names (the same blob).
+fn two_model_store(name: &str) -> std::path::PathBuf {
     let real = turbine::engine::store::models_dir();
-    let dir = std::env::temp_dir().join(format!("turbine-mpi-store-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("turbine-mpi-store-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let manifests = dir.join("manifests/registry.ollama.ai/library/gemma3");
     std::fs::create_dir_all(&manifests).expect("store");
@@ -51,9 +56,19 @@ fn two_model_store() -> std::path::PathBuf {
 /// before the second loads, again and again, and each answers the same.
 #[test]
 fn models_take_turns_over_the_world() {
-    let store = two_model_store();
-    let log = log_path("turns");
-    let job = mpirun_with(&log, &[("OLLAMA_MODELS", store.to_str().expect("UTF-8 path"))]);
+    models_take_turns(TP, "turns");
+}
+
+/// As above, for pipelines: each model's stages stop before the next model's load.
+#[test]
+fn pipelines_take_turns_over_the_world() {
+    models_take_turns(PP, "pp-turns");
+}
+
+fn models_take_turns(split: &[&str], name: &str) {
+    let store = two_model_store(name);
+    let log = log_path(name);
+    let job = mpirun_with(&log, split, &[("OLLAMA_MODELS", store.to_str().expect("UTF-8 path"))]);
     let mut answers = Vec::new();
     for model in ["gemma3:270m", "gemma3:second", "gemma3:270m", "gemma3:second"] {
         let r = generate(
@@ -99,9 +114,24 @@ fn stop(mut job: Job) {
 
 #[test]
 fn two_processes_serve_what_the_in_process_split_serves() {
-    let log = log_path("serve");
-    let job = mpirun(&log);
-    let local = ServeProcess::start_with(&[], &["--tp", "2"], None);
+    let logged = serve_alike(TP, TP, "serve");
+    assert!(logged.contains("rank 1 of 2") && logged.contains("over 2 tensor-parallel ranks"), "{logged}");
+}
+
+/// A pipeline's logits are the whole model's bit for bit, so two processes as two stages
+/// serve what one whole model serves.
+#[test]
+fn a_pipeline_of_two_processes_serves_what_the_whole_model_serves() {
+    let logged = serve_alike(PP, &[], "pp-serve");
+    assert!(logged.contains("rank 1 of 2") && logged.contains("in 2 pipeline stages"), "{logged}");
+}
+
+/// `mpirun -np 2 turbine serve SPLIT` against `turbine serve LOCAL`: the same text and
+/// log-probabilities for concurrent greedy requests, and the same embedding; the job's log.
+fn serve_alike(split: &[&str], local: &[&str], name: &str) -> String {
+    let log = log_path(name);
+    let job = mpirun(&log, split);
+    let local = ServeProcess::start_with(&[], local, None);
     let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
     let body = |p: &str| {
         json!({ "model": MODEL, "prompt": p, "raw": true, "stream": false, "logprobs": true, "top_logprobs": 3,
@@ -125,25 +155,32 @@ fn two_processes_serve_what_the_in_process_split_serves() {
         assert_eq!(a["eval_count"], json!(12));
         assert_eq!(a["logprobs"], b["logprobs"], "{p:?}: log-probabilities differ");
     }
-    let e = common::request(
-        port,
-        "POST",
-        "/api/embed",
-        &[],
-        json!({"model": MODEL, "input": "sky"}).to_string().as_bytes(),
-    )
-    .expect("embed");
+    let embed = |port| {
+        let body = json!({"model": MODEL, "input": "sky"}).to_string();
+        common::request(port, "POST", "/api/embed", &[], body.as_bytes()).expect("embed")
+    };
+    let (e, here) = (embed(port), embed(local.port));
     assert_eq!(e.status, 200, "{}", e.text());
+    assert_eq!(e.json()["embeddings"], here.json()["embeddings"]);
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(logged.contains("rank 1 of 2") && logged.contains("over 2 tensor-parallel ranks"), "{logged}");
     stop(job);
     std::fs::remove_file(&log).ok();
+    logged
 }
 
 #[test]
 fn killing_a_rank_answers_the_waiting_requests_and_ends_the_job() {
-    let log = log_path("kill");
-    let mut job = mpirun(&log);
+    killing_a_rank(TP, "kill");
+}
+
+#[test]
+fn killing_a_pipeline_stage_answers_the_waiting_requests_and_ends_the_job() {
+    killing_a_rank(PP, "pp-kill");
+}
+
+fn killing_a_rank(split: &[&str], name: &str) {
+    let log = log_path(name);
+    let mut job = mpirun(&log, split);
     let port = job.0.port;
     let warm =
         generate(port, &json!({ "model": MODEL, "prompt": "Hi", "stream": false, "options": { "num_predict": 1 } }));
@@ -165,7 +202,7 @@ fn killing_a_rank_answers_the_waiting_requests_and_ends_the_job() {
     let killed = Instant::now();
     assert!(Command::new("kill").args(["-9", pid]).status().expect("kill").success());
 
-    let why = "tensor-parallel group is ending";
+    let why = "MPI group is ending";
     let s = streaming.join().expect("streaming request");
     let last = s.text().lines().last().unwrap_or_default().to_string();
     assert!(last.contains(why), "the stream ends with the error: {last}");

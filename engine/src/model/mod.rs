@@ -62,7 +62,7 @@ impl Batch {
 }
 
 /// Logits of the tokens of a batch that asked for them, in batch order.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Logits {
     /// Batch index of each row.
     pub rows: Vec<usize>,
@@ -213,6 +213,7 @@ pub enum StageEnd {
 
 /// What a pipeline stage hands on: the hidden states after its layers, [rows × n_embd],
 /// or, from the last stage, the logits.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum StageOutput {
     Hidden(Vec<f32>),
     Logits(Logits),

@@ -13,6 +13,7 @@
 //! threads); every call takes one process-wide lock, and one model at a time is resident,
 //! so every rank sees the same sequence of messages and collectives.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -27,8 +28,10 @@ use mpi::Count;
 use serde::{Deserialize, Serialize};
 
 use super::group::{thread_pool, Answer, Follower, Followers, Sharded, Step};
+use super::pipeline::{self, wire, Chain, MicroResult, Onward, Pipelined, StageRank};
 use super::{CommError, Communicator};
 use crate::backend::cpu::CpuBackend;
+use crate::model::Architecture;
 use crate::backend::WeightSizes;
 use crate::gguf::Gguf;
 use crate::EngineError;
@@ -56,6 +59,8 @@ pub struct MpiWorld {
     rank: usize,
     size: usize,
     resident: Arc<Resident>,
+    /// Models load as a pipeline of one stage per rank, instead of split by tensors.
+    pipeline: bool,
 }
 
 /// Whether a model is loaded over the world. One at a time: a load waits until the last
@@ -110,7 +115,7 @@ impl MpiWorld {
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
         let resident = Arc::default();
-        Ok(Some(MpiWorld { _universe: universe, comm: Arc::new(Shared(comm)), rank, size, resident }))
+        Ok(Some(MpiWorld { _universe: universe, comm: Arc::new(Shared(comm)), rank, size, resident, pipeline: false }))
     }
 
     pub fn rank(&self) -> usize {
@@ -121,20 +126,42 @@ impl MpiWorld {
         self.size
     }
 
+    /// Models will load as pipelines, one stage per rank (`mpirun -np N turbine serve
+    /// --pp N`), instead of split by tensors.
+    pub fn pipelined(mut self) -> MpiWorld {
+        self.pipeline = true;
+        self
+    }
+
     /// Rank 0: loads `path` split over every rank of the world, the others loading their
-    /// shares as they are told.
-    pub fn load(&self, path: &Path) -> Result<(Arc<Gguf>, CpuBackend, Sharded), EngineError> {
+    /// shares (or stages) as they are told.
+    pub fn load(&self, path: &Path) -> Result<WorldModel, EngineError> {
         let file = Arc::new(Gguf::open(path)?);
+        let cuts = match self.pipeline {
+            true => Some(pipeline::balanced_split(&file, self.size)?),
+            false => None,
+        };
         self.resident.claim()?;
-        if let Err(e) = broadcast(&self.comm, &Message::Load { path: path.to_path_buf() }) {
+        let told = match &cuts {
+            Some(cuts) => Message::LoadStage { path: path.to_path_buf(), cuts: cuts.clone() },
+            None => Message::Load { path: path.to_path_buf() },
+        };
+        if let Err(e) = broadcast(&self.comm, &told) {
             self.resident.release();
             return Err(e);
         }
-        // From here on dropping `followers` unloads the shares and frees the world.
-        let followers =
-            Box::new(Processes { comm: self.comm.clone(), size: self.size, resident: self.resident.clone() });
+        // From here on dropping the followers (or the chain) unloads the other ranks'
+        // parts and frees the world.
+        let (comm, size, resident) = (self.comm.clone(), self.size, self.resident.clone());
+        if let Some(cuts) = cuts {
+            let chain = Box::new(MpiChain { comm: comm.clone(), size, resident, running: false, early: VecDeque::new() });
+            let answers = move || gather_answers(&comm, size);
+            let (backend, model) = Pipelined::lead(&file, &cuts, threads_per_rank(), chain, answers)?;
+            return Ok((file, backend, Box::new(model)));
+        }
+        let followers = Box::new(Processes { comm, size, resident });
         let (backend, sharded) = Sharded::lead(self.communicator(), &file, threads_per_rank(), followers)?;
-        Ok((file, backend, sharded))
+        Ok((file, backend, Box::new(sharded)))
     }
 
     /// Rank 0: tells the other ranks to end [`follow`].
@@ -146,6 +173,10 @@ impl MpiWorld {
         MpiComm { comm: self.comm.clone(), rank: self.rank, size: self.size, busy_ns: AtomicU64::new(0) }
     }
 }
+
+/// A model loaded over the world, as rank 0 holds it: the file, rank 0's backend and the
+/// model (split by tensors, or a pipeline).
+pub type WorldModel = (Arc<Gguf>, CpuBackend, Box<dyn Architecture<CpuBackend>>);
 
 /// Set by the SIGTERM handler [`on_termination`] installs.
 static TERMINATED: AtomicBool = AtomicBool::new(false);
@@ -195,6 +226,14 @@ enum Message {
     Load {
         path: PathBuf,
     },
+    /// Load your stage (your rank's) of this file cut at `cuts`, as
+    /// `pipeline::stage_at` reads them.
+    LoadStage {
+        path: PathBuf,
+        cuts: Vec<usize>,
+    },
+    /// Every stage loaded: serve the pipeline's chain until it stops.
+    Run,
     Steps(Vec<Step>),
     /// Drop the model.
     Unload,
@@ -264,28 +303,33 @@ impl Followers for Processes {
     }
 
     fn answers(&mut self) -> Vec<Answer> {
-        let bytes = {
-            let _guard = lock();
-            let root = self.comm.0.process_at_rank(0);
-            let mut lens = vec![0u64; self.size];
-            root.gather_into_root(&[0u64][..], &mut lens[..]);
-            let counts: Vec<Count> = lens.iter().map(|&l| l as Count).collect();
-            let displs: Vec<Count> = offsets(&counts);
-            let mut all = vec![0u8; lens.iter().sum::<u64>() as usize];
-            let mut partition = PartitionMut::new(&mut all[..], counts.clone(), &displs[..]);
-            root.gather_varcount_into_root(&[0u8; 0][..], &mut partition);
-            (1..self.size).map(|r| all[displs[r] as usize..][..counts[r] as usize].to_vec()).collect::<Vec<_>>()
-        };
-        bytes
-            .iter()
-            .enumerate()
-            .map(|(i, b)| match serde_json::from_slice::<WireAnswer>(b) {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(EngineError::TensorParallel(format!("rank {}: {e}", i + 1))),
-                Err(e) => Err(mpi_error(format!("rank {}'s answer is not readable: {e}", i + 1))),
-            })
-            .collect()
+        gather_answers(&self.comm, self.size)
     }
+}
+
+/// Rank 0 gathers every other rank's answer, in rank order.
+fn gather_answers(comm: &Shared, size: usize) -> Vec<Answer> {
+    let bytes = {
+        let _guard = lock();
+        let root = comm.0.process_at_rank(0);
+        let mut lens = vec![0u64; size];
+        root.gather_into_root(&[0u64][..], &mut lens[..]);
+        let counts: Vec<Count> = lens.iter().map(|&l| l as Count).collect();
+        let displs: Vec<Count> = offsets(&counts);
+        let mut all = vec![0u8; lens.iter().sum::<u64>() as usize];
+        let mut partition = PartitionMut::new(&mut all[..], counts.clone(), &displs[..]);
+        root.gather_varcount_into_root(&[0u8; 0][..], &mut partition);
+        (1..size).map(|r| all[displs[r] as usize..][..counts[r] as usize].to_vec()).collect::<Vec<_>>()
+    };
+    bytes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match serde_json::from_slice::<WireAnswer>(b) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(EngineError::TensorParallel(format!("rank {}: {e}", i + 1))),
+            Err(e) => Err(mpi_error(format!("rank {}'s answer is not readable: {e}", i + 1))),
+        })
+        .collect()
 }
 
 impl Drop for Processes {
@@ -294,6 +338,150 @@ impl Drop for Processes {
         broadcast(&self.comm, &Message::Unload).ok();
         self.resident.release();
     }
+}
+
+/// Tags of the pipeline's point-to-point messages: down the chain of stages, and from the
+/// last stage back to rank 0.
+const DOWN: mpi::Tag = 11;
+const BACK: mpi::Tag = 12;
+
+/// How long rank 0 waits between looks at a send in progress (and at the answers that
+/// may have come meanwhile), so it does not take the core of a stage on the same machine.
+const POLL: Duration = Duration::from_micros(20);
+
+/// Rank 0's side of a pipeline over the world: stage r is rank r.
+struct MpiChain {
+    comm: Arc<Shared>,
+    size: usize,
+    resident: Arc<Resident>,
+    /// Whether the stages were told to run (after every stage loaded).
+    running: bool,
+    /// Answers of the last stage taken while a send was in progress.
+    early: VecDeque<Result<MicroResult, EngineError>>,
+}
+
+impl MpiChain {
+    /// The last stage's next answer, when one has come.
+    fn answer_waiting(comm: &Shared, last: usize) -> Option<Result<MicroResult, EngineError>> {
+        let _guard = lock();
+        let from = comm.0.process_at_rank(last as i32);
+        from.immediate_probe_with_tag(BACK)?;
+        Some(wire::decode_result(&from.receive_vec_with_tag::<u8>(BACK).0))
+    }
+}
+
+impl Chain for MpiChain {
+    /// Sent without blocking, taking the last stage's answers meanwhile: a blocking send
+    /// could wait on stage 1 handing on to stage 2 ... waiting on the last stage, which
+    /// waits for rank 0 to take its answer.
+    fn send(&mut self, message: pipeline::Message) -> Result<(), EngineError> {
+        if !self.running {
+            broadcast(&self.comm, &Message::Run)?;
+            self.running = true;
+        }
+        let bytes = wire::encode_message(message)?;
+        let (comm, early, last) = (&self.comm, &mut self.early, self.size - 1);
+        mpi::request::scope(|scope| {
+            let mut request = {
+                let _guard = lock();
+                comm.0.process_at_rank(1).immediate_send_with_tag(scope, &bytes[..], DOWN)
+            };
+            loop {
+                let tested = {
+                    let _guard = lock();
+                    request.test()
+                };
+                match tested {
+                    Ok(_) => return,
+                    Err(pending) => request = pending,
+                }
+                match MpiChain::answer_waiting(comm, last) {
+                    Some(answer) => early.push_back(answer),
+                    None => std::thread::sleep(POLL),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn result(&mut self) -> Result<MicroResult, EngineError> {
+        if let Some(answer) = self.early.pop_front() {
+            return answer;
+        }
+        let bytes = {
+            let _guard = lock();
+            self.comm.0.process_at_rank((self.size - 1) as i32).receive_vec_with_tag::<u8>(BACK).0
+        };
+        wire::decode_result(&bytes)
+    }
+}
+
+impl Drop for MpiChain {
+    /// The model goes: the running stages stop down the chain (each then waits for rank
+    /// 0's next broadcast); stages that never ran are told to unload.
+    fn drop(&mut self) {
+        if self.running {
+            if let Ok(bytes) = wire::encode_message(pipeline::Message::Stop) {
+                let _guard = lock();
+                self.comm.0.process_at_rank(1).send_with_tag(&bytes[..], DOWN);
+            }
+        } else {
+            broadcast(&self.comm, &Message::Unload).ok();
+        }
+        self.resident.release();
+    }
+}
+
+/// A stage rank's ways out: on to the next rank, or from the last back to rank 0.
+struct MpiOnward<'a> {
+    comm: &'a Shared,
+    rank: usize,
+}
+
+impl Onward for MpiOnward<'_> {
+    fn next(&mut self, message: pipeline::Message) -> bool {
+        self.send(self.rank + 1, DOWN, wire::encode_message(message))
+    }
+
+    fn back(&mut self, result: MicroResult) -> bool {
+        self.send(0, BACK, wire::encode_result(result))
+    }
+}
+
+impl MpiOnward<'_> {
+    fn send(&self, to: usize, tag: mpi::Tag, bytes: Result<Vec<u8>, EngineError>) -> bool {
+        match bytes {
+            Ok(bytes) => {
+                let _guard = lock();
+                self.comm.0.process_at_rank(to as i32).send_with_tag(&bytes[..], tag);
+                true
+            }
+            Err(e) => {
+                eprintln!("turbine: pipeline rank {} cannot send: {e}", self.rank);
+                false
+            }
+        }
+    }
+}
+
+/// A stage rank serves the chain: messages from the rank before it until it stops. A
+/// message it cannot read ends the job (the ranks after it would wait forever).
+fn serve_stage(world: &MpiWorld, pool: &rayon::ThreadPool, me: &mut StageRank) {
+    let (comm, rank) = (&world.comm, world.rank);
+    let inbox = || {
+        let bytes = {
+            let _guard = lock();
+            comm.0.process_at_rank(rank as i32 - 1).receive_vec_with_tag::<u8>(DOWN).0
+        };
+        match wire::decode_message(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("turbine: pipeline rank {rank}: {e}");
+                comm.0.abort(1)
+            }
+        }
+    };
+    pool.install(|| me.serve(inbox, &mut MpiOnward { comm, rank }));
 }
 
 /// Each count's start in a buffer holding them all in order.
@@ -306,10 +494,12 @@ fn offsets(counts: &[Count]) -> Vec<Count> {
 /// since its peers may be waiting in a collective it will not join.
 pub fn follow(world: &MpiWorld) -> Result<(), String> {
     let mut model: Option<(rayon::ThreadPool, Follower)> = None;
+    let mut stage: Option<(rayon::ThreadPool, StageRank)> = None;
     loop {
         match receive(&world.comm).map_err(|e| e.to_string())? {
             Message::Load { path } => {
-                drop(model.take()); // the previous model's memory first
+                // The previous model's memory first.
+                drop((model.take(), stage.take()));
                 let loaded = thread_pool(threads_per_rank()).and_then(|pool| {
                     let file = Arc::new(Gguf::open(&path)?);
                     let me = pool.install(|| Follower::load(world.communicator(), &file))?;
@@ -321,6 +511,20 @@ pub fn follow(world: &MpiWorld) -> Result<(), String> {
                 };
                 answer(&world.comm, reply).map_err(|e| e.to_string())?;
                 model = loaded.ok();
+            }
+            Message::LoadStage { path, cuts } => {
+                drop((model.take(), stage.take()));
+                let loaded = load_stage(world, &path, &cuts);
+                let reply = loaded.as_ref().map(|(_, me)| me.weight_bytes());
+                let reply = reply.map_err(|e| EngineError::TensorParallel(e.to_string()));
+                answer(&world.comm, reply).map_err(|e| e.to_string())?;
+                stage = loaded.ok();
+            }
+            Message::Run => {
+                let Some((pool, mut me)) = stage.take() else {
+                    return Err("rank 0 started a pipeline whose stage this rank did not load".into());
+                };
+                serve_stage(world, &pool, &mut me);
             }
             Message::Steps(steps) => {
                 for step in steps {
@@ -338,10 +542,21 @@ pub fn follow(world: &MpiWorld) -> Result<(), String> {
                     }
                 }
             }
-            Message::Unload => model = None,
+            Message::Unload => (model, stage) = (None, None),
             Message::Exit => return Ok(()),
         }
     }
+}
+
+/// This rank's stage of `path` cut at `cuts` (stage r is rank r), in a pool of its own.
+fn load_stage(world: &MpiWorld, path: &Path, cuts: &[usize]) -> Result<(rayon::ThreadPool, StageRank), EngineError> {
+    if pipeline::check_cuts(cuts)? != world.size {
+        return Err(mpi_error(format!("{} stages for {} ranks", cuts.len().saturating_sub(1), world.size)));
+    }
+    let pool = thread_pool(threads_per_rank())?;
+    let file = Arc::new(Gguf::open(path)?);
+    let me = pool.install(|| StageRank::load(&file, pipeline::stage_at(cuts, world.rank)))?;
+    Ok((pool, me))
 }
 
 /// One rank's side of collectives over MPI: every contribution is all-gathered and

@@ -77,8 +77,11 @@ pub struct Pipelined {
     pool: rayon::ThreadPool,
     /// Locked for a whole forward pass, so passes from several threads stay in order: the
     /// later stages, and stage 0's caches they mirror.
-    chain: Mutex<(Box<dyn Chain>, Vec<(u64, Weak<()>)>)>,
+    chain: Mutex<(Box<dyn Chain>, Mirrors)>,
 }
+
+/// Stage 0's caches the later stages mirror, with handles that die with them.
+type Mirrors = Vec<(u64, Weak<()>)>;
 
 impl Pipelined {
     /// Loads `file` split over `stages` ≥ 2 pipeline stages of `threads` threads each, the
@@ -584,9 +587,128 @@ impl StageRank {
     }
 }
 
+/// Pipeline messages as bytes, for stages in other processes: the message's JSON with its
+/// floats (hidden states, logits) taken out, then the floats as little-endian f32, so
+/// they travel exactly and without JSON's cost.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) mod wire {
+    use super::{Message, MicroResult, StageOutput};
+    use crate::EngineError;
+    use serde::{de::DeserializeOwned, Serialize};
+
+    /// Where a message keeps its floats.
+    trait Floats {
+        fn floats(&mut self) -> Option<&mut Vec<f32>>;
+    }
+
+    impl Floats for Message {
+        fn floats(&mut self) -> Option<&mut Vec<f32>> {
+            match self {
+                Message::Micro { input: Ok(x), .. } => Some(x),
+                _ => None,
+            }
+        }
+    }
+
+    impl Floats for MicroResult {
+        fn floats(&mut self) -> Option<&mut Vec<f32>> {
+            match &mut self.1 {
+                Ok(StageOutput::Hidden(h)) => Some(h),
+                Ok(StageOutput::Logits(l)) => Some(&mut l.data),
+                Err(_) => None,
+            }
+        }
+    }
+
+    fn bad(why: impl std::fmt::Display) -> EngineError {
+        EngineError::TensorParallel(format!("pipeline message: {why}"))
+    }
+
+    fn encode<T: Serialize + Floats>(mut m: T) -> Result<Vec<u8>, EngineError> {
+        let floats = m.floats().map(std::mem::take).unwrap_or_default();
+        let head = serde_json::to_vec(&m).map_err(bad)?;
+        let mut out = Vec::with_capacity(8 + head.len() + 4 * floats.len());
+        out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+        out.extend_from_slice(&head);
+        out.extend(floats.iter().flat_map(|f| f.to_le_bytes()));
+        Ok(out)
+    }
+
+    fn decode<T: DeserializeOwned + Floats>(bytes: &[u8]) -> Result<T, EngineError> {
+        let (len, rest) = bytes.split_first_chunk::<8>().ok_or_else(|| bad("shorter than its header"))?;
+        let len = usize::try_from(u64::from_le_bytes(*len)).ok().filter(|&n| n <= rest.len());
+        let (head, data) = rest.split_at(len.ok_or_else(|| bad("its JSON claims more bytes than it has"))?);
+        let mut m: T = serde_json::from_slice(head).map_err(bad)?;
+        if data.len() % 4 != 0 {
+            return Err(bad(format!("{} bytes of floats", data.len())));
+        }
+        match m.floats() {
+            Some(slot) => *slot = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            None if data.is_empty() => {}
+            None => return Err(bad("floats with a message that has none")),
+        }
+        Ok(m)
+    }
+
+    pub(crate) fn encode_message(m: Message) -> Result<Vec<u8>, EngineError> {
+        encode(m)
+    }
+
+    pub(crate) fn decode_message(bytes: &[u8]) -> Result<Message, EngineError> {
+        decode(bytes)
+    }
+
+    pub(crate) fn encode_result(r: MicroResult) -> Result<Vec<u8>, EngineError> {
+        encode(r)
+    }
+
+    pub(crate) fn decode_result(bytes: &[u8]) -> Result<MicroResult, EngineError> {
+        decode(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{balanced_cuts, check_split};
+    use super::wire::{decode_message, decode_result, encode_message, encode_result};
+    use super::{balanced_cuts, check_split, Message};
+    use crate::model::{Batch, Logits, StageOutput};
+
+    #[test]
+    fn messages_cross_the_wire_exactly() {
+        let batch = Batch::for_sequence(3, 7, &[1, 2, 3], false);
+        let hidden = vec![1.5f32, -0.0, f32::MIN_POSITIVE, 1e-45, f32::MAX, 0.1];
+        let m = Message::Micro { index: 2, batch: batch.clone(), input: Ok(hidden.clone()), want_hidden: true };
+        let back = decode_message(&encode_message(m).unwrap()).unwrap();
+        let Message::Micro { index: 2, batch: b, input: Ok(x), want_hidden: true } = back else { panic!("{back:?}") };
+        assert_eq!((b.tokens, b.layout.positions), (batch.tokens.clone(), batch.layout.positions.clone()));
+        assert_eq!(x.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), hidden.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+        let failed = Message::Micro { index: 0, batch, input: Err("stage 1: no".into()), want_hidden: false };
+        assert!(matches!(decode_message(&encode_message(failed).unwrap()).unwrap(), Message::Micro { input: Err(e), .. } if e == "stage 1: no"));
+        let logits = Logits { rows: vec![0, 2], n_vocab: 3, data: vec![0.25, -1.0, 3.0, 4.0, 5.0, f32::NEG_INFINITY] };
+        let (i, out) = decode_result(&encode_result((1, Ok(StageOutput::Logits(logits.clone())))).unwrap()).unwrap();
+        let Ok(StageOutput::Logits(l)) = out else { panic!("{out:?}") };
+        assert_eq!((i, l.rows, l.n_vocab, l.data), (1, logits.rows, 3, logits.data));
+        assert!(matches!(decode_message(&encode_message(Message::Stop).unwrap()).unwrap(), Message::Stop));
+    }
+
+    #[test]
+    fn damaged_messages_are_refused() {
+        let good = encode_message(Message::Micro {
+            index: 0,
+            batch: Batch::default(),
+            input: Ok(vec![1.0, 2.0]),
+            want_hidden: false,
+        })
+        .unwrap();
+        assert!(decode_message(&good[..good.len() - 1]).is_err(), "a float cut short");
+        assert!(decode_message(&good[..5]).is_err(), "no header");
+        let mut long = good.clone();
+        long[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_message(&long).is_err(), "a header claiming more than is there");
+        let mut stop = encode_message(Message::Stop).unwrap();
+        stop.extend_from_slice(&1f32.to_le_bytes());
+        assert!(decode_message(&stop).is_err(), "floats with a message that has none");
+    }
 
     #[test]
     fn splits_too_large_to_search_are_refused() {

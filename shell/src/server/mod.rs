@@ -112,7 +112,7 @@ pub static MPI_WORLD: std::sync::OnceLock<Arc<turbine::engine::parallel::mpi::Mp
 #[cfg(feature = "mpi")]
 pub fn fail_on_termination() -> Result<(), String> {
     turbine::engine::parallel::mpi::on_termination(|| {
-        let why = "the tensor-parallel group is ending (an MPI rank was lost or the job was stopped)";
+        let why = "the MPI group is ending (a rank was lost or the job was stopped)";
         eprintln!("turbine serve: {why}: answering waiting requests, then exiting");
         worker::fail_engine(why);
         // Waiting requests notice within PEER_CHECK (100 ms); their answers then go out.
