@@ -17,8 +17,9 @@ const MODEL: &str = "gemma3:270m";
 
 const TP: &[&str] = &["--tp", "2"];
 const PP: &[&str] = &["--pp", "2"];
+const PP3: &[&str] = &["--pp", "3"];
 
-/// `mpirun -np 2 turbine serve --tp 2` (or `--pp 2`: `split`), its output in `log`.
+/// `mpirun -np N turbine serve --tp N` (or `--pp N`: `split`), its output in `log`.
 /// OpenMPI refuses to run as root (CI, containers) unless told it may.
 fn mpirun(log: &std::path::Path, split: &[&str]) -> Job {
     mpirun_with(log, split, &[])
@@ -26,7 +27,7 @@ fn mpirun(log: &std::path::Path, split: &[&str]) -> Job {
 
 fn mpirun_with(log: &std::path::Path, split: &[&str], env: &[(&str, &str)]) -> Job {
     let turbine = env!("CARGO_BIN_EXE_turbine");
-    let mut args = vec!["--oversubscribe", "-np", "2", turbine, "serve"];
+    let mut args = vec!["--oversubscribe", "-np", split[1], turbine, "serve"];
     args.extend_from_slice(split);
     let mut all = vec![("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")];
     all.extend_from_slice(env);
@@ -126,7 +127,14 @@ fn a_pipeline_of_two_processes_serves_what_the_whole_model_serves() {
     assert!(logged.contains("rank 1 of 2") && logged.contains("in 2 pipeline stages"), "{logged}");
 }
 
-/// `mpirun -np 2 turbine serve SPLIT` against `turbine serve LOCAL`: the same text and
+/// Three: the middle stage passes the chain's messages on.
+#[test]
+fn a_pipeline_of_three_processes_serves_what_the_whole_model_serves() {
+    let logged = serve_alike(PP3, &[], "pp3-serve");
+    assert!(logged.contains("rank 2 of 3") && logged.contains("in 3 pipeline stages"), "{logged}");
+}
+
+/// `mpirun -np N turbine serve SPLIT` against `turbine serve LOCAL`: the same text and
 /// log-probabilities for concurrent greedy requests, and the same embedding; the job's log.
 fn serve_alike(split: &[&str], local: &[&str], name: &str) -> String {
     let log = log_path(name);
