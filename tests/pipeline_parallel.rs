@@ -2,7 +2,9 @@
 //! (dense, mixture-of-experts, latent attention) split into 2 and 3 stages of consecutive
 //! layers give the whole model's logits bit for bit (the same kernels run on the same rows;
 //! a sequence is never split between micro-batches) and its greedy continuation; several
-//! sequences in one batch go through as micro-batches with the same result.
+//! sequences in one batch go through as micro-batches with the same result. Stages split
+//! over tensor-parallel ranks themselves (`--tp 2 --pp 2`) give the 2-rank model's logits
+//! bit for bit.
 
 #[allow(dead_code)] // each test binary uses part of the shared helpers
 mod common;
@@ -70,6 +72,33 @@ fn check(path: &Path, stages: &[usize], cuts: &[&[usize]]) {
         assert!(same, "{}: {what}: logits differ", path.display());
         assert_eq!(got.1, want.1, "{}: {what}: greedy tokens", path.display());
         assert_eq!(piped.arch.info().rank_weight_bytes.len(), n);
+    }
+}
+
+/// Stages over 2 tensor-parallel ranks each against the model over 2 ranks alone: the
+/// same shares of the same layers, so the same logits bit for bit.
+fn check_split_stages(path: &Path, stages: usize, cuts: &[&[usize]]) {
+    let prompts = vec![vec![1u32, 100, 2000, 300, 41, 5000, 60, 7], vec![2, 99, 812, 12], vec![5, 6, 7, 8, 9, 10]];
+    let split = LoadedModel::load_split(path, 2, 1).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let want = run(&split, &prompts, 5);
+    let balanced = std::iter::once((format!("{stages} stages"), LoadedModel::load_pipeline_split(path, stages, 2, 1)));
+    let given = cuts.iter().map(|c| (format!("stages at {c:?}"), LoadedModel::load_pipeline_split_at(path, c, 2, 1)));
+    for (what, piped) in balanced.chain(given) {
+        let piped = piped.unwrap_or_else(|e| panic!("{}: {what}: {e}", path.display()));
+        let got = run(&piped, &prompts, 5);
+        let same = got.0.len() == want.0.len() && got.0.iter().zip(&want.0).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{}: {what} over 2 ranks: logits differ", path.display());
+        assert_eq!(got.1, want.1, "{}: {what} over 2 ranks: greedy tokens", path.display());
+    }
+}
+
+#[test]
+fn stages_over_tensor_parallel_ranks_are_the_split_model() {
+    check_split_stages(&common::default_model_path(), 2, &[&[0, 9, 18]]);
+    check_split_stages(&synthetic("qwen3moe-q8_0.gguf"), 2, &[&[0, 1, 2]]);
+    // Three layers: a layer per stage, and an empty middle stage.
+    for name in ["gpt-oss-mxfp4", "deepseek2-q8_0"] {
+        check_split_stages(&synthetic(&format!("{name}.gguf")), 2, &[&[0, 1, 2, 3], &[0, 2, 2, 3]]);
     }
 }
 

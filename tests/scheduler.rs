@@ -256,6 +256,17 @@ fn a_pipelined_model_serves_like_the_whole_one() {
     serves_like(&whole, &piped);
 }
 
+/// And for 2 stages each over 2 tensor-parallel ranks (`--tp 2 --pp 2`), against the
+/// one-rank group: each stage's ranks mirror its first rank's cache, which mirrors stage
+/// 0's.
+#[test]
+fn stages_over_ranks_serve_like_the_whole_model() {
+    let path = common::default_model_path();
+    let whole = Arc::new(LoadedModel::load_split(&path, 1, 1).expect("the default model as one rank"));
+    let both = Arc::new(LoadedModel::load_pipeline_split(&path, 2, 2, 1).expect("2 stages over 2 ranks"));
+    serves_like(&whole, &both);
+}
+
 /// `split` serves what `whole` serves: concurrent requests, preemption, a second turn from
 /// the prefix cache, embeddings from another cache.
 fn serves_like(whole: &Arc<LoadedModel<CpuBackend>>, split: &Arc<LoadedModel<CpuBackend>>) {

@@ -53,6 +53,17 @@ impl LoadedModel<CpuBackend> {
         Self::load_pipeline_with(path, |file| Pipelined::load_at(file, cuts, threads))
     }
 
+    /// [`LoadedModel::load_pipeline`] with each stage split over `ranks` tensor-parallel
+    /// ranks (`--tp ranks --pp stages`; threads of this process, `threads` each).
+    pub fn load_pipeline_split(path: &Path, stages: usize, ranks: usize, threads: usize) -> Result<Self, EngineError> {
+        Self::load_pipeline_with(path, |file| Pipelined::load_split(file, stages, ranks, threads))
+    }
+
+    /// [`LoadedModel::load_pipeline_split`] with the stages' boundaries given.
+    pub fn load_pipeline_split_at(path: &Path, cuts: &[usize], ranks: usize, threads: usize) -> Result<Self, EngineError> {
+        Self::load_pipeline_with(path, |file| Pipelined::load_split_at(file, cuts, ranks, threads))
+    }
+
     fn load_pipeline_with(
         path: &Path,
         load: impl FnOnce(&Arc<Gguf>) -> Result<(CpuBackend, Pipelined), EngineError>,

@@ -52,7 +52,8 @@ enum Command {
         #[arg(long = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         tp: u16,
         /// Pipeline stages (consecutive layer ranges on threads of this process, each
-        /// with threads / pp threads and its layers' weights; not with --tp).
+        /// with threads / pp threads and its layers' weights; with --tp, each stage over
+        /// tp ranks; under mpirun, its processes, not with --tp).
         #[arg(long = "pp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         pp: u16,
         /// Tokens already in the cache (of every sequence) when each test starts, as
@@ -70,7 +71,8 @@ enum Command {
         #[arg(long = "tp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         tp: u16,
         /// Split each model into M pipeline stages (consecutive layer ranges on threads of
-        /// this process, the cores shared evenly; not with --tp).
+        /// this process, the cores shared evenly; with --tp, each stage over N ranks; under
+        /// mpirun, its processes, not with --tp).
         #[arg(long = "pp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         pp: u16,
     },
@@ -349,6 +351,9 @@ fn mpi_world(
     let Some(world) = turbine::engine::parallel::mpi::MpiWorld::from_launcher()? else {
         return Ok(None);
     };
+    if tp > 1 && pp > 1 {
+        return Err("under mpirun, either --tp or --pp: each process is one rank or one stage".into());
+    }
     let (ranks, flag) = if pp > 1 { (pp, "--pp") } else { (tp, "--tp") };
     if world.size() != ranks {
         return Err(format!(
@@ -381,10 +386,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp, pp, depth } => {
-            if tp > 1 && pp > 1 {
-                eprintln!("error: --tp and --pp cannot be combined yet");
-                return ExitCode::FAILURE;
-            }
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
             let args = bench::BenchArgs {
@@ -394,10 +395,10 @@ fn main() -> ExitCode {
                 reps: reps.into(),
                 format,
                 parallel: parallel.into(),
-                tp: tp.max(pp).into(),
+                tp: usize::from(tp) * usize::from(pp),
                 depth,
                 load_anon_bytes: None,
-                ranks_here: tp.max(pp).into(),
+                ranks_here: usize::from(tp) * usize::from(pp),
             };
             // Under mpirun: the other ranks follow, rank 0 measures the model split over them.
             #[cfg(feature = "mpi")]
@@ -416,10 +417,12 @@ fn main() -> ExitCode {
                 if let Some(world) = &world {
                     return LoadedModel::load_mpi(&p, world).map(|m| (m, 1));
                 }
-                let here = match (ranks, pp) {
-                    (1, _) => LoadedModel::load(&p),
-                    (_, 1) => LoadedModel::load_split(&p, ranks, (threads / ranks).max(1)),
-                    _ => LoadedModel::load_pipeline(&p, ranks, (threads / ranks).max(1)),
+                let per_rank = (threads / ranks).max(1);
+                let here = match (usize::from(tp), usize::from(pp)) {
+                    (1, 1) => LoadedModel::load(&p),
+                    (tp, 1) => LoadedModel::load_split(&p, tp, per_rank),
+                    (1, pp) => LoadedModel::load_pipeline(&p, pp, per_rank),
+                    (tp, pp) => LoadedModel::load_pipeline_split(&p, pp, tp, per_rank),
                 };
                 here.map(|m| (m, ranks))
             });
@@ -470,10 +473,6 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve { listen, tp, pp } => {
-            if tp > 1 && pp > 1 {
-                eprintln!("error: --tp and --pp cannot be combined yet");
-                return ExitCode::FAILURE;
-            }
             #[cfg(feature = "mpi")]
             match mpi_world((tp.into(), pp.into())) {
                 Err(e) => {

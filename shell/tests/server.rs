@@ -866,6 +866,26 @@ fn serve_with_two_pipeline_stages() {
     std::fs::remove_file(&log).ok();
 }
 
+/// `turbine serve --tp 2 --pp 2`: two stages, each over two tensor-parallel ranks, serve
+/// what a group of ranks serves (a pipeline changes no arithmetic), and embeddings.
+#[test]
+fn serve_with_stages_over_tensor_parallel_ranks() {
+    let log = std::env::temp_dir().join(format!("turbine-tp-pp-serve-{}.log", std::process::id()));
+    let args = ["--tp", "2", "--pp", "2"];
+    let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], &args, Some(&log))));
+    let reference = LoadedModel::load_split(&model_path(), 1, 1).expect("one-rank group");
+    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
+    for (got, p) in concurrent_greedy(&s, &prompts, 12).into_iter().zip(prompts) {
+        assert_eq!(got, greedy_with(&reference, p, 12).1, "{p:?}");
+    }
+    let e = s.post("/api/embed", &json!({ "model": MODEL, "input": "Why is the sky blue?" }));
+    assert_eq!(e.status, 200, "{}", e.text());
+    assert_eq!(e.json()["embeddings"][0].as_array().map(Vec::len), Some(640));
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("in 2 pipeline stages over 2 tensor-parallel ranks each"), "{logged}");
+    std::fs::remove_file(&log).ok();
+}
+
 /// /api/ps's size (and the memory budget) counts the mapped file, the weights' repacked
 /// copies (none where the CPU has no interleaved kernels) and the KV pool: with a 16 MiB
 /// budget the pool is small (one sequence's context at least: 23 MiB here), so the size is

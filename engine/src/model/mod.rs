@@ -12,7 +12,7 @@ pub mod qwen3moe;
 
 use crate::backend::{Backend, BatchLayout, KvCache};
 use crate::gguf::{Gguf, TensorInfo};
-use crate::kv::{KvLayout, KvSpec};
+use crate::kv::{BlockOp, KvLayout, KvSpec};
 use crate::parallel::{even_range, Part};
 use crate::EngineError;
 use std::ops::Range;
@@ -124,6 +124,19 @@ pub trait Architecture<B: Backend>: Send + Sync {
             why: "this model cannot run as a pipeline stage",
         })
     }
+    /// Pipeline parallelism, for a stage split over ranks itself (tensor parallelism):
+    /// `batch` starts on `kv`, whose blocks for it are reserved, before its micro-batches
+    /// run through [`Architecture::compute_stage`]; `ops` are the block changes the stage
+    /// received with it. Nothing to do on one rank.
+    fn stage_batch_begins(&self, backend: &B, kv: &mut B::Kv, batch: &Batch, ops: &[BlockOp]) -> Result<(), EngineError> {
+        let _ = (backend, kv, batch, ops);
+        Ok(())
+    }
+    /// As above: `batch`'s micro-batches are done (`kv` ends it after this).
+    fn stage_batch_ends(&self, backend: &B, kv: &mut B::Kv, batch: &Batch) -> Result<(), EngineError> {
+        let _ = (backend, kv, batch);
+        Ok(())
+    }
     /// Mixture-of-experts models: tokens routed to each expert since load, per layer
     /// (empty for dense models). For debugging a router.
     fn routing_stats(&self) -> Vec<Vec<u64>> {
@@ -201,7 +214,7 @@ pub(crate) fn host_or_tp_error<B: Backend>(b: &B, x: B::Act) -> Result<Vec<f32>,
 }
 
 /// What a pipeline stage makes of the hidden states after its layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StageEnd {
     /// Hands them to the next stage as they are.
     Handoff,

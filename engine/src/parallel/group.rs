@@ -14,6 +14,7 @@
 //! drops its own.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -24,10 +25,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{Communicator, InProcess};
 use crate::backend::cpu::{CpuBackend, CpuKv};
-use crate::backend::{Backend, KvCache, WeightSizes};
+use crate::backend::{Backend, KvCache, PipelineStage, WeightSizes};
 use crate::gguf::Gguf;
 use crate::kv::{BlockOp, KvLayout, KvSpec};
-use crate::model::{self, Architecture, Batch, Logits, ModelInfo};
+use crate::model::{self, Architecture, Batch, Logits, ModelInfo, StageEnd, StageOutput};
 use crate::EngineError;
 
 /// A change to the set of rank 0's caches the other ranks mirror.
@@ -50,6 +51,27 @@ pub(crate) enum Step {
         ops: Vec<BlockOp>,
         batch: Batch,
         hidden: bool,
+    },
+    /// A pipeline stage split over ranks: replay `ops` on cache `id`, then reserve the
+    /// blocks of `batch`, whose micro-batches follow. Answered.
+    BeginBatch {
+        id: u64,
+        ops: Vec<BlockOp>,
+        batch: Batch,
+    },
+    /// The stage's layers over micro-batch `batch` of the current batch on cache `id`
+    /// (see `Architecture::compute_stage`). Answered.
+    Stage {
+        id: u64,
+        batch: Batch,
+        layers: Range<usize>,
+        input: Option<Vec<f32>>,
+        end: StageEnd,
+    },
+    /// The current batch on cache `id` is done. Not answered.
+    EndBatch {
+        id: u64,
+        batch: Batch,
     },
 }
 
@@ -90,10 +112,21 @@ impl Sharded {
     /// Loads `file` split over `ranks` threads of this process of `threads` threads each:
     /// the backend of rank 0, which the caller passes to every call, and the model.
     pub fn load(file: &Arc<Gguf>, ranks: usize, threads: usize) -> Result<(CpuBackend, Sharded), EngineError> {
+        Sharded::load_stage(file, ranks, threads, None)
+    }
+
+    /// [`Sharded::load`] of one pipeline stage's layers (`stage`), or of every layer.
+    pub(crate) fn load_stage(
+        file: &Arc<Gguf>,
+        ranks: usize,
+        threads: usize,
+        stage: Option<PipelineStage>,
+    ) -> Result<(CpuBackend, Sharded), EngineError> {
         let mut comms = InProcess::group(ranks.max(1)).into_iter();
         let first = comms.next().ok_or_else(|| EngineError::TensorParallel("no ranks".into()))?;
-        let followers = comms.map(|comm| Thread::start(comm, file, threads)).collect::<Result<Vec<_>, _>>()?;
-        Sharded::lead(first, file, threads, Box::new(Threads(followers)))
+        let followers =
+            comms.map(|comm| Thread::start(comm, file, threads, stage.clone())).collect::<Result<Vec<_>, _>>()?;
+        Sharded::lead(first, file, threads, stage, Box::new(Threads(followers)))
     }
 
     /// Rank 0's share of `file` over `comm`, leading `followers`, which are loading theirs.
@@ -101,9 +134,10 @@ impl Sharded {
         comm: impl Communicator + 'static,
         file: &Arc<Gguf>,
         threads: usize,
+        stage: Option<PipelineStage>,
         mut followers: Box<dyn Followers>,
     ) -> Result<(CpuBackend, Sharded), EngineError> {
-        let backend = CpuBackend::tensor_parallel(comm);
+        let backend = stage_of(CpuBackend::tensor_parallel(comm), stage);
         let loaded = thread_pool(threads).and_then(|pool| {
             let arch = catch_unwind(AssertUnwindSafe(|| pool.install(|| model::load(&backend, file))));
             let arch = arch.unwrap_or_else(|_| Err(EngineError::TensorParallel("rank 0 failed loading".into())));
@@ -122,13 +156,14 @@ impl Sharded {
         Ok((backend, Sharded { arch, info, pool, group, broken: AtomicBool::new(false) }))
     }
 
-    /// One step on every rank: the followers get it first, then rank 0 runs `run` on its
-    /// share; the first error of any rank is the step's.
+    /// One step on every rank: the followers get it first (`step`, made from the cache's
+    /// id and its recorded block changes), then rank 0 runs `run` on its share; the first
+    /// error of any rank is the step's. Unanswered steps (`answered` false) return at once.
     fn step<T>(
         &self,
         (backend, kv): (&CpuBackend, &mut CpuKv),
-        batch: &Batch,
-        hidden: bool,
+        step: impl FnOnce(u64, Vec<BlockOp>) -> Step,
+        answered: bool,
         run: impl FnOnce(&mut CpuKv) -> Result<T, EngineError> + Send,
     ) -> Result<T, EngineError>
     where
@@ -145,8 +180,7 @@ impl Sharded {
         let Group { followers, mirrored } = &mut *group;
         let mut steps: Vec<Step> = sync_caches(mirrored, kv).into_iter().map(Step::Cache).collect();
         let id = kv.blocks().identity().0;
-        let ops = kv.blocks_mut().take_journal();
-        steps.push(Step::Forward { id, ops, batch: batch.clone(), hidden });
+        steps.push(step(id, kv.blocks_mut().take_journal()));
         followers.send(steps)?;
         let mine = catch_unwind(AssertUnwindSafe(|| self.pool.install(|| run(kv)))).unwrap_or_else(|_| {
             // The others may be waiting in a collective rank 0 will never join.
@@ -154,10 +188,18 @@ impl Sharded {
             backend.abandon_group();
             Err(EngineError::TensorParallel("rank 0 failed mid-step and left the group".into()))
         });
+        if !answered {
+            return mine;
+        }
         // Every follower answers, even after an error, so no answer is left for the next step.
         let theirs: Result<Vec<_>, EngineError> = followers.answers().into_iter().collect();
         let out = mine?;
         theirs.map(|_| out)
+    }
+
+    /// A forward pass's step: the logits', or the hidden states' when `hidden`.
+    fn forward_step(batch: &Batch, hidden: bool) -> impl FnOnce(u64, Vec<BlockOp>) -> Step + '_ {
+        move |id, ops| Step::Forward { id, ops, batch: batch.clone(), hidden }
     }
 }
 
@@ -171,11 +213,50 @@ impl Architecture<CpuBackend> for Sharded {
     }
 
     fn compute(&self, backend: &CpuBackend, batch: &Batch, kv: &mut CpuKv) -> Result<Logits, EngineError> {
-        self.step((backend, kv), batch, false, |kv| self.arch.compute(backend, batch, kv))
+        let step = Sharded::forward_step(batch, false);
+        self.step((backend, kv), step, true, |kv| self.arch.compute(backend, batch, kv))
     }
 
     fn compute_hidden(&self, backend: &CpuBackend, batch: &Batch, kv: &mut CpuKv) -> Result<Vec<f32>, EngineError> {
-        self.step((backend, kv), batch, true, |kv| self.arch.compute_hidden(backend, batch, kv))
+        let step = Sharded::forward_step(batch, true);
+        self.step((backend, kv), step, true, |kv| self.arch.compute_hidden(backend, batch, kv))
+    }
+
+    /// A pipeline stage over ranks: every rank runs its share of the stage's layers.
+    fn compute_stage(
+        &self,
+        backend: &CpuBackend,
+        batch: &Batch,
+        kv: &mut CpuKv,
+        layers: Range<usize>,
+        input: Option<Vec<f32>>,
+        end: StageEnd,
+    ) -> Result<StageOutput, EngineError> {
+        let (b, l, x) = (batch.clone(), layers.clone(), input.clone());
+        let step = move |id, _ops| Step::Stage { id, batch: b, layers: l, input: x, end };
+        self.step((backend, kv), step, true, |kv| self.arch.compute_stage(backend, batch, kv, layers, input, end))
+    }
+
+    /// The followers reserve the batch's blocks too, after the block changes `ops` that
+    /// came with it and those rank 0's cache recorded since.
+    fn stage_batch_begins(
+        &self,
+        backend: &CpuBackend,
+        kv: &mut CpuKv,
+        batch: &Batch,
+        ops: &[BlockOp],
+    ) -> Result<(), EngineError> {
+        let step = |id, recorded: Vec<BlockOp>| Step::BeginBatch {
+            id,
+            ops: ops.iter().cloned().chain(recorded).collect(),
+            batch: batch.clone(),
+        };
+        self.step((backend, kv), step, true, |_| Ok(()))
+    }
+
+    fn stage_batch_ends(&self, backend: &CpuBackend, kv: &mut CpuKv, batch: &Batch) -> Result<(), EngineError> {
+        let step = |id, _ops| Step::EndBatch { id, batch: batch.clone() };
+        self.step((backend, kv), step, false, |_| Ok(()))
     }
 
     fn routing_stats(&self) -> Vec<Vec<u64>> {
@@ -219,8 +300,12 @@ pub(crate) struct Follower {
 
 impl Follower {
     /// Loads this rank's share of `file` (on the current thread pool).
-    pub(crate) fn load(comm: impl Communicator + 'static, file: &Arc<Gguf>) -> Result<Follower, EngineError> {
-        let backend = CpuBackend::tensor_parallel(comm);
+    pub(crate) fn load(
+        comm: impl Communicator + 'static,
+        file: &Arc<Gguf>,
+        stage: Option<PipelineStage>,
+    ) -> Result<Follower, EngineError> {
+        let backend = stage_of(CpuBackend::tensor_parallel(comm), stage);
         let arch = model::load(&backend, file)?;
         Ok(Follower { backend, arch, caches: HashMap::new() })
     }
@@ -256,7 +341,33 @@ impl Follower {
                 }),
                 None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
             }),
+            Step::BeginBatch { id, ops, batch } => Some(
+                self.cache(id).and_then(|kv| kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch))).map(|()| WeightSizes::default()),
+            ),
+            Step::Stage { id, batch, layers, input, end } => Some(match self.caches.get_mut(&id) {
+                Some(kv) => self.arch.compute_stage(&self.backend, &batch, kv, layers, input, end).map(|_| WeightSizes::default()),
+                None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
+            }),
+            Step::EndBatch { id, batch } => {
+                if let Ok(kv) = self.cache(id) {
+                    kv.blocks_mut().end_batch(&batch);
+                }
+                None
+            }
         }
+    }
+
+    /// Its mirror of rank 0's cache `id`.
+    fn cache(&mut self, id: u64) -> Result<&mut CpuKv, EngineError> {
+        self.caches.get_mut(&id).ok_or_else(|| EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored")))
+    }
+}
+
+/// `backend` for one pipeline stage's layers, or for every layer.
+fn stage_of(backend: CpuBackend, stage: Option<PipelineStage>) -> CpuBackend {
+    match stage {
+        Some(s) => backend.as_stage(s),
+        None => backend,
     }
 }
 
@@ -302,13 +413,13 @@ impl Drop for Threads {
 
 impl Thread {
     /// A thread that loads its rank's share of `file`, reports, then follows steps.
-    fn start(comm: InProcess, file: &Arc<Gguf>, threads: usize) -> Result<Thread, EngineError> {
+    fn start(comm: InProcess, file: &Arc<Gguf>, threads: usize, stage: Option<PipelineStage>) -> Result<Thread, EngineError> {
         let (tx, steps) = channel();
         let (answers, done) = channel();
         let file = file.clone();
         let thread = std::thread::Builder::new()
             .name(format!("turbine-tp{}", comm.rank()))
-            .spawn(move || follow(comm, &file, threads, steps, answers))
+            .spawn(move || follow(comm, &file, threads, stage, steps, answers))
             .map_err(|e| EngineError::TensorParallel(format!("cannot start a rank thread: {e}")))?;
         Ok(Thread { tx: Some(tx), done, thread: Some(thread) })
     }
@@ -317,7 +428,14 @@ impl Thread {
 /// A follower thread's life: its pool, its share of the model, then steps until rank 0
 /// goes. A rank that fails leaves the group (its communicator goes with this thread), so
 /// the others' collectives end with an error, never a wait.
-fn follow(comm: InProcess, file: &Arc<Gguf>, threads: usize, steps: Receiver<Step>, answers: Sender<Answer>) {
+fn follow(
+    comm: InProcess,
+    file: &Arc<Gguf>,
+    threads: usize,
+    stage: Option<PipelineStage>,
+    steps: Receiver<Step>,
+    answers: Sender<Answer>,
+) {
     let pool = match thread_pool(threads) {
         Ok(p) => p,
         Err(e) => {
@@ -326,7 +444,7 @@ fn follow(comm: InProcess, file: &Arc<Gguf>, threads: usize, steps: Receiver<Ste
         }
     };
     pool.install(move || {
-        let mut me = match Follower::load(comm, file) {
+        let mut me = match Follower::load(comm, file, stage) {
             Ok(f) => f,
             Err(e) => {
                 answers.send(Err(e)).ok();

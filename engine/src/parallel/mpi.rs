@@ -156,11 +156,11 @@ impl MpiWorld {
         if let Some(cuts) = cuts {
             let chain = Box::new(MpiChain { comm: comm.clone(), size, resident, running: false, early: VecDeque::new() });
             let answers = move || gather_answers(&comm, size);
-            let (backend, model) = Pipelined::lead(&file, &cuts, threads_per_rank(), chain, answers)?;
+            let (backend, model) = Pipelined::lead(&file, &cuts, (1, threads_per_rank()), chain, answers)?;
             return Ok((file, backend, Box::new(model)));
         }
         let followers = Box::new(Processes { comm, size, resident });
-        let (backend, sharded) = Sharded::lead(self.communicator(), &file, threads_per_rank(), followers)?;
+        let (backend, sharded) = Sharded::lead(self.communicator(), &file, threads_per_rank(), None, followers)?;
         Ok((file, backend, Box::new(sharded)))
     }
 
@@ -502,7 +502,7 @@ pub fn follow(world: &MpiWorld) -> Result<(), String> {
                 drop((model.take(), stage.take()));
                 let loaded = thread_pool(threads_per_rank()).and_then(|pool| {
                     let file = Arc::new(Gguf::open(&path)?);
-                    let me = pool.install(|| Follower::load(world.communicator(), &file))?;
+                    let me = pool.install(|| Follower::load(world.communicator(), &file, None))?;
                     Ok((pool, me))
                 });
                 let reply = match &loaded {
@@ -555,7 +555,7 @@ fn load_stage(world: &MpiWorld, path: &Path, cuts: &[usize]) -> Result<(rayon::T
     }
     let pool = thread_pool(threads_per_rank())?;
     let file = Arc::new(Gguf::open(path)?);
-    let me = pool.install(|| StageRank::load(&file, pipeline::stage_at(cuts, world.rank)))?;
+    let me = pool.install(|| StageRank::load(&file, pipeline::stage_at(cuts, world.rank), 1, threads_per_rank()))?;
     Ok((pool, me))
 }
 

@@ -23,9 +23,9 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use super::group::{sync_caches, thread_pool, Answer, CacheStep};
+use super::group::{sync_caches, thread_pool, Answer, CacheStep, Sharded};
 use crate::backend::cpu::{CpuBackend, CpuKv};
-use crate::backend::{Backend, KvCache, PipelineStage};
+use crate::backend::{Backend, KvCache, PipelineStage, WeightSizes};
 use crate::gguf::Gguf;
 use crate::kv::{BlockOp, KvLayout};
 use crate::model::{self, Architecture, Batch, Logits, ModelInfo, StageEnd, StageOutput};
@@ -91,9 +91,30 @@ impl Pipelined {
         Pipelined::load_at(file, &balanced_split(file, stages)?, threads)
     }
 
+    /// [`Pipelined::load`] with each stage split over `ranks` tensor-parallel ranks.
+    pub fn load_split(
+        file: &Arc<Gguf>,
+        stages: usize,
+        ranks: usize,
+        threads: usize,
+    ) -> Result<(CpuBackend, Pipelined), EngineError> {
+        Pipelined::load_split_at(file, &balanced_split(file, stages)?, ranks, threads)
+    }
+
     /// [`Pipelined::load`] with the stages' boundaries given: stage s runs layers
     /// cuts[s]..cuts[s + 1] (cuts ascending from 0 to the layer count, 3 or more of them).
     pub fn load_at(file: &Arc<Gguf>, cuts: &[usize], threads: usize) -> Result<(CpuBackend, Pipelined), EngineError> {
+        Pipelined::load_split_at(file, cuts, 1, threads)
+    }
+
+    /// [`Pipelined::load_at`] with each stage split over `ranks` tensor-parallel ranks
+    /// (threads of this process, `threads` each): `--tp ranks --pp stages`.
+    pub fn load_split_at(
+        file: &Arc<Gguf>,
+        cuts: &[usize],
+        ranks: usize,
+        threads: usize,
+    ) -> Result<(CpuBackend, Pipelined), EngineError> {
         let stages = check_cuts(cuts)?;
         let (results_tx, results) = channel();
         let (loaded_tx, loaded) = channel();
@@ -106,7 +127,7 @@ impl Pipelined {
             let (file, loaded_tx, place) = (file.clone(), loaded_tx.clone(), stage_at(cuts, index));
             let thread = std::thread::Builder::new()
                 .name(format!("turbine-pp{index}"))
-                .spawn(move || run_stage_thread(&file, place, threads, rx, out, loaded_tx))
+                .spawn(move || run_stage_thread(&file, place, (ranks, threads), rx, out, loaded_tx))
                 .map_err(|e| EngineError::TensorParallel(format!("cannot start a pipeline stage: {e}")))?;
             threads_of_stages.push(thread);
             next = Some(tx);
@@ -118,30 +139,31 @@ impl Pipelined {
             answers.sort_by_key(|(stage, _)| *stage);
             answers.into_iter().map(|(_, a)| a).collect()
         };
-        Pipelined::lead(file, cuts, threads, chain, answers)
+        Pipelined::lead(file, cuts, (ranks, threads), chain, answers)
     }
 
-    /// Stage 0 of `file` cut at `cuts`, leading the later stages through `chain`; they are
-    /// loading theirs, and `answers` waits for their reports in stage order.
+    /// Stage 0 of `file` cut at `cuts`, over `ranks` tensor-parallel ranks of `threads`
+    /// threads, leading the later stages through `chain`; they are loading theirs, and
+    /// `answers` waits for their reports in stage order.
     pub(crate) fn lead(
         file: &Arc<Gguf>,
         cuts: &[usize],
-        threads: usize,
+        (ranks, threads): (usize, usize),
         chain: Box<dyn Chain>,
         answers: impl FnOnce() -> Vec<Answer>,
     ) -> Result<(CpuBackend, Pipelined), EngineError> {
         let stages = check_cuts(cuts)?;
-        let loaded = thread_pool(threads).and_then(|pool| {
-            let backend = CpuBackend::default().as_stage(stage_at(cuts, 0));
-            let arch = catch_unwind(AssertUnwindSafe(|| pool.install(|| model::load(&backend, file))));
-            let arch = arch.unwrap_or_else(|_| Err(EngineError::TensorParallel("stage 0 failed loading".into())));
-            Ok((pool, backend, arch?))
+        // A stage over ranks runs in its group's pools; its own then only hands on.
+        let own_threads = if ranks > 1 { 1 } else { threads };
+        let loaded = thread_pool(own_threads).and_then(|pool| {
+            let (backend, arch) = pool.install(|| load_stage(file, stage_at(cuts, 0), ranks, threads))?;
+            Ok((pool, backend, arch))
         });
         // Every later stage reports its load, even when stage 0's failed.
         let answers = answers();
         let (pool, backend, arch) = loaded?;
         let mut info = arch.info().clone();
-        info.rank_weight_bytes.push(backend.weight_bytes());
+        info.rank_weight_bytes = vec![stage_bytes(&backend, arch.as_ref())];
         for a in answers {
             info.rank_weight_bytes.push(a?);
         }
@@ -174,6 +196,7 @@ impl Pipelined {
             chain.send(Message::Cache(step))?;
         }
         let (id, ops) = (kv.blocks().identity().0, kv.blocks_mut().take_journal());
+        self.arch.stage_batch_begins(backend, kv, batch, &ops)?;
         chain.send(Message::Begin { id, ops, batch: batch.clone() })?;
         let micros = micro_batches(batch, self.info.rank_weight_bytes.len());
         for (index, (rows, micro)) in micros.iter().enumerate() {
@@ -198,6 +221,7 @@ impl Pipelined {
             }
         }
         chain.send(Message::End { batch: batch.clone() })?;
+        self.arch.stage_batch_ends(backend, kv, batch)?;
         micros
             .into_iter()
             .zip(outs)
@@ -208,6 +232,39 @@ impl Pipelined {
             })
             .collect()
     }
+}
+
+/// Stage `place` of `file`: its backend and model, whole or split over `ranks`
+/// tensor-parallel ranks of `threads` threads (threads of this process).
+fn load_stage(
+    file: &Arc<Gguf>,
+    place: PipelineStage,
+    ranks: usize,
+    threads: usize,
+) -> Result<(CpuBackend, Box<dyn Architecture<CpuBackend>>), EngineError> {
+    let index = place.index;
+    if ranks > 1 {
+        let (backend, sharded) = Sharded::load_stage(file, ranks, threads, Some(place))?;
+        return Ok((backend, Box::new(sharded)));
+    }
+    let backend = CpuBackend::default().as_stage(place);
+    let arch = catch_unwind(AssertUnwindSafe(|| model::load(&backend, file)))
+        .unwrap_or_else(|_| Err(EngineError::TensorParallel(format!("stage {index} failed loading"))))?;
+    Ok((backend, arch))
+}
+
+/// What a stage's weights cover: its backend's, or over tensor-parallel ranks, theirs
+/// summed (a pipeline reports its weights per stage).
+fn stage_bytes(backend: &CpuBackend, arch: &dyn Architecture<CpuBackend>) -> WeightSizes {
+    let ranks = &arch.info().rank_weight_bytes;
+    if ranks.is_empty() {
+        return backend.weight_bytes();
+    }
+    ranks.iter().fold(WeightSizes::default(), |t, r| WeightSizes {
+        covered: t.covered + r.covered,
+        lookup_only: t.lookup_only + r.lookup_only,
+        owned: t.owned + r.owned,
+    })
 }
 
 /// The boundaries of `stages` stages of `file` balanced by weight, after checking that
@@ -440,13 +497,16 @@ impl Onward for ChannelOut {
 fn run_stage_thread(
     file: &Arc<Gguf>,
     place: PipelineStage,
-    threads: usize,
+    (ranks, threads): (usize, usize),
     messages: Receiver<Message>,
     mut out: ChannelOut,
     loaded: Sender<(usize, Answer)>,
 ) {
     let stage = place.index;
-    let me = match thread_pool(threads).and_then(|pool| StageRank::load(file, place).map(|me| (pool, me))) {
+    let own_threads = if ranks > 1 { 1 } else { threads };
+    let me = thread_pool(own_threads)
+        .and_then(|pool| pool.install(|| StageRank::load(file, place, ranks, threads)).map(|me| (pool, me)));
+    let me = match me {
         Ok(me) => me,
         Err(e) => {
             loaded.send((stage, Err(e))).ok();
@@ -468,17 +528,21 @@ pub(crate) struct StageRank {
 }
 
 impl StageRank {
-    /// Loads stage `place` of `file` (call it inside the stage's thread pool).
-    pub(crate) fn load(file: &Arc<Gguf>, place: PipelineStage) -> Result<StageRank, EngineError> {
-        let backend = CpuBackend::default().as_stage(place.clone());
-        let arch = catch_unwind(AssertUnwindSafe(|| model::load(&backend, file)))
-            .unwrap_or_else(|_| Err(EngineError::TensorParallel(format!("stage {} failed loading", place.index))))?;
+    /// Loads stage `place` of `file` over `ranks` tensor-parallel ranks of `threads`
+    /// threads (call it inside the stage's thread pool).
+    pub(crate) fn load(
+        file: &Arc<Gguf>,
+        place: PipelineStage,
+        ranks: usize,
+        threads: usize,
+    ) -> Result<StageRank, EngineError> {
+        let (backend, arch) = load_stage(file, place.clone(), ranks, threads)?;
         Ok(StageRank { place, backend, arch })
     }
 
     /// What its weights cover, for stage 0's report.
-    pub(crate) fn weight_bytes(&self) -> crate::backend::WeightSizes {
-        self.backend.weight_bytes()
+    pub(crate) fn weight_bytes(&self) -> WeightSizes {
+        stage_bytes(&self.backend, self.arch.as_ref())
     }
 
     /// Takes messages from `inbox` until the chain stops (or the stage before is gone),
@@ -505,7 +569,10 @@ impl StageRank {
                 }
                 Message::Begin { id, ops, batch } => {
                     let started = match caches.get_mut(&id) {
-                        Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch)),
+                        // A stage over ranks: its cache recorded `ops` for its followers.
+                        Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch)).and_then(
+                            |()| self.arch.stage_batch_begins(&self.backend, kv, &batch, &[]),
+                        ),
                         None => Err(EngineError::TensorParallel(format!("stage 0's cache {id} is not mirrored"))),
                     };
                     current = Some((id, started.err().map(|e| format!("stage {stage}: {e}"))));
@@ -529,6 +596,8 @@ impl StageRank {
                 Message::End { batch } => {
                     if let Some((id, None)) = current.take() {
                         if let Some(kv) = caches.get_mut(&id) {
+                            // An error here broke the stage's group; its next step says so.
+                            self.arch.stage_batch_ends(&self.backend, kv, &batch).ok();
                             kv.blocks_mut().end_batch(&batch);
                         }
                     }

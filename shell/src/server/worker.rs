@@ -467,10 +467,11 @@ fn load_model(path: &std::path::Path, limits: &EngineLimits) -> Result<LoadedMod
         return LoadedModel::load_mpi(path, world);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    match (limits.tensor_parallel, limits.pipeline_stages) {
-        (0 | 1, 0 | 1) => LoadedModel::load(path),
-        (ranks, 0 | 1) => LoadedModel::load_split(path, ranks, (cores / ranks).max(1)),
-        (_, stages) => LoadedModel::load_pipeline(path, stages, (cores / stages).max(1)),
+    match (limits.tensor_parallel.max(1), limits.pipeline_stages.max(1)) {
+        (1, 1) => LoadedModel::load(path),
+        (ranks, 1) => LoadedModel::load_split(path, ranks, (cores / ranks).max(1)),
+        (1, stages) => LoadedModel::load_pipeline(path, stages, (cores / stages).max(1)),
+        (ranks, stages) => LoadedModel::load_pipeline_split(path, stages, ranks, (cores / (ranks * stages)).max(1)),
     }
 }
 
@@ -506,7 +507,8 @@ fn worker_loop(
                 match (ranks, limits.pipeline_stages) {
                     (1, 0 | 1) => String::new(),
                     (1, stages) => format!(" in {stages} pipeline stages"),
-                    _ => format!(" over {ranks} tensor-parallel ranks"),
+                    (_, 0 | 1) => format!(" over {ranks} tensor-parallel ranks"),
+                    (_, stages) => format!(" in {stages} pipeline stages over {ranks} tensor-parallel ranks each"),
                 },
                 owned >> 20,
                 cfg.max_running,
