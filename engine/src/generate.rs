@@ -60,7 +60,12 @@ impl LoadedModel<CpuBackend> {
     }
 
     /// [`LoadedModel::load_pipeline_split`] with the stages' boundaries given.
-    pub fn load_pipeline_split_at(path: &Path, cuts: &[usize], ranks: usize, threads: usize) -> Result<Self, EngineError> {
+    pub fn load_pipeline_split_at(
+        path: &Path,
+        cuts: &[usize],
+        ranks: usize,
+        threads: usize,
+    ) -> Result<Self, EngineError> {
         Self::load_pipeline_with(path, |file| Pipelined::load_split_at(file, cuts, ranks, threads))
     }
 

@@ -356,10 +356,7 @@ fn mpi_world(
     }
     let (ranks, flag) = if pp > 1 { (pp, "--pp") } else { (tp, "--tp") };
     if world.size() != ranks {
-        return Err(format!(
-            "started as {} MPI processes for {flag} {ranks}: run mpirun -np {ranks}",
-            world.size()
-        ));
+        return Err(format!("started as {} MPI processes for {flag} {ranks}: run mpirun -np {ranks}", world.size()));
     }
     let world = if pp > 1 { world.pipelined() } else { world };
     Ok(Some(std::sync::Arc::new(world)))

@@ -128,7 +128,13 @@ pub trait Architecture<B: Backend>: Send + Sync {
     /// `batch` starts on `kv`, whose blocks for it are reserved, before its micro-batches
     /// run through [`Architecture::compute_stage`]; `ops` are the block changes the stage
     /// received with it. Nothing to do on one rank.
-    fn stage_batch_begins(&self, backend: &B, kv: &mut B::Kv, batch: &Batch, ops: &[BlockOp]) -> Result<(), EngineError> {
+    fn stage_batch_begins(
+        &self,
+        backend: &B,
+        kv: &mut B::Kv,
+        batch: &Batch,
+        ops: &[BlockOp],
+    ) -> Result<(), EngineError> {
         let _ = (backend, kv, batch, ops);
         Ok(())
     }

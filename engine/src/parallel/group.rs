@@ -342,10 +342,15 @@ impl Follower {
                 None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
             }),
             Step::BeginBatch { id, ops, batch } => Some(
-                self.cache(id).and_then(|kv| kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch))).map(|()| WeightSizes::default()),
+                self.cache(id)
+                    .and_then(|kv| kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch)))
+                    .map(|()| WeightSizes::default()),
             ),
             Step::Stage { id, batch, layers, input, end } => Some(match self.caches.get_mut(&id) {
-                Some(kv) => self.arch.compute_stage(&self.backend, &batch, kv, layers, input, end).map(|_| WeightSizes::default()),
+                Some(kv) => self
+                    .arch
+                    .compute_stage(&self.backend, &batch, kv, layers, input, end)
+                    .map(|_| WeightSizes::default()),
                 None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
             }),
             Step::EndBatch { id, batch } => {
@@ -359,7 +364,9 @@ impl Follower {
 
     /// Its mirror of rank 0's cache `id`.
     fn cache(&mut self, id: u64) -> Result<&mut CpuKv, EngineError> {
-        self.caches.get_mut(&id).ok_or_else(|| EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored")))
+        self.caches
+            .get_mut(&id)
+            .ok_or_else(|| EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored")))
     }
 }
 
@@ -413,7 +420,12 @@ impl Drop for Threads {
 
 impl Thread {
     /// A thread that loads its rank's share of `file`, reports, then follows steps.
-    fn start(comm: InProcess, file: &Arc<Gguf>, threads: usize, stage: Option<PipelineStage>) -> Result<Thread, EngineError> {
+    fn start(
+        comm: InProcess,
+        file: &Arc<Gguf>,
+        threads: usize,
+        stage: Option<PipelineStage>,
+    ) -> Result<Thread, EngineError> {
         let (tx, steps) = channel();
         let (answers, done) = channel();
         let file = file.clone();

@@ -1,5 +1,7 @@
-//! Tensor parallelism across processes (and machines) over MPI, the `mpi` feature (the
-//! `mpi` crate over Debian's OpenMPI): `mpirun -np N turbine serve --tp N`.
+//! Tensor and pipeline parallelism across processes (and machines) over MPI, the `mpi`
+//! feature (the `mpi` crate over Debian's OpenMPI): `mpirun -np N turbine serve --tp N`,
+//! or `--pp N` for one pipeline stage per process (then the stages talk point-to-point
+//! along the pipeline's chain, see [`MpiChain`]).
 //!
 //! Every process of the world is one rank. Rank 0 runs the HTTP shell and the scheduler;
 //! its split models are [`Sharded`] over an [`MpiComm`], and their followers are the
@@ -31,9 +33,9 @@ use super::group::{thread_pool, Answer, Follower, Followers, Sharded, Step};
 use super::pipeline::{self, wire, Chain, MicroResult, Onward, Pipelined, StageRank};
 use super::{CommError, Communicator};
 use crate::backend::cpu::CpuBackend;
-use crate::model::Architecture;
 use crate::backend::WeightSizes;
 use crate::gguf::Gguf;
+use crate::model::Architecture;
 use crate::EngineError;
 
 /// Held for every MPI call of this process.
@@ -154,7 +156,8 @@ impl MpiWorld {
         // parts and frees the world.
         let (comm, size, resident) = (self.comm.clone(), self.size, self.resident.clone());
         if let Some(cuts) = cuts {
-            let chain = Box::new(MpiChain { comm: comm.clone(), size, resident, running: false, early: VecDeque::new() });
+            let chain =
+                Box::new(MpiChain { comm: comm.clone(), size, resident, running: false, early: VecDeque::new() });
             let answers = move || gather_answers(&comm, size);
             let (backend, model) = Pipelined::lead(&file, &cuts, (1, threads_per_rank()), chain, answers)?;
             return Ok((file, backend, Box::new(model)));

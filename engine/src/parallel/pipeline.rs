@@ -570,9 +570,11 @@ impl StageRank {
                 Message::Begin { id, ops, batch } => {
                     let started = match caches.get_mut(&id) {
                         // A stage over ranks: its cache recorded `ops` for its followers.
-                        Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch)).and_then(
-                            |()| self.arch.stage_batch_begins(&self.backend, kv, &batch, &[]),
-                        ),
+                        Some(kv) => kv
+                            .blocks_mut()
+                            .apply(&ops)
+                            .and_then(|()| kv.blocks_mut().begin_batch(&batch))
+                            .and_then(|()| self.arch.stage_batch_begins(&self.backend, kv, &batch, &[])),
                         None => Err(EngineError::TensorParallel(format!("stage 0's cache {id} is not mirrored"))),
                     };
                     current = Some((id, started.err().map(|e| format!("stage {stage}: {e}"))));
@@ -750,9 +752,14 @@ mod tests {
         let back = decode_message(&encode_message(m).unwrap()).unwrap();
         let Message::Micro { index: 2, batch: b, input: Ok(x), want_hidden: true } = back else { panic!("{back:?}") };
         assert_eq!((b.tokens, b.layout.positions), (batch.tokens.clone(), batch.layout.positions.clone()));
-        assert_eq!(x.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), hidden.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            x.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+            hidden.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+        );
         let failed = Message::Micro { index: 0, batch, input: Err("stage 1: no".into()), want_hidden: false };
-        assert!(matches!(decode_message(&encode_message(failed).unwrap()).unwrap(), Message::Micro { input: Err(e), .. } if e == "stage 1: no"));
+        assert!(
+            matches!(decode_message(&encode_message(failed).unwrap()).unwrap(), Message::Micro { input: Err(e), .. } if e == "stage 1: no")
+        );
         let logits = Logits { rows: vec![0, 2], n_vocab: 3, data: vec![0.25, -1.0, 3.0, 4.0, 5.0, f32::NEG_INFINITY] };
         let (i, out) = decode_result(&encode_result((1, Ok(StageOutput::Logits(logits.clone())))).unwrap()).unwrap();
         let Ok(StageOutput::Logits(l)) = out else { panic!("{out:?}") };
