@@ -15,12 +15,21 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens GPU `ordinal`: `NoDriver` without libcuda, `Driver` when the driver has no
-    /// such GPU or fails.
+    /// Opens GPU `ordinal`: `NoDriver` without libcuda, `NoDevice` when the driver has no
+    /// such GPU, `Driver` when it fails.
     pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
         // SAFETY: only tries to open the library by its candidate names.
         if !unsafe { sys::is_culib_present() } {
             return Err(CudaError::NoDriver);
+        }
+        // cuInit itself answers NO_DEVICE on a machine with a driver and no GPU.
+        let found = match CudaContext::device_count() {
+            Ok(n) => usize::try_from(n).unwrap_or(0),
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_NO_DEVICE => 0,
+            Err(e) => return Err(CudaError::Driver(format!("counting GPUs: {e:?}"))),
+        };
+        if ordinal >= found {
+            return Err(CudaError::NoDevice { ordinal, found });
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::Driver(format!("GPU {ordinal}: {e:?}")))?;
         let name = ctx.name().map_err(|e| CudaError::Driver(format!("{e:?}")))?;

@@ -5,7 +5,7 @@
 pub const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// (name, source) of every kernel file.
-pub const SOURCES: [(&str, &str); 8] = [
+pub const SOURCES: [(&str, &str); 9] = [
     ("quantize", include_str!("../kernels/quantize.cu")),
     ("matvec", include_str!("../kernels/matvec.cu")),
     ("matmul", include_str!("../kernels/matmul.cu")),
@@ -14,6 +14,7 @@ pub const SOURCES: [(&str, &str); 8] = [
     ("attention", include_str!("../kernels/attention.cu")),
     ("moe", include_str!("../kernels/moe.cu")),
     ("sample", include_str!("../kernels/sample.cu")),
+    ("backend", include_str!("../kernels/backend.cu")),
 ];
 
 /// The architectures kernels are built for: Ampere (A100) and Hopper (H100, H200).
@@ -26,7 +27,8 @@ pub fn full_source(source: &str) -> String {
 
 /// The macros that define a kernel named by their first argument, used at the start of a
 /// line (`MATVEC(matvec_q8_0, ...)`).
-pub const KERNEL_MACROS: [&str; 6] = ["MATVEC", "MATMUL", "MATVEC_ID", "KV_STORE", "ATTN_SPLIT", "EMBED"];
+pub const KERNEL_MACROS: [&str; 7] =
+    ["MATVEC", "MATMUL", "MATVEC_ID", "KV_STORE", "ATTN_SPLIT", "EMBED", "MATMUL_FLOAT"];
 
 /// The entry points (`extern "C" __global__` functions) a source defines, for checks and
 /// for loading: those written out and those a [`KERNEL_MACROS`] line instantiates (the
@@ -76,6 +78,16 @@ mod tests {
             "moe_route",
             "moe_combine",
             "argmax_rows",
+            "quantize_q8_0_exact",
+            "quantize_q8_k_exact",
+            "matmul_float_f32",
+            "matmul_float_bf16",
+            "rms_norm_exact",
+            "rope_exact",
+            "geglu_exact",
+            "add_scaled_rows",
+            "gather_cols",
+            "copy_cols",
         ];
         for name in expected {
             assert!(all.iter().any(|n| n == name), "{name} missing from {all:?}");

@@ -12,14 +12,19 @@
 //! attention over it, with GQA, sliding windows, sinks and shared values; MoE routing, the
 //! experts' products through an ids array and their weighted combine; greedy argmax),
 //! their compile check (`tests/compile.rs`, run in CI against NVRTC 13.0 from PyPI), the
-//! GPU check against the CPU code (`turbine-gpu-check`) and the device probe. None has run
-//! on a GPU yet. The backend behind the engine's seam is next.
+//! GPU check against the CPU code (`turbine-gpu-check`) and the device probe; and
+//! [`runtime::Runtime`], an opened GPU with every kernel loaded, which the engine's CUDA
+//! backend (`turbine-engine`'s `cuda` feature) drives. None has run on a GPU yet.
 
 pub mod device;
 pub mod kernels;
 pub mod nvrtc;
+pub mod runtime;
 
+/// The cudarc this crate is built on, for the engine's backend (device buffers, launches).
+pub use cudarc;
 pub use device::Gpu;
+pub use runtime::Runtime;
 
 /// Why something CUDA could not be done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +34,11 @@ pub enum CudaError {
     /// libnvrtc could not be loaded (install the CUDA 13 NVRTC, or put it on
     /// LD_LIBRARY_PATH).
     NoNvrtc,
-    /// The driver answered with an error (no GPU with this ordinal, out of memory...).
+    /// The driver loaded but there is no GPU with this ordinal (`found` GPUs).
+    NoDevice { ordinal: usize, found: usize },
+    /// The GPU is of an architecture the kernels are not built for.
+    Unsupported { name: String, capability: (i32, i32) },
+    /// The driver answered with an error (out of memory, a failed launch...).
     Driver(String),
     /// A kernel source did not compile; `log` is NVRTC's.
     Compile { kernel: String, arch: String, log: String },
@@ -43,6 +52,10 @@ impl std::fmt::Display for CudaError {
             CudaError::NoDriver => write!(f, "no CUDA driver (libcuda) found on this machine"),
             CudaError::NoNvrtc => {
                 write!(f, "NVRTC (libnvrtc.so.13) not found: install CUDA 13's NVRTC or add it to LD_LIBRARY_PATH")
+            }
+            CudaError::NoDevice { ordinal, found } => write!(f, "no CUDA GPU {ordinal} ({found} found)"),
+            CudaError::Unsupported { name, capability: (major, minor) } => {
+                write!(f, "{name} (compute capability {major}.{minor}) is not supported: kernels are built for sm_80 and sm_90a")
             }
             CudaError::Driver(e) => write!(f, "CUDA driver error: {e}"),
             CudaError::Compile { kernel, arch, log } => {

@@ -50,6 +50,11 @@ pub enum EngineError {
         path: String,
         error: std::io::Error,
     },
+    /// A compute device failed mid-pass (out of memory, a failed kernel launch).
+    Device {
+        device: String,
+        why: String,
+    },
 }
 
 impl EngineError {
@@ -64,7 +69,10 @@ impl fmt::Display for EngineError {
             EngineError::Gguf(e) => write!(f, "{e}"),
             EngineError::Tokenizer(e) => write!(f, "{e}"),
             EngineError::UnsupportedArchitecture(a) => {
-                write!(f, "unsupported model architecture '{a}' (supported: gemma3)")
+                write!(
+                    f,
+                    "unsupported model architecture '{a}' (supported: gemma3, llama, qwen2, qwen3, qwen3moe, gpt-oss, deepseek2)"
+                )
             }
             EngineError::MissingKey(k) => write!(f, "model file is missing metadata key '{k}'"),
             EngineError::MissingTensor(t) => write!(f, "model file is missing tensor '{t}'"),
@@ -89,6 +97,7 @@ impl fmt::Display for EngineError {
                 write!(f, "model '{name}' not found (looked in {looked_in}); run scripts/fetch-default-model.sh for gemma3:270m or pass a path to a .gguf file")
             }
             EngineError::Io { path, error } => write!(f, "{path}: {error}"),
+            EngineError::Device { device, why } => write!(f, "{device} failed: {why}"),
         }
     }
 }

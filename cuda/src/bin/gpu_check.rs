@@ -11,8 +11,9 @@
 //! combine, greedy argmax) where it lives in the engine crate, which this crate does not
 //! depend on; each copy names what it mirrors.
 //!
-//! Not yet here: the end-to-end greedy comparison, which needs the CUDA backend behind the
-//! engine's seam.
+//! The kernels the engine's CUDA backend adds (backend.cu) are checked through the backend
+//! seam instead, with the end-to-end comparison of whole models: `turbine-gpu-e2e` (the root
+//! crate's `cuda` feature).
 
 #[path = "gpu_check/attention.rs"]
 mod attention;
@@ -30,7 +31,7 @@ use turbine_cpu::act::QuantizedActs;
 use turbine_cpu::interleaved::Interleaved;
 use turbine_cpu::matmul::{self, WeightView};
 use turbine_cpu::{dequant, ops, GgmlType};
-use turbine_cuda::{kernels, nvrtc, CudaError, Gpu};
+use turbine_cuda::{kernels, runtime, CudaError, Gpu};
 
 pub(crate) type Check = Result<(), String>;
 
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
     let only = args.iter().find(|a| !a.starts_with("--")).cloned();
     let gpu = match Gpu::open(0) {
         Ok(g) => g,
-        Err(e @ (CudaError::NoDriver | CudaError::Driver(_))) => {
+        Err(e @ (CudaError::NoDriver | CudaError::NoDevice { .. } | CudaError::Driver(_))) => {
             println!("skipped: no GPU ({e})");
             return ExitCode::SUCCESS;
         }
@@ -75,15 +76,12 @@ pub(crate) struct Kernels {
 
 impl Kernels {
     fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Kernels, String> {
-        let cache = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/turbine/kernels"));
+        // The engine's cache (TURBINE_KERNEL_CACHE, else ~/.cache/turbine/kernels), with its
+        // precompiled CUBINs where NVRTC is missing.
+        let cache = runtime::kernel_cache_dir();
         let mut functions = Vec::new();
         for (name, source) in kernels::SOURCES {
-            let full = kernels::full_source(source);
-            let cubin = match &cache {
-                Some(dir) => nvrtc::compile_cached(dir, name, &full, arch),
-                None => nvrtc::compile(name, &full, arch).map(|c| c.cubin),
-            }
-            .map_err(|e| e.to_string())?;
+            let cubin = runtime::cubin_for(name, source, arch, cache.as_deref()).map_err(|e| e.to_string())?;
             let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| format!("{name}: {e:?}"))?;
             for entry in kernels::entry_points(source) {
                 let f = module.load_function(&entry).map_err(|e| format!("{entry}: {e:?}"))?;

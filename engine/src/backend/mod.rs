@@ -7,6 +7,8 @@
 //! described by [`BatchLayout`].
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec};
@@ -210,7 +212,8 @@ pub trait Backend: Send + Sync {
         x
     }
     /// The first failed collective since the last call, if any: the forward pass that
-    /// met it returns it instead of its (meaningless) result.
+    /// met it returns it instead of its (meaningless) result. The CUDA backend reports its
+    /// device failures (out of memory, a failed launch) here the same way.
     fn take_tp_error(&self) -> Option<EngineError> {
         None
     }
