@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything the GPU checks need on a machine with a GPU and no Rust or NVRTC, in one folder
+# (target/gpu-bundle, under 64 MiB so one `device` call can carry it):
+#   turbine-gpu-check   every kernel against the CPU reference (`--perf`: GB/s beside copy)
+#   turbine-gpu-e2e     every backend operation, then logits and greedy tokens of models on
+#                       CPU and CUDA, and decode / prefill speed
+#   kernels/            CUBINs for sm_80 and sm_90a, found through TURBINE_KERNEL_CACHE
+#   *.gguf              the synthetic MoE and gpt-oss models (scripts/synth/)
+# Then, on the GPU machine, from the repository root:
+#   export TURBINE_KERNEL_CACHE=$PWD/target/gpu-bundle/kernels
+#   target/gpu-bundle/turbine-gpu-check --perf
+#   target/gpu-bundle/turbine-gpu-e2e --model target/gpu-bundle/qwen3moe-q8_0.gguf \
+#       --model target/gpu-bundle/gpt-oss-mxfp4.gguf
+# The default model (253 MB) does not fit one call; carry it in parts to a warm machine
+# (ignored paths survive between calls there), join them, check its sha256, and pass it
+# first with --model.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+bundle=$root/target/gpu-bundle
+synth=${TURBINE_SYNTH:-$HOME/.cache/turbine-synth}
+nvrtc=${TURBINE_NVRTC_HOME:-$HOME/.cache/turbine-nvrtc}/nvidia/cu13/lib
+bash "$root/scripts/fetch-test-data.sh" >/dev/null
+(cd "$root" && cargo build --release -q --features cuda --bin turbine-gpu-e2e -p turbine \
+  && cargo build --release -q -p turbine-cuda --bin turbine-gpu-check)
+rm -rf "$bundle"
+mkdir -p "$bundle/kernels"
+for bin in turbine-gpu-check turbine-gpu-e2e; do
+  strip -o "$bundle/$bin" "$root/target/release/$bin"
+done
+LD_LIBRARY_PATH=$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$bundle/turbine-gpu-e2e" --precompile "$bundle/kernels"
+cp "$synth/qwen3moe-q8_0.gguf" "$synth/gpt-oss-mxfp4.gguf" "$bundle/"
+size=$(du -sm "$bundle" | cut -f1)
+echo "bundle: $bundle ($size MiB)"
+if [ "$size" -ge 64 ]; then
+  echo "the bundle is over the 64 MiB one device call carries" >&2
+  exit 1
+fi
