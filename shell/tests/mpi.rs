@@ -53,14 +53,47 @@ fn two_model_store(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// One model at a time over the world: asking for another unloads the first on every rank
-/// before the second loads, again and again, and each answers the same.
+/// Split by tensors, several models stay loaded over the world at once: requests to both,
+/// concurrent, each load once on every rank, and each model answers as it did alone (their
+/// steps take turns, so no model's collectives fall between another's).
 #[test]
-fn models_take_turns_over_the_world() {
-    models_take_turns(TP, "turns");
+fn several_models_stay_loaded_over_the_world() {
+    let store = two_model_store("several");
+    let log = log_path("several");
+    let job = mpirun_with(&log, TP, &[("OLLAMA_MODELS", store.to_str().expect("UTF-8 path"))]);
+    let port = job.0.port;
+    let ask = |model: &'static str, prompt: &'static str| {
+        std::thread::spawn(move || {
+            let r = generate(
+                port,
+                &json!({ "model": model, "prompt": prompt, "raw": true, "stream": false,
+                         "options": { "num_predict": 10, "temperature": 0 } }),
+            );
+            assert_eq!(r.status, 200, "{model}: {}", r.text());
+            r.json()["response"].clone()
+        })
+    };
+    let alone = [
+        ask("gemma3:270m", "The sky is").join().expect("first"),
+        ask("gemma3:second", "Once upon").join().expect("second"),
+    ];
+    for _ in 0..2 {
+        let both = [ask("gemma3:270m", "The sky is"), ask("gemma3:second", "Once upon")];
+        let got: Vec<Value> = both.into_iter().map(|t| t.join().expect("request")).collect();
+        assert_eq!(got, alone, "concurrent answers differ from the answers alone");
+    }
+    let ps = common::request(port, "GET", "/api/ps", &[], b"").expect("ps").json();
+    assert_eq!(ps["models"].as_array().map(Vec::len), Some(2), "{ps}");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(logged.matches("turbine serve: loaded").count(), 2, "each model loads once: {logged}");
+    stop(job);
+    std::fs::remove_dir_all(&store).ok();
+    std::fs::remove_file(&log).ok();
 }
 
-/// As above, for pipelines: each model's stages stop before the next model's load.
+/// A pipeline world holds one model at a time: asking for another unloads the first's
+/// stages on every rank before the second loads, again and again, and each answers the
+/// same.
 #[test]
 fn pipelines_take_turns_over_the_world() {
     models_take_turns(PP, "pp-turns");

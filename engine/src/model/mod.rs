@@ -148,11 +148,18 @@ pub trait Architecture<B: Backend>: Send + Sync {
     fn routing_stats(&self) -> Vec<Vec<u64>> {
         Vec::new()
     }
+    /// Whether a forward pass should run on a worker of the global thread pool (where the
+    /// layers' many parallel operations start cheaply). Models split over ranks run in
+    /// pools of their own: a global worker waiting on them could take up another model's
+    /// pass meanwhile, nested inside the first (under MPI, between its collectives).
+    fn runs_on_global_pool(&self) -> bool {
+        true
+    }
     /// [`Architecture::forward`] returning hidden states instead of logits (embeddings).
     fn forward_hidden(&self, backend: &B, batch: &Batch, kv: &mut B::Kv) -> Result<Vec<f32>, EngineError> {
         check_tokens(batch, self.info().n_vocab)?;
         kv.blocks_mut().begin_batch(batch)?;
-        let hidden = rayon::scope(|_| self.compute_hidden(backend, batch, kv));
+        let hidden = on_global_pool(self.runs_on_global_pool(), || self.compute_hidden(backend, batch, kv));
         kv.blocks_mut().end_batch(batch);
         hidden
     }
@@ -163,9 +170,17 @@ pub trait Architecture<B: Backend>: Send + Sync {
         kv.blocks_mut().begin_batch(batch)?;
         // On a pool thread, the layers' many parallel operations start cheaply; from any
         // other thread each one would wake the pool and wait for it.
-        let logits = rayon::scope(|_| self.compute(backend, batch, kv));
+        let logits = on_global_pool(self.runs_on_global_pool(), || self.compute(backend, batch, kv));
         kv.blocks_mut().end_batch(batch);
         logits
+    }
+}
+
+/// `f` on a worker of the global thread pool (`rayon::scope` hands it to one), or here.
+fn on_global_pool<T: Send>(pooled: bool, f: impl FnOnce() -> T + Send) -> T {
+    match pooled {
+        true => rayon::scope(|_| f()),
+        false => f(),
     }
 }
 

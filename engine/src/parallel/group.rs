@@ -85,6 +85,10 @@ pub(crate) trait Followers: Send {
     fn send(&mut self, steps: Vec<Step>) -> Result<(), EngineError>;
     /// Every other rank's answer to its last forward step (or to its load), in rank order.
     fn answers(&mut self) -> Vec<Answer>;
+    /// A step begins and ends: followers other models share (processes under MPI) take
+    /// turns between models for whole steps.
+    fn step_begins(&mut self) {}
+    fn step_ends(&mut self) {}
 }
 
 /// The followers, and rank 0's caches they mirror with handles that die with them.
@@ -178,6 +182,24 @@ impl Sharded {
         }
         let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
         let Group { followers, mirrored } = &mut *group;
+        followers.step_begins();
+        let out = self.exchange((backend, kv), (followers.as_mut(), mirrored), step, answered, run);
+        followers.step_ends();
+        out
+    }
+
+    /// [`Sharded::step`] within its turn.
+    fn exchange<T>(
+        &self,
+        (backend, kv): (&CpuBackend, &mut CpuKv),
+        (followers, mirrored): (&mut dyn Followers, &mut Vec<(u64, Weak<()>)>),
+        step: impl FnOnce(u64, Vec<BlockOp>) -> Step,
+        answered: bool,
+        run: impl FnOnce(&mut CpuKv) -> Result<T, EngineError> + Send,
+    ) -> Result<T, EngineError>
+    where
+        T: Send,
+    {
         let mut steps: Vec<Step> = sync_caches(mirrored, kv).into_iter().map(Step::Cache).collect();
         let id = kv.blocks().identity().0;
         steps.push(step(id, kv.blocks_mut().take_journal()));
@@ -261,6 +283,11 @@ impl Architecture<CpuBackend> for Sharded {
 
     fn routing_stats(&self) -> Vec<Vec<u64>> {
         self.arch.routing_stats()
+    }
+
+    /// Rank 0 runs in its own pool; a step holds the MPI world's turn.
+    fn runs_on_global_pool(&self) -> bool {
+        false
     }
 }
 

@@ -12,10 +12,13 @@
 //!
 //! MPI is initialized for serialized use from several threads (a model's steps come from
 //! its scheduler thread, its collectives from rank 0's pool, loads from the server's
-//! threads); every call takes one process-wide lock, and one model at a time is resident,
-//! so every rank sees the same sequence of messages and collectives.
+//! threads); every call takes one process-wide lock. Split by tensors, several models can
+//! be resident: rank 0's exchanges with the other ranks take turns (a model's whole step,
+//! a load with its answers, an unload: [`take_turn`]), so every rank sees whole exchanges
+//! in one order and no model's collectives fall between another's. A pipeline world holds
+//! one model at a time (its stages serve one chain).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -45,6 +48,40 @@ fn lock() -> MutexGuard<'static, ()> {
     MPI_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Rank 0's turn with the other ranks: taken for a model's whole step, for a load until
+/// every rank answered, and for an unload. Held by one thread at a time, which may take it
+/// again (a load that fails unloads inside its own turn).
+struct Turn {
+    holder: Mutex<(Option<std::thread::ThreadId>, usize)>,
+    free: Condvar,
+}
+
+static TURN: Turn = Turn { holder: Mutex::new((None, 0)), free: Condvar::new() };
+
+/// This thread's turn, until the guard drops.
+struct TurnGuard;
+
+fn take_turn() -> TurnGuard {
+    let me = std::thread::current().id();
+    let mut h = TURN.holder.lock().unwrap_or_else(|e| e.into_inner());
+    while h.0.is_some_and(|t| t != me) {
+        h = TURN.free.wait(h).unwrap_or_else(|e| e.into_inner());
+    }
+    *h = (Some(me), h.1 + 1);
+    TurnGuard
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        let mut h = TURN.holder.lock().unwrap_or_else(|e| e.into_inner());
+        h.1 -= 1;
+        if h.1 == 0 {
+            h.0 = None;
+            TURN.free.notify_all();
+        }
+    }
+}
+
 /// The world communicator, shared by this process's threads. Safety: MPI is initialized
 /// with `Threading::Serialized` and every call is made under [`MPI_LOCK`].
 struct Shared(SimpleCommunicator);
@@ -63,6 +100,8 @@ pub struct MpiWorld {
     resident: Arc<Resident>,
     /// Models load as a pipeline of one stage per rank, instead of split by tensors.
     pipeline: bool,
+    /// The id of the next model loaded split by tensors.
+    next_model: AtomicU64,
 }
 
 /// Whether a model is loaded over the world. One at a time: a load waits until the last
@@ -117,7 +156,16 @@ impl MpiWorld {
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
         let resident = Arc::default();
-        Ok(Some(MpiWorld { _universe: universe, comm: Arc::new(Shared(comm)), rank, size, resident, pipeline: false }))
+        let next_model = AtomicU64::new(0);
+        Ok(Some(MpiWorld {
+            _universe: universe,
+            comm: Arc::new(Shared(comm)),
+            rank,
+            size,
+            resident,
+            pipeline: false,
+            next_model,
+        }))
     }
 
     pub fn rank(&self) -> usize {
@@ -135,40 +183,47 @@ impl MpiWorld {
         self
     }
 
+    /// Whether models load as pipelines (one at a time) rather than split by tensors.
+    pub fn is_pipelined(&self) -> bool {
+        self.pipeline
+    }
+
     /// Rank 0: loads `path` split over every rank of the world, the others loading their
     /// shares (or stages) as they are told.
     pub fn load(&self, path: &Path) -> Result<WorldModel, EngineError> {
         let file = Arc::new(Gguf::open(path)?);
-        let cuts = match self.pipeline {
-            true => Some(pipeline::balanced_split(&file, self.size)?),
-            false => None,
-        };
-        self.resident.claim()?;
-        let told = match &cuts {
-            Some(cuts) => Message::LoadStage { path: path.to_path_buf(), cuts: cuts.clone() },
-            None => Message::Load { path: path.to_path_buf() },
-        };
-        if let Err(e) = broadcast(&self.comm, &told) {
-            self.resident.release();
-            return Err(e);
+        if self.pipeline {
+            return self.load_pipeline(file, path);
         }
-        // From here on dropping the followers (or the chain) unloads the other ranks'
-        // parts and frees the world.
-        let (comm, size, resident) = (self.comm.clone(), self.size, self.resident.clone());
-        if let Some(cuts) = cuts {
-            let chain =
-                Box::new(MpiChain { comm: comm.clone(), size, resident, running: false, early: VecDeque::new() });
-            let answers = move || gather_answers(&comm, size);
-            let (backend, model) = Pipelined::lead(&file, &cuts, (1, threads_per_rank()), chain, answers)?;
-            return Ok((file, backend, Box::new(model)));
-        }
-        let followers = Box::new(Processes { comm, size, resident });
+        let id = self.next_model.fetch_add(1, Ordering::Relaxed);
+        // Until every rank answered: no other model's step falls between.
+        let _turn = take_turn();
+        broadcast(&self.comm, &Message::Load { id, path: path.to_path_buf() })?;
+        // From here on dropping the followers unloads the other ranks' shares.
+        let followers = Box::new(Processes { comm: self.comm.clone(), size: self.size, id, turn: None });
         let (backend, sharded) = Sharded::lead(self.communicator(), &file, threads_per_rank(), None, followers)?;
         Ok((file, backend, Box::new(sharded)))
     }
 
+    /// [`MpiWorld::load`] as a pipeline of one stage per rank, once the last one is gone.
+    fn load_pipeline(&self, file: Arc<Gguf>, path: &Path) -> Result<WorldModel, EngineError> {
+        let cuts = pipeline::balanced_split(&file, self.size)?;
+        self.resident.claim()?;
+        if let Err(e) = broadcast(&self.comm, &Message::LoadStage { path: path.to_path_buf(), cuts: cuts.clone() }) {
+            self.resident.release();
+            return Err(e);
+        }
+        // From here on dropping the chain unloads the other ranks' stages and frees the world.
+        let (comm, size, resident) = (self.comm.clone(), self.size, self.resident.clone());
+        let chain = Box::new(MpiChain { comm: comm.clone(), size, resident, running: false, early: VecDeque::new() });
+        let answers = move || gather_answers(&comm, size);
+        let (backend, model) = Pipelined::lead(&file, &cuts, (1, threads_per_rank()), chain, answers)?;
+        Ok((file, backend, Box::new(model)))
+    }
+
     /// Rank 0: tells the other ranks to end [`follow`].
     pub fn release_followers(&self) {
+        let _turn = take_turn();
         broadcast(&self.comm, &Message::Exit).ok();
     }
 
@@ -225,21 +280,18 @@ fn threads_per_rank() -> usize {
 /// What rank 0 tells the other processes.
 #[derive(Debug, Serialize, Deserialize)]
 enum Message {
-    /// Load your share of this file (which every machine must have at this path).
-    Load {
-        path: PathBuf,
-    },
+    /// Load your share of this file (which every machine must have at this path) as model
+    /// `id`.
+    Load { id: u64, path: PathBuf },
     /// Load your stage (your rank's) of this file cut at `cuts`, as
     /// `pipeline::stage_at` reads them.
-    LoadStage {
-        path: PathBuf,
-        cuts: Vec<usize>,
-    },
+    LoadStage { path: PathBuf, cuts: Vec<usize> },
     /// Every stage loaded: serve the pipeline's chain until it stops.
     Run,
-    Steps(Vec<Step>),
-    /// Drop the model.
-    Unload,
+    /// Steps of model `id`.
+    Steps { id: u64, steps: Vec<Step> },
+    /// Drop model `id` (a pipeline's stage: None).
+    Unload { id: Option<u64> },
     /// Leave [`follow`].
     Exit,
 }
@@ -293,20 +345,30 @@ fn answer(comm: &Shared, answer: Answer) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Rank 0's side of the other processes, for one loaded model.
+/// Rank 0's side of the other processes, for one loaded model (`id`).
 struct Processes {
     comm: Arc<Shared>,
     size: usize,
-    resident: Arc<Resident>,
+    id: u64,
+    /// Held from a step's beginning to its end.
+    turn: Option<TurnGuard>,
 }
 
 impl Followers for Processes {
     fn send(&mut self, steps: Vec<Step>) -> Result<(), EngineError> {
-        broadcast(&self.comm, &Message::Steps(steps))
+        broadcast(&self.comm, &Message::Steps { id: self.id, steps })
     }
 
     fn answers(&mut self) -> Vec<Answer> {
         gather_answers(&self.comm, self.size)
+    }
+
+    fn step_begins(&mut self) {
+        self.turn = Some(take_turn());
+    }
+
+    fn step_ends(&mut self) {
+        self.turn = None;
     }
 }
 
@@ -338,8 +400,8 @@ fn gather_answers(comm: &Shared, size: usize) -> Vec<Answer> {
 impl Drop for Processes {
     /// The model goes: so do its shares.
     fn drop(&mut self) {
-        broadcast(&self.comm, &Message::Unload).ok();
-        self.resident.release();
+        let _turn = take_turn();
+        broadcast(&self.comm, &Message::Unload { id: Some(self.id) }).ok();
     }
 }
 
@@ -429,7 +491,7 @@ impl Drop for MpiChain {
                 self.comm.0.process_at_rank(1).send_with_tag(&bytes[..], DOWN);
             }
         } else {
-            broadcast(&self.comm, &Message::Unload).ok();
+            broadcast(&self.comm, &Message::Unload { id: None }).ok();
         }
         self.resident.release();
     }
@@ -496,13 +558,11 @@ fn offsets(counts: &[Count]) -> Vec<Count> {
 /// answered (rank 0 is gathering the answers); a failed step aborts the MPI job at once,
 /// since its peers may be waiting in a collective it will not join.
 pub fn follow(world: &MpiWorld) -> Result<(), String> {
-    let mut model: Option<(rayon::ThreadPool, Follower)> = None;
+    let mut models: HashMap<u64, (rayon::ThreadPool, Follower)> = HashMap::new();
     let mut stage: Option<(rayon::ThreadPool, StageRank)> = None;
     loop {
         match receive(&world.comm).map_err(|e| e.to_string())? {
-            Message::Load { path } => {
-                // The previous model's memory first.
-                drop((model.take(), stage.take()));
+            Message::Load { id, path } => {
                 let loaded = thread_pool(threads_per_rank()).and_then(|pool| {
                     let file = Arc::new(Gguf::open(&path)?);
                     let me = pool.install(|| Follower::load(world.communicator(), &file, None))?;
@@ -513,10 +573,13 @@ pub fn follow(world: &MpiWorld) -> Result<(), String> {
                     Err(e) => Err(EngineError::TensorParallel(e.to_string())),
                 };
                 answer(&world.comm, reply).map_err(|e| e.to_string())?;
-                model = loaded.ok();
+                if let Ok(model) = loaded {
+                    models.insert(id, model);
+                }
             }
             Message::LoadStage { path, cuts } => {
-                drop((model.take(), stage.take()));
+                // The previous model's memory first.
+                drop((std::mem::take(&mut models), stage.take()));
                 let loaded = load_stage(world, &path, &cuts);
                 let reply = loaded.as_ref().map(|(_, me)| me.weight_bytes());
                 let reply = reply.map_err(|e| EngineError::TensorParallel(e.to_string()));
@@ -529,11 +592,11 @@ pub fn follow(world: &MpiWorld) -> Result<(), String> {
                 };
                 serve_stage(world, &pool, &mut me);
             }
-            Message::Steps(steps) => {
+            Message::Steps { id, steps } => {
+                let Some((pool, me)) = models.get_mut(&id) else {
+                    return Err(format!("rank 0 sent a step of model {id}, which this rank does not hold"));
+                };
                 for step in steps {
-                    let Some((pool, me)) = model.as_mut() else {
-                        return Err("rank 0 sent a step with no model loaded".into());
-                    };
                     if let Some(reply) = pool.install(|| me.take(step)) {
                         if let Err(e) = &reply {
                             // Rank 0 may be waiting in a collective this rank will not join:
@@ -545,7 +608,8 @@ pub fn follow(world: &MpiWorld) -> Result<(), String> {
                     }
                 }
             }
-            Message::Unload => (model, stage) = (None, None),
+            Message::Unload { id: Some(id) } => drop(models.remove(&id)),
+            Message::Unload { id: None } => stage = None,
             Message::Exit => return Ok(()),
         }
     }

@@ -443,6 +443,11 @@ impl Architecture<CpuBackend> for Pipelined {
     fn routing_stats(&self) -> Vec<Vec<u64>> {
         self.arch.routing_stats()
     }
+
+    /// Stage 0 runs in its own pool.
+    fn runs_on_global_pool(&self) -> bool {
+        false
+    }
 }
 
 /// The later stages as threads of this process, linked by channels.

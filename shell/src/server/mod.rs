@@ -125,11 +125,11 @@ pub fn fail_on_termination() -> Result<(), String> {
 /// `pipeline_stages` stages (1 and 1: whole).
 pub fn serve(args: &ListenArgs, tensor_parallel: usize, pipeline_stages: usize) -> Result<(), String> {
     let limits = worker::EngineLimits { tensor_parallel, pipeline_stages, ..worker::EngineLimits::from_env()? };
-    // Under MPI one model at a time: every process follows one sequence of messages.
+    // A pipeline over MPI holds one model at a time: its stages serve one chain.
     #[cfg(feature = "mpi")]
     let limits = match MPI_WORLD.get() {
-        Some(_) => worker::EngineLimits { max_loaded: 1, ..limits },
-        None => limits,
+        Some(world) if world.is_pipelined() => worker::EngineLimits { max_loaded: 1, ..limits },
+        _ => limits,
     };
     let (server, front) = front::bind(args, "turbine serve")?;
     eprintln!("turbine serve: models in {}", turbine::engine::store::models_dir().display());
