@@ -11,6 +11,11 @@
 #   target/gpu-bundle/turbine-gpu-check --perf
 #   target/gpu-bundle/turbine-gpu-e2e --model target/gpu-bundle/qwen3moe-q8_0.gguf \
 #       --model target/gpu-bundle/gpt-oss-mxfp4.gguf
+# turbine-gpu-e2e is built with NCCL: it also runs the first model split over one rank per
+# GPU with its collectives over NCCL. cudarc opens libnccl.so, and NCCL (PyTorch's wheel
+# included) installs libnccl.so.2, so on the GPU machine first:
+#   d=$(mktemp -d); ln -s "$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))')/lib/libnccl.so.2" $d/libnccl.so
+#   export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # The default model (253 MB) does not fit one call; carry it in parts to a warm machine
 # (ignored paths survive between calls there), join them, check its sha256, and pass it
 # first with --model.
@@ -20,7 +25,7 @@ bundle=$root/target/gpu-bundle
 synth=${TURBINE_SYNTH:-$HOME/.cache/turbine-synth}
 nvrtc=${TURBINE_NVRTC_HOME:-$HOME/.cache/turbine-nvrtc}/nvidia/cu13/lib
 bash "$root/scripts/fetch-test-data.sh" >/dev/null
-(cd "$root" && cargo build --release -q --features cuda --bin turbine-gpu-e2e -p turbine \
+(cd "$root" && cargo build --release -q --features cuda,nccl --bin turbine-gpu-e2e -p turbine \
   && cargo build --release -q -p turbine-cuda --bin turbine-gpu-check)
 rm -rf "$bundle"
 mkdir -p "$bundle/kernels"

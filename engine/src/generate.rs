@@ -90,6 +90,18 @@ impl LoadedModel<CpuBackend> {
         Self::assemble(file, tokenizer, backend, arch, start)
     }
 
+    /// [`LoadedModel::load_split`] with the ranks' collectives over NCCL, one rank per GPU
+    /// of `ordinals` (threads of this process, `threads` each); the `nccl` feature.
+    #[cfg(feature = "nccl")]
+    pub fn load_split_nccl(path: &Path, ordinals: &[usize], threads: usize) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let file = Arc::new(Gguf::open(path)?);
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let comms = crate::parallel::nccl::NcclComm::group(ordinals)?;
+        let (backend, sharded) = Sharded::load_over(&file, comms, threads, None)?;
+        Self::assemble(file, tokenizer, backend, Box::new(sharded), start)
+    }
+
     fn load_with(path: &Path, split: Option<(usize, usize)>) -> Result<Self, EngineError> {
         let start = Instant::now();
         let file = Arc::new(Gguf::open(path)?);

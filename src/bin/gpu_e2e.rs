@@ -8,6 +8,9 @@
 //!
 //!   cargo run --release --features cuda --bin turbine-gpu-e2e [-- OPTIONS]
 //!
+//! Built with `--features nccl` too, it also runs the first model split over one rank per
+//! GPU with its collectives over NCCL, against the in-process group (bit for bit).
+//!
 //!   --model NAME_OR_PATH  a model to check (repeatable); by default gemma3:270m from the
 //!                         store, then the synthetic models present in $TURBINE_SYNTH or
 //!                         ~/.cache/turbine-synth (mixture-of-experts ones first)
@@ -202,6 +205,17 @@ fn run(gpu: &CudaBackend, opts: &Options) -> Result<bool, String> {
             }
         }
     }
+    #[cfg(feature = "nccl")]
+    if let Some(path) = models.iter().find_map(|m| store::resolve(m).ok()) {
+        println!("\n== NCCL ({})", path.display());
+        match check_nccl(&path, opts) {
+            Ok(()) => passed.push("NCCL".to_string()),
+            Err(e) => {
+                println!("FAIL NCCL: {e}");
+                failed.push("NCCL".to_string());
+            }
+        }
+    }
     println!("\n== summary: {} passed, {} failed, {} missing", passed.len(), failed.len(), missing.len());
     for (what, list) in [("passed", &passed), ("FAILED", &failed), ("missing", &missing)] {
         if !list.is_empty() {
@@ -323,6 +337,41 @@ fn divergence(
     println!("     CPU: {:?}", model.tokenizer.decode(cpu_tokens));
     println!("     GPU: {:?}", model.tokenizer.decode(gpu_tokens));
     tie
+}
+
+/// Tensor parallelism with its collectives over NCCL (the `nccl` feature), one rank per GPU
+/// of this machine (NCCL takes one rank per GPU: one, on a one-GPU machine), against the
+/// in-process group of as many ranks: the same sums in the same order, so the same logits
+/// bit for bit and the same greedy tokens.
+#[cfg(feature = "nccl")]
+fn check_nccl(path: &std::path::Path, opts: &Options) -> Result<(), String> {
+    let gpus = turbine::cuda::cudarc::driver::CudaContext::device_count().map_err(|e| format!("{e:?}"))?;
+    let ordinals: Vec<usize> = (0..usize::try_from(gpus).unwrap_or(1).max(1)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) / ordinals.len();
+    let nccl = LoadedModel::load_split_nccl(path, &ordinals, threads.max(1)).map_err(e2s)?;
+    let group = LoadedModel::load_split(path, ordinals.len(), threads.max(1)).map_err(e2s)?;
+    let prompt = group.tokenizer.encode(PROMPT, true, true);
+    let ctx = prompt.len() + opts.tokens + 1;
+    let over_nccl = Session::with_kv_type(&nccl, ctx, opts.kv).feed(&prompt, true).map_err(e2s)?;
+    let in_process = Session::with_kv_type(&group, ctx, opts.kv).feed(&prompt, true).map_err(e2s)?;
+    let same = over_nccl.data.len() == in_process.data.len()
+        && over_nccl.data.iter().zip(&in_process.data).all(|(a, b)| a.to_bits() == b.to_bits());
+    if !same {
+        let e = nse(&over_nccl.data, &in_process.data);
+        return Err(format!("{} ranks: logits differ from the in-process group's (nse {e:.2e})", ordinals.len()));
+    }
+    let (a, _) = greedy(&nccl, &prompt, opts)?;
+    let (b, _) = greedy(&group, &prompt, opts)?;
+    if a != b {
+        return Err(format!("{} ranks: greedy tokens differ: {a:?} vs {b:?}", ordinals.len()));
+    }
+    println!(
+        "ok   {} rank(s) over NCCL: logits of {} positions bit for bit and {} greedy tokens as the in-process group",
+        ordinals.len(),
+        prompt.len(),
+        a.len()
+    );
+    Ok(())
 }
 
 /// `opts.tokens` greedy tokens after `prompt` (fewer at an end-of-generation token), and the

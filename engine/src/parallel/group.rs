@@ -126,7 +126,18 @@ impl Sharded {
         threads: usize,
         stage: Option<PipelineStage>,
     ) -> Result<(CpuBackend, Sharded), EngineError> {
-        let mut comms = InProcess::group(ranks.max(1)).into_iter();
+        Sharded::load_over(file, InProcess::group(ranks.max(1)), threads, stage)
+    }
+
+    /// [`Sharded::load_stage`] over the ranks of `comms` (one thread of this process each,
+    /// `comms[0]` rank 0's): the in-process group, or NCCL's.
+    pub(crate) fn load_over<C: Communicator + 'static>(
+        file: &Arc<Gguf>,
+        comms: Vec<C>,
+        threads: usize,
+        stage: Option<PipelineStage>,
+    ) -> Result<(CpuBackend, Sharded), EngineError> {
+        let mut comms = comms.into_iter();
         let first = comms.next().ok_or_else(|| EngineError::TensorParallel("no ranks".into()))?;
         let followers =
             comms.map(|comm| Thread::start(comm, file, threads, stage.clone())).collect::<Result<Vec<_>, _>>()?;
@@ -448,7 +459,7 @@ impl Drop for Threads {
 impl Thread {
     /// A thread that loads its rank's share of `file`, reports, then follows steps.
     fn start(
-        comm: InProcess,
+        comm: impl Communicator + 'static,
         file: &Arc<Gguf>,
         threads: usize,
         stage: Option<PipelineStage>,
@@ -468,7 +479,7 @@ impl Thread {
 /// goes. A rank that fails leaves the group (its communicator goes with this thread), so
 /// the others' collectives end with an error, never a wait.
 fn follow(
-    comm: InProcess,
+    comm: impl Communicator + 'static,
     file: &Arc<Gguf>,
     threads: usize,
     stage: Option<PipelineStage>,

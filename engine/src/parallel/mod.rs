@@ -14,6 +14,8 @@
 mod group;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod pipeline;
 pub use group::Sharded;
 pub use pipeline::{stage_cuts, Pipelined};
