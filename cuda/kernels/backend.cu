@@ -139,7 +139,7 @@ __device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? scratch[lane] : 0.0;
+    v = (lane < (blockDim.x >> 5)) ? scratch[lane] : 0.0;
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }

@@ -49,7 +49,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? scratch[lane] : 0.0f;
+    v = (lane < (blockDim.x >> 5)) ? scratch[lane] : 0.0f;
     v = warp_sum(v);
     return v;
 }
