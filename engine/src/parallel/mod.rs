@@ -66,6 +66,58 @@ pub trait Communicator: Send + Sync {
     fn abandon(&self);
 }
 
+/// Collectives built on an all-gather of every rank's values (MPI, NCCL): sums are taken in
+/// rank order on every rank, as [`InProcess`] takes them, so the results are the same bit
+/// for bit; each rank's kind of collective and length go first, so ranks that disagree get
+/// an error instead of each other's data.
+#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
+pub(crate) mod gathered {
+    use super::CommError;
+
+    pub(crate) const SUM: u64 = 1;
+    pub(crate) const GATHER: u64 = 2;
+
+    /// A transport's all-gather: every rank's `local`, in rank order, once [`check_calls`]
+    /// passed on every rank's (kind, length).
+    pub(crate) trait Exchange {
+        fn exchange(&self, op: u64, local: &[f64]) -> Result<Vec<Vec<f64>>, CommError>;
+    }
+
+    /// Every rank (`heads`: each one's kind and length) called collective `op`, and for a
+    /// sum with `len` values, as rank `rank` did.
+    pub(crate) fn check_calls(rank: usize, op: u64, len: usize, heads: &[(u64, u64)]) -> Result<(), CommError> {
+        let disagrees = |&(o, l): &(u64, u64)| o != op || (op == SUM && l != len as u64);
+        match heads.iter().position(disagrees) {
+            None => Ok(()),
+            Some(r) => Err(CommError::Mismatch(format!(
+                "rank {rank} called collective {op} with {len} values, rank {r} collective {} with {}",
+                heads[r].0, heads[r].1
+            ))),
+        }
+    }
+
+    pub(crate) fn all_reduce_sum(ex: &impl Exchange, buf: &mut [f32]) -> Result<(), CommError> {
+        let mut wide: Vec<f64> = buf.iter().map(|&x| f64::from(x)).collect();
+        all_reduce_sum_f64(ex, &mut wide)?;
+        buf.iter_mut().zip(&wide).for_each(|(b, &s)| *b = s as f32);
+        Ok(())
+    }
+
+    pub(crate) fn all_reduce_sum_f64(ex: &impl Exchange, buf: &mut [f64]) -> Result<(), CommError> {
+        let parts = ex.exchange(SUM, buf)?;
+        buf.copy_from_slice(&parts[0]);
+        for part in &parts[1..] {
+            buf.iter_mut().zip(part).for_each(|(s, x)| *s += x);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn all_gather(ex: &impl Exchange, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        let wide: Vec<f64> = local.iter().map(|&x| f64::from(x)).collect();
+        Ok(ex.exchange(GATHER, &wide)?.concat().iter().map(|&x| x as f32).collect())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     Sum,

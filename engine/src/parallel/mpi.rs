@@ -32,6 +32,7 @@ use mpi::traits::*;
 use mpi::Count;
 use serde::{Deserialize, Serialize};
 
+use super::gathered::{self, Exchange};
 use super::group::{thread_pool, Answer, Follower, Followers, Sharded, Step};
 use super::pipeline::{self, wire, Chain, MicroResult, Onward, Pipelined, StageRank};
 use super::{CommError, Communicator};
@@ -635,29 +636,16 @@ pub struct MpiComm {
     busy_ns: AtomicU64,
 }
 
-/// A collective's kind, sent ahead of its data so ranks that disagree get an error.
-const SUM: u64 = 1;
-const GATHER: u64 = 2;
-
-impl MpiComm {
-    /// Every rank's `local`, in rank order, after checking that every rank called the
-    /// same collective (and, for a sum, with the same length).
+impl Exchange for MpiComm {
     fn exchange(&self, op: u64, local: &[f64]) -> Result<Vec<Vec<f64>>, CommError> {
         let start = Instant::now();
         let _guard = lock();
         let world = &self.comm.0;
         let mut heads = vec![0u64; 2 * self.size];
         world.all_gather_into(&[op, local.len() as u64][..], &mut heads[..]);
-        let (ops, lens): (Vec<u64>, Vec<u64>) = heads.chunks_exact(2).map(|h| (h[0], h[1])).unzip();
-        if let Some(r) = (0..self.size).find(|&r| ops[r] != op || (op == SUM && lens[r] != local.len() as u64)) {
-            return Err(CommError::Mismatch(format!(
-                "rank {} called collective {op} with {} values, rank {r} collective {} with {}",
-                self.rank,
-                local.len(),
-                ops[r],
-                lens[r]
-            )));
-        }
+        let heads: Vec<(u64, u64)> = heads.chunks_exact(2).map(|h| (h[0], h[1])).collect();
+        gathered::check_calls(self.rank, op, local.len(), &heads)?;
+        let lens: Vec<u64> = heads.iter().map(|h| h.1).collect();
         let counts: Vec<Count> = lens.iter().map(|&l| l as Count).collect();
         let displs = offsets(&counts);
         let mut all = vec![0f64; lens.iter().sum::<u64>() as usize];
@@ -679,25 +667,16 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
-        let mut wide: Vec<f64> = buf.iter().map(|&x| f64::from(x)).collect();
-        self.all_reduce_sum_f64(&mut wide)?;
-        buf.iter_mut().zip(&wide).for_each(|(b, &s)| *b = s as f32);
-        Ok(())
+        gathered::all_reduce_sum(self, buf)
     }
 
     /// Summed in rank order, as the in-process group sums.
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CommError> {
-        let parts = self.exchange(SUM, buf)?;
-        buf.copy_from_slice(&parts[0]);
-        for part in &parts[1..] {
-            buf.iter_mut().zip(part).for_each(|(s, x)| *s += x);
-        }
-        Ok(())
+        gathered::all_reduce_sum_f64(self, buf)
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
-        let wide: Vec<f64> = local.iter().map(|&x| f64::from(x)).collect();
-        Ok(self.exchange(GATHER, &wide)?.concat().iter().map(|&x| x as f32).collect())
+        gathered::all_gather(self, local)
     }
 
     fn busy(&self) -> Duration {

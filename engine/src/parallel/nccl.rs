@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use turbine_cuda::cudarc::driver::{CudaContext, CudaStream};
 use turbine_cuda::cudarc::nccl::{Comm, Id};
 
+use super::gathered::{self, Exchange};
 use super::{CommError, Communicator};
 use crate::EngineError;
 
@@ -46,9 +47,6 @@ struct Rank {
 // SAFETY: NCCL communicators may be used from any thread, one call at a time; every use
 // is under `NcclComm::comm`'s lock.
 unsafe impl Send for Rank {}
-
-const SUM: f64 = 1.0;
-const GATHER: f64 = 2.0;
 
 fn unavailable(why: impl std::fmt::Display) -> EngineError {
     EngineError::TensorParallel(format!("NCCL: {why}"))
@@ -116,10 +114,10 @@ impl NcclComm {
             left: AtomicBool::new(false),
         }
     }
+}
 
-    /// Every rank's `local`, in rank order, after checking that every rank called the same
-    /// collective (and, for a sum, with the same length).
-    fn exchange(&self, op: f64, local: &[f64]) -> Result<Vec<Vec<f64>>, CommError> {
+impl Exchange for NcclComm {
+    fn exchange(&self, op: u64, local: &[f64]) -> Result<Vec<Vec<f64>>, CommError> {
         if self.left.load(Ordering::SeqCst) {
             return Err(CommError::RankLost { rank: self.rank });
         }
@@ -132,20 +130,16 @@ impl NcclComm {
         }
         out
     }
+}
 
-    fn exchange_on(&self, rank: &Rank, op: f64, local: &[f64]) -> Result<Vec<Vec<f64>>, CommError> {
-        let heads = rank.all_gather(&[op, local.len() as f64])?;
-        let lens: Vec<usize> = heads.chunks_exact(2).map(|h| h[1] as usize).collect();
-        let disagrees = |r: usize| heads[2 * r] != op || (op == SUM && lens[r] != local.len());
-        if let Some(r) = (0..self.size).find(|&r| disagrees(r)) {
-            return Err(CommError::Mismatch(format!(
-                "rank {} called collective {op} with {} values, rank {r} collective {} with {}",
-                self.rank,
-                local.len(),
-                heads[2 * r],
-                lens[r]
-            )));
-        }
+impl NcclComm {
+    /// [`Exchange::exchange`] with the rank's communicator in hand: the header, then the
+    /// values padded to the longest.
+    fn exchange_on(&self, rank: &Rank, op: u64, local: &[f64]) -> Result<Vec<Vec<f64>>, CommError> {
+        let heads = rank.all_gather(&[op as f64, local.len() as f64])?;
+        let heads: Vec<(u64, u64)> = heads.chunks_exact(2).map(|h| (h[0] as u64, h[1] as u64)).collect();
+        gathered::check_calls(self.rank, op, local.len(), &heads)?;
+        let lens: Vec<usize> = heads.iter().map(|h| h.1 as usize).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         let mut padded = local.to_vec();
         padded.resize(longest, 0.0);
@@ -181,25 +175,16 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
-        let mut wide: Vec<f64> = buf.iter().map(|&x| f64::from(x)).collect();
-        self.all_reduce_sum_f64(&mut wide)?;
-        buf.iter_mut().zip(&wide).for_each(|(b, &s)| *b = s as f32);
-        Ok(())
+        gathered::all_reduce_sum(self, buf)
     }
 
     /// Summed in rank order, as the in-process group sums.
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CommError> {
-        let parts = self.exchange(SUM, buf)?;
-        buf.copy_from_slice(&parts[0]);
-        for part in &parts[1..] {
-            buf.iter_mut().zip(part).for_each(|(s, x)| *s += x);
-        }
-        Ok(())
+        gathered::all_reduce_sum_f64(self, buf)
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
-        let wide: Vec<f64> = local.iter().map(|&x| f64::from(x)).collect();
-        Ok(self.exchange(GATHER, &wide)?.concat().iter().map(|&x| x as f32).collect())
+        gathered::all_gather(self, local)
     }
 
     fn busy(&self) -> Duration {
