@@ -836,53 +836,41 @@ fn logprobs_of_generated_tokens() {
 /// split does), and embeddings.
 #[test]
 fn serve_with_two_tensor_parallel_ranks() {
-    let log = std::env::temp_dir().join(format!("turbine-tp-serve-{}.log", std::process::id()));
-    let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], &["--tp", "2"], Some(&log))));
-    let reference = LoadedModel::load_split(&model_path(), 1, 1).expect("one-rank group");
-    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
-    for (got, p) in concurrent_greedy(&s, &prompts, 12).into_iter().zip(prompts) {
-        assert_eq!(got, greedy_with(&reference, p, 12).1, "{p:?}");
-    }
-    let e = s.post("/api/embed", &json!({ "model": MODEL, "input": "Why is the sky blue?" }));
-    assert_eq!(e.status, 200, "{}", e.text());
-    assert_eq!(e.json()["embeddings"][0].as_array().map(Vec::len), Some(640));
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(logged.contains("over 2 tensor-parallel ranks"), "{logged}");
-    std::fs::remove_file(&log).ok();
+    let one_rank = LoadedModel::load_split(&model_path(), 1, 1).expect("one-rank group");
+    serve_split(&["--tp", "2"], |p| greedy_with(&one_rank, p, 12).1, "over 2 tensor-parallel ranks");
 }
 
 /// `turbine serve --pp 2`: the model in two pipeline stages serves concurrent requests,
 /// each the text the whole model generates (a pipeline changes no arithmetic).
 #[test]
 fn serve_with_two_pipeline_stages() {
-    let log = std::env::temp_dir().join(format!("turbine-pp-serve-{}.log", std::process::id()));
-    let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], &["--pp", "2"], Some(&log))));
-    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
-    for (got, p) in concurrent_greedy(&s, &prompts, 12).into_iter().zip(prompts) {
-        assert_eq!(got, engine_greedy(p, 12).1, "{p:?}");
-    }
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(logged.contains("in 2 pipeline stages"), "{logged}");
-    std::fs::remove_file(&log).ok();
+    serve_split(&["--pp", "2"], |p| engine_greedy(p, 12).1, "in 2 pipeline stages");
 }
 
 /// `turbine serve --tp 2 --pp 2`: two stages, each over two tensor-parallel ranks, serve
 /// what a group of ranks serves (a pipeline changes no arithmetic), and embeddings.
 #[test]
 fn serve_with_stages_over_tensor_parallel_ranks() {
-    let log = std::env::temp_dir().join(format!("turbine-tp-pp-serve-{}.log", std::process::id()));
-    let args = ["--tp", "2", "--pp", "2"];
-    let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], &args, Some(&log))));
-    let reference = LoadedModel::load_split(&model_path(), 1, 1).expect("one-rank group");
+    let one_rank = LoadedModel::load_split(&model_path(), 1, 1).expect("one-rank group");
+    let logged = "in 2 pipeline stages over 2 tensor-parallel ranks each";
+    serve_split(&["--tp", "2", "--pp", "2"], |p| greedy_with(&one_rank, p, 12).1, logged);
+}
+
+/// `turbine serve SPLIT`: concurrent greedy requests each get `want`'s 12 tokens' text, an
+/// embedding comes back whole, and the load's log line says `logged`.
+fn serve_split(split: &[&str], want: impl Fn(&str) -> String, logged: &str) {
+    let name = split.join("").replace("--", "-");
+    let log = std::env::temp_dir().join(format!("turbine-split-serve{name}-{}.log", std::process::id()));
+    let s = std::sync::Arc::new(Server(common::ServeProcess::start_with(&[], split, Some(&log))));
     let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"];
     for (got, p) in concurrent_greedy(&s, &prompts, 12).into_iter().zip(prompts) {
-        assert_eq!(got, greedy_with(&reference, p, 12).1, "{p:?}");
+        assert_eq!(got, want(p), "{p:?}");
     }
     let e = s.post("/api/embed", &json!({ "model": MODEL, "input": "Why is the sky blue?" }));
     assert_eq!(e.status, 200, "{}", e.text());
     assert_eq!(e.json()["embeddings"][0].as_array().map(Vec::len), Some(640));
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(logged.contains("in 2 pipeline stages over 2 tensor-parallel ranks each"), "{logged}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains(logged), "{text}");
     std::fs::remove_file(&log).ok();
 }
 
