@@ -59,18 +59,21 @@ pub(crate) enum Step {
         ops: Vec<BlockOp>,
         batch: Batch,
     },
-    /// The stage's layers over micro-batch `batch` of the current batch on cache `id`
-    /// (see `Architecture::compute_stage`). Answered.
+    /// After `ops` (none, as a rule: the blocks were reserved with the batch), the stage's
+    /// layers over micro-batch `batch` of the current batch on cache `id` (see
+    /// `Architecture::compute_stage`). Answered.
     Stage {
         id: u64,
+        ops: Vec<BlockOp>,
         batch: Batch,
         layers: Range<usize>,
         input: Option<Vec<f32>>,
         end: StageEnd,
     },
-    /// The current batch on cache `id` is done. Not answered.
+    /// After `ops` (none, as a rule), the current batch on cache `id` is done. Not answered.
     EndBatch {
         id: u64,
+        ops: Vec<BlockOp>,
         batch: Batch,
     },
 }
@@ -266,7 +269,7 @@ impl Architecture<CpuBackend> for Sharded {
         end: StageEnd,
     ) -> Result<StageOutput, EngineError> {
         let (b, l, x) = (batch.clone(), layers.clone(), input.clone());
-        let step = move |id, _ops| Step::Stage { id, batch: b, layers: l, input: x, end };
+        let step = move |id, ops| Step::Stage { id, ops, batch: b, layers: l, input: x, end };
         self.step((backend, kv), step, true, |kv| self.arch.compute_stage(backend, batch, kv, layers, input, end))
     }
 
@@ -288,7 +291,7 @@ impl Architecture<CpuBackend> for Sharded {
     }
 
     fn stage_batch_ends(&self, backend: &CpuBackend, kv: &mut CpuKv, batch: &Batch) -> Result<(), EngineError> {
-        let step = |id, _ops| Step::EndBatch { id, batch: batch.clone() };
+        let step = |id, ops| Step::EndBatch { id, ops, batch: batch.clone() };
         self.step((backend, kv), step, false, |_| Ok(()))
     }
 
@@ -384,15 +387,18 @@ impl Follower {
                     .and_then(|kv| kv.blocks_mut().apply(&ops).and_then(|()| kv.blocks_mut().begin_batch(&batch)))
                     .map(|()| WeightSizes::default()),
             ),
-            Step::Stage { id, batch, layers, input, end } => Some(match self.caches.get_mut(&id) {
-                Some(kv) => self
-                    .arch
-                    .compute_stage(&self.backend, &batch, kv, layers, input, end)
-                    .map(|_| WeightSizes::default()),
+            Step::Stage { id, ops, batch, layers, input, end } => Some(match self.caches.get_mut(&id) {
+                Some(kv) => kv.blocks_mut().apply(&ops).and_then(|()| {
+                    self.arch
+                        .compute_stage(&self.backend, &batch, kv, layers, input, end)
+                        .map(|_| WeightSizes::default())
+                }),
                 None => Err(EngineError::TensorParallel(format!("rank 0's cache {id} is not mirrored"))),
             }),
-            Step::EndBatch { id, batch } => {
+            Step::EndBatch { id, ops, batch } => {
                 if let Ok(kv) = self.cache(id) {
+                    // A failure here shows at the next step, whose blocks then disagree.
+                    kv.blocks_mut().apply(&ops).ok();
                     kv.blocks_mut().end_batch(&batch);
                 }
                 None
