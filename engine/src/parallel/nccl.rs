@@ -10,9 +10,9 @@
 //! all-gathers of different lengths be padded to the longest.
 //!
 //! Ranks are threads of this process over several GPUs ([`NcclComm::group`],
-//! `ncclCommInitAll`), or processes that got the group's id from rank 0 some other way
-//! ([`NcclComm::join`]; over MPI, [`super::mpi`] broadcasts it). NCCL allows one rank per
-//! GPU, so on one GPU the group has one rank.
+//! `ncclCommInitAll`), or processes that got the group's id from one rank some other way
+//! ([`NcclComm::new_group_id`], [`NcclComm::join`]; nothing passes it over MPI or TCP yet).
+//! NCCL allows one rank per GPU, so on one GPU the group has one rank.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
