@@ -6,16 +6,11 @@
 #                       CPU and CUDA, and decode / prefill speed
 #   kernels/            CUBINs for sm_80 and sm_90a, found through TURBINE_KERNEL_CACHE
 #   *.gguf              the synthetic MoE and gpt-oss models (scripts/synth/)
-# Then, on the GPU machine, from the repository root:
-#   export TURBINE_KERNEL_CACHE=$PWD/target/gpu-bundle/kernels
-#   target/gpu-bundle/turbine-gpu-check --perf
-#   target/gpu-bundle/turbine-gpu-e2e --model target/gpu-bundle/qwen3moe-q8_0.gguf \
-#       --model target/gpu-bundle/gpt-oss-mxfp4.gguf
+# Then, on the GPU machine, from the repository root (carrying target/gpu-bundle):
+#   bash scripts/gpu-check.sh
 # turbine-gpu-e2e is built with NCCL: it also runs the first model split over one rank per
-# GPU with its collectives over NCCL. cudarc opens libnccl.so, and NCCL (PyTorch's wheel
-# included) installs libnccl.so.2, so on the GPU machine first:
-#   d=$(mktemp -d); ln -s "$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))')/lib/libnccl.so.2" $d/libnccl.so
-#   export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# GPU with its collectives over NCCL (gpu-check.sh links PyTorch's libnccl.so.2 as the
+# libnccl.so cudarc opens).
 # The default model (253 MB) does not fit one call; carry it in parts to a warm machine
 # (ignored paths survive between calls there), join them, check its sha256, and pass it
 # first with --model.
