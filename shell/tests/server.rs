@@ -594,20 +594,27 @@ fn the_least_recently_used_idle_model_makes_room() {
     assert_eq!(loaded(&s), vec!["gemma3:second".to_string()], "the idle model was unloaded for the new one");
 
     // While the only resident model is busy, another cannot load: 503, not a wait forever.
+    // The busy request decodes greedily a count that does not end (a sampled one could
+    // reach its end of text before the second request arrives).
     let busy = {
         let s = s.clone();
         std::thread::spawn(move || {
             s.post(
                 "/api/generate",
-                &json!({ "model": "gemma3:second", "prompt": "Count:", "stream": false,
-                                             "options": { "num_predict": 200 } }),
+                &json!({ "model": "gemma3:second", "prompt": "1, 2, 3, 4, 5,", "raw": true, "stream": false,
+                         "options": { "num_predict": 400, "temperature": 0 } }),
             )
         })
     };
     std::thread::sleep(Duration::from_millis(500));
-    let r = s.post("/api/generate", &json!({ "model": MODEL, "prompt": "Hi", "stream": false }));
+    let r = s.post(
+        "/api/generate",
+        &json!({ "model": MODEL, "prompt": "Hi", "stream": false, "options": { "num_predict": 2 } }),
+    );
     assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(busy.join().unwrap().status, 200);
+    let busy = busy.join().unwrap();
+    assert_eq!(busy.status, 200);
+    assert_eq!(busy.json()["eval_count"], json!(400), "the busy request ran its whole length");
     let r = s.post(
         "/api/generate",
         &json!({ "model": MODEL, "prompt": "Hi", "stream": false,
