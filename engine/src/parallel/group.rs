@@ -196,41 +196,30 @@ impl Sharded {
         }
         let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
         let Group { followers, mirrored } = &mut *group;
+        // Within the step's turn (under MPI, other models' steps wait), ended on every path.
         followers.step_begins();
-        let out = self.exchange((backend, kv), (followers.as_mut(), mirrored), step, answered, run);
+        let exchange = || {
+            let mut steps: Vec<Step> = sync_caches(mirrored, kv).into_iter().map(Step::Cache).collect();
+            let id = kv.blocks().identity().0;
+            steps.push(step(id, kv.blocks_mut().take_journal()));
+            followers.send(steps)?;
+            let mine = catch_unwind(AssertUnwindSafe(|| self.pool.install(|| run(kv)))).unwrap_or_else(|_| {
+                // The others may be waiting in a collective rank 0 will never join.
+                self.broken.store(true, Ordering::SeqCst);
+                backend.abandon_group();
+                Err(EngineError::TensorParallel("rank 0 failed mid-step and left the group".into()))
+            });
+            if !answered {
+                return mine;
+            }
+            // Every follower answers, even after an error, so no answer is left for the next step.
+            let theirs: Result<Vec<_>, EngineError> = followers.answers().into_iter().collect();
+            let out = mine?;
+            theirs.map(|_| out)
+        };
+        let out = exchange();
         followers.step_ends();
         out
-    }
-
-    /// [`Sharded::step`] within its turn.
-    fn exchange<T>(
-        &self,
-        (backend, kv): (&CpuBackend, &mut CpuKv),
-        (followers, mirrored): (&mut dyn Followers, &mut Vec<(u64, Weak<()>)>),
-        step: impl FnOnce(u64, Vec<BlockOp>) -> Step,
-        answered: bool,
-        run: impl FnOnce(&mut CpuKv) -> Result<T, EngineError> + Send,
-    ) -> Result<T, EngineError>
-    where
-        T: Send,
-    {
-        let mut steps: Vec<Step> = sync_caches(mirrored, kv).into_iter().map(Step::Cache).collect();
-        let id = kv.blocks().identity().0;
-        steps.push(step(id, kv.blocks_mut().take_journal()));
-        followers.send(steps)?;
-        let mine = catch_unwind(AssertUnwindSafe(|| self.pool.install(|| run(kv)))).unwrap_or_else(|_| {
-            // The others may be waiting in a collective rank 0 will never join.
-            self.broken.store(true, Ordering::SeqCst);
-            backend.abandon_group();
-            Err(EngineError::TensorParallel("rank 0 failed mid-step and left the group".into()))
-        });
-        if !answered {
-            return mine;
-        }
-        // Every follower answers, even after an error, so no answer is left for the next step.
-        let theirs: Result<Vec<_>, EngineError> = followers.answers().into_iter().collect();
-        let out = mine?;
-        theirs.map(|_| out)
     }
 
     /// A forward pass's step: the logits', or the hidden states' when `hidden`.
