@@ -34,31 +34,12 @@ fn mpirun_with(log: &std::path::Path, split: &[&str], env: &[(&str, &str)]) -> J
     Job(ServeProcess::launch_program("mpirun", &args, &all, Some(log), None))
 }
 
-/// A store named `name` with the default model under two names (the same blob).
-fn two_model_store(name: &str) -> std::path::PathBuf {
-    let real = turbine::engine::store::models_dir();
-    let dir = std::env::temp_dir().join(format!("turbine-mpi-store-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let manifests = dir.join("manifests/registry.ollama.ai/library/gemma3");
-    std::fs::create_dir_all(&manifests).expect("store");
-    std::fs::create_dir_all(dir.join("blobs")).expect("store");
-    for blob in std::fs::read_dir(real.join("blobs")).expect("blobs") {
-        let blob = blob.expect("blob");
-        std::os::unix::fs::symlink(blob.path(), dir.join("blobs").join(blob.file_name())).expect("link");
-    }
-    let manifest = real.join("manifests/registry.ollama.ai/library/gemma3/270m");
-    for tag in ["270m", "second"] {
-        std::fs::copy(&manifest, manifests.join(tag)).expect("manifest");
-    }
-    dir
-}
-
 /// Split by tensors, several models stay loaded over the world at once: requests to both,
 /// concurrent, each load once on every rank, and each model answers as it did alone (their
 /// steps take turns, so no model's collectives fall between another's).
 #[test]
 fn several_models_stay_loaded_over_the_world() {
-    let store = two_model_store("several");
+    let store = common::two_model_store("mpi-store-several");
     let log = log_path("several");
     let job = mpirun_with(&log, TP, &[("OLLAMA_MODELS", store.to_str().expect("UTF-8 path"))]);
     let port = job.0.port;
@@ -100,7 +81,7 @@ fn pipelines_take_turns_over_the_world() {
 }
 
 fn models_take_turns(split: &[&str], name: &str) {
-    let store = two_model_store(name);
+    let store = common::two_model_store(&format!("mpi-store-{name}"));
     let log = log_path(name);
     let job = mpirun_with(&log, split, &[("OLLAMA_MODELS", store.to_str().expect("UTF-8 path"))]);
     let mut answers = Vec::new();

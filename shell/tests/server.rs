@@ -557,29 +557,9 @@ fn a_second_chat_turn_computes_only_its_new_tokens() {
     assert!(n <= 16 + 8, "continuing a context computed {n} tokens");
 }
 
-/// A model store of its own holding the default model under two names. Each blob is a
-/// link to the real one, so removing it removes only the link.
-fn two_model_store(label: &str) -> PathBuf {
-    let real = turbine::engine::store::models_dir();
-    let dir = std::env::temp_dir().join(format!("turbine-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let manifests = dir.join("manifests/registry.ollama.ai/library/gemma3");
-    std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::create_dir_all(dir.join("blobs")).unwrap();
-    for blob in std::fs::read_dir(real.join("blobs")).unwrap() {
-        let blob = blob.unwrap();
-        std::os::unix::fs::symlink(blob.path(), dir.join("blobs").join(blob.file_name())).unwrap();
-    }
-    let manifest = real.join("manifests/registry.ollama.ai/library/gemma3/270m");
-    for tag in ["270m", "second"] {
-        std::fs::copy(&manifest, manifests.join(tag)).unwrap();
-    }
-    dir
-}
-
 #[test]
 fn the_least_recently_used_idle_model_makes_room() {
-    let store = two_model_store("two-models");
+    let store = common::two_model_store("two-models");
     let s = std::sync::Arc::new(Server(common::ServeProcess::start(&[
         ("OLLAMA_MODELS", store.to_str().unwrap()),
         ("OLLAMA_MAX_LOADED_MODELS", "1"),
@@ -716,7 +696,7 @@ fn embeddings_as_ollama_and_openai_shape_them() {
 
 #[test]
 fn copy_and_delete_share_and_prune_blobs() {
-    let store = two_model_store("copy-delete");
+    let store = common::two_model_store("copy-delete");
     let s = Server(common::ServeProcess::start(&[("OLLAMA_MODELS", store.to_str().unwrap())]));
     let names = |s: &Server| -> Vec<String> {
         let tags = s.request("GET", "/api/tags", b"").json();

@@ -191,3 +191,24 @@ fn read_response(mut r: BufReader<TcpStream>, head_only: bool) -> std::io::Resul
     }
     Ok(Resp { status, headers, body })
 }
+
+/// A model store of its own (named after `label` and this process) holding the default
+/// model under two names, `gemma3:270m` and `gemma3:second`. Each blob is a link to the
+/// real one, so removing the store removes only the links.
+pub fn two_model_store(label: &str) -> std::path::PathBuf {
+    let real = turbine::engine::store::models_dir();
+    let dir = std::env::temp_dir().join(format!("turbine-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let manifests = dir.join("manifests/registry.ollama.ai/library/gemma3");
+    std::fs::create_dir_all(&manifests).expect("store");
+    std::fs::create_dir_all(dir.join("blobs")).expect("store");
+    for blob in std::fs::read_dir(real.join("blobs")).expect("blobs") {
+        let blob = blob.expect("blob");
+        std::os::unix::fs::symlink(blob.path(), dir.join("blobs").join(blob.file_name())).expect("link");
+    }
+    let manifest = real.join("manifests/registry.ollama.ai/library/gemma3/270m");
+    for tag in ["270m", "second"] {
+        std::fs::copy(&manifest, manifests.join(tag)).expect("manifest");
+    }
+    dir
+}
