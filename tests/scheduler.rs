@@ -267,6 +267,16 @@ fn stages_over_ranks_serve_like_the_whole_model() {
     serves_like(&whole, &both);
 }
 
+/// And for a model offloaded to another backend through a host backend, as `--device cuda`
+/// runs one: here the device is a second CPU backend, so the device's caches, which replay
+/// the host's block changes, must give exactly the direct model's tokens.
+#[test]
+fn an_offloaded_model_serves_like_the_direct_one() {
+    let device = CpuBackend::default();
+    let offloaded = LoadedModel::load_offloaded(&common::default_model_path(), device).expect("offloaded model");
+    serves_like(&model(), &Arc::new(offloaded));
+}
+
 /// `split` serves what `whole` serves: concurrent requests, preemption, a second turn from
 /// the prefix cache, embeddings from another cache.
 fn serves_like(whole: &Arc<LoadedModel<CpuBackend>>, split: &Arc<LoadedModel<CpuBackend>>) {

@@ -50,6 +50,12 @@ pub enum EngineError {
         path: String,
         error: std::io::Error,
     },
+    /// The device a model was asked to run on cannot be used (not built in, no driver, no
+    /// such GPU).
+    NoDevice {
+        device: String,
+        why: String,
+    },
     /// A compute device failed mid-pass (out of memory, a failed kernel launch).
     Device {
         device: String,
@@ -97,6 +103,7 @@ impl fmt::Display for EngineError {
                 write!(f, "model '{name}' not found (looked in {looked_in}); run scripts/fetch-default-model.sh for gemma3:270m or pass a path to a .gguf file")
             }
             EngineError::Io { path, error } => write!(f, "{path}: {error}"),
+            EngineError::NoDevice { device, why } => write!(f, "device {device} is not available: {why}"),
             EngineError::Device { device, why } => write!(f, "{device} failed: {why}"),
         }
     }

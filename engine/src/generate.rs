@@ -2,6 +2,7 @@
 //! CLI uses (the server's scheduler will batch many of these).
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::offload::Offloaded;
 use crate::backend::{Backend, KvCache};
 use crate::gguf::Gguf;
 use crate::json_format::{JsonFormat, JsonState};
@@ -14,6 +15,45 @@ use crate::EngineError;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Where a model's layers run (`--device`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The GPU of this CUDA ordinal.
+    Cuda(usize),
+    /// GPU 0 where one can be used, else the CPU.
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `cpu`, `cuda` (GPU 0), `cuda:N` or `auto`.
+    fn from_str(s: &str) -> Result<Device, String> {
+        let bad = || format!("unknown device {s:?}: expected cpu, cuda, cuda:N (a GPU ordinal) or auto");
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            "auto" => Ok(Device::Auto),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<u16>) {
+                Some(Ok(ordinal)) => Ok(Device::Cuda(ordinal.into())),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
+            Device::Auto => write!(f, "auto"),
+        }
+    }
+}
 
 /// A model ready to run: its file, tokenizer and weights on a backend.
 pub struct LoadedModel<B: Backend> {
@@ -30,6 +70,51 @@ impl LoadedModel<CpuBackend> {
     /// Opens a GGUF file and prepares it on the CPU.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
         Self::load_with(path, None)
+    }
+
+    /// Opens a GGUF file and prepares it on `device`: the CPU, a GPU (the model offloaded
+    /// to it, run through a host backend the scheduler drives as any other), or, for
+    /// `auto`, GPU 0 where one can be used and the CPU otherwise.
+    pub fn load_on(path: &Path, device: Device) -> Result<Self, EngineError> {
+        match device {
+            Device::Cpu => Self::load(path),
+            Device::Cuda(ordinal) => Self::load_on_cuda(path, ordinal),
+            Device::Auto => match Self::load_on_cuda(path, 0) {
+                Err(EngineError::NoDevice { device, why }) => {
+                    eprintln!("turbine: {device} not used ({why}); running on the CPU");
+                    Self::load(path)
+                }
+                loaded => loaded,
+            },
+        }
+    }
+
+    /// Opens a GGUF file and offloads its model to `device`, driven from a host backend.
+    pub fn load_offloaded<D: Backend + 'static>(path: &Path, device: D) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let file = Arc::new(Gguf::open(path)?);
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let offloaded = Offloaded::load(device, &file)?;
+        Self::assemble(file, tokenizer, CpuBackend::host(), Box::new(offloaded), start)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn load_on_cuda(path: &Path, ordinal: usize) -> Result<Self, EngineError> {
+        use crate::backend::cuda::CudaBackend;
+        let gpu = CudaBackend::new(ordinal)
+            .map_err(|e| EngineError::NoDevice { device: Device::Cuda(ordinal).to_string(), why: e.to_string() })?;
+        let model = Self::load_offloaded(path, gpu.clone())?;
+        // Uploads are queued; a failed one shows here rather than at the first step.
+        gpu.synchronize()?;
+        Ok(model)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn load_on_cuda(_path: &Path, ordinal: usize) -> Result<Self, EngineError> {
+        Err(EngineError::NoDevice {
+            device: Device::Cuda(ordinal).to_string(),
+            why: "this build has no CUDA backend (build with --features cuda)".into(),
+        })
     }
 
     /// Opens a GGUF file and prepares it on the CPU split over `ranks` tensor-parallel

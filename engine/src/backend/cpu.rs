@@ -28,6 +28,9 @@ pub struct CpuBackend {
     held: Arc<[AtomicU64; 3]>,
     /// Its place under pipeline parallelism.
     stage: Option<PipelineStage>,
+    /// The host of a model offloaded to another backend: its caches record their block
+    /// changes for the device's mirrors (see [`super::offload`]).
+    hosts_device: bool,
 }
 
 /// A rank's communicator and the first collective error it met (the forward pass runs to
@@ -50,6 +53,11 @@ impl CpuBackend {
     pub fn tensor_parallel(comm: impl Communicator + 'static) -> CpuBackend {
         let rank = TpRank { comm: Box::new(comm), error: std::sync::Mutex::new(None) };
         CpuBackend { tp: Some(Arc::new(rank)), ..Default::default() }
+    }
+
+    /// The host backend of a model offloaded to another backend (see [`super::offload`]).
+    pub fn host() -> CpuBackend {
+        CpuBackend { hosts_device: true, ..Default::default() }
     }
 
     /// Under tensor parallelism, leaves the group for good (see `Communicator::abandon`).
@@ -440,7 +448,7 @@ impl Backend for CpuBackend {
     fn new_kv(&self, spec: &KvSpec) -> CpuKv {
         let leads_group = self.tp.is_some() && self.tensor_parallel().0 == 0;
         let leads_pipeline = self.stage.as_ref().is_some_and(|s| s.is_first() && s.count > 1);
-        CpuKv::new(spec, leads_group || leads_pipeline)
+        CpuKv::new(spec, leads_group || leads_pipeline || self.hosts_device)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CpuAct {

@@ -9,6 +9,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod offload;
 
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec};

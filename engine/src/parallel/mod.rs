@@ -18,6 +18,7 @@ pub mod mpi;
 pub mod nccl;
 mod pipeline;
 pub use group::Sharded;
+pub(crate) use group::{sync_caches, CacheStep};
 pub use pipeline::{stage_cuts, Pipelined};
 
 use std::ops::Range;
