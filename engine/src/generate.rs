@@ -55,6 +55,39 @@ impl std::fmt::Display for Device {
     }
 }
 
+impl Device {
+    /// The device models will run on, checked now (a GPU: its driver, the GPU itself, its
+    /// kernels): one that cannot be used is an error, or, for `auto`, the CPU instead.
+    pub fn resolve(self) -> Result<Device, EngineError> {
+        match self {
+            Device::Cpu => Ok(Device::Cpu),
+            Device::Cuda(ordinal) => cuda_backend(ordinal).map(|_| self),
+            Device::Auto => match cuda_backend(0) {
+                Ok(_) => Ok(Device::Cuda(0)),
+                Err(e) => {
+                    eprintln!("turbine: {e}; running on the CPU");
+                    Ok(Device::Cpu)
+                }
+            },
+        }
+    }
+}
+
+/// The CUDA backend of GPU `ordinal`, or why it cannot be used.
+#[cfg(feature = "cuda")]
+fn cuda_backend(ordinal: usize) -> Result<crate::backend::cuda::CudaBackend, EngineError> {
+    crate::backend::cuda::CudaBackend::new(ordinal)
+        .map_err(|e| EngineError::NoDevice { device: Device::Cuda(ordinal).to_string(), why: e.to_string() })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(ordinal: usize) -> Result<std::convert::Infallible, EngineError> {
+    Err(EngineError::NoDevice {
+        device: Device::Cuda(ordinal).to_string(),
+        why: "this build has no CUDA backend (build with --features cuda)".into(),
+    })
+}
+
 /// A model ready to run: its file, tokenizer and weights on a backend.
 pub struct LoadedModel<B: Backend> {
     pub file: Arc<Gguf>,
@@ -80,8 +113,8 @@ impl LoadedModel<CpuBackend> {
             Device::Cpu => Self::load(path),
             Device::Cuda(ordinal) => Self::load_on_cuda(path, ordinal),
             Device::Auto => match Self::load_on_cuda(path, 0) {
-                Err(EngineError::NoDevice { device, why }) => {
-                    eprintln!("turbine: {device} not used ({why}); running on the CPU");
+                Err(e @ EngineError::NoDevice { .. }) => {
+                    eprintln!("turbine: {e}; running on the CPU");
                     Self::load(path)
                 }
                 loaded => loaded,
@@ -100,9 +133,7 @@ impl LoadedModel<CpuBackend> {
 
     #[cfg(feature = "cuda")]
     fn load_on_cuda(path: &Path, ordinal: usize) -> Result<Self, EngineError> {
-        use crate::backend::cuda::CudaBackend;
-        let gpu = CudaBackend::new(ordinal)
-            .map_err(|e| EngineError::NoDevice { device: Device::Cuda(ordinal).to_string(), why: e.to_string() })?;
+        let gpu = cuda_backend(ordinal)?;
         let model = Self::load_offloaded(path, gpu.clone())?;
         // Uploads are queued; a failed one shows here rather than at the first step.
         gpu.synchronize()?;
@@ -111,10 +142,7 @@ impl LoadedModel<CpuBackend> {
 
     #[cfg(not(feature = "cuda"))]
     fn load_on_cuda(_path: &Path, ordinal: usize) -> Result<Self, EngineError> {
-        Err(EngineError::NoDevice {
-            device: Device::Cuda(ordinal).to_string(),
-            why: "this build has no CUDA backend (build with --features cuda)".into(),
-        })
+        cuda_backend(ordinal).map(|never| match never {})
     }
 
     /// Opens a GGUF file and prepares it on the CPU split over `ranks` tensor-parallel

@@ -232,6 +232,8 @@ struct ModelSummary {
     model_type: String,
     size_bytes: u64,
     n_params: u64,
+    /// llama-bench's backend column: CPU, or CUDA for a model offloaded to a GPU.
+    backend: &'static str,
 }
 
 impl ModelSummary {
@@ -251,6 +253,7 @@ impl ModelSummary {
             model_type: format!("{} {label} {ftype}", info.architecture),
             size_bytes,
             n_params: info.n_params,
+            backend: if model.backend.offloads() { "CUDA" } else { "CPU" },
         }
     }
 }
@@ -261,10 +264,11 @@ fn print_markdown(m: &ModelSummary, threads: usize, results: &[TestResult]) {
     for r in results {
         let (mean, sd) = mean_stddev(&r.samples_ts());
         println!(
-            "| {} | {:.2} MiB | {:.2} M | CPU | {threads} | {} | {mean:.2} ± {sd:.2} |",
+            "| {} | {:.2} MiB | {:.2} M | {} | {threads} | {} | {mean:.2} ± {sd:.2} |",
             m.model_type,
             m.size_bytes as f64 / (1024.0 * 1024.0),
             m.n_params as f64 / 1e6,
+            m.backend,
             r.name()
         );
     }
@@ -283,7 +287,7 @@ fn print_json(m: &ModelSummary, threads: usize, results: &[TestResult]) {
                 "model_type": m.model_type,
                 "model_size": m.size_bytes,
                 "model_n_params": m.n_params,
-                "backends": "CPU",
+                "backends": m.backend,
                 "n_threads": threads,
                 "n_prompt": r.n_prompt,
                 "n_gen": r.n_gen,

@@ -9,7 +9,7 @@ mod server;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::process::ExitCode;
-use turbine::engine::generate::{GenerateOptions, LoadedModel, Session};
+use turbine::engine::generate::{Device, GenerateOptions, LoadedModel, Session};
 use turbine::engine::sampler::SamplerParams;
 use turbine::engine::{store, EngineError};
 
@@ -60,6 +60,10 @@ enum Command {
         /// llama-bench's -d: filled untimed, so tg and pp are measured at that depth.
         #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
         depth: usize,
+        /// Where the model runs: cpu, cuda (GPU 0), cuda:N, or auto (a GPU where one can
+        /// be used, else the CPU). A GPU needs a build with --features cuda.
+        #[arg(long, default_value_t = Device::Cpu, value_name = "DEVICE")]
+        device: Device,
     },
     /// Serve Ollama's HTTP API (and OpenAI's chat completions) on OLLAMA_HOST
     /// (default 127.0.0.1:11434) for the models in the store.
@@ -75,6 +79,10 @@ enum Command {
         /// mpirun, its processes, not with --tp).
         #[arg(long = "pp", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         pp: u16,
+        /// Where whole models run: cpu, cuda (GPU 0), cuda:N, or auto (a GPU where one can
+        /// be used, else the CPU). A GPU needs a build with --features cuda.
+        #[arg(long, default_value_t = Device::Cpu, value_name = "DEVICE")]
+        device: Device,
     },
     /// Serve the same API in front of compute nodes (`turbine serve` elsewhere), with API
     /// keys and rate limits here and no engine: requests go to a node with the model,
@@ -270,6 +278,10 @@ struct GenerateArgs {
     /// Context length (default: 4096, at most the model's).
     #[arg(long, default_value_t = 4096)]
     num_ctx: usize,
+    /// Where the model runs: cpu, cuda (GPU 0), cuda:N, or auto (a GPU where one can
+    /// be used, else the CPU). A GPU needs a build with --features cuda.
+    #[arg(long, default_value_t = Device::Cpu, value_name = "DEVICE")]
+    device: Device,
     prompt: String,
 }
 
@@ -278,7 +290,7 @@ fn load(model: &str) -> Result<LoadedModel<turbine::engine::backend::cpu::CpuBac
 }
 
 fn generate(args: GenerateArgs) -> Result<(), EngineError> {
-    let model = load(&args.model)?;
+    let model = LoadedModel::load_on(&store::resolve(&args.model)?, args.device)?;
     let tok = &model.tokenizer;
     let prompt = tok.encode(&args.prompt, true, true);
     let num_ctx = args.num_ctx.clamp(1, model.arch.info().context_length);
@@ -342,6 +354,19 @@ fn client_main(f: impl FnOnce(&client::Target) -> Result<(), String>) -> ExitCod
     }
 }
 
+/// The device of `--device`, checked before any model loads (`auto`: the one it found). A
+/// GPU runs whole models: split ones (`--tp`, `--pp`, mpirun) run on the CPU.
+fn whole_on(device: Device, (tp, pp): (u16, u16)) -> Result<Device, String> {
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().any(|v| std::env::var_os(v).is_some());
+    match device {
+        Device::Cpu => Ok(Device::Cpu),
+        _ if tp > 1 || pp > 1 || launched => {
+            Err(format!("--device {device} runs a whole model; split models (--tp, --pp, mpirun) run on the CPU"))
+        }
+        _ => device.resolve().map_err(|e| e.to_string()),
+    }
+}
+
 /// Under an MPI launcher: the world, which must have `tp` processes (tensor parallelism)
 /// or `pp` (a pipeline, one stage per process).
 #[cfg(feature = "mpi")]
@@ -382,7 +407,14 @@ fn main() -> ExitCode {
     turbine::engine::memory::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp, pp, depth } => {
+        Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp, pp, depth, device } => {
+            let device = match whole_on(device, (tp, pp)) {
+                Ok(device) => device,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
             let args = bench::BenchArgs {
@@ -416,7 +448,7 @@ fn main() -> ExitCode {
                 }
                 let per_rank = (threads / ranks).max(1);
                 let here = match (usize::from(tp), usize::from(pp)) {
-                    (1, 1) => LoadedModel::load(&p),
+                    (1, 1) => LoadedModel::load_on(&p, device),
                     (tp, 1) => LoadedModel::load_split(&p, tp, per_rank),
                     (1, pp) => LoadedModel::load_pipeline(&p, pp, per_rank),
                     (tp, pp) => LoadedModel::load_pipeline_split(&p, pp, tp, per_rank),
@@ -469,7 +501,14 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Serve { listen, tp, pp } => {
+        Command::Serve { listen, tp, pp, device } => {
+            let device = match whole_on(device, (tp, pp)) {
+                Ok(device) => device,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             #[cfg(feature = "mpi")]
             match mpi_world((tp.into(), pp.into())) {
                 Err(e) => {
@@ -486,7 +525,7 @@ fn main() -> ExitCode {
                 }
                 Ok(None) => {}
             }
-            if let Err(e) = server::serve(&listen.args(), tp.into(), pp.into()) {
+            if let Err(e) = server::serve(&listen.args(), tp.into(), pp.into(), device) {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }

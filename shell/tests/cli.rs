@@ -107,3 +107,35 @@ fn errors_are_reported_not_panics() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// `--device`: without a GPU (and in this build without the CUDA backend), asking for one
+/// fails before any model loads, with the device and the reason; a split model on a GPU is
+/// refused; `auto` falls back to the CPU and says so, with the CPU's greedy text.
+#[test]
+fn devices_without_a_gpu() {
+    for args in [
+        vec!["generate", "-m", "gemma3:270m", "--device", "cuda", "hi"],
+        vec!["bench", "-m", "gemma3:270m", "-p", "8", "--device", "cuda:1"],
+        vec!["serve", "--device", "cuda"],
+    ] {
+        let o = turbine(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.starts_with("error: device cuda:") && err.contains("CUDA"), "{args:?}: {err}");
+    }
+    let o = turbine(&["serve", "--device", "cuda", "--tp", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("split models (--tp, --pp, mpirun) run on the CPU"), "{err}");
+    let bad = turbine(&["bench", "-m", "gemma3:270m", "--device", "gpu0"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cuda:N"));
+
+    let generate = |device: &str| {
+        turbine(&["generate", "-m", "gemma3:270m", "-n", "8", "--temperature", "0", "--device", device, "Hello"])
+    };
+    let auto = generate("auto");
+    assert!(String::from_utf8_lossy(&auto.stderr).contains("running on the CPU"));
+    assert_eq!(stdout(&auto), stdout(&generate("cpu")));
+    let bench = stdout(&turbine(&["bench", "-m", "gemma3:270m", "-p", "8", "-n", "0", "-r", "1", "--device", "auto"]));
+    assert!(bench.contains("| CPU |"), "{bench}");
+}

@@ -309,7 +309,20 @@ fn check_model(gpu: &CudaBackend, path: &std::path::Path, opts: &Options) -> Res
         }
         Some(i) => divergence(i, (&cpu_tokens, &cpu_rows), (&gpu_tokens, &gpu_rows), noise, &cpu_model),
     };
-    Ok((logits_ok && greedy_ok, GpuModel { model: gpu_model, decode_bytes }))
+
+    // (c) The model as `--device cuda` runs it: offloaded, its caches driven from the host,
+    // the same kernels in the same order, so the GPU's own tokens exactly.
+    let offloaded = LoadedModel::load_offloaded(path, gpu.clone()).map_err(e2s)?;
+    let (offloaded_tokens, _) = greedy(&offloaded, &prompt, opts)?;
+    let offload_ok = offloaded_tokens == gpu_tokens;
+    println!(
+        "{} offloaded (--device cuda): {} greedy tokens {}",
+        if offload_ok { "ok  " } else { "FAIL" },
+        offloaded_tokens.len(),
+        if offload_ok { "identical to the GPU model's" } else { "differ from the GPU model's" }
+    );
+    drop(offloaded);
+    Ok((logits_ok && greedy_ok && offload_ok, GpuModel { model: gpu_model, decode_bytes }))
 }
 
 /// Reports the first divergence at step `i`: the two candidates' logits on each side. Within

@@ -60,6 +60,11 @@ impl CpuBackend {
         CpuBackend { hosts_device: true, ..Default::default() }
     }
 
+    /// Whether this is the host of a model offloaded to another backend.
+    pub fn offloads(&self) -> bool {
+        self.hosts_device
+    }
+
     /// Under tensor parallelism, leaves the group for good (see `Communicator::abandon`).
     pub fn abandon_group(&self) {
         if let Some(tp) = &self.tp {

@@ -122,9 +122,14 @@ pub fn fail_on_termination() -> Result<(), String> {
 }
 
 /// Serves the store's models, each split over `tensor_parallel` ranks or into
-/// `pipeline_stages` stages (1 and 1: whole).
-pub fn serve(args: &ListenArgs, tensor_parallel: usize, pipeline_stages: usize) -> Result<(), String> {
-    let limits = worker::EngineLimits { tensor_parallel, pipeline_stages, ..worker::EngineLimits::from_env()? };
+/// `pipeline_stages` stages (1 and 1: whole), whole models on `device`.
+pub fn serve(
+    args: &ListenArgs,
+    tensor_parallel: usize,
+    pipeline_stages: usize,
+    device: turbine::engine::generate::Device,
+) -> Result<(), String> {
+    let limits = worker::EngineLimits { tensor_parallel, pipeline_stages, device, ..worker::EngineLimits::from_env()? };
     // A pipeline over MPI holds one model at a time: its stages serve one chain.
     #[cfg(feature = "mpi")]
     let limits = match MPI_WORLD.get() {

@@ -281,7 +281,7 @@ fn ps(cx: &Cx) -> Reply {
             json!({
                 "name": e.name, "model": e.name, "size": w.resident_bytes(), "digest": e.digest,
                 "details": catalog::details(e), "expires_at": host::rfc3339(expires),
-                "size_vram": 0, "context_length": w.context_length(),
+                "size_vram": w.gpu_bytes(), "context_length": w.context_length(),
             })
         })
         .collect();

@@ -15,7 +15,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use turbine::engine::backend::cpu::CpuBackend;
-use turbine::engine::generate::{DoneReason, GenerateOptions, LoadedModel, TokenLogprob};
+use turbine::engine::generate::{Device, DoneReason, GenerateOptions, LoadedModel, TokenLogprob};
 use turbine::engine::json_format::JsonFormat;
 use turbine::engine::kv::{KvLayout, KvType, BLOCK_TOKENS};
 use turbine::engine::sampler::SamplerParams;
@@ -238,6 +238,8 @@ pub struct EngineLimits {
     pub tensor_parallel: usize,
     /// `turbine serve --pp M`: each model split into M pipeline stages; 1: whole.
     pub pipeline_stages: usize,
+    /// `turbine serve --device`: where whole models run.
+    pub device: Device,
 }
 
 /// Most sequences the automatic OLLAMA_NUM_PARALLEL picks.
@@ -255,6 +257,7 @@ impl Default for EngineLimits {
             kv_type: KvType::F16,
             tensor_parallel: 1,
             pipeline_stages: 1,
+            device: Device::Cpu,
         }
     }
 }
@@ -286,6 +289,7 @@ impl EngineLimits {
             },
             tensor_parallel: d.tensor_parallel,
             pipeline_stages: d.pipeline_stages,
+            device: d.device,
         })
     }
 
@@ -340,6 +344,8 @@ struct WorkerState {
     /// Bytes the weights hold beyond the mapped file (repacked copies, column shares), once
     /// loaded.
     owned_bytes: AtomicUsize,
+    /// Set once loaded when the model runs on a GPU (its weights and cache in GPU memory).
+    on_gpu: AtomicBool,
     scheduler_stats: Mutex<Option<Arc<SchedulerStats>>>,
 }
 
@@ -358,6 +364,7 @@ impl ModelWorker {
             loaded: AtomicUsize::new(0),
             kv_bytes: AtomicUsize::new(0),
             owned_bytes: AtomicUsize::new(0),
+            on_gpu: AtomicBool::new(false),
             scheduler_stats: Mutex::new(None),
         });
         let (path, template, st) = (entry.blob.clone(), entry.template.clone(), state.clone());
@@ -411,6 +418,14 @@ impl ModelWorker {
     pub fn resident_bytes(&self) -> u64 {
         let own = self.state.kv_bytes.load(Ordering::SeqCst) + self.state.owned_bytes.load(Ordering::SeqCst);
         self.entry.size.saturating_add(own as u64)
+    }
+
+    /// Of [`ModelWorker::resident_bytes`], those in GPU memory (all of them, or none).
+    pub fn gpu_bytes(&self) -> u64 {
+        match self.state.on_gpu.load(Ordering::SeqCst) {
+            true => self.resident_bytes(),
+            false => 0,
+        }
     }
 
     pub fn context_length(&self) -> usize {
@@ -468,7 +483,7 @@ fn load_model(path: &std::path::Path, limits: &EngineLimits) -> Result<LoadedMod
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match (limits.tensor_parallel.max(1), limits.pipeline_stages.max(1)) {
-        (1, 1) => LoadedModel::load(path),
+        (1, 1) => LoadedModel::load_on(path, limits.device),
         (ranks, 1) => LoadedModel::load_split(path, ranks, (cores / ranks).max(1)),
         (1, stages) => LoadedModel::load_pipeline(path, stages, (cores / stages).max(1)),
         (ranks, stages) => LoadedModel::load_pipeline_split(path, stages, ranks, (cores / (ranks * stages)).max(1)),
@@ -500,8 +515,9 @@ fn worker_loop(
             state.kv_bytes.store(kv_bytes, Ordering::SeqCst);
             let owned = owned_here(&model);
             state.owned_bytes.store(owned, Ordering::SeqCst);
+            state.on_gpu.store(model.backend.offloads(), Ordering::SeqCst);
             eprintln!(
-                "turbine serve: loaded {} in {:.2?}{} ({} MiB of repacked weights): {} sequences at once, {} tokens of cache each, KV pool {} MiB",
+                "turbine serve: loaded {} in {:.2?}{}{} ({} MiB of repacked weights): {} sequences at once, {} tokens of cache each, KV pool {} MiB",
                 path.display(),
                 model.load_time,
                 match (ranks, limits.pipeline_stages) {
@@ -509,6 +525,11 @@ fn worker_loop(
                     (1, stages) => format!(" in {stages} pipeline stages"),
                     (_, 0 | 1) => format!(" over {ranks} tensor-parallel ranks"),
                     (_, stages) => format!(" in {stages} pipeline stages over {ranks} tensor-parallel ranks each"),
+                },
+                match (model.backend.offloads(), limits.device) {
+                    (false, _) => String::new(),
+                    (true, Device::Auto) => format!(" on {}", Device::Cuda(0)),
+                    (true, device) => format!(" on {device}"),
                 },
                 owned >> 20,
                 cfg.max_running,
