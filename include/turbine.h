@@ -73,6 +73,9 @@ typedef int32_t turbine_status;
 #define TURBINE_ERR_INVALID_STATE (-8)
 /* A bug inside Turbine (a caught panic). */
 #define TURBINE_ERR_INTERNAL (-9)
+/* The device asked for cannot be used (a build without CUDA, no driver, no such GPU, an
+ * unsupported GPU), or it failed (out of its memory, a failed kernel launch). */
+#define TURBINE_ERR_DEVICE (-10)
 
 /* The message of the last failed call on the calling thread ("" if none has failed yet).
  * Successful calls do not clear it. Never NULL; valid until the next failing call on this
@@ -106,6 +109,14 @@ turbine_status turbine_model_load(const char *path, turbine_model **model_out);
  * TURBINE_ERR_MODEL (a model whose heads or blocks do not split over n_ranks). */
 turbine_status turbine_model_load_split(const char *path, int32_t n_ranks, int32_t n_threads_per_rank,
                                         turbine_model **model_out);
+
+/* turbine_model_load on a device: "cpu", "cuda" (GPU 0), "cuda:N" or "auto" (GPU 0 where
+ * it can be used, else the CPU). On a GPU the model's weights (quantized as in the file)
+ * and its contexts' keys and values live in GPU memory; every other call works as on the
+ * CPU. A GPU needs a library built with the `cuda` feature. Errors: those of
+ * turbine_model_load, TURBINE_ERR_INVALID_ARGUMENT (an unknown device) and
+ * TURBINE_ERR_DEVICE (a GPU that cannot be used, and why). */
+turbine_status turbine_model_load_on(const char *path, const char *device, turbine_model **model_out);
 
 /* Releases the caller's reference to a model. Contexts made from it stay usable. */
 void turbine_model_free(turbine_model *model);

@@ -50,6 +50,8 @@ pub const TURBINE_ERR_CONTEXT_FULL: TurbineStatus = -7;
 pub const TURBINE_ERR_INVALID_STATE: TurbineStatus = -8;
 /// A bug inside Turbine (a caught panic).
 pub const TURBINE_ERR_INTERNAL: TurbineStatus = -9;
+/// The device asked for cannot be used, or it failed.
+pub const TURBINE_ERR_DEVICE: TurbineStatus = -10;
 
 /// A failure on its way to C: the status to return and the message to keep.
 #[derive(Debug)]
@@ -72,6 +74,7 @@ impl From<EngineError> for Error {
             EngineError::TokenOutOfRange { .. } => TURBINE_ERR_TOKEN_OUT_OF_RANGE,
             EngineError::ContextFull { .. } => TURBINE_ERR_CONTEXT_FULL,
             EngineError::BadBatch(_) => TURBINE_ERR_INVALID_ARGUMENT,
+            EngineError::NoDevice { .. } | EngineError::Device { .. } => TURBINE_ERR_DEVICE,
             _ => TURBINE_ERR_MODEL,
         };
         error(status, e.to_string())
@@ -110,6 +113,7 @@ pub extern "C" fn turbine_status_string(status: TurbineStatus) -> *const c_char 
         TURBINE_ERR_CONTEXT_FULL => c"context full",
         TURBINE_ERR_INVALID_STATE => c"invalid state",
         TURBINE_ERR_INTERNAL => c"internal error",
+        TURBINE_ERR_DEVICE => c"device unavailable or failed",
         _ => c"unknown status",
     };
     s.as_ptr()

@@ -5,7 +5,7 @@ use std::ffi::{c_char, CString};
 use std::path::Path;
 use std::sync::Arc;
 use turbine_engine::backend::cpu::CpuBackend;
-use turbine_engine::generate::LoadedModel;
+use turbine_engine::generate::{Device, LoadedModel};
 
 pub(crate) type Model = LoadedModel<CpuBackend>;
 
@@ -44,11 +44,17 @@ pub(crate) fn check_tokens(model: &Model, ids: &[TurbineToken]) -> Res<Vec<u32>>
     ids.iter().map(|&id| check_token(model, id)).collect()
 }
 
-/// Loads the whole model, or `split` = (ranks, threads per rank) tensor-parallel ranks.
-fn load(path: &str, split: Option<(usize, usize)>) -> Res<TurbineModel> {
-    let model = match split {
-        None => LoadedModel::load(Path::new(path))?,
-        Some((ranks, threads)) => LoadedModel::load_split(Path::new(path), ranks, threads)?,
+/// How a model is loaded: whole on a device, or split over tensor-parallel ranks.
+enum Placement {
+    Whole(Device),
+    /// (ranks, threads per rank).
+    Split(usize, usize),
+}
+
+fn load(path: &str, placement: Placement) -> Res<TurbineModel> {
+    let model = match placement {
+        Placement::Whole(device) => LoadedModel::load_on(Path::new(path), device)?,
+        Placement::Split(ranks, threads) => LoadedModel::load_split(Path::new(path), ranks, threads)?,
     };
     let info = model.arch.info();
     if i32::try_from(info.n_vocab).is_err() {
@@ -71,7 +77,7 @@ pub unsafe extern "C" fn turbine_model_load(path: *const c_char, model_out: *mut
     guard(|| {
         let out = arg_mut(model_out, "model_out")?;
         *out = std::ptr::null_mut();
-        let model = load(str_arg(path, "path")?, None)?;
+        let model = load(str_arg(path, "path")?, Placement::Whole(Device::Cpu))?;
         *out = Box::into_raw(Box::new(model));
         Ok(())
     })
@@ -102,8 +108,28 @@ pub unsafe extern "C" fn turbine_model_load_split(
             let why = format!("n_threads_per_rank is {n_threads_per_rank}: expected at least 1");
             return Err(error(TURBINE_ERR_INVALID_ARGUMENT, why));
         }
-        let split = (n_ranks as usize, n_threads_per_rank as usize);
-        let model = load(str_arg(path, "path")?, Some(split))?;
+        let split = Placement::Split(n_ranks as usize, n_threads_per_rank as usize);
+        let model = load(str_arg(path, "path")?, split)?;
+        *out = Box::into_raw(Box::new(model));
+        Ok(())
+    })
+}
+
+/// Loads a GGUF model file on a device (`cpu`, `cuda`, `cuda:N`, `auto`); see `turbine.h`.
+///
+/// # Safety
+/// `path` and `device` must be NULL or NUL-terminated strings; `model_out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn turbine_model_load_on(
+    path: *const c_char,
+    device: *const c_char,
+    model_out: *mut *mut TurbineModel,
+) -> TurbineStatus {
+    guard(|| {
+        let out = arg_mut(model_out, "model_out")?;
+        *out = std::ptr::null_mut();
+        let device = str_arg(device, "device")?.parse::<Device>().map_err(|e| error(TURBINE_ERR_INVALID_ARGUMENT, e))?;
+        let model = load(str_arg(path, "path")?, Placement::Whole(device))?;
         *out = Box::into_raw(Box::new(model));
         Ok(())
     })

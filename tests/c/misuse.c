@@ -66,6 +66,26 @@ static void bad_files(const char *missing, const char *head, const char *tail, c
     EXPECT(turbine_model_load_split(missing, 2, 1, &m), TURBINE_ERR_IO);
     EXPECT(turbine_model_load_split(garbage, 2, 1, &m), TURBINE_ERR_MODEL);
     CHECK(m == NULL);
+    /* Loads on a device: an unknown one, then the file's own errors. */
+    EXPECT(turbine_model_load_on(missing, NULL, &m), TURBINE_ERR_NULL_ARGUMENT);
+    EXPECT(turbine_model_load_on(missing, "gpu", &m), TURBINE_ERR_INVALID_ARGUMENT);
+    CHECK(m == NULL && strstr(turbine_last_error(), "cuda:N") != NULL);
+    EXPECT(turbine_model_load_on(missing, "cpu", NULL), TURBINE_ERR_NULL_ARGUMENT);
+    EXPECT(turbine_model_load_on(missing, "cpu", &m), TURBINE_ERR_IO);
+    EXPECT(turbine_model_load_on(garbage, "auto", &m), TURBINE_ERR_MODEL);
+    CHECK(m == NULL);
+}
+
+/* This machine has no GPU (and the test build no CUDA backend): a GPU is refused with a
+ * message naming it; "auto" loads on the CPU. */
+static void devices(const char *model) {
+    turbine_model *m = NULL;
+    EXPECT(turbine_model_load_on(model, "cuda:1", &m), TURBINE_ERR_DEVICE);
+    CHECK(m == NULL && strstr(turbine_last_error(), "cuda:1") != NULL);
+    CHECK(strcmp(turbine_status_string(TURBINE_ERR_DEVICE), "device unavailable or failed") == 0);
+    EXPECT(turbine_model_load_on(model, "auto", &m), TURBINE_OK);
+    CHECK(m != NULL && turbine_model_n_vocab(m) > 0);
+    turbine_model_free(m);
 }
 
 static void null_handles(void) {
@@ -255,6 +275,7 @@ int main(int argc, char **argv) {
     }
     bad_files(argv[2], argv[3], argv[4], argv[5]);
     null_handles();
+    devices(argv[1]);
     turbine_model *m = NULL;
     EXPECT(turbine_model_load(argv[1], &m), TURBINE_OK);
     if (m == NULL) return 1;
