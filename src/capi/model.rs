@@ -128,7 +128,8 @@ pub unsafe extern "C" fn turbine_model_load_on(
     guard(|| {
         let out = arg_mut(model_out, "model_out")?;
         *out = std::ptr::null_mut();
-        let device = str_arg(device, "device")?.parse::<Device>().map_err(|e| error(TURBINE_ERR_INVALID_ARGUMENT, e))?;
+        let device =
+            str_arg(device, "device")?.parse::<Device>().map_err(|e| error(TURBINE_ERR_INVALID_ARGUMENT, e))?;
         let model = load(str_arg(path, "path")?, Placement::Whole(device))?;
         *out = Box::into_raw(Box::new(model));
         Ok(())
