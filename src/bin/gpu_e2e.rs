@@ -6,6 +6,12 @@
 //! on the first model, decode beside the device-to-device copy bandwidth measured in the
 //! same run. Without a GPU it prints "skipped: no GPU" and exits 0.
 //!
+//! On a mixture-of-experts model it also checks the CUDA backend's grouped expert path
+//! (`Backend::moe_grouped`): that the runs above took it (every decode step of one sequence
+//! does, where the experts' type has matvec_id kernels), and that it gives the per-expert
+//! path's logits within rounding and its greedy tokens, the per-expert path run on the
+//! same GPU with the grouped one switched off.
+//!
 //!   cargo run --release --features cuda --bin turbine-gpu-e2e [-- OPTIONS]
 //!
 //! Built with `--features nccl` too, it also runs the first model split over one rank per
@@ -32,6 +38,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use turbine::cpu::GgmlType;
 use turbine::cuda::cudarc::driver::sys::CUevent_flags;
 use turbine::cuda::CudaError;
 use turbine::engine::backend::cpu::CpuBackend;
@@ -269,6 +276,7 @@ fn check_model(gpu: &CudaBackend, path: &std::path::Path, opts: &Options) -> Res
     );
     let prompt = cpu_model.tokenizer.encode(PROMPT, true, true);
     let ctx = prompt.len() + opts.tokens + 1;
+    let grouped_before = gpu.grouped_moe_runs();
 
     // (a) The logits of every prompt position.
     let cpu_logits = Session::with_kv_type(&cpu_model, ctx, opts.kv).feed(&prompt, true).map_err(e2s)?;
@@ -322,7 +330,100 @@ fn check_model(gpu: &CudaBackend, path: &std::path::Path, opts: &Options) -> Res
         if offload_ok { "identical to the GPU model's" } else { "differ from the GPU model's" }
     );
     drop(offloaded);
-    Ok((logits_ok && greedy_ok && offload_ok, GpuModel { model: gpu_model, decode_bytes }))
+
+    // (d) A mixture-of-experts model: the grouped expert path against the per-expert one.
+    let moe_ok = match gpu_model.arch.routing_stats().is_empty() {
+        true => true,
+        false => {
+            let runs = gpu.grouped_moe_runs() - grouped_before;
+            let reference = (&gpu_logits.data[..], &gpu_tokens[..], &gpu_rows[..]);
+            check_grouped_moe(gpu, &gpu_model, &prompt, reference, runs, noise, opts)?
+        }
+    };
+    Ok((logits_ok && greedy_ok && offload_ok && moe_ok, GpuModel { model: gpu_model, decode_bytes }))
+}
+
+/// Expert types with the grouped path's kernels (matmul.cu's matvec_id_*).
+const GROUPED_TYPES: [GgmlType; 6] =
+    [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::MXFP4, GgmlType::Q4_K, GgmlType::Q6_K];
+
+/// The grouped expert path on a mixture-of-experts model: `runs` layers took it during the
+/// checks above (none only where the experts' types have no kernels for it), and the
+/// per-expert path, the grouped one switched off, gives the same prompt logits within
+/// rounding and the same greedy tokens as `grouped` (logits of the prompt, greedy tokens
+/// and their logits); a divergence within `noise` (the CPU against the GPU) is a near tie.
+fn check_grouped_moe(
+    gpu: &CudaBackend,
+    model: &LoadedModel<CudaBackend>,
+    prompt: &[u32],
+    grouped: (&[f32], &[u32], &[Vec<f32>]),
+    runs: u64,
+    noise: f32,
+    opts: &Options,
+) -> Result<bool, String> {
+    let experts: Vec<GgmlType> =
+        model.file.tensors().iter().filter(|t| t.name.contains("_exps.weight")).map(|t| t.ty).collect();
+    let expected = !experts.is_empty() && experts.iter().all(|t| GROUPED_TYPES.contains(t));
+    let used_ok = runs > 0 || !expected;
+    println!(
+        "{} grouped MoE path: {runs} layer runs during the checks above ({})",
+        if used_ok { "ok  " } else { "FAIL" },
+        if expected {
+            "expected: the experts have matvec_id kernels"
+        } else {
+            "none expected for these experts' types"
+        }
+    );
+    // The per-expert path on the same GPU; the switch goes back on whatever happens.
+    gpu.set_grouped_moe(false);
+    let per_expert = (|| {
+        let ctx = prompt.len() + opts.tokens + 1;
+        let logits = Session::with_kv_type(model, ctx, opts.kv).feed(prompt, true).map_err(e2s)?.data;
+        Ok::<_, String>((logits, greedy(model, prompt, opts)?))
+    })();
+    gpu.set_grouped_moe(true);
+    let (logits, (tokens, rows)) = per_expert?;
+    let (g_logits, g_tokens, g_rows) = grouped;
+    if logits.len() != g_logits.len() {
+        return Err(format!("{} logits per-expert, {} grouped", logits.len(), g_logits.len()));
+    }
+    let e = nse(g_logits, &logits);
+    let same_bits = g_logits.iter().zip(&logits).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+    let logits_ok = e.is_finite() && e <= LOGITS_NSE_LIMIT;
+    println!(
+        "{} grouped against per-expert, logits of {} prompt positions: nse {e:.2e}, max |Δ| {:.2e}, {same_bits}/{} identical",
+        if logits_ok { "ok  " } else { "FAIL" },
+        prompt.len(),
+        max_abs_diff(g_logits, &logits),
+        logits.len()
+    );
+    let greedy_ok = match tokens.iter().zip(g_tokens).position(|(a, b)| a != b) {
+        None if tokens.len() == g_tokens.len() => {
+            println!("ok   grouped against per-expert: {} greedy tokens identical", tokens.len());
+            true
+        }
+        None => {
+            println!(
+                "FAIL grouped against per-expert: {} greedy tokens per-expert, {} grouped",
+                tokens.len(),
+                g_tokens.len()
+            );
+            false
+        }
+        Some(i) => {
+            let (p, g) = (tokens[i] as usize, g_tokens[i] as usize);
+            let margin = rows[i][p] - rows[i][g];
+            let tie = margin <= 2.0 * noise;
+            println!(
+                "{} grouped against per-expert: greedy tokens diverge at {i}: per-expert {p} (margin {margin:.4}), grouped {g} (margin {:.4}){}",
+                if tie { "warn" } else { "FAIL" },
+                g_rows[i][g] - g_rows[i][p],
+                if tie { ": a near tie" } else { "" }
+            );
+            tie
+        }
+    };
+    Ok(used_ok && logits_ok && greedy_ok)
 }
 
 /// Reports the first divergence at step `i`: the two candidates' logits on each side. Within

@@ -13,7 +13,9 @@ pub mod offload;
 
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::{BlockManager, KvSpec};
+use crate::model::moe::{Activation, Routes};
 use crate::EngineError;
+use std::ops::Range;
 use std::sync::Arc;
 pub use turbine_cpu::ops::Yarn;
 
@@ -81,6 +83,36 @@ impl PipelineStage {
     }
 }
 
+/// A layer's gated experts, as [`Backend::moe_grouped`] takes them: expert e is
+/// down[e] · act(gate[e] · x + b_gate[e], up[e] · x + b_up[e]) + b_down[e], the biases only
+/// where the model has them.
+pub struct ExpertWeights<'a, B: Backend + ?Sized> {
+    /// Per expert: gate and up [ff × d], down [d × ff], as [`Backend::experts`] made them.
+    pub gate: &'a [B::Weight],
+    pub up: &'a [B::Weight],
+    pub down: &'a [B::Weight],
+    /// Per expert: gate [ff], up [ff] and down [d] biases, as [`Backend::expert_vectors`]
+    /// made them.
+    pub biases: Option<[&'a [B::Vector]; 3]>,
+    pub act: Activation,
+}
+
+/// The `n` equal slices of `t` along its last dimension (a layer's experts, or heads'
+/// matrices), each a tensor of `t`'s other dimensions over its own bytes of the file.
+/// Parsing checked that the data fits the file and is whole rows of its type, so the
+/// slices are whole too.
+pub(crate) fn slices(t: &TensorInfo, n: usize) -> impl Iterator<Item = TensorInfo> + '_ {
+    let per_slice = t.n_bytes / n.max(1);
+    let dims = &t.dims[..t.dims.len().saturating_sub(1)];
+    (0..n).map(move |i| TensorInfo {
+        name: format!("{}[{i}]", t.name),
+        ty: t.ty,
+        dims: dims.to_vec(),
+        offset: t.offset + (i * per_slice) as u64,
+        n_bytes: per_slice,
+    })
+}
+
 /// The operations a forward pass needs. Activation matrices are row-major, one row per
 /// token of the batch.
 pub trait Backend: Send + Sync {
@@ -120,6 +152,31 @@ pub trait Backend: Send + Sync {
     }
     /// Reads a 1-D F32 tensor.
     fn vector(&self, file: &Arc<Gguf>, tensor: &TensorInfo) -> Result<Self::Vector, EngineError>;
+    /// Matrices `range` of the `n` of a 3-D tensor [cols, rows, n] (its shape checked by the
+    /// caller): a layer's experts, or its heads' matrices, each a [rows × cols] weight. By
+    /// default each is [`Backend::weight`] of its own slice of the file; a backend may keep
+    /// them side by side in one allocation instead, as [`Backend::moe_grouped`] may need.
+    fn experts(
+        &self,
+        file: &Arc<Gguf>,
+        tensor: &TensorInfo,
+        n: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<Self::Weight>, EngineError> {
+        slices(tensor, n).skip(range.start).take(range.len()).map(|slice| self.weight(file, &slice)).collect()
+    }
+    /// Rows `range` of the `n` of a 2-D F32 tensor [len, n] (its shape checked by the
+    /// caller) as vectors: the experts' biases. By default each is [`Backend::vector`] of
+    /// its own slice; a backend may keep them in one allocation, as [`Backend::experts`].
+    fn expert_vectors(
+        &self,
+        file: &Arc<Gguf>,
+        tensor: &TensorInfo,
+        n: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<Self::Vector>, EngineError> {
+        slices(tensor, n).skip(range.start).take(range.len()).map(|slice| self.vector(file, &slice)).collect()
+    }
     fn new_kv(&self, spec: &KvSpec) -> Self::Kv;
 
     /// A zeroed [rows × cols] activation matrix.
@@ -196,6 +253,18 @@ pub trait Backend: Send + Sync {
     }
     /// The given rows, in order.
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
+    /// A whole mixture-of-experts combine in the backend's own grouped way, where it has
+    /// one that pays for this batch: x [n × d] through every token's routed experts
+    /// (`experts` holds all of the layer's, indexed by the routes' expert ids), each
+    /// output weighted and summed per token: [n × d], what the model's per-expert loop
+    /// ([`Backend::select_rows`], the products, [`Backend::add_scaled_rows`] in expert
+    /// order) computes, within the backend's rounding. None: no such path here (the CPU),
+    /// or not for these weights or this batch; the model then runs its per-expert loop.
+    /// Failures on the way are the backend's to report as its other operations' are.
+    fn moe_grouped(&self, x: &Self::Act, routes: &Routes, experts: &ExpertWeights<'_, Self>) -> Option<Self::Act> {
+        let _ = (x, routes, experts);
+        None
+    }
     /// Sums partial results across tensor-parallel shards (identity on one device). A
     /// failed collective is kept for [`Backend::take_tp_error`].
     fn all_reduce_sum(&self, _x: &mut Self::Act) {}

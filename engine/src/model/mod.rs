@@ -297,7 +297,8 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     /// Experts `range` of the `n` of a [cols, rows, n] tensor (a rank's experts, or its
-    /// heads' matrices), each a [rows × cols] weight matrix over its own slice of the file.
+    /// heads' matrices), each a [rows × cols] weight matrix ([`Backend::experts`]: over its
+    /// own slice of the file, or side by side with the others in one allocation).
     pub fn experts(
         &self,
         name: &str,
@@ -307,8 +308,7 @@ impl<B: Backend> Loader<'_, B> {
         range: Range<usize>,
     ) -> Result<Vec<B::Weight>, EngineError> {
         let t = self.tensor(name, &[cols, rows, n])?;
-        let (skip, take) = (range.start, range.len());
-        split(t, n, &[cols, rows]).skip(skip).take(take).map(|slice| self.backend.weight(self.file, &slice)).collect()
+        self.backend.experts(self.file, t, n, range)
     }
 
     /// (rank, ranks) of the backend's tensor-parallel group; (0, 1) alone.
@@ -385,7 +385,7 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     /// Rows `range` of the `n` of a [len, n] F32 tensor as vectors (a rank's experts'
-    /// biases).
+    /// biases; [`Backend::expert_vectors`]).
     pub fn expert_vectors(
         &self,
         name: &str,
@@ -394,8 +394,7 @@ impl<B: Backend> Loader<'_, B> {
         range: Range<usize>,
     ) -> Result<Vec<B::Vector>, EngineError> {
         let t = self.tensor(name, &[len, n])?;
-        let (skip, take) = (range.start, range.len());
-        split(t, n, &[len]).skip(skip).take(take).map(|slice| self.backend.vector(self.file, &slice)).collect()
+        self.backend.expert_vectors(self.file, t, n, range)
     }
 
     /// The tensor `name`, which must have exactly `dims`.
@@ -424,19 +423,6 @@ impl<B: Backend> Loader<'_, B> {
         }
         self.backend.vector(self.file, t)
     }
-}
-
-/// `t` cut along its last dimension into `n` equal slices of shape `dims`. Parsing checked
-/// that the data fits the file and is whole rows of its type, so the slices are whole too.
-fn split<'a>(t: &'a TensorInfo, n: usize, dims: &'a [usize]) -> impl Iterator<Item = TensorInfo> + 'a {
-    let per_slice = t.n_bytes / n.max(1);
-    (0..n).map(move |i| TensorInfo {
-        name: format!("{}[{i}]", t.name),
-        ty: t.ty,
-        dims: dims.iter().map(|&d| d as u64).collect(),
-        offset: t.offset + (i * per_slice) as u64,
-        n_bytes: per_slice,
-    })
 }
 
 /// Reads a required metadata value.

@@ -3,11 +3,14 @@
 //! A router scores every expert for every token; each token keeps its top-k experts and
 //! their gate weights. Tokens are then grouped by expert, so each expert's matmuls run
 //! once per step over all the tokens routed to it (never once per token), and every
-//! token's output is the weighted sum of its experts' outputs.
+//! token's output is the weighted sum of its experts' outputs. A backend with a grouped
+//! path of its own (CUDA: every (token, choice) slot through its expert in one launch per
+//! product) may run the whole combine instead ([`Backend::moe_grouped`]); the routing stays
+//! here, on the host, either way.
 
 use super::decoder::{DecoderConfig, SwiGlu};
 use super::{required, Loader};
-use crate::backend::Backend;
+use crate::backend::{Backend, ExpertWeights};
 use crate::gguf::Gguf;
 use crate::parallel::even_range;
 use crate::EngineError;
@@ -224,16 +227,34 @@ impl<B: Backend> Experts<B> {
         let n_tokens = routes.experts.len() / routes.k.max(1);
         let groups = routes.by_expert(self.n_expert);
         let busy: Vec<usize> = self.owned.clone().filter(|&e| !groups[e].0.is_empty()).collect();
+        busy.iter().for_each(|&e| stats.count(e, groups[e].0.len()));
+        // The backend's grouped path where it has one (all the slots in a few launches);
+        // it takes every expert of the layer, so only a rank that holds them all asks.
+        if self.owned == (0..self.n_expert) {
+            if let Some(out) = b.moe_grouped(x, routes, &self.weights()) {
+                return out;
+            }
+        }
         // The experts run side by side; their outputs are combined in expert order, so the
         // result does not depend on which finishes first.
         let outputs = b.run_all(busy.clone(), |e| self.expert(b, e, &b.select_rows(x, &groups[e].0)));
         let mut out = b.zeros(n_tokens, self.d);
         for (e, y) in busy.into_iter().zip(outputs) {
             let (rows, weights) = &groups[e];
-            stats.count(e, rows.len());
             b.add_scaled_rows(&mut out, &y, rows, weights);
         }
         out
+    }
+
+    /// The experts as [`Backend::moe_grouped`] takes them.
+    fn weights(&self) -> ExpertWeights<'_, B> {
+        ExpertWeights {
+            gate: &self.gate,
+            up: &self.up,
+            down: &self.down,
+            biases: self.biases.as_ref().map(|[g, u, d]| [&g[..], &u[..], &d[..]]),
+            act: self.act,
+        }
     }
 
     /// Expert `e` on its tokens: x [m × d] → [m × d].

@@ -189,7 +189,7 @@ impl CudaKv {
             &kv_dim_i, &shared, &stride, &window, &shape.scale, &split_len)?;
 
         let sinks_ptr = match sinks {
-            Some(s) => be.raw(s.dev()?),
+            Some(s) => be.raw(&s.dev()?),
             None => 0u64,
         };
         let n_splits_i = int(n_splits, "splits")?;

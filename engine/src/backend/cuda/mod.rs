@@ -2,12 +2,15 @@
 //! CUDA C compiled by NVRTC at run time, driven through cudarc, both loaded dynamically).
 //!
 //! Memory. Weights are uploaded once, at load, as the file's raw GGUF blocks (quantized
-//! weights stay quantized; nothing is repacked on the host). Activations are device
-//! buffers of f32, one per operation's result, from the device's stream-ordered pool
-//! (`cuMemAllocAsync`), which keeps freed memory for the next step. The KV cache is one
-//! device array per layer in the CPU cache's layout (`[block][16 tokens][kv_dim]`, f16 or
-//! f32), driven by the same [`crate::kv::BlockManager`]; each step's block tables go up in
-//! one copy (see `attention.rs`).
+//! weights stay quantized; nothing is repacked on the host); a 3-D tensor of a layer's
+//! experts (or heads' matrices) is one allocation, each matrix a view into it, and so are
+//! the experts' stacked biases ([`Backend::experts`], [`Backend::expert_vectors`]).
+//! Activations are device buffers of f32, one per operation's result, from the device's
+//! stream-ordered pool (`cuMemAllocAsync`), which keeps freed memory for the next step.
+//! The KV cache is one device array per layer in the CPU cache's layout
+//! (`[block][16 tokens][kv_dim]`, f16 or f32), driven by the same
+//! [`crate::kv::BlockManager`]; each step's block tables go up in one copy (see
+//! `attention.rs`).
 //!
 //! Streams. Everything runs on one stream in issue order (`turbine_cuda::Runtime`): host
 //! copies of small index arrays are staged by the driver and need no synchronization;
@@ -20,29 +23,39 @@
 //! hands it over as an [`EngineError`]: the step fails, nothing panics. Shapes the kernels
 //! cannot take are reported the same way.
 //!
+//! Mixture of experts. The model routes on the host (`moe::Routing`); then
+//! [`Backend::moe_grouped`] runs all of a step's (token, choice) slots through their
+//! experts in a few launches (matmul.cu's `matvec_id_*`, moe.cu's `moe_combine`; see
+//! `moe.rs`) where that pays, and otherwise the model runs each busy expert's products with
+//! the ordinary kernels.
+//!
 //! Not here: tensor parallelism and pipeline stages (one GPU, `tensor_parallel()` is
-//! (0, 1)); a fused mixture-of-experts path (the trait has the model route on the host and
-//! run each expert's products, which this backend does with the ordinary kernels).
+//! (0, 1)).
 
 mod attention;
+mod moe;
 mod ops;
 mod products;
 
 pub use attention::CudaKv;
 
-use super::{AttnShape, Backend, BatchLayout, Yarn};
+use super::{AttnShape, Backend, BatchLayout, ExpertWeights, Yarn};
 use crate::generate::LoadedModel;
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kv::KvSpec;
+use crate::model::moe::Routes;
 use crate::parallel::{row_bytes_of, shard_bytes, Part};
 use crate::tokenizer::Tokenizer;
 use crate::EngineError;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use turbine_cpu::GgmlType;
-use turbine_cuda::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use turbine_cuda::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, ValidAsZeroBits,
+};
 use turbine_cuda::{CudaError, Runtime};
 
 /// What failed and why, on the way to the step's [`EngineError`].
@@ -67,6 +80,10 @@ struct Inner {
     /// The last positions uploaded for RoPE (a forward pass rotates with the same ones
     /// several times per layer).
     positions: Mutex<Option<Uploaded>>,
+    /// Whether [`Backend::moe_grouped`] may run (a switch for checks comparing it with the
+    /// per-expert path), and how many layers it ran.
+    grouped_moe: AtomicBool,
+    grouped_moe_runs: AtomicU64,
 }
 
 /// Host values and their copy on the device.
@@ -91,6 +108,7 @@ struct Kernels {
     add: CudaFunction,
     add_bias: CudaFunction,
     add_scaled_rows: CudaFunction,
+    moe_combine: CudaFunction,
     gather_rows: CudaFunction,
     gather_cols: CudaFunction,
     copy_cols: CudaFunction,
@@ -119,6 +137,7 @@ impl Kernels {
             add: f("add_exact")?,
             add_bias: f("add_bias_rows")?,
             add_scaled_rows: f("add_scaled_rows")?,
+            moe_combine: f("moe_combine")?,
             gather_rows: f("gather_rows")?,
             gather_cols: f("gather_cols")?,
             copy_cols: f("copy_cols")?,
@@ -186,7 +205,10 @@ pub struct CudaWeight {
     ty: GgmlType,
     rows: usize,
     cols: usize,
-    bytes: CudaSlice<u8>,
+    /// The device memory it lies in: its own, or that of the 3-D tensor whose experts (or
+    /// heads' matrices) lie side by side in it; `at` its bytes there.
+    bytes: Arc<CudaSlice<u8>>,
+    at: Range<usize>,
     /// rows, cols, bytes per row and blocks per row, as the kernels take them.
     dims: WeightDims,
     product: Product,
@@ -202,10 +224,12 @@ struct WeightDims {
 }
 
 /// How a weight multiplies activations.
+#[derive(Clone)]
 enum Product {
     /// 8-bit activations (`mode`), dp4a kernels: one row per warp for one token, tiles of
-    /// 4 rows × 8 tokens for more.
-    Quantized { mode: ActMode, matvec: CudaFunction, matmul: CudaFunction },
+    /// 4 rows × 8 tokens for more; and the mixture-of-experts product of a stack of such
+    /// weights, each slot through its own (`matvec_id_*`, where the type has one).
+    Quantized { mode: ActMode, matvec: CudaFunction, matmul: CudaFunction, by_slot: Option<CudaFunction> },
     /// F32, F16 and BF16 weights times f32 activations.
     Float(CudaFunction),
     /// A table only looked up by row.
@@ -235,14 +259,21 @@ impl CudaWeight {
 
     /// Bytes on the device.
     pub fn bytes(&self) -> usize {
-        self.bytes.len()
+        self.at.len()
+    }
+
+    /// Its bytes on the device, for a kernel's argument.
+    fn view(&self) -> Fallible<CudaView<'_, u8>> {
+        self.bytes.try_slice(self.at.clone()).ok_or_else(|| format!("bytes {:?} of {}", self.at, self.bytes.len()))
     }
 }
 
-/// A small f32 vector in device memory (norm weights, biases, sinks, RoPE factors).
+/// A small f32 vector in device memory (norm weights, biases, sinks, RoPE factors): its own
+/// buffer, or elements `at` of its stack's (an expert's bias beside the others').
 pub struct CudaVector {
     len: usize,
-    buf: Option<CudaSlice<f32>>,
+    buf: Option<Arc<CudaSlice<f32>>>,
+    at: Range<usize>,
 }
 
 impl CudaVector {
@@ -254,8 +285,10 @@ impl CudaVector {
         self.len == 0
     }
 
-    fn dev(&self) -> Fallible<&CudaSlice<f32>> {
-        self.buf.as_ref().ok_or_else(|| "an empty vector".to_string())
+    /// Its elements on the device, for a kernel's argument.
+    fn dev(&self) -> Fallible<CudaView<'_, f32>> {
+        let buf = self.buf.as_ref().ok_or_else(|| "an empty vector".to_string())?;
+        buf.try_slice(self.at.clone()).ok_or_else(|| format!("elements {:?} of {}", self.at, buf.len()))
     }
 }
 
@@ -275,6 +308,8 @@ impl CudaBackend {
             weight_bytes: AtomicU64::new(0),
             lookup_bytes: AtomicU64::new(0),
             positions: Mutex::new(None),
+            grouped_moe: AtomicBool::new(true),
+            grouped_moe_runs: AtomicU64::new(0),
         };
         Ok(CudaBackend { inner: Arc::new(inner) })
     }
@@ -294,12 +329,41 @@ impl CudaBackend {
         (self.inner.weight_bytes.load(Ordering::Relaxed), self.inner.lookup_bytes.load(Ordering::Relaxed))
     }
 
+    /// Lets [`Backend::moe_grouped`] run where it pays (the default), or never: the models
+    /// then run each busy expert's products. For checks comparing the two; clones share it.
+    pub fn set_grouped_moe(&self, on: bool) {
+        self.inner.grouped_moe.store(on, Ordering::Relaxed);
+    }
+
+    /// Mixture-of-experts layers the grouped path has run since the backend was made.
+    pub fn grouped_moe_runs(&self) -> u64 {
+        self.inner.grouped_moe_runs.load(Ordering::Relaxed)
+    }
+
     /// Waits for every queued operation; the first failure, if any.
     pub fn synchronize(&self) -> Result<(), EngineError> {
         if let Err(e) = self.stream().synchronize() {
             self.record("synchronize", format!("{e:?}"));
         }
         self.take_tp_error().map_or(Ok(()), Err)
+    }
+
+    /// `count` vectors side by side in `data` (little-endian f32), uploaded as one
+    /// allocation that each is a view into.
+    fn make_vectors(&self, name: &str, data: &[u8], count: usize) -> Result<Vec<CudaVector>, EngineError> {
+        let host: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let len = host.len() / count.max(1);
+        if count == 0 || len * count != host.len() || host.len() * 4 != data.len() {
+            let why = "whole f32 vectors of equal length";
+            return Err(EngineError::BadValue { key: name.into(), value: format!("{} bytes", data.len()), why });
+        }
+        let buf = match host.is_empty() {
+            true => None,
+            false => {
+                Some(Arc::new(self.upload(&host).map_err(|e| self.device_error(format!("uploading {name}: {e}")))?))
+            }
+        };
+        Ok((0..count).map(|i| CudaVector { len, buf: buf.clone(), at: i * len..(i + 1) * len }).collect())
     }
 
     fn stream(&self) -> &Arc<CudaStream> {
@@ -362,8 +426,9 @@ impl CudaBackend {
         self.stream().clone_htod(data).map_err(|e| format!("copying {} elements to the GPU: {e:?}", data.len()))
     }
 
-    /// The device address of `s`, for a kernel's optional array argument.
-    fn raw<T>(&self, s: &CudaSlice<T>) -> u64 {
+    /// The device address of `s` (a buffer or a view), for a kernel's optional array
+    /// argument.
+    fn raw<T>(&self, s: &impl DevicePtr<T>) -> u64 {
         s.device_ptr(self.stream()).0
     }
 
@@ -386,14 +451,30 @@ impl CudaBackend {
         &self,
         name: &str,
         ty: GgmlType,
-        (rows, cols): (usize, usize),
+        shape: (usize, usize),
         data: &[u8],
         products: bool,
     ) -> Result<CudaWeight, EngineError> {
+        let mut one = self.make_weights(name, ty, shape, data, 1, products)?;
+        one.pop().ok_or_else(|| EngineError::shape(name, "one matrix", &[]))
+    }
+
+    /// `count` weights side by side in `data` (each [rows × cols] of `ty`), uploaded as one
+    /// allocation that each is a view into.
+    fn make_weights(
+        &self,
+        name: &str,
+        ty: GgmlType,
+        (rows, cols): (usize, usize),
+        data: &[u8],
+        count: usize,
+        products: bool,
+    ) -> Result<Vec<CudaWeight>, EngineError> {
         let bad =
             |why: &'static str| EngineError::BadValue { key: name.into(), value: format!("{rows}x{cols} {ty}"), why };
         let row_bytes = ty.row_bytes(cols).ok_or_else(|| bad("columns are not whole blocks"))?;
-        if rows.checked_mul(row_bytes) != Some(data.len()) || data.is_empty() {
+        let size = rows.checked_mul(row_bytes).filter(|&b| b > 0).ok_or_else(|| bad("an empty or too large matrix"))?;
+        if size.checked_mul(count) != Some(data.len()) || data.is_empty() {
             return Err(bad("the data is not that many whole rows"));
         }
         let int = |v: usize| i32::try_from(v).map_err(|_| bad("a dimension does not fit the kernels' 32-bit sizes"));
@@ -411,12 +492,24 @@ impl CudaBackend {
                 "the CUDA backend cannot look rows of this type up (F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K)",
             ));
         }
-        let bytes = self.upload(data).map_err(|e| self.device_error(format!("uploading {name}: {e}")))?;
+        let bytes = Arc::new(self.upload(data).map_err(|e| self.device_error(format!("uploading {name}: {e}")))?);
         self.inner.weight_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         if !products {
             self.inner.lookup_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        Ok(CudaWeight { ty, rows, cols, bytes, dims, product, embed })
+        // Each matrix starts at a whole row of the stack, so its rows are as aligned as
+        // those of a matrix of its own (the kernels read whole rows at row_bytes strides).
+        let weight = |i: usize| CudaWeight {
+            ty,
+            rows,
+            cols,
+            bytes: bytes.clone(),
+            at: i * size..(i + 1) * size,
+            dims,
+            product: product.clone(),
+            embed: embed.clone(),
+        };
+        Ok((0..count).map(weight).collect())
     }
 
     /// The product kernels of `ty`, if it has them.
@@ -435,10 +528,27 @@ impl CudaBackend {
                 };
                 let matvec = rt.function(&format!("matvec_{suffix}")).ok()?;
                 let matmul = rt.function(&format!("matmul_{suffix}")).ok()?;
-                Some(Product::Quantized { mode, matvec, matmul })
+                let by_slot = rt.function(&format!("matvec_id_{suffix}")).ok();
+                Some(Product::Quantized { mode, matvec, matmul, by_slot })
             }
         }
     }
+}
+
+/// The bytes of matrices (or vectors) `range` of the `n` equal ones of a tensor's `data`.
+fn stack_bytes<'a>(
+    name: &str,
+    data: &'a [u8],
+    n: usize,
+    range: &Range<usize>,
+    dims: &[u64],
+) -> Result<&'a [u8], EngineError> {
+    let per = data.len() / n.max(1);
+    if n == 0 || per * n != data.len() || range.end > n {
+        return Err(EngineError::shape(name, &format!("{n} equal slices, {range:?} of them"), dims));
+    }
+    data.get(range.start * per..range.end * per)
+        .ok_or_else(|| EngineError::shape(name, &format!("{n} equal slices, {range:?} of them"), dims))
 }
 
 const NO_MATRIX_KERNEL: &str =
@@ -499,15 +609,49 @@ impl Backend for CudaBackend {
         if tensor.dims.len() != 1 || tensor.ty != GgmlType::F32 {
             return Err(EngineError::shape(&tensor.name, "a 1-D F32 tensor", &tensor.dims));
         }
-        let host: Vec<f32> =
-            file.tensor_data(tensor).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let buf = match host.is_empty() {
-            true => None,
-            false => {
-                Some(self.upload(&host).map_err(|e| self.device_error(format!("uploading {}: {e}", tensor.name)))?)
-            }
+        let mut one = self.make_vectors(&tensor.name, file.tensor_data(tensor), 1)?;
+        one.pop().ok_or_else(|| EngineError::shape(&tensor.name, "one vector", &tensor.dims))
+    }
+
+    /// One allocation for the whole stack (`range` of the tensor's `n` matrices), each
+    /// weight a view into it, so that [`Backend::moe_grouped`] can address them all.
+    fn experts(
+        &self,
+        file: &Arc<Gguf>,
+        tensor: &TensorInfo,
+        n: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<CudaWeight>, EngineError> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (cols, rows) = match tensor.dims[..] {
+            [c, r, m] if m == n as u64 => match (usize::try_from(c), usize::try_from(r)) {
+                (Ok(c), Ok(r)) => (c, r),
+                _ => return Err(EngineError::shape(&tensor.name, "dimensions that fit in memory", &tensor.dims)),
+            },
+            _ => return Err(EngineError::shape(&tensor.name, &format!("3 dimensions, the last {n}"), &tensor.dims)),
         };
-        Ok(CudaVector { len: host.len(), buf })
+        let bytes = stack_bytes(&tensor.name, file.tensor_data(tensor), n, &range, &tensor.dims)?;
+        self.make_weights(&tensor.name, tensor.ty, (rows, cols), bytes, range.len(), true)
+    }
+
+    /// One allocation for the stack of vectors, each a view into it (see `experts`).
+    fn expert_vectors(
+        &self,
+        file: &Arc<Gguf>,
+        tensor: &TensorInfo,
+        n: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<CudaVector>, EngineError> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        if tensor.dims.len() != 2 || tensor.dims[1] != n as u64 || tensor.ty != GgmlType::F32 {
+            return Err(EngineError::shape(&tensor.name, &format!("a 2-D F32 tensor of {n} vectors"), &tensor.dims));
+        }
+        let bytes = stack_bytes(&tensor.name, file.tensor_data(tensor), n, &range, &tensor.dims)?;
+        self.make_vectors(&tensor.name, bytes, range.len())
     }
 
     fn new_kv(&self, spec: &KvSpec) -> CudaKv {
@@ -653,6 +797,18 @@ impl Backend for CudaBackend {
 
     fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> CudaAct {
         self.attempt("select_rows", || CudaAct::placeholder(rows.len(), x.cols), || self.pick_rows(x, rows))
+    }
+
+    /// matvec_id over every slot, where the experts are stacks with such kernels and the
+    /// batch is small enough for it to pay (`moe.rs`); None otherwise.
+    fn moe_grouped(&self, x: &CudaAct, routes: &Routes, experts: &ExpertWeights<'_, Self>) -> Option<CudaAct> {
+        if !self.inner.grouped_moe.load(Ordering::Relaxed) {
+            return None;
+        }
+        let plan = moe::Plan::new(x, routes, experts)?;
+        self.inner.grouped_moe_runs.fetch_add(1, Ordering::Relaxed);
+        let dead = || CudaAct::placeholder(x.rows, plan.d_out());
+        Some(self.attempt("moe_grouped", dead, || self.grouped_experts(x, routes, &plan)))
     }
 
     /// The device failure this pass met first, as an [`EngineError`] (a collective cannot

@@ -89,8 +89,8 @@ impl CudaBackend {
         // A multiple of 32 up to 256: a head of 64 values needs no idle warps.
         let threads = seg.next_multiple_of(32).min(THREADS as usize) as u32;
         let seg_i = int(seg, "norm width")?;
-        let k = &self.kernels().rms_norm;
-        launch!(self, k, grid, (threads, 1, 1); x.dev()?, w.dev()?, y.dev_mut()?, &seg_i, &eps)?;
+        let (k, wv) = (&self.kernels().rms_norm, w.dev()?);
+        launch!(self, k, grid, (threads, 1, 1); x.dev()?, &wv, y.dev_mut()?, &seg_i, &eps)?;
         Ok(y)
     }
 
@@ -112,7 +112,7 @@ impl CudaBackend {
         }
         let pos = self.positions(positions)?;
         let factors = match r.factors {
-            Some(f) => self.raw(f.dev()?),
+            Some(f) => self.raw(&f.dev()?),
             None => 0u64,
         };
         let n_pairs = x.len() / 2;
@@ -185,8 +185,8 @@ impl CudaBackend {
             return Ok(());
         }
         let (cols, n64) = (int(x.cols, "columns")?, count(n)?);
-        let k = &self.kernels().add_bias;
-        launch!(self, k, stride_grid(n), (THREADS, 1, 1); x.dev_mut()?, bias.dev()?, &cols, &n64)
+        let (k, bv) = (&self.kernels().add_bias, bias.dev()?);
+        launch!(self, k, stride_grid(n), (THREADS, 1, 1); x.dev_mut()?, &bv, &cols, &n64)
     }
 
     /// y[rows[i]] += weights[i] · x[i], in order.
