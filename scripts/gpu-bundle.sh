@@ -4,6 +4,7 @@
 #   turbine-gpu-check   every kernel against the CPU reference (`--perf`: GB/s beside copy)
 #   turbine-gpu-e2e     every backend operation, then logits and greedy tokens of models on
 #                       CPU and CUDA, and decode / prefill speed
+#   turbine             the CLI built with `cuda`: `turbine bench --device cuda` on each model
 #   kernels/            CUBINs for sm_80 and sm_90a, found through TURBINE_KERNEL_CACHE
 #   *.gguf              the synthetic MoE and gpt-oss models (scripts/synth/)
 # Then, on the GPU machine, from the repository root (carrying target/gpu-bundle):
@@ -20,12 +21,15 @@ bundle=$root/target/gpu-bundle
 synth=${TURBINE_SYNTH:-$HOME/.cache/turbine-synth}
 nvrtc=${TURBINE_NVRTC_HOME:-$HOME/.cache/turbine-nvrtc}/nvidia/cu13/lib
 bash "$root/scripts/fetch-test-data.sh" >/dev/null
-(cd "$root" && cargo build --release -q --features cuda,nccl --bin turbine-gpu-e2e -p turbine \
-  && cargo build --release -q -p turbine-cuda --bin turbine-gpu-check)
+# A target folder of its own: these features would otherwise rebuild target/release's crates.
+build=$root/target/gpu-build
+(cd "$root" && cargo build --release -q --target-dir "$build" --features cuda,nccl --bin turbine-gpu-e2e -p turbine \
+  && cargo build --release -q --target-dir "$build" -p turbine-cuda --bin turbine-gpu-check \
+  && cargo build --release -q --target-dir "$build" -p turbine-shell --no-default-features --features cuda --bin turbine)
 rm -rf "$bundle"
 mkdir -p "$bundle/kernels"
-for bin in turbine-gpu-check turbine-gpu-e2e; do
-  strip -o "$bundle/$bin" "$root/target/release/$bin"
+for bin in turbine-gpu-check turbine-gpu-e2e turbine; do
+  strip -o "$bundle/$bin" "$build/release/$bin"
 done
 LD_LIBRARY_PATH=$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$bundle/turbine-gpu-e2e" --precompile "$bundle/kernels"
 cp "$synth/qwen3moe-q8_0.gguf" "$synth/gpt-oss-mxfp4.gguf" "$bundle/"

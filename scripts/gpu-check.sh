@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one command: every kernel against the CPU reference with its GB/s beside
 # the copy bandwidth (turbine-gpu-check --perf), then every backend operation and whole
-# models on the CPU and CUDA backends, with decode and prefill speed (turbine-gpu-e2e).
+# models on the CPU and CUDA backends, with decode and prefill speed (turbine-gpu-e2e), then
+# `turbine bench --device cuda` (llama-bench's pp512 and tg128) on each model of the bundle.
 # Without a GPU each prints "skipped: no GPU" and this exits 0.
 #   bash scripts/gpu-check.sh [turbine-gpu-e2e options, e.g. --model PATH]
 # Uses target/gpu-bundle (scripts/gpu-bundle.sh: precompiled kernels, no NVRTC or Rust
@@ -43,9 +44,24 @@ status=0
 echo "=== turbine-gpu-check --perf"
 "$bin/turbine-gpu-check" --perf || status=1
 echo "=== turbine-gpu-e2e"
+e2e_log=$(mktemp)
 if [ $# -gt 0 ]; then
-  "$bin/turbine-gpu-e2e" "$@" || status=1
+  "$bin/turbine-gpu-e2e" "$@" | tee "$e2e_log" || status=1
 else
-  "$bin/turbine-gpu-e2e" "${models[@]}" || status=1
+  "$bin/turbine-gpu-e2e" "${models[@]}" | tee "$e2e_log" || status=1
+fi
+if [ -x "$bin/turbine" ] && ! grep -q "skipped: no GPU" "$e2e_log"; then
+  # The models given (--model PATH), else the bundle's.
+  paths=()
+  args=("$@")
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    [ "${args[$i]}" = --model ] && paths+=("${args[$((i + 1))]:-}")
+  done
+  [ ${#paths[@]} -gt 0 ] || paths=("$bin"/*.gguf)
+  for m in "${paths[@]}"; do
+    [ -e "$m" ] || continue
+    echo "=== turbine bench --device cuda -m $m"
+    "$bin/turbine" bench --device cuda -m "$m" -p 512 -n 128 -r 3 || status=1
+  done
 fi
 exit $status
