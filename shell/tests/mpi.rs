@@ -3,7 +3,9 @@
 //! `.ci/run` installs both). The processes serve what the in-process split (or the whole
 //! model) serves, token for token and log-probability for log-probability; killing a rank
 //! mid-generation answers the waiting requests with an error and ends the job within
-//! seconds, never a hang.
+//! seconds, never a hang. `TURBINE_COLLECTIVES` picks what carries the collectives: a value
+//! it does not know ends every rank at once, and NCCL collectives that cannot start (no
+//! CUDA driver here) fail the load on every rank, never a hang (with the `nccl` feature).
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -235,4 +237,171 @@ fn killing_a_rank(split: &[&str], name: &str) {
     let status = job.0.wait_exit(Duration::from_secs(10)).expect("mpirun ends the job");
     assert!(!status.success());
     std::fs::remove_file(&log).ok();
+}
+
+/// `mpirun -np 2 turbine ARGS` with `env`, which must end by itself within `limit`: its
+/// exit status and output (every rank's and mpirun's). A job still running then is a hang:
+/// it is ended and the test fails. Every process of the job carries a marker in its
+/// environment, so that none may be left once mpirun is gone.
+fn run_to_end(name: &str, args: &[&str], env: &[(&str, &str)], limit: Duration) -> (std::process::ExitStatus, String) {
+    let log = log_path(name);
+    let out = std::fs::File::create(&log).expect("log file");
+    let marker = format!("{name}-{}", std::process::id());
+    let mut job = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_turbine")])
+        .args(args)
+        .envs([("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")])
+        .envs(env.iter().copied())
+        .env(JOB_MARKER, &marker)
+        .stdout(out.try_clone().expect("log file"))
+        .stderr(out)
+        .spawn()
+        .expect("start mpirun");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = job.try_wait().expect("mpirun's status") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            Command::new("kill").arg(job.id().to_string()).status().ok();
+            std::thread::sleep(Duration::from_secs(5));
+            job.kill().ok();
+            job.wait().ok();
+            kill_all(&processes_of(&marker));
+            let logged = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("mpirun {args:?} did not end within {limit:?} (a hang): {logged}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_no_process_left(&marker);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    std::fs::remove_file(&log).ok();
+    (status, logged)
+}
+
+/// The environment variable that marks a job's processes.
+const JOB_MARKER: &str = "TURBINE_TEST_MPI_JOB";
+
+/// The processes whose environment holds `JOB_MARKER=marker` (Linux's /proc).
+fn processes_of(marker: &str) -> Vec<u32> {
+    let wanted = format!("{JOB_MARKER}={marker}");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            environ.split(|&b| b == 0).any(|var| var == wanted.as_bytes())
+        })
+        .collect()
+}
+
+fn kill_all(pids: &[u32]) {
+    for pid in pids {
+        Command::new("kill").args(["-9", &pid.to_string()]).status().ok();
+    }
+}
+
+/// Once mpirun has ended, none of its job's processes is left (a moment allowed for them
+/// to go); any that is left is killed and fails the test.
+fn assert_no_process_left(marker: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut left = processes_of(marker);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = processes_of(marker);
+    }
+    kill_all(&left);
+    assert!(left.is_empty(), "processes {left:?} of the job outlived mpirun");
+}
+
+/// `turbine bench` of the default model over two ranks, small enough to end at once where
+/// it runs at all.
+const BENCH_TP: &[&str] = &["bench", "-m", MODEL, "--tp", "2", "-p", "8", "-n", "2", "-r", "1", "-t", "1"];
+
+/// A value of TURBINE_COLLECTIVES that is neither `mpi` nor `nccl` ends every rank before
+/// MPI starts (none waits for another), saying what it got and what it takes.
+#[test]
+fn an_unknown_collectives_value_is_refused_by_every_rank() {
+    let env = [("TURBINE_COLLECTIVES", "gloo")];
+    let (status, logged) = run_to_end("collectives-unknown", BENCH_TP, &env, Duration::from_secs(60));
+    assert!(!status.success(), "{logged}");
+    let refusal = "error: TURBINE_COLLECTIVES=\"gloo\" is not known: use mpi (the default) or nccl";
+    // mpirun ends the job as the first rank exits, maybe before the other has said so.
+    assert!(logged.contains(refusal), "{logged}");
+}
+
+/// Built without NCCL, asking for it is refused by every rank, saying how to build.
+#[cfg(not(feature = "nccl"))]
+#[test]
+fn nccl_collectives_in_a_build_without_nccl_are_refused() {
+    let env = [("TURBINE_COLLECTIVES", "nccl")];
+    let (status, logged) = run_to_end("collectives-no-nccl", BENCH_TP, &env, Duration::from_secs(60));
+    assert!(!status.success(), "{logged}");
+    let refusal = "error: TURBINE_COLLECTIVES=nccl: built without NCCL: build with --features mpi,nccl";
+    // mpirun ends the job as the first rank exits, maybe before the other has said so.
+    assert!(logged.contains(refusal), "{logged}");
+}
+
+/// Whether this machine has a CUDA driver (where it has none, NCCL cannot start).
+#[cfg(feature = "nccl")]
+fn cuda_driver_here() -> bool {
+    // SAFETY: only tries to open the driver's library by its candidate names.
+    unsafe { turbine::cuda::cudarc::driver::sys::is_culib_present() }
+}
+
+/// What rank 0 reports when no rank can start NCCL for want of a CUDA driver.
+#[cfg(feature = "nccl")]
+const NO_DRIVER: &str = "tensor parallelism failed: NCCL could not start on every rank (opening each rank's GPU): \
+                         ranks 0, 1: NCCL: no CUDA driver (libcuda) on this machine";
+
+/// With TURBINE_COLLECTIVES=nccl and no CUDA driver, the model's load fails on every rank
+/// before any rank waits in NCCL's init: rank 0 reports why for each rank, and the job
+/// ends (rank 0 with the error, the others told to go), within seconds.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_collectives_that_cannot_start_fail_the_load_and_the_job_ends() {
+    let env = [("TURBINE_COLLECTIVES", "nccl")];
+    let (status, logged) = run_to_end("nccl-bench", BENCH_TP, &env, Duration::from_secs(120));
+    if cuda_driver_here() {
+        // A GPU machine: the bench may run; either way it ended, and a failure names NCCL.
+        assert!(status.success() || logged.contains("NCCL"), "{logged}");
+        return;
+    }
+    assert!(!status.success(), "{logged}");
+    assert!(logged.contains(&format!("error: {NO_DRIVER}")), "{logged}");
+}
+
+/// Serving with TURBINE_COLLECTIVES=nccl and no CUDA driver: each request's load fails on
+/// every rank with rank 0's report, again and again (the ranks stay in step after a
+/// failed load), each answered within seconds; the job then ends as usual.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_collectives_that_cannot_start_fail_each_served_load_in_step() {
+    if cuda_driver_here() {
+        eprintln!("skipped: a CUDA driver is here, so NCCL may start");
+        return;
+    }
+    let log = log_path("nccl-serve");
+    let marker = format!("nccl-serve-{}", std::process::id());
+    let job = mpirun_with(&log, TP, &[("TURBINE_COLLECTIVES", "nccl"), (JOB_MARKER, &marker)]);
+    let body = json!({ "model": MODEL, "prompt": "Hi", "stream": false, "options": { "num_predict": 1 } });
+    for attempt in 0..2 {
+        let asked = Instant::now();
+        let r = generate_within(job.0.port, &body, Duration::from_secs(60));
+        assert_eq!(r.status, 500, "attempt {attempt}: {}", r.text());
+        assert!(r.text().contains(NO_DRIVER), "attempt {attempt}: {}", r.text());
+        assert!(asked.elapsed() < Duration::from_secs(30), "attempt {attempt} answered after {:?}", asked.elapsed());
+    }
+    stop(job);
+    assert_no_process_left(&marker);
+    std::fs::remove_file(&log).ok();
+}
+
+/// [`generate`], failing the test when no answer comes within `limit` (a hang).
+#[cfg(feature = "nccl")]
+fn generate_within(port: u16, body: &Value, limit: Duration) -> common::Resp {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let body = body.clone();
+    std::thread::spawn(move || tx.send(generate(port, &body)).ok());
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("no answer within {limit:?} (a hang)"))
 }

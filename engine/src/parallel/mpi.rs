@@ -10,6 +10,12 @@
 //! forward pass are MPI all-gathers, summed in rank order on every rank, so the results
 //! are those of the in-process group bit for bit.
 //!
+//! `TURBINE_COLLECTIVES=nccl` ([`Collectives`]) moves a split model's collectives onto NCCL
+//! (the `nccl` feature, one GPU per rank) while rank 0's messages stay on MPI: each load
+//! makes a new NCCL group, whose id rank 0 broadcasts inside the load's exchange, once
+//! every rank has shown it can join (`join_nccl`). A pipeline's stages talk over MPI
+//! either way (they hold whole layers and have no collectives to run).
+//!
 //! MPI is initialized for serialized use from several threads (a model's steps come from
 //! its scheduler thread, its collectives from rank 0's pool, loads from the server's
 //! threads); every call takes one process-wide lock. Split by tensors, several models can
@@ -34,6 +40,8 @@ use serde::{Deserialize, Serialize};
 
 use super::gathered::{self, Exchange};
 use super::group::{thread_pool, Answer, Follower, Followers, Sharded, Step};
+#[cfg(feature = "nccl")]
+use super::nccl::{GroupId, NcclComm};
 use super::pipeline::{self, wire, Chain, MicroResult, Onward, Pipelined, StageRank};
 use super::{CommError, Communicator};
 use crate::backend::cpu::CpuBackend;
@@ -101,6 +109,9 @@ pub struct MpiWorld {
     resident: Arc<Resident>,
     /// Models load as a pipeline of one stage per rank, instead of split by tensors.
     pipeline: bool,
+    /// What carries the collectives of models split by tensors (rank 0's choice counts:
+    /// each load tells the other ranks).
+    collectives: Collectives,
     /// The id of the next model loaded split by tensors.
     next_model: AtomicU64,
 }
@@ -149,6 +160,8 @@ impl MpiWorld {
         if !launched {
             return Ok(None);
         }
+        // Before MPI starts: a bad value ends every rank at once, none waiting on another.
+        let collectives = Collectives::from_env()?;
         let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
             .ok_or("MPI was already initialized in this process")?;
         if threading < mpi::Threading::Serialized {
@@ -165,6 +178,7 @@ impl MpiWorld {
             size,
             resident,
             pipeline: false,
+            collectives,
             next_model,
         }))
     }
@@ -180,6 +194,9 @@ impl MpiWorld {
     /// Models will load as pipelines, one stage per rank (`mpirun -np N turbine serve
     /// --pp N`), instead of split by tensors.
     pub fn pipelined(mut self) -> MpiWorld {
+        if self.collectives == Collectives::Nccl && self.rank == 0 {
+            eprintln!("turbine: {COLLECTIVES_VAR}=nccl is for --tp; a pipeline's stages talk over MPI");
+        }
         self.pipeline = true;
         self
     }
@@ -199,10 +216,17 @@ impl MpiWorld {
         let id = self.next_model.fetch_add(1, Ordering::Relaxed);
         // Until every rank answered: no other model's step falls between.
         let _turn = take_turn();
-        broadcast(&self.comm, &Message::Load { id, path: path.to_path_buf() })?;
+        let collectives = self.collectives;
+        broadcast(&self.comm, &Message::Load { id, path: path.to_path_buf(), collectives })?;
+        // The other ranks take the same steps: a failure here is the load's on every rank,
+        // and none of them answers it.
+        let comm = self.rank_comm(collectives)?;
+        if collectives == Collectives::Nccl {
+            eprintln!("turbine: model {id}'s collectives over NCCL, {} ranks", self.size);
+        }
         // From here on dropping the followers unloads the other ranks' shares.
         let followers = Box::new(Processes { comm: self.comm.clone(), size: self.size, id, turn: None });
-        let (backend, sharded) = Sharded::lead(self.communicator(), &file, threads_per_rank(), None, followers)?;
+        let (backend, sharded) = Sharded::lead(comm, &file, threads_per_rank(), None, followers)?;
         Ok((file, backend, Box::new(sharded)))
     }
 
@@ -230,6 +254,55 @@ impl MpiWorld {
 
     fn communicator(&self) -> MpiComm {
         MpiComm { comm: self.comm.clone(), rank: self.rank, size: self.size, busy_ns: AtomicU64::new(0) }
+    }
+
+    /// This rank's collectives for the model loading now, made by every rank at the same
+    /// point of the load's exchange: over MPI, or over NCCL once every rank has joined.
+    fn rank_comm(&self, collectives: Collectives) -> Result<RankComm, EngineError> {
+        match collectives {
+            Collectives::Mpi => Ok(RankComm::Mpi(self.communicator())),
+            #[cfg(feature = "nccl")]
+            Collectives::Nccl => Ok(RankComm::Nccl(join_nccl(self)?, self.comm.clone())),
+            #[cfg(not(feature = "nccl"))]
+            Collectives::Nccl => Err(mpi_error(WITHOUT_NCCL)),
+        }
+    }
+}
+
+/// The environment variable that picks what carries the collectives under MPI.
+pub const COLLECTIVES_VAR: &str = "TURBINE_COLLECTIVES";
+
+const WITHOUT_NCCL: &str = "built without NCCL: build with --features mpi,nccl";
+
+/// What carries the collectives of a model split by tensors over the MPI world
+/// (`TURBINE_COLLECTIVES`): MPI itself (the default), or NCCL between the ranks' GPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Collectives {
+    #[default]
+    Mpi,
+    Nccl,
+}
+
+impl Collectives {
+    /// `TURBINE_COLLECTIVES` (unset or empty: MPI).
+    pub fn from_env() -> Result<Collectives, String> {
+        let value = std::env::var_os(COLLECTIVES_VAR).map(|v| v.to_string_lossy().into_owned());
+        Collectives::parse(value.as_deref())
+    }
+
+    fn parse(value: Option<&str>) -> Result<Collectives, String> {
+        let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(Collectives::Mpi);
+        };
+        if v.eq_ignore_ascii_case("mpi") {
+            Ok(Collectives::Mpi)
+        } else if v.eq_ignore_ascii_case("nccl") && cfg!(feature = "nccl") {
+            Ok(Collectives::Nccl)
+        } else if v.eq_ignore_ascii_case("nccl") {
+            Err(format!("{COLLECTIVES_VAR}={v}: {WITHOUT_NCCL}"))
+        } else {
+            Err(format!("{COLLECTIVES_VAR}={v:?} is not known: use mpi (the default) or nccl"))
+        }
     }
 }
 
@@ -282,8 +355,8 @@ fn threads_per_rank() -> usize {
 #[derive(Debug, Serialize, Deserialize)]
 enum Message {
     /// Load your share of this file (which every machine must have at this path) as model
-    /// `id`.
-    Load { id: u64, path: PathBuf },
+    /// `id`, its collectives over `collectives`.
+    Load { id: u64, path: PathBuf, collectives: Collectives },
     /// Load your stage (your rank's) of this file cut at `cuts`, as
     /// `pipeline::stage_at` reads them.
     LoadStage { path: PathBuf, cuts: Vec<usize> },
@@ -303,13 +376,18 @@ fn mpi_error(what: impl std::fmt::Display) -> EngineError {
 
 /// Rank 0 sends `message` to every rank.
 fn broadcast(comm: &Shared, message: &Message) -> Result<(), EngineError> {
-    let mut bytes = serde_json::to_vec(message).map_err(mpi_error)?;
+    let bytes = serde_json::to_vec(message).map_err(mpi_error)?;
+    broadcast_bytes(comm, bytes);
+    Ok(())
+}
+
+/// Rank 0 sends `bytes` to every rank (which take them with [`receive_bytes`]).
+fn broadcast_bytes(comm: &Shared, mut bytes: Vec<u8>) {
     let _guard = lock();
     let root = comm.0.process_at_rank(0);
     let mut len = [bytes.len() as u64];
     root.broadcast_into(&mut len[..]);
     root.broadcast_into(&mut bytes[..]);
-    Ok(())
 }
 
 /// The largest message a follower accepts (a step's batch is a few thousand tokens).
@@ -317,19 +395,22 @@ const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 /// The other ranks receive rank 0's next message.
 fn receive(comm: &Shared) -> Result<Message, EngineError> {
-    let bytes = {
-        let _guard = lock();
-        let root = comm.0.process_at_rank(0);
-        let mut len = [0u64];
-        root.broadcast_into(&mut len[..]);
-        let len = usize::try_from(len[0]).ok().filter(|&n| n <= MAX_MESSAGE_BYTES);
-        let len =
-            len.ok_or_else(|| mpi_error(format!("a message from rank 0 claims more than {MAX_MESSAGE_BYTES} bytes")))?;
-        let mut bytes = vec![0u8; len];
-        root.broadcast_into(&mut bytes[..]);
-        bytes
-    };
+    let bytes = receive_bytes(comm)?;
     serde_json::from_slice(&bytes).map_err(|e| mpi_error(format!("a message from rank 0 is not readable: {e}")))
+}
+
+/// The other ranks receive the bytes rank 0 sends with [`broadcast_bytes`].
+fn receive_bytes(comm: &Shared) -> Result<Vec<u8>, EngineError> {
+    let _guard = lock();
+    let root = comm.0.process_at_rank(0);
+    let mut len = [0u64];
+    root.broadcast_into(&mut len[..]);
+    let len = usize::try_from(len[0]).ok().filter(|&n| n <= MAX_MESSAGE_BYTES);
+    let len =
+        len.ok_or_else(|| mpi_error(format!("a message from rank 0 claims more than {MAX_MESSAGE_BYTES} bytes")))?;
+    let mut bytes = vec![0u8; len];
+    root.broadcast_into(&mut bytes[..]);
+    Ok(bytes)
 }
 
 /// A follower's answer as it travels: the error as text.
@@ -339,11 +420,16 @@ type WireAnswer = Result<WeightSizes, String>;
 fn answer(comm: &Shared, answer: Answer) -> Result<(), EngineError> {
     let wire: WireAnswer = answer.map_err(|e| e.to_string());
     let bytes = serde_json::to_vec(&wire).map_err(mpi_error)?;
+    send_to_root(comm, &bytes);
+    Ok(())
+}
+
+/// A follower's part of rank 0's [`gather_bytes`].
+fn send_to_root(comm: &Shared, bytes: &[u8]) {
     let _guard = lock();
     let root = comm.0.process_at_rank(0);
     root.gather_into(&[bytes.len() as u64][..]);
-    root.gather_varcount_into(&bytes[..]);
-    Ok(())
+    root.gather_varcount_into(bytes);
 }
 
 /// Rank 0's side of the other processes, for one loaded model (`id`).
@@ -373,21 +459,24 @@ impl Followers for Processes {
     }
 }
 
+/// Rank 0 gathers the bytes every other rank sends with [`send_to_root`], in rank order
+/// (ranks 1 and up).
+fn gather_bytes(comm: &Shared, size: usize) -> Vec<Vec<u8>> {
+    let _guard = lock();
+    let root = comm.0.process_at_rank(0);
+    let mut lens = vec![0u64; size];
+    root.gather_into_root(&[0u64][..], &mut lens[..]);
+    let counts: Vec<Count> = lens.iter().map(|&l| l as Count).collect();
+    let displs: Vec<Count> = offsets(&counts);
+    let mut all = vec![0u8; lens.iter().sum::<u64>() as usize];
+    let mut partition = PartitionMut::new(&mut all[..], counts.clone(), &displs[..]);
+    root.gather_varcount_into_root(&[0u8; 0][..], &mut partition);
+    (1..size).map(|r| all[displs[r] as usize..][..counts[r] as usize].to_vec()).collect()
+}
+
 /// Rank 0 gathers every other rank's answer, in rank order.
 fn gather_answers(comm: &Shared, size: usize) -> Vec<Answer> {
-    let bytes = {
-        let _guard = lock();
-        let root = comm.0.process_at_rank(0);
-        let mut lens = vec![0u64; size];
-        root.gather_into_root(&[0u64][..], &mut lens[..]);
-        let counts: Vec<Count> = lens.iter().map(|&l| l as Count).collect();
-        let displs: Vec<Count> = offsets(&counts);
-        let mut all = vec![0u8; lens.iter().sum::<u64>() as usize];
-        let mut partition = PartitionMut::new(&mut all[..], counts.clone(), &displs[..]);
-        root.gather_varcount_into_root(&[0u8; 0][..], &mut partition);
-        (1..size).map(|r| all[displs[r] as usize..][..counts[r] as usize].to_vec()).collect::<Vec<_>>()
-    };
-    bytes
+    gather_bytes(comm, size)
         .iter()
         .enumerate()
         .map(|(i, b)| match serde_json::from_slice::<WireAnswer>(b) {
@@ -563,10 +652,15 @@ pub fn follow(world: &MpiWorld) -> Result<(), String> {
     let mut stage: Option<(rayon::ThreadPool, StageRank)> = None;
     loop {
         match receive(&world.comm).map_err(|e| e.to_string())? {
-            Message::Load { id, path } => {
+            Message::Load { id, path, collectives } => {
+                // As rank 0 does, at the same point: a failure is the load's on every rank,
+                // which rank 0 reports (with this rank's reason); no answer is due.
+                let Ok(comm) = world.rank_comm(collectives) else {
+                    continue;
+                };
                 let loaded = thread_pool(threads_per_rank()).and_then(|pool| {
                     let file = Arc::new(Gguf::open(&path)?);
-                    let me = pool.install(|| Follower::load(world.communicator(), &file, None))?;
+                    let me = pool.install(|| Follower::load(comm, &file, None))?;
                     Ok((pool, me))
                 });
                 let reply = match &loaded {
@@ -688,5 +782,205 @@ impl Communicator for MpiComm {
     fn abandon(&self) {
         eprintln!("turbine: tensor-parallel rank {} failed mid-step; ending the MPI job", self.rank);
         self.comm.0.abort(1);
+    }
+}
+
+/// A rank's collectives for one model split by tensors, as `TURBINE_COLLECTIVES` chose.
+enum RankComm {
+    Mpi(MpiComm),
+    /// NCCL's, with the world to end when this rank leaves (as [`MpiComm`] does): NCCL
+    /// has no leaving a group, and the other ranks may be waiting for this one in a
+    /// collective on their GPUs.
+    #[cfg(feature = "nccl")]
+    Nccl(NcclComm, Arc<Shared>),
+}
+
+impl RankComm {
+    fn inner(&self) -> &dyn Communicator {
+        match self {
+            RankComm::Mpi(c) => c,
+            #[cfg(feature = "nccl")]
+            RankComm::Nccl(c, _) => c,
+        }
+    }
+}
+
+impl Communicator for RankComm {
+    fn rank(&self) -> usize {
+        self.inner().rank()
+    }
+
+    fn size(&self) -> usize {
+        self.inner().size()
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.inner().all_reduce_sum(buf)
+    }
+
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CommError> {
+        self.inner().all_reduce_sum_f64(buf)
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        self.inner().all_gather(local)
+    }
+
+    fn busy(&self) -> Duration {
+        self.inner().busy()
+    }
+
+    fn abandon(&self) {
+        match self {
+            RankComm::Mpi(c) => c.abandon(),
+            #[cfg(feature = "nccl")]
+            RankComm::Nccl(c, world) => {
+                c.abandon();
+                eprintln!("turbine: tensor-parallel rank {} failed mid-step; ending the MPI job", c.rank());
+                world.0.abort(1);
+            }
+        }
+    }
+}
+
+/// Every rank, at the same point of a load: joins a new NCCL group. NCCL's init waits for
+/// every rank of the group, so a rank that cannot join (no driver, no libnccl, no GPU)
+/// would leave the others waiting in it for good: first every rank opens its GPU and the
+/// ranks agree that all could, with the group's id from rank 0; only then do they join,
+/// and agree again that all did.
+#[cfg(feature = "nccl")]
+fn join_nccl(world: &MpiWorld) -> Result<NcclComm, EngineError> {
+    let opened = NcclComm::open(local_rank(world.rank));
+    // Rank 0's outcome carries the group's id, made once its own GPU is open.
+    let mine = match (&opened, world.rank) {
+        (Err(e), _) => Err(reason(e)),
+        (Ok(_), 0) => NcclComm::new_group_id().map(|id| id.iter().map(|&c| c as u8).collect()).map_err(|e| reason(&e)),
+        (Ok(_), _) => Ok(Vec::new()),
+    };
+    let id = group_id(&agree(world, "opening each rank's GPU", mine)?)?;
+    let joined = opened?.join(world.rank, world.size, id);
+    agree(world, "joining the group", joined.as_ref().map(|_| Vec::new()).map_err(reason))?;
+    joined
+}
+
+/// The group id rank 0 sent.
+#[cfg(feature = "nccl")]
+fn group_id(bytes: &[u8]) -> Result<GroupId, EngineError> {
+    let bytes: [u8; 128] =
+        bytes.try_into().map_err(|_| mpi_error(format!("an NCCL group id of {} bytes, not 128", bytes.len())))?;
+    Ok(bytes.map(|b| b as std::ffi::c_char))
+}
+
+/// This process's rank among the world's processes on its machine (OpenMPI's or MPICH's
+/// count), else its rank in the world: which of the machine's GPUs it takes.
+#[cfg(feature = "nccl")]
+fn local_rank(rank: usize) -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
+        .unwrap_or(rank)
+}
+
+/// Why a rank failed, without the error kind's prefix (the agreed error adds its own).
+#[cfg(feature = "nccl")]
+fn reason(e: &EngineError) -> String {
+    match e {
+        EngineError::TensorParallel(why) => why.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// One rank's outcome of a stage every rank goes through together: a payload (rank 0's
+/// is what every rank needs next) or why it failed.
+#[cfg(feature = "nccl")]
+type Outcome = Result<Vec<u8>, String>;
+
+/// Every rank's `mine` for stage `what`, agreed: rank 0 gathers them and sends every rank
+/// the verdict, its own payload when all succeeded, else every failure by rank. So all
+/// ranks go on, or none does, and each learns why.
+#[cfg(feature = "nccl")]
+fn agree(world: &MpiWorld, what: &str, mine: Outcome) -> Result<Vec<u8>, EngineError> {
+    // An outcome is bytes and text, which always encode; one that could not be read
+    // counts as that rank's failure.
+    let encode = |o: &Outcome| serde_json::to_vec(o).unwrap_or_default();
+    let bytes = if world.rank == 0 {
+        let theirs = gather_bytes(&world.comm, world.size);
+        let all = std::iter::once(mine).chain(theirs.iter().map(|b| decode_outcome(b)));
+        let verdict = encode(&verdict_of(all, what));
+        broadcast_bytes(&world.comm, verdict.clone());
+        verdict
+    } else {
+        send_to_root(&world.comm, &encode(&mine));
+        receive_bytes(&world.comm)?
+    };
+    // Every rank reads the same bytes, so every rank reaches the same verdict.
+    decode_outcome(&bytes).map_err(EngineError::TensorParallel)
+}
+
+#[cfg(feature = "nccl")]
+fn decode_outcome(bytes: &[u8]) -> Outcome {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| Err(format!("an unreadable outcome ({e})")))
+}
+
+/// Rank 0's payload if every rank (in rank order, rank 0 first) succeeded; else the
+/// failures, ranks with the same reason together.
+#[cfg(feature = "nccl")]
+fn verdict_of(outcomes: impl Iterator<Item = Outcome>, what: &str) -> Outcome {
+    let mut payload = None;
+    let mut failed: Vec<(String, Vec<usize>)> = Vec::new();
+    for (rank, outcome) in outcomes.enumerate() {
+        match outcome {
+            Ok(p) if rank == 0 => payload = Some(p),
+            Ok(_) => {}
+            Err(why) => match failed.iter_mut().find(|(w, _)| *w == why) {
+                Some((_, ranks)) => ranks.push(rank),
+                None => failed.push((why, vec![rank])),
+            },
+        }
+    }
+    if failed.is_empty() {
+        return payload.ok_or_else(|| "rank 0 sent no outcome".into());
+    }
+    let each: Vec<String> = failed
+        .iter()
+        .map(|(why, ranks)| {
+            let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
+            let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
+            format!("{noun} {}: {why}", list.join(", "))
+        })
+        .collect();
+    Err(format!("NCCL could not start on every rank ({what}): {}", each.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collectives_are_mpi_or_nccl_and_nothing_else() {
+        for unset in [None, Some(""), Some(" "), Some("mpi"), Some("MPI")] {
+            assert_eq!(Collectives::parse(unset), Ok(Collectives::Mpi), "{unset:?}");
+        }
+        let nccl = Collectives::parse(Some("nccl"));
+        if cfg!(feature = "nccl") {
+            assert_eq!(nccl, Ok(Collectives::Nccl));
+        } else {
+            assert!(nccl.is_err_and(|e| e.contains("built without NCCL: build with --features mpi,nccl")));
+        }
+        let e = Collectives::parse(Some("gloo")).unwrap_err();
+        assert!(e.contains("TURBINE_COLLECTIVES=\"gloo\"") && e.contains("mpi") && e.contains("nccl"), "{e}");
+    }
+
+    #[cfg(feature = "nccl")]
+    #[test]
+    fn a_verdict_is_rank_0s_payload_or_every_failure_by_rank() {
+        let ok = |p: &[u8]| Ok(p.to_vec());
+        assert_eq!(verdict_of([ok(b"id"), ok(b""), ok(b"")].into_iter(), "x"), Ok(b"id".to_vec()));
+        let why = |w: &str| Err(w.to_string());
+        let v = verdict_of([why("no driver"), ok(b""), why("no driver"), why("no GPU")].into_iter(), "opening");
+        assert_eq!(
+            v,
+            Err("NCCL could not start on every rank (opening): ranks 0, 2: no driver; rank 3: no GPU".into())
+        );
     }
 }

@@ -11,8 +11,9 @@
 //!
 //! Ranks are threads of this process over several GPUs ([`NcclComm::group`],
 //! `ncclCommInitAll`), or processes that got the group's id from one rank some other way
-//! ([`NcclComm::new_group_id`], [`NcclComm::join`]; nothing passes it over MPI or TCP yet).
-//! NCCL allows one rank per GPU, so on one GPU the group has one rank.
+//! ([`NcclComm::new_group_id`], then [`NcclComm::open`] and [`Joining::join`], or
+//! [`NcclComm::join`]): under MPI, `TURBINE_COLLECTIVES=nccl` passes it over MPI (see
+//! `super::mpi`). NCCL allows one rank per GPU, so on one GPU the group has one rank.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,13 +97,19 @@ impl NcclComm {
     /// Rank `rank` of `size` on GPU `ordinal`, joining the group of `id`.
     pub fn join(ordinal: usize, rank: usize, size: usize, id: GroupId) -> Result<NcclComm, EngineError> {
         check_libraries()?;
-        if rank >= size {
-            return Err(unavailable(format!("rank {rank} of a group of {size}")));
-        }
-        let stream = stream_of(ordinal)?;
-        let comm =
-            Comm::from_rank(stream.clone(), rank, size, Id::uninit(id)).map_err(|e| unavailable(format!("{e:?}")))?;
-        Ok(NcclComm::wrap(rank, size, comm, stream))
+        Joining { ordinal, stream: stream_of(ordinal)? }.join(rank, size, id)
+    }
+
+    /// The GPU a process's rank will join a group on: `local_rank` (its rank among the
+    /// group's processes on this machine) modulo the GPUs visible here. Everything that
+    /// can fail before NCCL's init fails here, at once: that init waits for every rank, so
+    /// a rank must not enter it before all know that all can (see `super::mpi`).
+    pub fn open(local_rank: usize) -> Result<Joining, EngineError> {
+        check_libraries()?;
+        let count = CudaContext::device_count().map_err(|e| unavailable(format!("no usable GPU: {e:?}")))?;
+        let count = usize::try_from(count).ok().filter(|&n| n > 0).ok_or_else(|| unavailable("no GPU visible"))?;
+        let ordinal = local_rank % count;
+        Ok(Joining { ordinal, stream: stream_of(ordinal)? })
     }
 
     fn wrap(rank: usize, size: usize, comm: Comm, stream: Arc<CudaStream>) -> NcclComm {
@@ -113,6 +120,31 @@ impl NcclComm {
             busy_ns: AtomicU64::new(0),
             left: AtomicBool::new(false),
         }
+    }
+}
+
+/// A rank's GPU, opened ([`NcclComm::open`]) and ready to join a group.
+pub struct Joining {
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl Joining {
+    /// The GPU's ordinal among those visible to this process.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Joins the group of `id` as rank `rank` of `size`: blocks until every rank of the
+    /// group has joined (NCCL's `ncclCommInitRank`).
+    pub fn join(self, rank: usize, size: usize, id: GroupId) -> Result<NcclComm, EngineError> {
+        // cudarc panics on ranks beyond i32.
+        if rank >= size || i32::try_from(size).is_err() {
+            return Err(unavailable(format!("rank {rank} of a group of {size}")));
+        }
+        let comm = Comm::from_rank(self.stream.clone(), rank, size, Id::uninit(id))
+            .map_err(|e| unavailable(format!("joining the group on GPU {}: {e:?}", self.ordinal)))?;
+        Ok(NcclComm::wrap(rank, size, comm, self.stream))
     }
 }
 
