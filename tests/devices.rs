@@ -8,20 +8,13 @@
 #[allow(dead_code)] // each test binary uses part of the shared helpers
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::synthetic;
+use std::path::Path;
 use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::backend::Backend;
 use turbine::engine::generate::{Device, LoadedModel};
 use turbine::engine::model::Batch;
-use turbine::engine::sampler::argmax;
 use turbine::engine::EngineError;
-
-fn synthetic(name: &str) -> PathBuf {
-    std::env::var_os("TURBINE_SYNTH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/turbine-synth"))
-        .join(name)
-}
 
 /// Two prompts fed together (logits of every position), then `steps` greedy tokens of
 /// both decoded together; then the first sequence is cleared and refilled with the second
@@ -29,30 +22,11 @@ fn synthetic(name: &str) -> PathBuf {
 fn run(m: &LoadedModel<CpuBackend>, steps: usize) -> (Vec<f32>, Vec<Vec<u32>>, Vec<f32>) {
     let prompts = [vec![1u32, 100, 2000, 300, 41, 5000, 60, 7], vec![2, 99, 812, 12]];
     let mut kv = m.backend.new_kv(&m.arch.kv_spec(64, prompts.len()));
-    let mut batch = Batch::default();
-    for (seq, p) in prompts.iter().enumerate() {
-        for (i, &t) in p.iter().enumerate() {
-            batch.push(seq, i as u32, t, true);
-        }
-    }
-    let logits = m.arch.forward(&m.backend, &batch, &mut kv).expect("prompts");
-    let last_row = |seq: usize| (0..batch.len()).rev().find(|&i| batch.layout.seqs[i] == seq).expect("a row");
-    let mut last: Vec<Vec<f32>> = (0..prompts.len()).map(|seq| logits.row(last_row(seq)).to_vec()).collect();
-    let mut tokens = vec![Vec::new(); prompts.len()];
-    for step in 0..steps {
-        let mut b = Batch::default();
-        for (seq, p) in prompts.iter().enumerate() {
-            let next = argmax(&last[seq]);
-            tokens[seq].push(next);
-            b.push(seq, (p.len() + step) as u32, next, true);
-        }
-        let out = m.arch.forward(&m.backend, &b, &mut kv).expect("step");
-        last = (0..prompts.len()).map(|seq| out.row(seq).to_vec()).collect();
-    }
+    let (logits, tokens) = common::prompts_then_greedy(m, &mut kv, &prompts, steps);
     turbine::engine::backend::KvCache::clear(&mut kv, 0);
     let refill = Batch::for_sequence(0, 0, &prompts[1], false);
     let again = m.arch.forward(&m.backend, &refill, &mut kv).expect("refilled slot");
-    (logits.data, tokens, again.data)
+    (logits, tokens, again.data)
 }
 
 fn check(path: &Path) {

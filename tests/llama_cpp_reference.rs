@@ -8,6 +8,7 @@
 //! |Δlogit| near 0.2. These tests hold Turbine to that noise floor, and check that wherever
 //! our greedy choice differs from llama.cpp's, the two candidates were a near-tie.
 
+#[allow(dead_code)] // each test binary uses part of the shared helpers
 mod common;
 
 use common::{fixture, ids, load_default_model};

@@ -9,51 +9,17 @@
 #[allow(dead_code)] // each test binary uses part of the shared helpers
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::synthetic;
+use std::path::Path;
 use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::backend::Backend;
 use turbine::engine::generate::LoadedModel;
-use turbine::engine::model::Batch;
-use turbine::engine::sampler::argmax;
-
-fn synthetic(name: &str) -> PathBuf {
-    std::env::var_os("TURBINE_SYNTH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/turbine-synth"))
-        .join(name)
-}
 
 /// The logits of every position of each of `prompts` (fed together, one sequence each),
 /// then `steps` greedy tokens of every sequence decoded together.
 fn run(m: &LoadedModel<CpuBackend>, prompts: &[Vec<u32>], steps: usize) -> (Vec<f32>, Vec<Vec<u32>>) {
     let mut kv = m.backend.new_kv(&m.arch.kv_spec(64, prompts.len()));
-    let mut batch = Batch::default();
-    for (seq, p) in prompts.iter().enumerate() {
-        for (i, &t) in p.iter().enumerate() {
-            batch.push(seq, i as u32, t, true);
-        }
-    }
-    let logits = m.arch.forward(&m.backend, &batch, &mut kv).expect("prompts");
-    let mut last: Vec<Vec<f32>> = prompts
-        .iter()
-        .enumerate()
-        .map(|(seq, _)| {
-            let row = (0..batch.len()).rev().find(|&i| batch.layout.seqs[i] == seq).expect("a row");
-            logits.row(row).to_vec()
-        })
-        .collect();
-    let mut tokens = vec![Vec::new(); prompts.len()];
-    for step in 0..steps {
-        let mut b = Batch::default();
-        for (seq, p) in prompts.iter().enumerate() {
-            let next = argmax(&last[seq]);
-            tokens[seq].push(next);
-            b.push(seq, (p.len() + step) as u32, next, true);
-        }
-        let out = m.arch.forward(&m.backend, &b, &mut kv).expect("step");
-        last = (0..prompts.len()).map(|seq| out.row(seq).to_vec()).collect();
-    }
-    (logits.data, tokens)
+    common::prompts_then_greedy(m, &mut kv, prompts, steps)
 }
 
 /// The pipelines to compare with the whole model: `stages` stages split by weight, and

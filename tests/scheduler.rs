@@ -1,6 +1,7 @@
 //! The continuous-batching scheduler on the real default model: results independent of
 //! what shares a batch, the prefix cache, preemption, cancellation and the queue limit.
 
+#[allow(dead_code)] // each test binary uses part of the shared helpers
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -120,10 +120,7 @@ fn a_rank_that_leaves_ends_the_forward_pass_with_an_error() {
 }
 
 fn synthetic(name: &str) -> Arc<Gguf> {
-    let dir = std::env::var_os("TURBINE_SYNTH").map(std::path::PathBuf::from).unwrap_or_else(|| {
-        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/turbine-synth")
-    });
-    let path = dir.join(name);
+    let path = common::synthetic(name);
     Arc::new(Gguf::open(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-test-data.sh)", path.display())))
 }
 
