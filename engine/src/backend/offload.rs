@@ -8,7 +8,7 @@
 //! host caches' storage is never written, so their zeroed pages stay untouched.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::cpu::{CpuBackend, CpuKv};
 use super::{Backend, KvCache};
@@ -17,7 +17,6 @@ use crate::kv::KvLayout;
 use crate::model::{self, Architecture, Batch, Logits, ModelInfo};
 use crate::parallel::{sync_caches, CacheStep};
 use crate::EngineError;
-use std::sync::Arc;
 
 /// A model on `device`, driven through a recording host backend ([`CpuBackend::host`]).
 pub struct Offloaded<B: Backend> {
