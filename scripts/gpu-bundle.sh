@@ -12,9 +12,8 @@
 # turbine-gpu-e2e is built with NCCL: it also runs the first model split over one rank per
 # GPU with its collectives over NCCL (gpu-check.sh links PyTorch's libnccl.so.2 as the
 # libnccl.so cudarc opens).
-# The default model (253 MB) does not fit one call; carry it in parts to a warm machine
-# (ignored paths survive between calls there), join them, check its sha256, and pass it
-# first with --model.
+# The default model (253 MB) does not fit one call: scripts/gpu-model-parts.sh cuts it into
+# parts to carry one per call to the warm machine; gpu-check.sh joins and checks them.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bundle=$root/target/gpu-bundle

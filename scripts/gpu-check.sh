@@ -14,6 +14,17 @@ if [ -x "$bundle/turbine-gpu-e2e" ]; then
   bin=$bundle
   export TURBINE_KERNEL_CACHE=${TURBINE_KERNEL_CACHE:-$bundle/kernels}
   models=()
+  # The default model carried in parts (scripts/gpu-model-parts.sh), joined and checked.
+  parts=$root/target/gpu-parts
+  if [ -s "$parts/SHA256" ]; then
+    joined=$root/target/gemma3-270m.gguf
+    cat "$parts"/part-* > "$joined"
+    if [ "$(sha256sum "$joined" | cut -d' ' -f1)" = "$(cat "$parts/SHA256")" ]; then
+      models+=(--model "$joined")
+    else
+      echo "target/gpu-parts: the joined parts do not match SHA256 (a part missing?); default model skipped" >&2
+    fi
+  fi
   for m in "$bundle"/*.gguf; do [ -e "$m" ] && models+=(--model "$m"); done
 else
   bin=$root/target/release
@@ -57,7 +68,7 @@ if [ -x "$bin/turbine" ] && ! grep -q "skipped: no GPU" "$e2e_log"; then
   for ((i = 0; i < ${#args[@]}; i++)); do
     [ "${args[$i]}" = --model ] && paths+=("${args[$((i + 1))]:-}")
   done
-  [ ${#paths[@]} -gt 0 ] || paths=("$bin"/*.gguf)
+  [ ${#paths[@]} -gt 0 ] || for ((i = 1; i < ${#models[@]}; i += 2)); do paths+=("${models[$i]}"); done
   for m in "${paths[@]}"; do
     [ -e "$m" ] || continue
     echo "=== turbine bench --device cuda -m $m"
