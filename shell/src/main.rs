@@ -357,13 +357,29 @@ fn client_main(f: impl FnOnce(&client::Target) -> Result<(), String>) -> ExitCod
 /// The device of `--device`, checked before any model loads (`auto`: the one it found). A
 /// GPU runs whole models: split ones (`--tp`, `--pp`, mpirun) run on the CPU.
 fn whole_on(device: Device, (tp, pp): (u16, u16)) -> Result<Device, String> {
-    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().any(|v| std::env::var_os(v).is_some());
     match device {
         Device::Cpu => Ok(Device::Cpu),
-        _ if tp > 1 || pp > 1 || launched => {
+        _ if tp > 1 || pp > 1 || launched_by_mpirun() => {
             Err(format!("--device {device} runs a whole model; split models (--tp, --pp, mpirun) run on the CPU"))
         }
         _ => device.resolve().map_err(|e| e.to_string()),
+    }
+}
+
+/// Whether an MPI launcher (OpenMPI's or MPICH's) started this process.
+fn launched_by_mpirun() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// TURBINE_COLLECTIVES picks what carries the collectives of ranks that are MPI processes;
+/// in a process mpirun did not start it has nothing to pick, which its user should hear.
+fn note_unused_collectives() {
+    let set = std::env::var("TURBINE_COLLECTIVES")
+        .is_ok_and(|v| !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("mpi"));
+    if set && !launched_by_mpirun() {
+        eprintln!(
+            "turbine: TURBINE_COLLECTIVES is for ranks started by mpirun; ignored (in-process ranks share memory)"
+        );
     }
 }
 
@@ -408,6 +424,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench { model, n_prompt, n_gen, threads, reps, format, parallel, tp, pp, depth, device } => {
+            note_unused_collectives();
             let device = match whole_on(device, (tp, pp)) {
                 Ok(device) => device,
                 Err(e) => {
@@ -502,6 +519,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve { listen, tp, pp, device } => {
+            note_unused_collectives();
             let device = match whole_on(device, (tp, pp)) {
                 Ok(device) => device,
                 Err(e) => {

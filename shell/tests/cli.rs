@@ -139,3 +139,15 @@ fn devices_without_a_gpu() {
     let bench = stdout(&turbine(&["bench", "-m", "gemma3:270m", "-p", "8", "-n", "0", "-r", "1", "--device", "auto"]));
     assert!(bench.contains("| CPU |"), "{bench}");
 }
+
+/// TURBINE_COLLECTIVES outside mpirun: the run goes on in process, and says it was ignored.
+#[test]
+fn collectives_outside_mpirun_are_noted() {
+    let o = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(["bench", "-m", "gemma3:270m", "-p", "8", "-n", "0", "-r", "1", "--tp", "2"])
+        .env("TURBINE_COLLECTIVES", "nccl")
+        .output()
+        .expect("run turbine");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("TURBINE_COLLECTIVES is for ranks started by mpirun"));
+    assert!(stdout(&o).contains("pp8"));
+}
