@@ -73,6 +73,32 @@ impl Device {
     }
 }
 
+impl Device {
+    /// The free memory of this device in bytes, where it is a GPU that can be asked.
+    pub fn gpu_free_memory(self) -> Option<u64> {
+        match self {
+            Device::Cuda(ordinal) => cuda_free_memory(ordinal),
+            Device::Cpu | Device::Auto => None,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_free_memory(ordinal: usize) -> Option<u64> {
+    use turbine_cuda::cudarc::driver::{sys, CudaContext};
+    // SAFETY: only tries to open libcuda (cudarc panics on a missing library otherwise).
+    if !unsafe { sys::is_culib_present() } {
+        return None;
+    }
+    let (free, _total) = CudaContext::new(ordinal).ok()?.mem_get_info().ok()?;
+    u64::try_from(free).ok()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_free_memory(_ordinal: usize) -> Option<u64> {
+    None
+}
+
 /// The CUDA backend of GPU `ordinal`, or why it cannot be used.
 #[cfg(feature = "cuda")]
 fn cuda_backend(ordinal: usize) -> Result<crate::backend::cuda::CudaBackend, EngineError> {

@@ -129,7 +129,13 @@ pub fn serve(
     pipeline_stages: usize,
     device: turbine::engine::generate::Device,
 ) -> Result<(), String> {
-    let limits = worker::EngineLimits { tensor_parallel, pipeline_stages, device, ..worker::EngineLimits::from_env()? };
+    let mut limits =
+        worker::EngineLimits { tensor_parallel, pipeline_stages, device, ..worker::EngineLimits::from_env()? };
+    // On a GPU the budget that matters is the GPU's: models and their caches live there.
+    if let Some(free) = device.gpu_free_memory().filter(|_| std::env::var_os("TURBINE_MAX_MEMORY_MB").is_none()) {
+        limits.max_memory_mb = usize::try_from(free >> 20).unwrap_or(usize::MAX);
+        eprintln!("turbine serve: models on {device}, within its {} MiB free", limits.max_memory_mb);
+    }
     // A pipeline over MPI holds one model at a time: its stages serve one chain.
     #[cfg(feature = "mpi")]
     let limits = match MPI_WORLD.get() {
