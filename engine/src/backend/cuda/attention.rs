@@ -17,7 +17,7 @@ use crate::kv::{BlockManager, KvSpec, KvType, BLOCK_TOKENS, NO_BLOCK};
 use turbine_cuda::cudarc::driver::{CudaSlice, CudaView};
 
 /// attention.cu's warps per attn_split block.
-const ATTN_WARPS: u32 = 4;
+pub(super) const ATTN_WARPS: u32 = 4;
 /// Keys per split at least: a split's fixed cost (its partial result) against parallelism.
 const MIN_SPLIT_KEYS: usize = 64;
 /// Splits per query at most, and the most floats the partial outputs may take.

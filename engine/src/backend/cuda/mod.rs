@@ -33,6 +33,8 @@
 //! (0, 1)).
 
 mod attention;
+#[cfg(test)]
+mod launch_check;
 mod moe;
 mod ops;
 mod products;

@@ -39,7 +39,7 @@ use turbine_cuda::cudarc::driver::{CudaFunction, CudaView};
 use crate::backend::Backend;
 
 /// moe.cu's MOE_MAX_K: experts per token moe_combine sorts.
-const MAX_K: usize = 32;
+pub(super) const MAX_K: usize = 32;
 /// The grid's y dimension's limit (matvec_id's slots).
 const GRID_Y: usize = 65_535;
 /// Threads per block of moe_combine (≥ MAX_K: its first k threads sort the slots).
