@@ -174,7 +174,8 @@ typedef struct turbine_context turbine_context;
 #define TURBINE_MAX_THREADS 1024
 
 /* Creates a context: one sequence of up to n_ctx tokens with its KV cache (memory grows as
- * tokens arrive). n_ctx 0: the model's context length; larger than it:
+ * tokens arrive; for a model on a GPU, the GPU's cache for all n_ctx tokens is made at the
+ * first decode and n_threads does not apply). n_ctx 0: the model's context length; larger than it:
  * TURBINE_ERR_INVALID_ARGUMENT. n_threads 0: share the process-wide pool (one thread per
  * core); 1..TURBINE_MAX_THREADS: the context's own pool of that many threads. The context
  * holds a reference to the model. Release with turbine_context_free. */
@@ -195,7 +196,9 @@ turbine_status turbine_context_clear(turbine_context *ctx);
 
 /* Appends n_tokens (> 0) tokens to the context and runs the model over them in one forward
  * pass, keeping the last token's logits. On failure the context is unchanged.
- * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (n_tokens 0), TOKEN_OUT_OF_RANGE, CONTEXT_FULL. */
+ * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (n_tokens 0), TOKEN_OUT_OF_RANGE, CONTEXT_FULL,
+ * DEVICE (the model's GPU failed mid-pass; the context is unchanged, the model may need to be
+ * loaded again). */
 turbine_status turbine_decode(turbine_context *ctx, const turbine_token *tokens, size_t n_tokens);
 
 /* The logits of the last decoded token: *logits_out points to *n_vocab_out (optional)

@@ -61,7 +61,8 @@ if [ $# -gt 0 ]; then
 else
   "$bin/turbine-gpu-e2e" "${models[@]}" | tee "$e2e_log" || status=1
 fi
-if [ -x "$bin/turbine" ] && ! grep -q "skipped: no GPU" "$e2e_log"; then
+# The bundle's turbine is built with cuda (target/release's may not be).
+if [ "$bin" = "$bundle" ] && [ -x "$bin/turbine" ] && ! grep -q "skipped: no GPU" "$e2e_log"; then
   # The models given (--model PATH), else the bundle's.
   paths=()
   args=("$@")

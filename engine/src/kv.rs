@@ -491,6 +491,33 @@ impl BlockManager {
         }
     }
 
+    /// After a forward pass over `batch` failed (its keys and values may never have been
+    /// stored, as when a GPU fails mid-pass): forgets the batch's tokens and gives back
+    /// the blocks made for them, registering nothing, so no later prompt finds unwritten
+    /// blocks in the prefix cache and the cache is as before `begin_batch`. Computed from
+    /// the batch alone, as `begin_batch` is, so a mirror that failed the same pass does
+    /// the same.
+    pub fn abort_batch(&mut self, batch: &Batch) {
+        let mut added: HashMap<usize, usize> = HashMap::new();
+        for &seq in &batch.layout.seqs {
+            *added.entry(seq).or_default() += 1;
+        }
+        for (seq, n) in added {
+            let Some(s) = self.seqs.get_mut(seq) else { continue };
+            let len = s.tokens.len().saturating_sub(n);
+            s.tokens.truncate(len);
+            let keep = len.div_ceil(BLOCK_TOKENS);
+            for (pool, table) in self.pools.iter_mut().zip(&mut s.tables) {
+                while table.len() > keep {
+                    if let Some(b) = table.pop().filter(|&b| b != NO_BLOCK) {
+                        self.tick += 1;
+                        pool.release(b, self.tick);
+                    }
+                }
+            }
+        }
+    }
+
     fn register_full_blocks(&mut self, seq: usize) {
         let s = &mut self.seqs[seq];
         let full = s.tokens.len() / BLOCK_TOKENS;
@@ -644,6 +671,26 @@ mod tests {
         assert!(matches!(m.grow(1, B + 1), Err(EngineError::KvCacheFull { needed: 2, free: 1, .. })));
         assert_eq!(m.usage(), before, "a refused grow changes nothing");
         m.grow(1, B).unwrap();
+    }
+
+    /// A failed pass leaves the cache as before it, and its blocks out of the prefix cache.
+    #[test]
+    fn an_aborted_batch_leaves_nothing_behind() {
+        let spec = KvSpec::for_sequences(&layout(), 256, 2, 256);
+        let mut m = BlockManager::new(&spec);
+        let a = tokens(3 * B, 1);
+        feed(&mut m, 0, &a[..B + 3]).expect("first part");
+        let before = (m.seq_len(0), m.usage(), m.table(0, 0).to_vec(), m.table(0, 1).to_vec());
+        let rest = Batch::for_sequence(0, B + 3, &a[B + 3..], false);
+        m.begin_batch(&rest).expect("room");
+        assert!(m.usage().0 > before.1 .0);
+        m.abort_batch(&rest);
+        assert_eq!((m.seq_len(0), m.usage(), m.table(0, 0).to_vec(), m.table(0, 1).to_vec()), before);
+        // Only the first block, full before the failed pass, is a cached prefix.
+        assert_eq!(m.attach_prefix(1, &a), B);
+        // And the sequence goes on from where it was.
+        feed(&mut m, 0, &a[B + 3..]).expect("the rest, again");
+        assert_eq!(m.seq_len(0), 3 * B);
     }
 
     #[test]

@@ -109,7 +109,8 @@ pub struct SchedulerStats {
     pub steps: AtomicUsize,
     pub preemptions: AtomicUsize,
     /// Set when a forward pass failed in a way the model cannot recover from (a
-    /// tensor-parallel or pipeline group that lost a member): the model must be reloaded.
+    /// tensor-parallel or pipeline group that lost a member, a GPU that failed): the model
+    /// must be reloaded.
     pub broken: std::sync::atomic::AtomicBool,
 }
 
@@ -289,7 +290,9 @@ impl<'m, B: Backend> State<'m, B> {
             failed => {
                 let message = match failed {
                     Ok(Err(e)) => {
-                        if matches!(e, EngineError::TensorParallel(_)) {
+                        // A group that lost a rank, or a GPU that failed (its errors may
+                        // persist): the server loads the model afresh for the next request.
+                        if matches!(e, EngineError::TensorParallel(_) | EngineError::Device { .. }) {
                             self.stats.broken.store(true, Ordering::SeqCst);
                         }
                         e.to_string()

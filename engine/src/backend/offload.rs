@@ -13,17 +13,22 @@ use std::sync::{Arc, Mutex, Weak};
 use super::cpu::{CpuBackend, CpuKv};
 use super::{Backend, KvCache};
 use crate::gguf::Gguf;
-use crate::kv::KvLayout;
+use crate::kv::{KvLayout, KvSpec};
 use crate::model::{self, Architecture, Batch, Logits, ModelInfo};
 use crate::parallel::{sync_caches, CacheStep};
 use crate::EngineError;
 
 /// A model on `device`, driven through a recording host backend ([`CpuBackend::host`]).
 pub struct Offloaded<B: Backend> {
-    device: B,
     arch: Box<dyn Architecture<B>>,
-    /// The device's mirrors of the host's caches, by host cache id.
+    /// The device's mirrors of the host's caches, by host cache id. Locked for a whole
+    /// pass: a device backend's per-pass state (its first error, cached positions) is
+    /// shared by its clones, so passes take turns (a long embedding delays decoding). A
+    /// host cache's mirror is dropped at the first pass after the host cache goes.
     caches: Mutex<Mirrors<B::Kv>>,
+    /// Last: fields drop in order, and the device's memory pool gives memory back to the
+    /// driver only for what the weights and caches freed before it goes.
+    device: B,
 }
 
 struct Mirrors<K> {
@@ -37,7 +42,7 @@ impl<B: Backend + 'static> Offloaded<B> {
     pub fn load(device: B, file: &Arc<Gguf>) -> Result<Offloaded<B>, EngineError> {
         let arch = model::load(&device, file)?;
         let caches = Mutex::new(Mirrors { mirrored: Vec::new(), caches: HashMap::new() });
-        Ok(Offloaded { device, arch, caches })
+        Ok(Offloaded { arch, caches, device })
     }
 
     pub fn device(&self) -> &B {
@@ -85,6 +90,10 @@ impl<B: Backend + 'static> Architecture<CpuBackend> for Offloaded<B> {
 
     fn kv_layout(&self) -> KvLayout {
         self.arch.kv_layout()
+    }
+
+    fn kv_spec(&self, max_tokens: usize, n_seqs: usize) -> KvSpec {
+        self.arch.kv_spec(max_tokens, n_seqs)
     }
 
     fn compute(&self, _host: &CpuBackend, batch: &Batch, kv: &mut CpuKv) -> Result<Logits, EngineError> {

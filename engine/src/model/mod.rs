@@ -160,7 +160,7 @@ pub trait Architecture<B: Backend>: Send + Sync {
         check_tokens(batch, self.info().n_vocab)?;
         kv.blocks_mut().begin_batch(batch)?;
         let hidden = on_global_pool(self.runs_on_global_pool(), || self.compute_hidden(backend, batch, kv));
-        kv.blocks_mut().end_batch(batch);
+        finish_batch(kv, batch, hidden.is_ok());
         hidden
     }
     /// One forward pass over `batch`, appending its keys and values to `kv`. On an error
@@ -171,8 +171,17 @@ pub trait Architecture<B: Backend>: Send + Sync {
         // On a pool thread, the layers' many parallel operations start cheaply; from any
         // other thread each one would wake the pool and wait for it.
         let logits = on_global_pool(self.runs_on_global_pool(), || self.compute(backend, batch, kv));
-        kv.blocks_mut().end_batch(batch);
+        finish_batch(kv, batch, logits.is_ok());
         logits
+    }
+}
+
+/// Ends a pass's batch in the cache: registers its full blocks when the pass `succeeded`,
+/// else forgets it (a failed pass may have stored nothing).
+fn finish_batch(kv: &mut impl KvCache, batch: &Batch, succeeded: bool) {
+    match succeeded {
+        true => kv.blocks_mut().end_batch(batch),
+        false => kv.blocks_mut().abort_batch(batch),
     }
 }
 

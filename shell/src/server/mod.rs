@@ -132,9 +132,12 @@ pub fn serve(
     let mut limits =
         worker::EngineLimits { tensor_parallel, pipeline_stages, device, ..worker::EngineLimits::from_env()? };
     // On a GPU the budget that matters is the GPU's: models and their caches live there.
-    if let Some(free) = device.gpu_free_memory().filter(|_| std::env::var_os("TURBINE_MAX_MEMORY_MB").is_none()) {
-        limits.max_memory_mb = usize::try_from(free >> 20).unwrap_or(usize::MAX);
-        eprintln!("turbine serve: models on {device}, within its {} MiB free", limits.max_memory_mb);
+    // A tenth is left for what the budget does not count (activations, the kernels).
+    let budget_set =
+        std::env::var("TURBINE_MAX_MEMORY_MB").is_ok_and(|v| v.trim().parse::<usize>().is_ok_and(|n| n > 0));
+    if let Some(free) = device.gpu_free_memory().filter(|_| !budget_set) {
+        limits.max_memory_mb = usize::try_from(free / 10 * 9 >> 20).unwrap_or(usize::MAX);
+        eprintln!("turbine serve: models on {device}, within {} MiB (90% of its free memory)", limits.max_memory_mb);
     }
     // A pipeline over MPI holds one model at a time: its stages serve one chain.
     #[cfg(feature = "mpi")]

@@ -526,11 +526,8 @@ fn worker_loop(
                     (_, 0 | 1) => format!(" over {ranks} tensor-parallel ranks"),
                     (_, stages) => format!(" in {stages} pipeline stages over {ranks} tensor-parallel ranks each"),
                 },
-                match (model.backend.offloads(), limits.device) {
-                    (false, _) => String::new(),
-                    (true, Device::Auto) => format!(" on {}", Device::Cuda(0)),
-                    (true, device) => format!(" on {device}"),
-                },
+                // The device is resolved before serving: never `auto` here.
+                if model.backend.offloads() { format!(" on {}", limits.device) } else { String::new() },
                 owned >> 20,
                 cfg.max_running,
                 cfg.tokens_per_seq,
