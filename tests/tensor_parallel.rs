@@ -17,7 +17,7 @@ mod common;
 use std::sync::Arc;
 
 use turbine::engine::backend::cpu::CpuBackend;
-use turbine::engine::backend::Backend;
+use turbine::engine::backend::{Backend, KvCache};
 use turbine::engine::gguf::Gguf;
 use turbine::engine::kv::KvType;
 use turbine::engine::model::{self, Batch};
@@ -117,6 +117,25 @@ fn a_rank_that_leaves_ends_the_forward_pass_with_an_error() {
         Err(EngineError::TensorParallel(why)) => assert!(why.contains("rank 1"), "{why}"),
         other => panic!("rank 0 should fail: {:?}", other.as_ref().map(|_| ())),
     }
+}
+
+/// A pass that fails midway (the other rank left, so the first collective fails) leaves
+/// the cache as it was: no tokens recorded, no blocks held, nothing in the prefix cache.
+#[test]
+fn a_pass_that_fails_midway_leaves_the_cache_as_it_was() {
+    let file = Arc::new(Gguf::open(&common::default_model_path()).expect("default model"));
+    let mut comms = InProcess::group(2);
+    drop(comms.pop()); // rank 1 leaves
+    let b = CpuBackend::tensor_parallel(comms.pop().expect("rank 0"));
+    let arch = model::load(&b, &file).expect("rank 0's share");
+    let mut kv = b.new_kv(&arch.kv_spec(64, 1));
+    let fresh = kv.blocks().usage();
+    let prompt: Vec<u32> = (0..40).map(|i| 2 + i * 7).collect(); // two full blocks and more
+    let failed = arch.forward(&b, &Batch::for_sequence(0, 0, &prompt, true), &mut kv);
+    assert!(matches!(failed, Err(EngineError::TensorParallel(_))));
+    assert_eq!(kv.seq_len(0), 0);
+    assert_eq!(kv.blocks().usage(), fresh);
+    assert_eq!(kv.blocks_mut().attach_prefix(0, &prompt), 0, "no block of the failed pass is cached");
 }
 
 fn synthetic(name: &str) -> Arc<Gguf> {
