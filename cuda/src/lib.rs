@@ -20,6 +20,7 @@ pub mod device;
 pub mod kernels;
 pub mod nvrtc;
 pub mod runtime;
+pub mod testdata;
 
 /// The cudarc this crate is built on, for the engine's backend (device buffers, launches).
 pub use cudarc;

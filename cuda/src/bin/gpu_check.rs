@@ -32,6 +32,8 @@ use turbine_cpu::interleaved::Interleaved;
 use turbine_cpu::matmul::{self, WeightView};
 use turbine_cpu::{dequant, ops, GgmlType};
 use turbine_cuda::{kernels, runtime, CudaError, Gpu};
+/// The checks' random inputs (shared with turbine-gpu-e2e).
+pub(crate) use turbine_cuda::testdata::{random_weights, Rng};
 
 pub(crate) type Check = Result<(), String>;
 
@@ -153,57 +155,6 @@ pub(crate) fn all(results: Vec<Check>) -> Check {
     } else {
         Err(failed.join(", "))
     }
-}
-
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// In [−1, 1], in steps of 1e-4.
-    pub(crate) fn float(&mut self) -> f32 {
-        (self.next() % 20001) as f32 / 10000.0 - 1.0
-    }
-    pub(crate) fn floats(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.float()).collect()
-    }
-    /// In 0..n.
-    pub(crate) fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// Random blocks of `ty` with small finite scales; finite values for the float types.
-pub(crate) fn random_weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
-    match ty {
-        GgmlType::F32 => return rng.floats(rows * cols).iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => {
-            return rng.floats(rows * cols).iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
-        }
-        GgmlType::BF16 => {
-            return rng.floats(rows * cols).iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
-        }
-        _ => {}
-    }
-    let row_bytes = ty.row_bytes(cols).unwrap_or(0);
-    let mut w: Vec<u8> = (0..rows * row_bytes).map(|_| rng.next() as u8).collect();
-    for block in w.chunks_mut(ty.type_size()) {
-        let d = half::f16::from_f32(0.01 + (rng.next() % 100) as f32 / 1e4).to_le_bytes();
-        match ty {
-            GgmlType::MXFP4 => block[0] = 118 + (rng.next() % 8) as u8,
-            GgmlType::Q6_K => block[208..210].copy_from_slice(&d),
-            GgmlType::Q4_K => {
-                block[..2].copy_from_slice(&d);
-                block[2..4].copy_from_slice(&half::f16::from_f32(0.003).to_le_bytes());
-            }
-            _ => block[..2].copy_from_slice(&d),
-        }
-    }
-    w
 }
 
 /// 1 for a failed check, after saying why (a comparison over its limit was printed when

@@ -14,6 +14,7 @@ use turbine::engine::backend::{AttnShape, Backend, KvCache};
 use turbine::engine::gguf::Gguf;
 use turbine::engine::kv::{KvLayout, KvSpec, KvType};
 use turbine::engine::model::Batch;
+use turbine::cuda::testdata::{random_weights, Rng};
 
 use super::nse;
 
@@ -27,56 +28,6 @@ type Gated = (
     fn(&CpuBackend, &mut Act<CpuBackend>, &Act<CpuBackend>),
     fn(&CudaBackend, &mut Act<CudaBackend>, &Act<CudaBackend>),
 );
-
-/// Deterministic random inputs (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// In [−1, 1].
-    fn float(&mut self) -> f32 {
-        (self.next() % 20001) as f32 / 10000.0 - 1.0
-    }
-
-    fn floats(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.float()).collect()
-    }
-}
-
-/// Random blocks of `ty` with small finite scales (finite values for the float types).
-fn random_weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
-    match ty {
-        GgmlType::F32 => return rng.floats(rows * cols).iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => {
-            return rng.floats(rows * cols).iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect()
-        }
-        GgmlType::BF16 => {
-            return rng.floats(rows * cols).iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()
-        }
-        _ => {}
-    }
-    let row_bytes = ty.row_bytes(cols).unwrap_or(0);
-    let mut w: Vec<u8> = (0..rows * row_bytes).map(|_| rng.next() as u8).collect();
-    for block in w.chunks_mut(ty.type_size()) {
-        let d = half::f16::from_f32(0.01 + (rng.next() % 100) as f32 / 1e4).to_le_bytes();
-        match ty {
-            GgmlType::MXFP4 => block[0] = 118 + (rng.next() % 8) as u8,
-            GgmlType::Q6_K => block[208..210].copy_from_slice(&d),
-            GgmlType::Q4_K => {
-                block[..2].copy_from_slice(&d);
-                block[2..4].copy_from_slice(&half::f16::from_f32(0.003).to_le_bytes());
-            }
-            _ => block[..2].copy_from_slice(&d),
-        }
-    }
-    w
-}
 
 /// A GGUF file in memory holding `tensors` (name, type, dims, data), 32-byte aligned.
 fn gguf(tensors: &[(String, GgmlType, Vec<u64>, Vec<u8>)]) -> Result<Arc<Gguf>, String> {
