@@ -31,9 +31,9 @@ use turbine_cpu::act::QuantizedActs;
 use turbine_cpu::interleaved::Interleaved;
 use turbine_cpu::matmul::{self, WeightView};
 use turbine_cpu::{dequant, ops, GgmlType};
-use turbine_cuda::{kernels, runtime, CudaError, Gpu};
 /// The checks' random inputs (shared with turbine-gpu-e2e).
 pub(crate) use turbine_cuda::testdata::{random_weights, Rng};
+use turbine_cuda::{kernels, runtime, CudaError, Gpu};
 
 pub(crate) type Check = Result<(), String>;
 

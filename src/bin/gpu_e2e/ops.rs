@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use turbine::cpu::ops::Yarn;
 use turbine::cpu::GgmlType;
+use turbine::cuda::testdata::{random_weights, Rng};
 use turbine::engine::backend::cpu::CpuBackend;
 use turbine::engine::backend::cuda::CudaBackend;
 use turbine::engine::backend::{AttnShape, Backend, KvCache};
 use turbine::engine::gguf::Gguf;
 use turbine::engine::kv::{KvLayout, KvSpec, KvType};
 use turbine::engine::model::Batch;
-use turbine::cuda::testdata::{random_weights, Rng};
 
 use super::nse;
 
