@@ -55,22 +55,6 @@ __device__ __forceinline__ float piece_q5_0(const u8* row, int b, int, const i8*
     return f16_to_f32(ld_u16(blk)) * xd[b] * (float)isum;
 }
 
-// MXFP4 {e: E8M0, qs[16]}, 17 bytes (byte-aligned): E2M1 codes through the doubled table;
-// the scale is 2^(e - 128) (the table's factor 2 folded in).
-__constant__ signed char MXFP4_VALUES[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
-__device__ __forceinline__ float e8m0_half(u8 e) {
-    u32 bits = e < 2 ? (0x00200000u << e) : ((u32)(e - 1) << 23);
-    return __uint_as_float(bits);
-}
-
-__device__ __forceinline__ u32 mxfp4_word(const u8* qs, int shift) {
-    u32 v = 0;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v |= (u32)(u8)MXFP4_VALUES[(qs[k] >> shift) & 15] << (8 * k);
-    return v;
-}
-
 __device__ __forceinline__ float piece_mxfp4(const u8* row, int b, int, const i8* xq, const float* xd) {
     const u8* blk = row + 17 * b;
     int isum = 0;
